@@ -1,0 +1,3 @@
+from bcpkd_cli.cli import main
+
+main()

@@ -1,0 +1,140 @@
+"""Checkpoints and the BCP cache: atomic save, safe load (`weights_only=True`), verification.
+
+A checkpoint is a dict of tensors and plain Python values with `format` and `version` keys.
+The BCP cache is a safetensors file: tensor `probs` [N, V, C] plus a string metadata header.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from bcpkd_cli.errors import BcpkdError
+
+VERSION = 1
+TEACHER_FORMAT = "bcpkd.teacher"
+STUDENT_FORMAT = "bcpkd.student"
+CACHE_FORMAT = "bcpkd.bcp-cache"
+
+FIX_HINT = {
+    TEACHER_FORMAT: "make one with: bcpkd train-teacher --out DIR",
+    STUDENT_FORMAT: "make one with: bcpkd distill --teacher TEACHER.pt --out DIR",
+    CACHE_FORMAT: "make one with: bcpkd calibrate --teacher TEACHER.pt",
+}
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
+    """Write through a temporary file in the same folder, then os.replace: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: Path, payload: dict) -> Path:
+    return atomic_write(path, lambda p: torch.save(payload, p))
+
+
+def load_checkpoint(path: str | Path, expected_format: str | tuple[str, ...]) -> dict:
+    """Load a checkpoint without executing code; refuse a wrong format or version."""
+    path = Path(path)
+    formats = (expected_format,) if isinstance(expected_format, str) else expected_format
+    hint = FIX_HINT[formats[0]]
+    if not path.is_file():
+        raise BcpkdError(f"{path}: no such checkpoint; {hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a corrupt or foreign file
+        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        raise BcpkdError(f"{path}: not a readable bcpkd checkpoint ({reason}); {hint}") from None
+    if not isinstance(payload, dict) or payload.get("format") not in formats:
+        found = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise BcpkdError(f"{path}: expected a {' or '.join(formats)} checkpoint, found {found!r}; {hint}")
+    if payload.get("version") != VERSION:
+        raise BcpkdError(f"{path}: {payload['format']} version {payload.get('version')} is not {VERSION}; "
+                         f"rebuild it with this bcpkd ({hint})")
+    return payload
+
+
+def save_cache(path: Path, probs: torch.Tensor, metadata: dict[str, Any]) -> Path:
+    """probs [N, V, C] with JSON-encoded metadata values (safetensors keeps str -> str)."""
+    header = {"format": CACHE_FORMAT, "version": str(VERSION)}
+    header.update({k: json.dumps(v) for k, v in metadata.items()})
+    return atomic_write(path, lambda p: save_file({"probs": probs.contiguous()}, str(p), metadata=header))
+
+
+def read_cache_metadata(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BcpkdError(f"{path}: not a readable BCP cache ({str(err)[:100]}); {FIX_HINT[CACHE_FORMAT]}") from None
+    if header.get("format") != CACHE_FORMAT or header.get("version") != str(VERSION):
+        raise BcpkdError(f"{path}: not a {CACHE_FORMAT} v{VERSION} file; {FIX_HINT[CACHE_FORMAT]}")
+    return {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
+
+
+def load_cache(path: Path, expect: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Load probs [N, V, C] and metadata; every key of `expect` must match (dealbreakers)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BcpkdError(f"{path}: no such BCP cache; {FIX_HINT[CACHE_FORMAT]}")
+    meta = read_cache_metadata(path)
+    for key, want in expect.items():
+        if meta.get(key) != want:
+            raise BcpkdError(f"{path}: cache {key} is {meta.get(key)!r} but this run needs {want!r}; "
+                             f"rebuild it with: bcpkd calibrate --teacher TEACHER.pt")
+    probs = load_file(str(path))["probs"]
+    row_sums = probs.double().sum(dim=-1)
+    tolerance = 1e-2 if probs.dtype == torch.float16 else 1e-4
+    if probs.ndim != 3 or not torch.allclose(row_sums, torch.ones_like(row_sums), atol=tolerance):
+        raise BcpkdError(f"{path}: cache rows do not sum to 1 (corrupt); delete it and rebuild with: "
+                         f"bcpkd calibrate --teacher TEACHER.pt")
+    return probs, meta
+
+
+def new_run_dir(out: str, prefix: str) -> Path:
+    """`out` when given, else a fresh runs/<prefix>-<YYYYmmdd-HHMMSS>[-N] folder."""
+    if out:
+        return Path(out)
+    from datetime import datetime
+
+    base = Path("runs") / f"{prefix}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path

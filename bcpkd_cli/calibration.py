@@ -1,0 +1,129 @@
+"""Calibrate a teacher on held-out data and build (or find) its BCP cache for the training split.
+
+Shared by the `calibrate` and `distill` stages. A cache lives in <teacher folder>/bcp/<key>/,
+where key hashes everything that determines its rows: the teacher file's SHA-256, the data
+fingerprint, the calibration settings and the teacher temperature T_t. The folder holds
+    bcp.safetensors   probs [N, V=1, C] + provenance header
+    teacher.pt        the calibrated teacher (parent_sha256 = the original)
+    report.json       held-out NLL / ECE / Brier before and after calibration
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bcpkd_cli import artifacts, metrics
+from bcpkd_cli.config import Bayes, CalibrateConfig, PriorTuning, TemperatureFit, build_recipe, to_plain
+from bcpkd_cli.data import Dataset
+from bcpkd_cli.engine import console
+from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
+
+CACHE_FILE = "bcp.safetensors"
+
+
+def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, t_teacher: float) -> str:
+    settings = {"teacher": teacher_sha256, "data": data_fingerprint, "t_teacher": t_teacher,
+                "prior": cfg.prior.value, "temperature": cfg.temperature.value, "dtype": cfg.cache_dtype.value}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def cache_path(teacher_path: Path, key: str, out: str = "") -> Path:
+    return (Path(out) if out else Path(teacher_path).parent / "bcp" / key) / CACHE_FILE
+
+
+def fit_temperature(predictive: Callable[[float], torch.Tensor], labels: torch.Tensor,
+                    lo: float = 0.05, hi: float = 20.0, iters: int = 60) -> float:
+    """Temperature minimising held-out NLL, by golden-section search over log T in [lo, hi]."""
+    def loss(log_t: float) -> float:
+        return metrics.nll(predictive(math.exp(log_t)), labels)
+
+    a, b = math.log(lo), math.log(hi)
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = b - ratio * (b - a), a + ratio * (b - a)
+    fc, fd = loss(c), loss(d)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - ratio * (b - a)
+            fc = loss(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + ratio * (b - a)
+            fd = loss(d)
+    return math.exp((a + b) / 2.0)
+
+
+def heldout_report(teacher: Teacher, data: Dataset, n_bins: int) -> dict[str, float]:
+    held = data.heldout
+    probs = teacher.predict_probs(held.inputs, torch.arange(len(held)))
+    return metrics.classification_report(probs, held.labels, held.true_bcp, n_bins)
+
+
+def calibrate(teacher: Teacher, bayes: Bayes, data: Dataset, cfg: CalibrateConfig, n_bins: int = 15) -> dict:
+    """Tune the prior precision (Laplace) and/or a temperature (any teacher) on held-out data, in place."""
+    held = data.heldout
+    report: dict = {"before": heldout_report(teacher, data, n_bins)}
+    if bayes == Bayes.laplace and cfg.prior != PriorTuning.keep:
+        teacher.tune_prior(cfg.prior, held.inputs, held.labels)
+        report["prior_precision"] = teacher.prior_precision
+    if cfg.temperature == TemperatureFit.fit:
+        teacher.calibration_temperature = 1.0
+        teacher.calibration_temperature = fit_temperature(
+            teacher.predictive_at(held.inputs, torch.arange(len(held))), held.labels)
+        report["temperature"] = teacher.calibration_temperature
+    report["after"] = heldout_report(teacher, data, n_bins)
+    return report
+
+
+def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> torch.Tensor:
+    """The teacher's predictive on every training example at T_t -> [N, V=1, C]."""
+    train = data.train
+    chunks = []
+    for i in range(0, len(train), cfg.batch_size):
+        index = torch.arange(i, min(i + cfg.batch_size, len(train)))
+        chunks.append(teacher.predict_probs(train.inputs[index], index, t_teacher))
+    probs = torch.cat(chunks)[:, None, :]
+    return probs.to(getattr(torch, cfg.cache_dtype.value))
+
+
+def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig, t_teacher: float,
+                 device: torch.device, out: str = "", n_bins: int = 15) -> tuple[Path, bool]:
+    """Find the cache made for this teacher, data and settings, or calibrate and build it.
+
+    Returns (path of bcp.safetensors, whether it was built now).
+    """
+    teacher_sha = artifacts.sha256_file(teacher_path)
+    key = cache_key(teacher_sha, data.fingerprint, cfg, t_teacher)
+    path = cache_path(teacher_path, key, out)
+    expect = {"teacher_sha256": teacher_sha, "data_fingerprint": data.fingerprint, "t_teacher": t_teacher,
+              "n_examples": len(data.train)}
+    if path.is_file():
+        artifacts.load_cache(path, expect)  # verifies provenance and rows; refuses a stale or foreign cache
+        return path, False
+
+    bayes = Bayes(payload["bayes"])
+    teacher = load_teacher(payload, device)
+    console.print(f"calibrating {bayes.value} teacher {teacher_path} on {len(data.heldout)} held-out examples")
+    report = calibrate(teacher, bayes, data, cfg, n_bins)
+    calibrated_cfg = replace(build_recipe(payload["config"], "checkpoint config"), calibrate=cfg)
+    calibrated = teacher_payload(teacher, bayes, payload["model"], to_plain(calibrated_cfg), payload["data"],
+                                 parent_sha256=teacher_sha, history={"calibration": report})
+    artifacts.save_checkpoint(path.parent / "teacher.pt", calibrated)
+    artifacts.write_json(path.parent / "report.json", report)
+
+    probs = build_cache_probs(teacher, data, t_teacher, cfg)
+    metadata = {**expect, "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
+                "split": "train", "views": {"count": 1, "augmentation": "none"}, "bayes": bayes.value,
+                "method": payload["config"]["teacher"]["laplace"] if bayes == Bayes.laplace else {},
+                "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
+                "dtype": cfg.cache_dtype.value, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    artifacts.save_cache(path, probs, metadata)
+    return path, True

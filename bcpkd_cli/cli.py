@@ -1,0 +1,165 @@
+"""The `bcpkd` command: thin Typer commands that parse flags into a recipe and call one stage.
+
+stdout carries what scripts consume (artifact paths, or JSON with --json); everything else goes to
+stderr. Exit codes: 0 success, 2 bad input, 1 failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bcpkd_cli import artifacts
+from bcpkd_cli.config import (Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets, TemperatureFit,
+                              build_recipe, merge, parse_set, read_recipe, recipe_for_checkpoint)
+from bcpkd_cli.errors import BcpkdError
+
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Knowledge distillation from Bayesian teachers through cached Bayes class probabilities.")
+
+RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe (default: the embedded synthetic benchmark)")
+OutOpt = typer.Option("", "--out", "-o", help="output folder (default: runs/<stage>-<time>)")
+DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N")
+SetOpt = typer.Option(None, "--set", "-s", help="override any recipe key: section.key=value (repeatable)")
+
+
+def _tree(recipe: Optional[Path], sets: Optional[list[str]], flags: dict) -> dict:
+    """Recipe file, then typed flags, then --set items (later wins). Flags given as None are skipped."""
+    typed: dict = {}
+    for dotted, value in flags.items():
+        if value is None or value == "":
+            continue
+        node = typed
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value.value if hasattr(value, "value") else value
+    return merge(merge(read_recipe(recipe), typed), parse_set(sets or []))
+
+
+def _source(recipe: Optional[Path]) -> str:
+    return f"recipe {recipe}" if recipe else "options"
+
+
+@app.command("train-teacher")
+def train_teacher(
+    recipe: Optional[Path] = RecipeOpt,
+    bayes: Optional[Bayes] = typer.Option(None, help="teacher kind [default: none]"),
+    epochs: Optional[int] = typer.Option(None, help="training epochs"),
+    seed: Optional[int] = typer.Option(None, help="seed of initialisation and batch order"),
+    base: Optional[Path] = typer.Option(None, help="fit the posterior around this deterministic teacher.pt"),
+    subset: Optional[Subset] = typer.Option(None, help="Laplace: weights under the posterior [default: last_layer]"),
+    hessian: Optional[Hessian] = typer.Option(None, help="Laplace: Hessian structure [default: kron]"),
+    prior: Optional[PriorMethod] = typer.Option(None, help="Laplace: prior precision method [default: marglik]"),
+    link: Optional[Link] = typer.Option(None, help="Laplace: predictive link [default: probit]"),
+    samples: Optional[int] = typer.Option(None, help="Laplace: Monte Carlo samples for --link mc"),
+    out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Train a teacher and save a self-describing teacher.pt (path printed on stdout)."""
+    from bcpkd_cli.stages import train_teacher as stage
+
+    tree = _tree(recipe, set_, {"out": out, "device": device, "teacher.bayes": bayes, "teacher.epochs": epochs,
+                                "teacher.seed": seed, "teacher.base": str(base) if base else None,
+                                "teacher.laplace.subset": subset, "teacher.laplace.hessian": hessian,
+                                "teacher.laplace.prior": prior, "teacher.laplace.link": link,
+                                "teacher.laplace.samples": samples})
+    print(stage.run(build_recipe(tree, _source(recipe))))
+
+
+def _with_teacher_data(tree: dict, teacher: Path, source: str):
+    return recipe_for_checkpoint(tree, artifacts.load_checkpoint(teacher, artifacts.TEACHER_FORMAT), source)
+
+
+@app.command()
+def calibrate(
+    teacher: Path = typer.Option(..., help="teacher.pt from train-teacher"),
+    recipe: Optional[Path] = RecipeOpt,
+    prior: Optional[PriorTuning] = typer.Option(None, help="Laplace prior precision on held-out data [default: gridsearch]"),
+    temperature: Optional[TemperatureFit] = typer.Option(None, help="fit a temperature on held-out NLL [default: none]"),
+    t_teacher: Optional[float] = typer.Option(None, help="teacher temperature T_t of the cached BCPs"),
+    out: str = typer.Option("", "--out", "-o", help="cache folder (default: <teacher folder>/bcp/<key>)"),
+    device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Calibrate a teacher on held-out data and cache its BCPs for the training split (path on stdout)."""
+    from bcpkd_cli.stages import calibrate as stage
+
+    tree = _tree(recipe, set_, {"out": out, "device": device, "calibrate.prior": prior,
+                                "calibrate.temperature": temperature, "distill.t_teacher": t_teacher})
+    print(stage.run(_with_teacher_data(tree, teacher, _source(recipe)), teacher))
+
+
+@app.command()
+def distill(
+    teacher: Optional[Path] = typer.Option(None, help="teacher.pt (its cached BCPs are found or built)"),
+    recipe: Optional[Path] = RecipeOpt,
+    targets: Optional[Targets] = typer.Option(None, help="training targets [default: teacher]"),
+    alpha: Optional[float] = typer.Option(None, help="weight of the KD term (1: pure KD, 0: one-hot)"),
+    t_teacher: Optional[float] = typer.Option(None, help="teacher temperature T_t"),
+    t_student: Optional[float] = typer.Option(None, help="student temperature T_s"),
+    dirichlet_alpha: Optional[float] = typer.Option(None, help="--targets noisy: Dirichlet concentration"),
+    epochs: Optional[int] = typer.Option(None, help="training epochs"),
+    seed: Optional[int] = typer.Option(None, help="seed of initialisation, batch order and noisy targets"),
+    temperature: Optional[TemperatureFit] = typer.Option(None, help="calibrate the teacher's temperature first"),
+    out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Train a student against the teacher's cached BCPs; save student.pt (path on stdout)."""
+    from bcpkd_cli.stages import distill as stage
+
+    tree = _tree(recipe, set_, {"out": out, "device": device, "distill.targets": targets, "distill.alpha": alpha,
+                                "distill.t_teacher": t_teacher, "distill.t_student": t_student,
+                                "distill.dirichlet_alpha": dirichlet_alpha, "distill.epochs": epochs,
+                                "distill.seed": seed, "calibrate.temperature": temperature})
+    config = _with_teacher_data(tree, teacher, _source(recipe)) if teacher else build_recipe(tree, _source(recipe))
+    print(stage.run(config, teacher))
+
+
+@app.command()
+def evaluate(
+    checkpoints: list[Path] = typer.Argument(..., help="teacher.pt or student.pt files"),
+    recipe: Optional[Path] = RecipeOpt,
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
+    grad_targets: Optional[str] = typer.Option(None, help="also gradient noise vs onehot,true,noisy:ALPHA"),
+    out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Evaluate checkpoints on the test split; write report.json (path on stdout, or JSON with --json)."""
+    from bcpkd_cli.stages import evaluate as stage
+
+    tree = _tree(recipe, set_, {"device": device, "evaluate.grad_targets": grad_targets})
+    build_recipe(tree, _source(recipe))  # report every problem before any work
+    path, reports = stage.run(tree, checkpoints, out)
+    print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) if as_json else path)
+
+
+@app.command()
+def run(
+    recipe: Path = typer.Argument(..., help="YAML recipe with an `experiment` section"),
+    out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+) -> None:
+    """Run every stage of a recipe and print the comparison table (summary.json path on stdout)."""
+    from bcpkd_cli import pipeline
+
+    tree = _tree(recipe, set_, {"out": out, "device": device})
+    build_recipe(tree, _source(recipe))
+    print(pipeline.run(tree, str(recipe)))
+
+
+def main() -> None:
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        app(standalone_mode=False)
+    except BcpkdError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except typer.TyperException as err:  # usage errors: unknown option, bad choice, missing argument
+        err.show()
+        sys.exit(err.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        print("interrupted: finished artifacts are kept, unfinished ones were not written", file=sys.stderr)
+        sys.exit(130)

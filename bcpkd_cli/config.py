@@ -1,0 +1,343 @@
+"""Typed, frozen configuration of every stage: YAML recipe + `--set` overrides -> one Recipe.
+
+Every field carries a one-line help text. All problems (unknown keys, bad values) are collected
+and reported together before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bcpkd_cli.errors import BcpkdError
+
+
+class DatasetName(str, enum.Enum):
+    synthetic = "synthetic"
+
+
+class Arch(str, enum.Enum):
+    mlp = "mlp"
+
+
+class Bayes(str, enum.Enum):
+    none = "none"
+    laplace = "laplace"
+
+
+class Subset(str, enum.Enum):
+    last_layer = "last_layer"
+    all = "all"
+
+
+class Hessian(str, enum.Enum):
+    diag = "diag"
+    kron = "kron"
+    full = "full"
+
+
+class PriorMethod(str, enum.Enum):
+    marglik = "marglik"
+    gridsearch = "gridsearch"
+
+
+class PriorTuning(str, enum.Enum):
+    keep = "keep"
+    marglik = "marglik"
+    gridsearch = "gridsearch"
+
+
+class Link(str, enum.Enum):
+    probit = "probit"
+    mc = "mc"
+
+
+class TemperatureFit(str, enum.Enum):
+    none = "none"
+    fit = "fit"
+
+
+class Optimizer(str, enum.Enum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+class Targets(str, enum.Enum):
+    teacher = "teacher"
+    onehot = "onehot"
+    true = "true"
+    noisy = "noisy"
+
+
+class CacheDtype(str, enum.Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default and a one-line help text."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: DatasetName = _f(DatasetName.synthetic, "dataset")
+    n_train: int = _f(22500, "training examples (teacher and student)")
+    n_heldout: int = _f(2500, "held-out examples for calibration and convergence logging")
+    n_test: int = _f(10000, "test examples for evaluation")
+    n_classes: int = _f(5, "synthetic: number of classes")
+    dim: int = _f(30, "synthetic: input dimension")
+    noise_var: float = _f(2.5, "synthetic: variance of the isotropic Gaussian noise")
+    mean_choices: tuple[float, ...] = _f((4.0, 5.0, 6.0), "synthetic: values each mean coordinate is drawn from")
+    seed: int = _f(0, "seed of the class means and of all three splits")
+
+
+@dataclass(frozen=True)
+class LaplaceConfig:
+    subset: Subset = _f(Subset.last_layer, "weights under the posterior")
+    hessian: Hessian = _f(Hessian.kron, "structure of the Hessian (GGN) approximation")
+    prior: PriorMethod = _f(PriorMethod.marglik, "how train-teacher sets the prior precision")
+    link: Link = _f(Link.probit, "predictive link approximation")
+    samples: int = _f(100, "Monte Carlo samples for link=mc")
+    grid_min: float = _f(-4.0, "grid search: log10 of the smallest prior precision")
+    grid_max: float = _f(4.0, "grid search: log10 of the largest prior precision")
+    grid_size: int = _f(41, "grid search: number of grid points")
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    bayes: Bayes = _f(Bayes.none, "teacher kind")
+    arch: Arch = _f(Arch.mlp, "architecture")
+    hidden: tuple[int, ...] = _f((256, 256), "hidden layer widths")
+    epochs: int = _f(60, "training epochs")
+    batch_size: int = _f(128, "training batch size")
+    optimizer: Optimizer = _f(Optimizer.adam, "optimizer")
+    lr: float = _f(1e-3, "learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.0, "weight decay")
+    seed: int = _f(0, "seed of initialisation and batch order")
+    base: str = _f("", "existing deterministic teacher.pt to fit the posterior around instead of training")
+    laplace: LaplaceConfig = _f(LaplaceConfig(), "Laplace approximation (bayes=laplace)")
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    prior: PriorTuning = _f(PriorTuning.gridsearch, "Laplace prior precision on held-out data: keep, marglik or gridsearch")
+    temperature: TemperatureFit = _f(TemperatureFit.none, "fit a temperature on held-out NLL (any teacher)")
+    cache_dtype: CacheDtype = _f(CacheDtype.float32, "dtype of the cached BCPs")
+    batch_size: int = _f(1024, "inference batch size")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    arch: Arch = _f(Arch.mlp, "student architecture")
+    hidden: tuple[int, ...] = _f((128, 128), "student hidden layer widths")
+    targets: Targets = _f(Targets.teacher, "training targets: teacher BCPs, one-hot labels, true or Dirichlet-noised BCPs")
+    alpha: float = _f(1.0, "weight of the KD term: 1 is pure distillation, 0 is one-hot training")
+    t_teacher: float = _f(1.0, "teacher temperature T_t (divides the teacher's logits)")
+    t_student: float = _f(1.0, "student temperature T_s")
+    dirichlet_alpha: float = _f(5.0, "targets=noisy: concentration of Dirichlet(alpha * P)")
+    epochs: int = _f(2, "training epochs")
+    batch_size: int = _f(8, "training batch size")
+    optimizer: Optimizer = _f(Optimizer.sgd, "optimizer")
+    lr: float = _f(0.01, "learning rate")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.0, "weight decay")
+    seed: int = _f(0, "seed of initialisation, batch order and noisy targets")
+    log_every: int = _f(100, "steps between held-out loss/accuracy log entries")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    ece_bins: int = _f(15, "equal-width confidence bins of the ECE")
+    batch_size: int = _f(4096, "inference batch size")
+    grad_targets: tuple[str, ...] = _f((), "students: also measure gradient noise against onehot, true, noisy:ALPHA")
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    teachers: dict = _f({}, "bcpkd run: name -> overrides of the teacher section (plus `calibrate:` overrides)")
+    students: dict = _f({}, "bcpkd run: name -> overrides of the distill section (plus `teacher: NAME`)")
+    seeds: tuple[int, ...] = _f((0,), "bcpkd run: student seeds")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    out: str = _f("", "output folder (default: runs/<stage>-<time>)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    data: DataConfig = _f(DataConfig(), "data")
+    teacher: TeacherConfig = _f(TeacherConfig(), "train-teacher")
+    calibrate: CalibrateConfig = _f(CalibrateConfig(), "calibrate and BCP cache")
+    distill: DistillConfig = _f(DistillConfig(), "distill")
+    evaluate: EvaluateConfig = _f(EvaluateConfig(), "evaluate")
+    experiment: ExperimentConfig = _f(ExperimentConfig(), "bcpkd run only")
+
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
+_POSITIVE = {"n_train", "n_heldout", "n_test", "n_classes", "dim", "epochs", "batch_size",
+             "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
+             "t_teacher", "t_student"}
+
+
+def _convert(value: Any, typ: Any, where: str, errors: list[str]) -> Any:
+    """Convert one YAML/CLI value to the field's type, appending a message on failure."""
+    if isinstance(value, bool) and typ is not bool:
+        value = str(value).lower()  # YAML reads `true` as a boolean: `targets: true` means the string
+    origin = typing.get_origin(typ)
+    if dataclasses.is_dataclass(typ):
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+            return typ()
+        return _build(typ, value, where, errors)
+    if isinstance(typ, type) and issubclass(typ, enum.Enum):
+        try:
+            return typ(str(value))
+        except ValueError:
+            choices = ", ".join(m.value for m in typ)
+            errors.append(f"{where}: {value!r} is not one of: {choices}")
+            return None
+    if origin is tuple:
+        (item_type, _) = typing.get_args(typ)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{where}: expected a list, got {value!r}")
+            return ()
+        return tuple(_convert(v, item_type, f"{where}[{i}]", errors) for i, v in enumerate(value))
+    if typ is dict:
+        if not isinstance(value, dict):
+            errors.append(f"{where}: expected a mapping, got {value!r}")
+            return {}
+        return value
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        errors.append(f"{where}: expected true or false, got {value!r}")
+        return False
+    try:
+        if typ is int and (isinstance(value, bool) or (isinstance(value, float) and not value.is_integer())):
+            raise ValueError
+        converted = typ(value)
+    except (TypeError, ValueError):
+        errors.append(f"{where}: expected {typ.__name__}, got {value!r}")
+        return None
+    return converted
+
+
+def _build(cls: type, values: dict, prefix: str, errors: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            errors.append(f"{prefix}.{key}: unknown key (valid: {', '.join(sorted(names))})".lstrip("."))
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        where = f"{prefix}.{f.name}".lstrip(".")
+        value = _convert(values[f.name], hints[f.name], where, errors)
+        if f.name in _POSITIVE and isinstance(value, (int, float)) and value <= 0:
+            errors.append(f"{where}: must be positive, got {value!r}")
+        if value is not None:
+            kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise BcpkdError(f"--set {dotted}: {p} is not a section")
+    node[leaf] = value
+
+
+def parse_set(items: list[str]) -> dict:
+    """Turn `--set a.b=value` items into a nested dict (values parsed as YAML scalars)."""
+    tree: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise BcpkdError(f"--set {item!r}: expected section.key=value, e.g. --set distill.alpha=0.5")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+    return tree
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep merge of plain dicts: `override` wins."""
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_recipe(path: str | Path | None) -> dict:
+    """The raw dict of a YAML recipe (empty when no recipe is given)."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise BcpkdError(f"recipe {path}: no such file (list recipes with: ls recipes/)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        line = getattr(getattr(err, "problem_mark", None), "line", None)
+        at = f" at line {line + 1}" if line is not None else ""
+        raise BcpkdError(f"recipe {path}: not valid YAML{at}; fix the syntax") from None
+    if not isinstance(tree, dict):
+        raise BcpkdError(f"recipe {path}: expected a mapping of sections (data, teacher, distill, ...)")
+    return tree
+
+
+def build_recipe(tree: dict, source: str = "recipe") -> Recipe:
+    """Validate a raw dict into a Recipe, reporting every problem at once."""
+    errors: list[str] = []
+    recipe = _build(Recipe, tree, "", errors)
+    if not _DEVICE.match(recipe.device):
+        errors.append(f"device: {recipe.device!r} is not one of: auto, cpu, cuda, cuda:N")
+    if not 0.0 <= recipe.distill.alpha <= 1.0:
+        errors.append(f"distill.alpha: must be in [0, 1], got {recipe.distill.alpha}")
+    for item in recipe.evaluate.grad_targets:
+        if not _GRAD_TARGET.match(item):
+            errors.append(f"evaluate.grad_targets: {item!r} is not one of: onehot, true, noisy:ALPHA")
+    if errors:
+        raise BcpkdError(f"{source}: {len(errors)} problem(s): " + "; ".join(errors))
+    return recipe
+
+
+def recipe_for_checkpoint(tree: dict, checkpoint: dict, source: str = "recipe") -> Recipe:
+    """A recipe whose data section defaults to the data the checkpoint was made from."""
+    return build_recipe(merge({"data": checkpoint["data"]["config"]}, tree), source)
+
+
+def to_plain(obj: Any) -> Any:
+    """A dataclass/enum tree as plain Python values (for YAML, JSON and checkpoints)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (tuple, list)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    return obj
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Field name -> one-line help, for documentation."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

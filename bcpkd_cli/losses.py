@@ -1,0 +1,38 @@
+"""Loss functions (pure). Shapes: logits and probabilities [B, C], labels [B]."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Per-example cross-entropy -sum_k p_k log q_k against soft targets -> [B]."""
+    return -(target_probs * F.log_softmax(student_logits, dim=1)).sum(dim=1)
+
+
+def kl_to_student(teacher_probs: torch.Tensor, student_logits: torch.Tensor, t_student: float) -> torch.Tensor:
+    """Per-example KL(teacher_probs || softmax(student_logits / t_student)) -> [B]."""
+    student_log_probs = F.log_softmax(student_logits / t_student, dim=1)
+    return (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * student_log_probs).sum(dim=1)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    alpha: float,
+    t_teacher: float,
+    t_student: float,
+) -> torch.Tensor:
+    """Per-example KD loss of the paper's code -> [B]:
+
+        (1 - alpha) * CE(student_logits, label)
+        + alpha * T_t * T_s * KL(p_teacher at T_t || softmax(student_logits / T_s)).
+
+    `teacher_probs` are already at temperature T_t (the cache is built at T_t).
+    """
+    loss = alpha * t_teacher * t_student * kl_to_student(teacher_probs, student_logits, t_student)
+    if alpha < 1.0:
+        loss = loss + (1.0 - alpha) * F.cross_entropy(student_logits, labels, reduction="none")
+    return loss

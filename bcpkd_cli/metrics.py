@@ -1,0 +1,66 @@
+"""Metrics (pure). Probabilities [N, C], labels [N]; all return Python floats."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_EPS = 1e-12
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    return (probs.argmax(dim=1) == labels).double().mean().item()
+
+
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean negative log-likelihood of the labels (probabilities clamped at 1e-12)."""
+    picked = probs.double().gather(1, labels[:, None]).squeeze(1)
+    return -picked.clamp_min(_EPS).log().mean().item()
+
+
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over examples of sum_k (p_k - onehot_k)^2 (ranges over [0, 2])."""
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).double()
+    return (probs.double() - onehot).square().sum(dim=1).mean().item()
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error of the top-1 confidence over `n_bins` equal-width bins of (0, 1]."""
+    confidence, predicted = probs.double().max(dim=1)
+    correct = (predicted == labels).double()
+    bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)  # bin b is (b/n, (b+1)/n]
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(confidence))
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
+    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    return ((conf_sum - acc_sum).abs().sum() / len(labels)).item()
+
+
+def kl_to_bcp(probs: torch.Tensor, true_bcp: torch.Tensor) -> float:
+    """Mean KL(true_bcp || probs): how far a model's probabilities are from the exact BCPs."""
+    p, q = true_bcp.double(), probs.double().clamp_min(_EPS)
+    return (torch.xlogy(p, p) - p * q.log()).sum(dim=1).mean().item()
+
+
+def tv_to_bcp(probs: torch.Tensor, true_bcp: torch.Tensor) -> float:
+    """Mean total-variation distance 0.5 * sum_k |p_k - q_k|."""
+    return 0.5 * (probs.double() - true_bcp.double()).abs().sum(dim=1).mean().item()
+
+
+def convergence_noise(values: list[float]) -> float:
+    """Standard deviation of successive differences over the last half of a logged curve."""
+    tail = torch.tensor(values[len(values) // 2:], dtype=torch.float64)
+    if len(tail) < 3:
+        return math.nan
+    return tail.diff().std().item()
+
+
+def classification_report(probs: torch.Tensor, labels: torch.Tensor, true_bcp: torch.Tensor | None,
+                          n_bins: int = 15) -> dict[str, float]:
+    """accuracy, nll, ece, brier, and kl_to_bcp / tv_to_bcp where the true BCPs are known."""
+    report = {"accuracy": accuracy(probs, labels), "nll": nll(probs, labels),
+              "ece": ece(probs, labels, n_bins), "brier": brier(probs, labels)}
+    if true_bcp is not None:
+        report["kl_to_bcp"] = kl_to_bcp(probs, true_bcp)
+        report["tv_to_bcp"] = tv_to_bcp(probs, true_bcp)
+    return report

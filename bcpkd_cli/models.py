@@ -1,0 +1,39 @@
+"""Architectures by name: a plain dict of constructors. Each model has `features` and `head`."""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class MLP(nn.Module):
+    """ReLU multilayer perceptron: features (all hidden layers) then a linear head."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: tuple[int, ...]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x.flatten(1)))
+
+
+def _mlp(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...]) -> nn.Module:
+    in_dim = 1
+    for d in input_shape:
+        in_dim *= d
+    return MLP(in_dim, n_classes, tuple(hidden))
+
+
+ARCHITECTURES = {"mlp": _mlp}
+
+HEAD_NAME = "head"  # the name of every model's last linear layer (last-layer Laplace)
+
+
+def build_model(spec: dict) -> nn.Module:
+    """Build from a spec {"arch", "input_shape", "n_classes", "hidden"} stored in checkpoints."""
+    return ARCHITECTURES[spec["arch"]](tuple(spec["input_shape"]), spec["n_classes"], tuple(spec["hidden"]))

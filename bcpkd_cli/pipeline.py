@@ -1,0 +1,122 @@
+"""`bcpkd run`: every stage of one recipe, chained through files, ending in one comparison table.
+
+The recipe's `experiment` section names teachers (overrides of `teacher`, optionally `base: NAME`
+to fit a posterior around another teacher of the recipe) and students (overrides of `distill`, plus
+`teacher: NAME`, `calibrate:` and `evaluate:` overrides), each trained once per seed. All sub-recipes
+are validated before any training starts.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from rich.table import Table
+
+from bcpkd_cli import artifacts
+from bcpkd_cli.config import Recipe, build_recipe, merge
+from bcpkd_cli.engine import console
+from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.stages import distill, evaluate, train_teacher
+
+STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll", "convergence_noise_accuracy",
+                   "grad_noise"]
+TEACHER_COLUMNS = ["accuracy", "nll", "ece", "brier", "kl_to_bcp", "tv_to_bcp"]
+
+
+def _plan(tree: dict, source: str, out: Path) -> tuple[dict[str, dict], list[tuple[str, int, str | None, dict]]]:
+    """Validate every sub-recipe up front; return teacher trees and (student, seed, teacher, tree) jobs."""
+    recipe = build_recipe(tree, source)
+    base_tree = {k: v for k, v in tree.items() if k not in ("out", "experiment")}
+    errors: list[str] = []
+    teacher_trees: dict[str, dict] = {}
+    for name, overrides in recipe.experiment.teachers.items():
+        overrides = dict(overrides or {})
+        if overrides.get("base") and overrides["base"] not in teacher_trees:
+            errors.append(f"experiment.teachers.{name}.base: {overrides['base']!r} is not a teacher listed above it")
+        teacher_trees[name] = merge(base_tree, {"teacher": overrides, "out": str(out / "teachers" / name)})
+    jobs = []
+    for name, overrides in recipe.experiment.students.items():
+        overrides = dict(overrides or {})
+        teacher_name = overrides.pop("teacher", None)
+        extra = {k: overrides.pop(k) for k in ("calibrate", "evaluate") if k in overrides}
+        if teacher_name is not None and teacher_name not in teacher_trees:
+            errors.append(f"experiment.students.{name}.teacher: {teacher_name!r} is not one of: "
+                          f"{', '.join(teacher_trees) or 'no teachers defined'}")
+        for seed in recipe.experiment.seeds:
+            jobs.append((name, seed, teacher_name, merge(base_tree, {
+                "distill": {**overrides, "seed": seed}, **extra, "out": str(out / "students" / f"{name}-seed{seed}")})))
+    for label, sub_tree in [(f"experiment.teachers.{n}", t) for n, t in teacher_trees.items()] + \
+                           [(f"experiment.students.{n}", t) for n, s, _, t in jobs if s == recipe.experiment.seeds[0]]:
+        try:
+            build_recipe(sub_tree, label)
+        except BcpkdError as err:
+            errors.append(str(err))
+    if errors:
+        raise BcpkdError(f"{source}: " + "; ".join(errors))
+    return teacher_trees, jobs
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _table(title: str, rows: list[dict], columns: list[str]) -> tuple[Table, str]:
+    """A rich table and the same as Markdown; cells are mean ± std over seeds."""
+    table = Table(title=title)
+    table.add_column("name")
+    for c in columns:
+        table.add_column(c, justify="right")
+    md = ["| name | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in rows:
+        cells = [f"{row[c][0]:.4g} ± {row[c][1]:.2g}" if c in row else "-" for c in columns]
+        table.add_row(row["name"], *cells)
+        md.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    return table, "\n".join(md)
+
+
+def run(tree: dict, source: str) -> Path:
+    recipe: Recipe = build_recipe(tree, source)
+    out = artifacts.new_run_dir(recipe.out, "run")
+    teacher_trees, jobs = _plan(tree, source, out)
+
+    teacher_paths: dict[str, Path] = {}
+    for name, t_tree in teacher_trees.items():
+        base = t_tree["teacher"].get("base")
+        if base in teacher_paths:
+            t_tree = merge(t_tree, {"teacher": {"base": str(teacher_paths[base])}})
+        console.rule(f"teacher {name}")
+        teacher_paths[name] = train_teacher.run(build_recipe(t_tree, f"experiment.teachers.{name}"))
+
+    student_reports: dict[str, list[dict]] = {}
+    calibrated: dict[str, Path] = {}
+    for name, seed, teacher_name, s_tree in jobs:
+        console.rule(f"student {name}, seed {seed}")
+        path = distill.run(build_recipe(s_tree, f"experiment.students.{name}"), teacher_paths.get(teacher_name))
+        payload = artifacts.load_checkpoint(path, artifacts.STUDENT_FORMAT)
+        if "cache" in payload["targets"]:
+            calibrated[f"{teacher_name} -> {name}"] = Path(payload["targets"]["cache"]).parent / "teacher.pt"
+        eval_tree = {k: v for k, v in s_tree.items() if k in ("device", "evaluate")}
+        student_reports.setdefault(name, []).append(evaluate.evaluate_one(path, eval_tree))
+
+    console.rule("evaluation")
+    teacher_rows = []
+    for label, path in [(n, p) for n, p in teacher_paths.items()] + \
+                       [(f"{n} (as calibrated)", p) for n, p in calibrated.items()]:
+        report = evaluate.evaluate_one(path, {"device": recipe.device})
+        teacher_rows.append({"name": label, "checkpoint": str(path),
+                             **{k: (v, 0.0) for k, v in report.items() if isinstance(v, float)}})
+    student_rows = []
+    for name, reports in student_reports.items():
+        keys = [k for k, v in reports[0].items() if isinstance(v, float)]
+        student_rows.append({"name": name, "seeds": len(reports),
+                             **{k: _mean_std([r[k] for r in reports]) for k in keys}})
+    t_table, t_md = _table("teachers (test split)", teacher_rows, TEACHER_COLUMNS)
+    extra = sorted({k for r in student_rows for k in r if k.startswith("grad_noise_")})
+    s_table, s_md = _table(f"students (test split; mean ± std over {len(recipe.experiment.seeds)} seeds)",
+                           student_rows, STUDENT_COLUMNS + extra)
+    console.print(t_table)
+    console.print(s_table)
+    artifacts.write_text(out / "summary.md", f"# {source}\n\n## Teachers\n\n{t_md}\n\n## Students\n\n{s_md}\n")
+    return artifacts.write_json(out / "summary.json", {"recipe": source, "teachers": teacher_rows,
+                                                       "students": student_rows})

@@ -1,0 +1,35 @@
+"""calibrate: tune the teacher's predictive on held-out data and cache its BCPs for the training split."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from bcpkd_cli import artifacts
+from bcpkd_cli.calibration import ensure_cache
+from bcpkd_cli.config import Recipe
+from bcpkd_cli.data import load_dataset
+from bcpkd_cli.engine import console, resolve_device
+
+
+def run(recipe: Recipe, teacher_path: Path) -> Path:
+    payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT)
+    data = load_dataset(recipe.data)
+    path, built = ensure_cache(Path(teacher_path), payload, data, recipe.calibrate, recipe.distill.t_teacher,
+                               resolve_device(recipe.device), recipe.out, recipe.evaluate.ece_bins)
+    if not built:
+        console.print(f"cache for this teacher, data and settings already exists: {path}")
+    report = json.loads((path.parent / "report.json").read_text())
+    table = Table(title=f"held-out calibration of {teacher_path}")
+    table.add_column("")
+    for key in report["before"]:
+        table.add_column(key, justify="right")
+    for when in ("before", "after"):
+        table.add_row(when, *(f"{v:.4f}" for v in report[when].values()))
+    console.print(table)
+    tuned = {k: round(v, 6) for k, v in report.items() if k in ("prior_precision", "temperature")}
+    if tuned:
+        console.print(f"tuned: {tuned}")
+    return path

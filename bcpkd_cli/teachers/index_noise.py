@@ -1,0 +1,29 @@
+"""Standard normal noise that is a pure function of (seed, example index, draw number).
+
+A cache built in any batch layout, on any DDP rank, gets the same Monte Carlo draws for example i.
+Counter-based: a 32-bit integer hash (lowbias32) feeds Box-Muller; no generator state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_MASK = 0xFFFFFFFF
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 on int64 tensors holding values in [0, 2^32); products wrap modulo 2^64."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK
+    return x ^ (x >> 16)
+
+
+def index_normal(seed: int, index: torch.Tensor, n_draws: int) -> torch.Tensor:
+    """index [B] int64 -> standard normals [B, n_draws] (float64), reproducible per example."""
+    row = hash32((index.long() + seed * 0x9E3779B9) & _MASK)  # [B]
+    draws = torch.arange(n_draws, device=index.device, dtype=torch.long)
+    u1 = hash32(row[:, None] ^ (2 * draws)).double().add_(0.5).div_(2.0**32)
+    u2 = hash32(row[:, None] ^ (2 * draws + 1)).double().add_(0.5).div_(2.0**32)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)

@@ -1,0 +1,134 @@
+"""Laplace-approximation teacher through laplace-torch (GLM predictive, probit or MC link).
+
+laplace-torch fits the posterior and gives the mean and covariance of the logits, f_mu [B, C] and
+f_var [B, C, C]. Temperature T (calibration T_cal times the requested T) divides the logit
+distribution: mean f_mu / T, covariance f_var / T^2; then
+  probit: softmax((f_mu / T) / sqrt(1 + pi/8 * diag(f_var) / T^2))   (laplace-torch's probit at T=1)
+  mc:     mean over S draws of softmax((f_mu + L eps) / T), eps seeded by example index.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bcpkd_cli.config import Hessian, LaplaceConfig, Link, PriorMethod, PriorTuning, Subset
+from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.models import HEAD_NAME
+from bcpkd_cli.teachers.index_noise import index_normal
+
+FULL_HESSIAN_MAX_PARAMS = 20_000
+
+
+def _loader(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> DataLoader:
+    return DataLoader(TensorDataset(inputs, labels), batch_size=batch_size)
+
+
+def heldout_nll(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Plain mean NLL, computed afresh on every call (laplace-torch's grid search loss)."""
+    return -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean()
+
+
+def _plain_state(state: dict) -> dict:
+    """laplace-torch's state_dict with its enums as plain strings, loadable with weights_only=True."""
+    return {k: (v.value if hasattr(v, "value") and isinstance(v, str) else v) for k, v in state.items()}
+
+
+class LaplaceTeacher:
+    """Predictive of a Laplace posterior around a trained network."""
+
+    def __init__(self, model: nn.Module, cfg: LaplaceConfig, calibration_temperature: float = 1.0,
+                 noise_seed: int = 0, batch_size: int = 1024):
+        n_params = sum(p.numel() for p in (model.head if cfg.subset == Subset.last_layer else model).parameters())
+        if cfg.hessian == Hessian.full and n_params > FULL_HESSIAN_MAX_PARAMS:
+            raise BcpkdError(f"teacher.laplace.hessian=full over {n_params} weights needs a {n_params}^2 matrix; "
+                             f"use --set teacher.laplace.hessian=kron or teacher.laplace.subset=last_layer")
+        self.model = model.eval()
+        self.cfg = cfg
+        self.calibration_temperature = calibration_temperature
+        self.noise_seed = noise_seed
+        self.batch_size = batch_size
+        from laplace import Laplace  # imported here: it costs seconds at start-up, and only Laplace teachers need it
+
+        kwargs = {"last_layer_name": HEAD_NAME} if cfg.subset == Subset.last_layer else {}
+        self.la = Laplace(model, "classification", subset_of_weights=cfg.subset.value,
+                          hessian_structure=cfg.hessian.value, **kwargs)
+
+    def fit(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> None:
+        self.la.fit(_loader(inputs, labels, batch_size))
+
+    @property
+    def prior_precision(self) -> float:
+        return float(self.la.prior_precision.reshape(-1)[0])
+
+    def tune_prior(self, method: PriorMethod | PriorTuning, heldout_inputs: torch.Tensor | None = None,
+                   heldout_labels: torch.Tensor | None = None) -> None:
+        """Scalar prior precision by marginal likelihood, or by held-out NLL over a log grid."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if method.value == "marglik":
+                self.la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar",
+                                                 link_approx=self.cfg.link.value)
+            elif method.value == "gridsearch":
+                self.la.optimize_prior_precision(
+                    pred_type="glm", method="gridsearch", val_loader=_loader(heldout_inputs, heldout_labels, 1024),
+                    loss=heldout_nll, log_prior_prec_min=self.cfg.grid_min, log_prior_prec_max=self.cfg.grid_max,
+                    grid_size=self.cfg.grid_size, link_approx=self.cfg.link.value, n_samples=self.cfg.samples)
+        self.la.prior_precision = torch.as_tensor([self.prior_precision])  # keep it a 1-element tensor
+
+    def grid(self) -> torch.Tensor:
+        return torch.logspace(self.cfg.grid_min, self.cfg.grid_max, self.cfg.grid_size)
+
+    def logit_moments(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GLM logit mean [B, C] and covariance [B, C, C] from laplace-torch, in chunks."""
+        means, covs = [], []
+        for i in range(0, len(inputs), self.batch_size):
+            f_mu, f_var = self.la._glm_predictive_distribution(inputs[i:i + self.batch_size])
+            means.append(f_mu.detach())
+            covs.append(f_var.detach())
+        return torch.cat(means), torch.cat(covs)
+
+    def predictive_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
+        """Compute the logit moments once; return temperature -> probabilities [B, C] at T_cal * T."""
+        f_mu, f_var = self.logit_moments(inputs)
+        if self.cfg.link == Link.probit:
+            var_diag = f_var.diagonal(dim1=1, dim2=2)
+
+            def probit(temperature: float) -> torch.Tensor:
+                t = self.calibration_temperature * temperature
+                return torch.softmax(f_mu / t / torch.sqrt(1.0 + math.pi / 8.0 * var_diag / t**2), dim=1)
+
+            return probit
+        eigvals, eigvecs = torch.linalg.eigh(f_var.double())
+        sqrt_cov = eigvecs * eigvals.clamp_min(0.0).sqrt()[:, None, :]  # [B, C, C], sqrt_cov @ sqrt_cov^T = f_var
+        n_classes = f_mu.shape[1]
+        eps = index_normal(self.noise_seed, index.cpu(), self.cfg.samples * n_classes)
+        eps = eps.view(len(index), self.cfg.samples, n_classes).to(f_mu.device)  # [B, S, C]
+        samples = f_mu.double()[:, None, :] + eps @ sqrt_cov.transpose(1, 2)  # [B, S, C]
+
+        def monte_carlo(temperature: float) -> torch.Tensor:
+            t = self.calibration_temperature * temperature
+            return torch.softmax(samples / t, dim=2).mean(dim=1).to(f_mu.dtype)
+
+        return monte_carlo
+
+    def predict_probs(self, inputs: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """inputs [B, ...], example indices [B] -> probabilities [B, C]."""
+        return self.predictive_at(inputs, index)(temperature)
+
+    def posterior_state(self) -> dict:
+        return _plain_state(self.la.state_dict())
+
+    def load_posterior_state(self, state: dict) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.la.load_state_dict(dict(state))
+
+    def predictive_settings(self) -> dict:
+        return {"calibration_temperature": self.calibration_temperature, "noise_seed": self.noise_seed,
+                "prior_precision": self.prior_precision}
