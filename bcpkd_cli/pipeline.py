@@ -8,14 +8,20 @@ are validated before any training starts.
 
 from __future__ import annotations
 
+import multiprocessing
 import statistics
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+import torch
 
 from rich.table import Table
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.config import Recipe, build_recipe, merge
-from bcpkd_cli.engine import console
+from bcpkd_cli.calibration import ensure_cache
+from bcpkd_cli.config import Recipe, Targets, build_recipe, merge
+from bcpkd_cli.data import load_dataset
+from bcpkd_cli.engine import console, resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.stages import distill, evaluate, train_teacher
 
@@ -57,6 +63,35 @@ def _plan(tree: dict, source: str, out: Path) -> tuple[dict[str, dict], list[tup
     return teacher_trees, jobs
 
 
+def _build_caches(jobs: list, teacher_paths: dict[str, Path]) -> None:
+    """Calibrate and cache each (teacher, settings) pair once, before students run in parallel."""
+    for name, _, teacher_name, s_tree in jobs:
+        recipe = build_recipe(s_tree, f"experiment.students.{name}")
+        if recipe.distill.targets != Targets.teacher:
+            continue
+        path = teacher_paths[teacher_name]
+        payload = artifacts.load_checkpoint(path, artifacts.TEACHER_FORMAT)
+        ensure_cache(path, payload, load_dataset(recipe.data), recipe.calibrate, recipe.distill.t_teacher,
+                     resolve_device(recipe.device), n_bins=recipe.evaluate.ece_bins)
+
+
+def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, threads: int) -> tuple[Path, dict]:
+    """Distill and evaluate one student (runs in a worker process when workers > 1)."""
+    if threads:
+        torch.set_num_threads(threads)
+    console.rule(f"student {name}, seed {seed}")
+    path = distill.run(build_recipe(s_tree, f"experiment.students.{name}"), teacher_path)
+    eval_tree = {k: v for k, v in s_tree.items() if k in ("device", "evaluate")}
+    return path, evaluate.evaluate_one(path, eval_tree)
+
+
+def _run_students(work: list, workers: int) -> list[tuple[Path, dict]]:
+    if workers == 1:
+        return [_student_job(*job, threads=0) for job in work]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_student_job, *zip(*work), [1] * len(work)))
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -88,16 +123,15 @@ def run(tree: dict, source: str) -> Path:
         console.rule(f"teacher {name}")
         teacher_paths[name] = train_teacher.run(build_recipe(t_tree, f"experiment.teachers.{name}"))
 
+    _build_caches(jobs, teacher_paths)
     student_reports: dict[str, list[dict]] = {}
     calibrated: dict[str, Path] = {}
-    for name, seed, teacher_name, s_tree in jobs:
-        console.rule(f"student {name}, seed {seed}")
-        path = distill.run(build_recipe(s_tree, f"experiment.students.{name}"), teacher_paths.get(teacher_name))
+    work = [(name, seed, s_tree, teacher_paths.get(teacher_name)) for name, seed, teacher_name, s_tree in jobs]
+    for (name, seed, teacher_name, _), (path, report) in zip(jobs, _run_students(work, recipe.experiment.workers)):
         payload = artifacts.load_checkpoint(path, artifacts.STUDENT_FORMAT)
         if "cache" in payload["targets"]:
             calibrated[f"{teacher_name} -> {name}"] = Path(payload["targets"]["cache"]).parent / "teacher.pt"
-        eval_tree = {k: v for k, v in s_tree.items() if k in ("device", "evaluate")}
-        student_reports.setdefault(name, []).append(evaluate.evaluate_one(path, eval_tree))
+        student_reports.setdefault(name, []).append(report)
 
     console.rule("evaluation")
     teacher_rows = []
