@@ -1,0 +1,167 @@
+"""The real CLI in subprocesses, chained the way a shell script chains it, on tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcpkd_cli import artifacts
+
+pytestmark = pytest.mark.slow
+
+TINY = ["--set", "data.n_train=400", "--set", "data.n_heldout=150", "--set", "data.n_test=200",
+        "--set", "teacher.hidden=[32]", "--set", "teacher.epochs=3", "--set", "distill.hidden=[16]",
+        "--set", "distill.epochs=1", "--set", "distill.batch_size=16", "--set", "distill.log_every=5",
+        "--set", "teacher.laplace.grid_size=5", "--device", "cpu"]
+
+
+def bcpkd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "bcpkd_cli", *args], cwd=cwd, capture_output=True,
+                            text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"bcpkd {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    """train-teacher -> calibrate -> distill -> evaluate, each stage reading the previous one's stdout."""
+    work = tmp_path_factory.mktemp("chain")
+    teacher = bcpkd("train-teacher", "--bayes", "laplace", "--out", "t", *TINY, cwd=work).stdout.strip()
+    calibrate = bcpkd("calibrate", "--teacher", teacher, "--temperature", "fit", *TINY, cwd=work)
+    cache = calibrate.stdout.strip()
+    student = bcpkd("distill", "--teacher", teacher, "--temperature", "fit", "--out", "s", *TINY,
+                    cwd=work).stdout.strip()
+    report = bcpkd("evaluate", student, teacher, "--json", "--grad-targets", "onehot,true", *TINY, cwd=work)
+    return {"work": work, "teacher": work / teacher, "cache": work / cache, "student": work / student,
+            "calibrate": calibrate, "report": json.loads(report.stdout)}
+
+
+def test_stdout_carries_only_the_artifact_path(chain):
+    assert chain["teacher"] == chain["work"] / "t" / "teacher.pt" and chain["teacher"].is_file()
+    assert chain["student"] == chain["work"] / "s" / "student.pt" and chain["student"].is_file()
+    assert chain["cache"].name == "bcp.safetensors" and chain["cache"].parent.parent.name == "bcp"
+    assert chain["calibrate"].stdout.count("\n") == 1
+    assert "held-out calibration" in chain["calibrate"].stderr
+
+
+def test_cache_provenance_and_reuse(chain):
+    probs, meta = artifacts.load_cache(chain["cache"], {})
+    assert probs.shape == (400, 1, 5)
+    assert meta["teacher_sha256"] == artifacts.sha256_file(chain["teacher"])
+    assert meta["split"] == "train" and meta["bayes"] == "laplace"
+    assert meta["calibrate"]["temperature"] == "fit" and meta["predictive"]["calibration_temperature"] > 0
+    student = torch.load(chain["student"], weights_only=True)
+    assert student["targets"]["cache"] == str(chain["cache"].relative_to(chain["work"]))
+    assert student["targets"]["cache_sha256"] == artifacts.sha256_file(chain["cache"])
+    calibrated = torch.load(chain["cache"].parent / "teacher.pt", weights_only=True)
+    assert calibrated["parent_sha256"] == meta["teacher_sha256"]
+
+
+def test_student_log_and_config(chain):
+    student = torch.load(chain["student"], weights_only=True)
+    steps = [entry["step"] for entry in student["log"]]
+    assert steps == list(range(0, 25, 5)) + [25]  # 400 / 16 = 25 steps, logged every 5 and at the end
+    assert student["config"]["distill"]["hidden"] == [16]
+    assert (chain["student"].parent / "metrics.jsonl").read_text().count("\n") == len(steps)
+
+
+def test_evaluate_json(chain):
+    student_report, teacher_report = chain["report"]
+    for key in ("accuracy", "nll", "ece", "brier", "kl_to_bcp", "tv_to_bcp"):
+        assert 0.0 <= student_report[key] and 0.0 <= teacher_report[key]
+    assert student_report["kind"] == "student" and teacher_report["kind"] == "teacher"
+    assert student_report["grad_noise_onehot"] > student_report["grad_noise_true"] > 0
+    assert student_report["convergence_noise_nll"] >= 0
+
+
+def test_same_command_reuses_the_cache(chain):
+    again = bcpkd("calibrate", "--teacher", str(chain["teacher"]), "--temperature", "fit", *TINY, cwd=chain["work"])
+    assert Path(chain["work"] / again.stdout.strip()) == chain["cache"]
+    assert "already exists" in again.stderr
+
+
+def _assert_bad_input(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in error_lines[0]
+    assert result.stdout == ""
+
+
+def test_missing_teacher(tmp_path):
+    _assert_bad_input(bcpkd("distill", "--teacher", "nope/teacher.pt", *TINY, cwd=tmp_path, check=False),
+                      "nope/teacher.pt", "bcpkd train-teacher")
+    assert files_under(tmp_path) == set()
+
+
+def test_corrupt_and_foreign_files(tmp_path, chain):
+    (tmp_path / "corrupt.pt").write_bytes(chain["teacher"].read_bytes()[:500])
+    _assert_bad_input(bcpkd("calibrate", "--teacher", "corrupt.pt", *TINY, cwd=tmp_path, check=False), "corrupt.pt")
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    _assert_bad_input(bcpkd("evaluate", "notes.txt", *TINY, cwd=tmp_path, check=False), "notes.txt")
+    _assert_bad_input(bcpkd("distill", "--teacher", str(chain["student"]), *TINY, cwd=tmp_path, check=False),
+                      "bcpkd.teacher", "student.pt")
+    assert files_under(tmp_path) == {tmp_path / "corrupt.pt", tmp_path / "notes.txt"}
+
+
+def test_cache_for_other_data_is_refused(tmp_path, chain):
+    cache = chain["cache"]
+    _, meta = artifacts.load_cache(cache, {})
+    probs = torch.full((400, 1, 5), 0.2)
+    forged = dict(meta, data_fingerprint="0" * 16)
+    teacher_copy = tmp_path / "teacher.pt"
+    teacher_copy.write_bytes(chain["teacher"].read_bytes())
+    target = tmp_path / cache.relative_to(chain["teacher"].parent)
+    target.parent.mkdir(parents=True)
+    artifacts.save_cache(target, probs, forged)
+    result = bcpkd("distill", "--teacher", "teacher.pt", "--temperature", "fit", *TINY, cwd=tmp_path, check=False)
+    _assert_bad_input(result, str(target.relative_to(tmp_path)), "data_fingerprint", "bcpkd calibrate")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_recipe_typos_reported_together(tmp_path):
+    (tmp_path / "r.yaml").write_text("teacher:\n  bayes: laplce\n  epoch: 3\ndistill:\n  alpha: 2\n")
+    result = bcpkd("train-teacher", "--recipe", "r.yaml", cwd=tmp_path, check=False)
+    _assert_bad_input(result, "r.yaml", "3 problem(s)", "laplce", "none, laplace", "teacher.epoch", "distill.alpha")
+    assert files_under(tmp_path) == {tmp_path / "r.yaml"}
+
+
+def test_bad_set_and_choice(tmp_path):
+    _assert_bad_input(bcpkd("distill", "--set", "distill.nope=1", cwd=tmp_path, check=False), "distill.nope")
+    result = bcpkd("train-teacher", "--bayes", "magic", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "magic" in result.stderr
+
+
+def test_help_lists_choices(tmp_path):
+    result = bcpkd("train-teacher", "--help", cwd=tmp_path)
+    for choice in ("none", "laplace", "last_layer", "kron", "marglik", "probit"):
+        assert choice in result.stdout
+
+
+def test_run_tiny_recipe(tmp_path):
+    recipe = Path(__file__).parents[1] / "recipes" / "synthetic.yaml"
+    result = bcpkd("run", str(recipe), "--out", "run", *TINY, "--set", "experiment.seeds=[0,1]",
+                   "--set", "experiment.workers=1", cwd=tmp_path)
+    summary = json.loads((tmp_path / result.stdout.strip()).read_text())
+    students = {row["name"]: row for row in summary["students"]}
+    assert set(students) == {"onehot", "deterministic", "deterministic_tempscaled", "laplace", "true_bcp",
+                             "noisy_alpha5", "noisy_alpha0.5"}
+    assert all(row["seeds"] == 2 for row in students.values())
+    true_bcp = students["true_bcp"]  # measured at the same weights: one-hot labels add the label noise
+    assert true_bcp["grad_noise_onehot"][0] > true_bcp["grad_noise_noisy:0.5"][0] > true_bcp["grad_noise_true"][0]
+    teachers = {row["name"] for row in summary["teachers"]}
+    assert {"deterministic", "laplace", "deterministic -> deterministic_tempscaled (as calibrated)"} <= teachers
+    assert (tmp_path / "run" / "summary.md").read_text().startswith("# ")
