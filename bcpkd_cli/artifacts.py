@@ -24,6 +24,9 @@ TEACHER_FORMAT = "bcpkd.teacher"
 STUDENT_FORMAT = "bcpkd.student"
 CACHE_FORMAT = "bcpkd.bcp-cache"
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 FIX_HINT = {
     TEACHER_FORMAT: "make one with: bcpkd train-teacher --out DIR",
     STUDENT_FORMAT: "make one with: bcpkd distill --teacher TEACHER.pt --out DIR",
@@ -39,6 +42,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts on shared disks follow the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -192,6 +192,8 @@ _POSITIVE = {"n_train", "n_heldout", "n_test", "n_classes", "dim", "epochs", "ba
 
 def _convert(value: Any, typ: Any, where: str, errors: list[str]) -> Any:
     """Convert one YAML/CLI value to the field's type, appending a message on failure."""
+    if value is None and typ is str:
+        return ""  # YAML `null` for a path or name means "not set"
     if isinstance(value, bool) and typ is not bool:
         value = str(value).lower()  # YAML reads `true` as a boolean: `targets: true` means the string
     origin = typing.get_origin(typ)
@@ -313,6 +315,9 @@ def build_recipe(tree: dict, source: str = "recipe") -> Recipe:
         errors.append(f"device: {recipe.device!r} is not one of: auto, cpu, cuda, cuda:N")
     if not 0.0 <= recipe.distill.alpha <= 1.0:
         errors.append(f"distill.alpha: must be in [0, 1], got {recipe.distill.alpha}")
+    for where, items in (("data.mean_choices", recipe.data.mean_choices), ("experiment.seeds", recipe.experiment.seeds)):
+        if not items:
+            errors.append(f"{where}: must not be empty")
     for item in recipe.evaluate.grad_targets:
         if not _GRAD_TARGET.match(item):
             errors.append(f"evaluate.grad_targets: {item!r} is not one of: onehot, true, noisy:ALPHA")

@@ -47,7 +47,7 @@ class TrainSpec:
 def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
     if spec.optimizer == Optimizer.sgd:
         return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
-                               foreach=True)  # foreach: one kernel per step for all tensors (1.6x on tiny MLPs)
+                               foreach=True)  # foreach: one kernel per step for all tensors
     return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
 
 

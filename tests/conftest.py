@@ -8,8 +8,6 @@ import torch
 from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import load_dataset
 
-TINY_DATA = DataConfig(n_train=300, n_heldout=100, n_test=100)
-
 
 @pytest.fixture(scope="module")
 def single_thread():
@@ -22,6 +20,11 @@ def single_thread():
 
 
 @pytest.fixture(scope="session")
-def tiny_data():
-    """The synthetic benchmark at 300 / 100 / 100 examples (5 classes, 30 dimensions)."""
-    return load_dataset(TINY_DATA)
+def tiny_config() -> DataConfig:
+    """The synthetic benchmark at 300 / 100 / 100 examples (5 classes, 30 dimensions, seed 0)."""
+    return DataConfig(n_train=300, n_heldout=100, n_test=100)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_config):
+    return load_dataset(tiny_config)

@@ -184,3 +184,14 @@ def test_every_recipe_builds(path, tmp_path):
     teachers, jobs = pipeline._plan(tree, str(path), tmp_path)
     assert set(teachers) == set(recipe.experiment.teachers)
     assert len(jobs) == len(recipe.experiment.students) * len(recipe.experiment.seeds)
+
+
+@pytest.mark.parametrize("tree", [{"out": None}, {"teacher": {"base": None}}])
+def test_null_for_a_string_field_is_not_the_string_none(tree):
+    recipe = build_recipe(tree)
+    assert recipe.out == "" and recipe.teacher.base == ""
+
+
+def test_empty_mean_choices_is_reported_by_build_recipe():
+    with pytest.raises(BcpkdError, match="mean_choices"):
+        build_recipe({"data": {"mean_choices": []}})

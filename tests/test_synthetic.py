@@ -11,8 +11,6 @@ from torch.distributions import MultivariateNormal
 from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import load_dataset, synthetic
 
-from conftest import TINY_DATA
-
 
 def bayes_rule(x: torch.Tensor, means: torch.Tensor, noise_var: float) -> torch.Tensor:
     """P(y=k | x) with Gaussian class densities N(mu_k, noise_var I) and a uniform prior."""
@@ -34,11 +32,11 @@ def test_exact_bcp_is_bayes_rule(noise_var):
     torch.testing.assert_close(got, bayes_rule(x, means, noise_var), atol=1e-6, rtol=0)
 
 
-def test_true_bcp_of_the_dataset_is_bayes_rule_for_its_means(tiny_data):
+def test_true_bcp_of_the_dataset_is_bayes_rule_for_its_means(tiny_config, tiny_data):
     # load_dataset draws the means first from Generator(seed): the same means explain every split's BCPs.
-    means = synthetic.class_means(TINY_DATA, torch.Generator().manual_seed(TINY_DATA.seed))
+    means = synthetic.class_means(tiny_config, torch.Generator().manual_seed(tiny_config.seed))
     for split in (tiny_data.train, tiny_data.heldout, tiny_data.test):
-        want = bayes_rule(split.inputs, means, TINY_DATA.noise_var)
+        want = bayes_rule(split.inputs, means, tiny_config.noise_var)
         torch.testing.assert_close(split.true_bcp.double(), want, atol=1e-6, rtol=0)
 
 
@@ -62,8 +60,8 @@ def test_split_sizes_shapes_and_dtypes():
         assert 0 <= int(split.labels.min()) and int(split.labels.max()) < 3
 
 
-def test_load_dataset_is_deterministic_for_a_seed():
-    a, b = load_dataset(TINY_DATA), load_dataset(TINY_DATA)
+def test_load_dataset_is_deterministic_for_a_seed(tiny_config):
+    a, b = load_dataset(tiny_config), load_dataset(tiny_config)
     for name in ("train", "heldout", "test"):
         sa, sb = a.split(name), b.split(name)
         assert torch.equal(sa.inputs, sb.inputs)
@@ -73,10 +71,10 @@ def test_load_dataset_is_deterministic_for_a_seed():
     assert len(a.fingerprint) == 16 and int(a.fingerprint, 16) >= 0
 
 
-def test_fingerprint_changes_with_seed_and_sizes():
-    base = load_dataset(TINY_DATA)
-    other_seed = load_dataset(dataclasses.replace(TINY_DATA, seed=1))
-    other_size = load_dataset(dataclasses.replace(TINY_DATA, n_test=99))
+def test_fingerprint_changes_with_seed_and_sizes(tiny_config):
+    base = load_dataset(tiny_config)
+    other_seed = load_dataset(dataclasses.replace(tiny_config, seed=1))
+    other_size = load_dataset(dataclasses.replace(tiny_config, n_test=99))
     assert other_seed.fingerprint != base.fingerprint
     assert not torch.equal(other_seed.train.inputs, base.train.inputs)
     assert other_size.fingerprint != base.fingerprint
@@ -95,8 +93,8 @@ def test_class_means_coordinates_come_from_mean_choices():
     assert set(means.flatten().tolist()) == {-3.0, 0.25, 7.5}  # only these, and (240 draws) each of them
 
 
-def test_default_means_are_from_4_5_6(tiny_data):
-    means = synthetic.class_means(TINY_DATA, torch.Generator().manual_seed(TINY_DATA.seed))
+def test_default_means_are_from_4_5_6():
+    means = synthetic.class_means(DataConfig(), torch.Generator().manual_seed(0))
     assert means.shape == (5, 30)
     assert set(means.flatten().tolist()) <= {4.0, 5.0, 6.0}
 

@@ -25,12 +25,9 @@ from bcpkd_cli.teachers.index_noise import index_normal
 FULL_HESSIAN_MAX_PARAMS = 20_000
 
 
-def _loader(inputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> DataLoader:
-    return DataLoader(TensorDataset(inputs, labels), batch_size=batch_size)
-
-
 def heldout_nll(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Plain mean NLL, computed afresh on every call (laplace-torch's grid search loss)."""
+    """Plain mean NLL of one grid point (laplace-torch 0.3's default grid metric is a running average
+    that is never reset between grid points, so it would favour far too large precisions)."""
     return -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean()
 
 
@@ -60,7 +57,7 @@ class LaplaceTeacher:
                           hessian_structure=cfg.hessian.value, **kwargs)
 
     def fit(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> None:
-        self.la.fit(_loader(inputs, labels, batch_size))
+        self.la.fit(DataLoader(TensorDataset(inputs, labels), batch_size=batch_size))
 
     @property
     def prior_precision(self) -> float:
@@ -68,18 +65,27 @@ class LaplaceTeacher:
 
     def tune_prior(self, method: PriorMethod | PriorTuning, heldout_inputs: torch.Tensor | None = None,
                    heldout_labels: torch.Tensor | None = None) -> None:
-        """Scalar prior precision by marginal likelihood, or by held-out NLL over a log grid."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if method.value == "marglik":
+        """Scalar prior precision by laplace-torch's marginal likelihood, or by held-out NLL over a log grid.
+
+        The grid search scores exactly the predictive that gets cached (probit, or MC with
+        index-seeded draws), with a plain NLL computed afresh for every grid point.
+        """
+        if method.value == "marglik":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
                 self.la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar",
                                                  link_approx=self.cfg.link.value)
-            elif method.value == "gridsearch":
-                self.la.optimize_prior_precision(
-                    pred_type="glm", method="gridsearch", val_loader=_loader(heldout_inputs, heldout_labels, 1024),
-                    loss=heldout_nll, log_prior_prec_min=self.cfg.grid_min, log_prior_prec_max=self.cfg.grid_max,
-                    grid_size=self.cfg.grid_size, link_approx=self.cfg.link.value, n_samples=self.cfg.samples)
-        self.la.prior_precision = torch.as_tensor([self.prior_precision])  # keep it a 1-element tensor
+            self.la.prior_precision = torch.as_tensor([self.prior_precision])
+        elif method.value == "gridsearch":
+            index = torch.arange(len(heldout_labels))
+            scores = []
+            for prior_precision in self.grid():
+                self.la.prior_precision = prior_precision.reshape(1)
+                try:
+                    scores.append(heldout_nll(self.predict_probs(heldout_inputs, index), heldout_labels).item())
+                except torch.linalg.LinAlgError:  # posterior precision not positive definite at this prior
+                    scores.append(math.inf)
+            self.la.prior_precision = self.grid()[int(torch.tensor(scores).argmin())].reshape(1)
 
     def grid(self) -> torch.Tensor:
         return torch.logspace(self.cfg.grid_min, self.cfg.grid_max, self.cfg.grid_size)
