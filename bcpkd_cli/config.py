@@ -110,7 +110,7 @@ class LaplaceConfig:
     samples: int = _f(100, "Monte Carlo samples for link=mc")
     grid_min: float = _f(-4.0, "grid search: log10 of the smallest prior precision")
     grid_max: float = _f(4.0, "grid search: log10 of the largest prior precision")
-    grid_size: int = _f(41, "grid search: number of grid points")
+    grid_size: int = _f(21, "grid search: number of grid points")
 
 
 @dataclass(frozen=True)

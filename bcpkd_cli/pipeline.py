@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import statistics
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -75,21 +76,41 @@ def _build_caches(jobs: list, teacher_paths: dict[str, Path]) -> None:
                      resolve_device(recipe.device), n_bins=recipe.evaluate.ece_bins)
 
 
-def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, threads: int) -> tuple[Path, dict]:
-    """Distill and evaluate one student (runs in a worker process when workers > 1)."""
-    if threads:
-        torch.set_num_threads(threads)
+def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None) -> tuple[Path, dict]:
+    """Distill and evaluate one student (in a worker process when experiment.workers > 1)."""
     console.rule(f"student {name}, seed {seed}")
     path = distill.run(build_recipe(s_tree, f"experiment.students.{name}"), teacher_path)
     eval_tree = {k: v for k, v in s_tree.items() if k in ("device", "evaluate")}
     return path, evaluate.evaluate_one(path, eval_tree)
 
 
-def _run_students(work: list, workers: int) -> list[tuple[Path, dict]]:
+def _one_thread() -> None:
+    torch.set_num_threads(1)
+
+
+class _InlineExecutor:
+    """workers=1: run each job at submit time, in this process."""
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+@contextmanager
+def _executor(workers: int):
+    """A pool of `workers` spawned processes with one CPU thread each (this process too, meanwhile)."""
     if workers == 1:
-        return [_student_job(*job, threads=0) for job in work]
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(_student_job, *zip(*work), [1] * len(work)))
+        yield _InlineExecutor()
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_one_thread) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -115,19 +136,26 @@ def run(tree: dict, source: str) -> Path:
     out = artifacts.new_run_dir(recipe.out, "run")
     teacher_trees, jobs = _plan(tree, source, out)
 
-    teacher_paths: dict[str, Path] = {}
-    for name, t_tree in teacher_trees.items():
-        base = t_tree["teacher"].get("base")
-        if base in teacher_paths:
-            t_tree = merge(t_tree, {"teacher": {"base": str(teacher_paths[base])}})
-        console.rule(f"teacher {name}")
-        teacher_paths[name] = train_teacher.run(build_recipe(t_tree, f"experiment.teachers.{name}"))
+    with _executor(recipe.experiment.workers) as pool:
+        # Students without a teacher start at once; the others wait for their teacher and its cache.
+        futures = {i: pool.submit(_student_job, name, seed, s_tree, None)
+                   for i, (name, seed, teacher_name, s_tree) in enumerate(jobs) if teacher_name is None}
+        teacher_paths: dict[str, Path] = {}
+        for name, t_tree in teacher_trees.items():
+            base = t_tree["teacher"].get("base")
+            if base in teacher_paths:
+                t_tree = merge(t_tree, {"teacher": {"base": str(teacher_paths[base])}})
+            console.rule(f"teacher {name}")
+            teacher_paths[name] = train_teacher.run(build_recipe(t_tree, f"experiment.teachers.{name}"))
+        _build_caches(jobs, teacher_paths)
+        for i, (name, seed, teacher_name, s_tree) in enumerate(jobs):
+            if teacher_name is not None:
+                futures[i] = pool.submit(_student_job, name, seed, s_tree, teacher_paths[teacher_name])
+        results = [futures[i].result() for i in range(len(jobs))]
 
-    _build_caches(jobs, teacher_paths)
     student_reports: dict[str, list[dict]] = {}
     calibrated: dict[str, Path] = {}
-    work = [(name, seed, s_tree, teacher_paths.get(teacher_name)) for name, seed, teacher_name, s_tree in jobs]
-    for (name, seed, teacher_name, _), (path, report) in zip(jobs, _run_students(work, recipe.experiment.workers)):
+    for (name, seed, teacher_name, _), (path, report) in zip(jobs, results):
         payload = artifacts.load_checkpoint(path, artifacts.STUDENT_FORMAT)
         if "cache" in payload["targets"]:
             calibrated[f"{teacher_name} -> {name}"] = Path(payload["targets"]["cache"]).parent / "teacher.pt"
