@@ -14,9 +14,11 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import yaml
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from bcpkd_cli.config import Recipe, to_plain
 from bcpkd_cli.errors import BcpkdError
 
 VERSION = 1
@@ -130,9 +132,16 @@ def load_cache(path: Path, expect: dict[str, Any]) -> tuple[torch.Tensor, dict[s
     return probs, meta
 
 
+def write_config(folder: Path, recipe: Recipe) -> Path:
+    """The fully resolved recipe next to an artifact, as YAML that `--recipe` accepts."""
+    return write_text(Path(folder) / "config.yaml", yaml.safe_dump(to_plain(recipe), sort_keys=False))
+
+
 def new_run_dir(out: str, prefix: str) -> Path:
     """`out` when given, else a fresh runs/<prefix>-<YYYYmmdd-HHMMSS>[-N] folder."""
     if out:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise BcpkdError(f"--out {out}: is a file; give a folder (the artifact's name is chosen inside it)")
         return Path(out)
     from datetime import datetime
 

@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from bcpkd_cli import artifacts, metrics
-from bcpkd_cli.config import Bayes, CalibrateConfig, PriorTuning, TemperatureFit, build_recipe, to_plain
+from bcpkd_cli.config import Bayes, CalibrateConfig, PriorMethod, PriorTuning, TemperatureFit, build_recipe, to_plain
 from bcpkd_cli.data import Dataset
 from bcpkd_cli.engine import console
 from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
@@ -72,7 +72,7 @@ def calibrate(teacher: Teacher, bayes: Bayes, data: Dataset, cfg: CalibrateConfi
     held = data.heldout
     report: dict = {"before": heldout_report(teacher, data, n_bins)}
     if bayes == Bayes.laplace and cfg.prior != PriorTuning.keep:
-        teacher.tune_prior(cfg.prior, held.inputs, held.labels)
+        teacher.tune_prior(PriorMethod(cfg.prior.value), held.inputs, held.labels)
         report["prior_precision"] = teacher.prior_precision
     if cfg.temperature == TemperatureFit.fit:
         teacher.calibration_temperature = 1.0
@@ -90,21 +90,25 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
     for i in range(0, len(train), cfg.batch_size):
         index = torch.arange(i, min(i + cfg.batch_size, len(train)))
         chunks.append(teacher.predict_probs(train.inputs[index], index, t_teacher))
-    probs = torch.cat(chunks)[:, None, :]
+    probs = torch.cat(chunks)[:, None, :].cpu()
     return probs.to(getattr(torch, cfg.cache_dtype.value))
+
+
+def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float) -> dict:
+    """Metadata a cache must carry to serve this teacher, data and T_t (dealbreakers when loading)."""
+    return {"teacher_sha256": artifacts.sha256_file(teacher_path), "data_fingerprint": data.fingerprint,
+            "t_teacher": t_teacher, "n_examples": len(data.train)}
 
 
 def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig, t_teacher: float,
                  device: torch.device, out: str = "", n_bins: int = 15) -> tuple[Path, bool]:
     """Find the cache made for this teacher, data and settings, or calibrate and build it.
 
-    Returns (path of bcp.safetensors, whether it was built now).
+    `data` is on `device`. Returns (absolute path of bcp.safetensors, whether it was built now).
     """
-    teacher_sha = artifacts.sha256_file(teacher_path)
-    key = cache_key(teacher_sha, data.fingerprint, cfg, t_teacher)
-    path = cache_path(teacher_path, key, out)
-    expect = {"teacher_sha256": teacher_sha, "data_fingerprint": data.fingerprint, "t_teacher": t_teacher,
-              "n_examples": len(data.train)}
+    expect = cache_expectations(teacher_path, data, t_teacher)
+    key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher)
+    path = cache_path(teacher_path, key, out).resolve()
     if path.is_file():
         artifacts.load_cache(path, expect)  # verifies provenance and rows; refuses a stale or foreign cache
         return path, False
@@ -115,7 +119,7 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
     report = calibrate(teacher, bayes, data, cfg, n_bins)
     calibrated_cfg = replace(build_recipe(payload["config"], "checkpoint config"), calibrate=cfg)
     calibrated = teacher_payload(teacher, bayes, payload["model"], to_plain(calibrated_cfg), payload["data"],
-                                 parent_sha256=teacher_sha, history={"calibration": report})
+                                 parent_sha256=expect["teacher_sha256"], history={"calibration": report})
     artifacts.save_checkpoint(path.parent / "teacher.pt", calibrated)
     artifacts.write_json(path.parent / "report.json", report)
 

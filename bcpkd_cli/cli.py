@@ -96,6 +96,7 @@ def calibrate(
 @app.command()
 def distill(
     teacher: Optional[Path] = typer.Option(None, help="teacher.pt (its cached BCPs are found or built)"),
+    cache: Optional[Path] = typer.Option(None, help="bcp.safetensors from `calibrate --out` (default: found by key)"),
     recipe: Optional[Path] = RecipeOpt,
     targets: Optional[Targets] = typer.Option(None, help="training targets [default: teacher]"),
     alpha: Optional[float] = typer.Option(None, help="weight of the KD term (1: pure KD, 0: one-hot)"),
@@ -115,7 +116,7 @@ def distill(
                                 "distill.dirichlet_alpha": dirichlet_alpha, "distill.epochs": epochs,
                                 "distill.seed": seed, "calibrate.temperature": temperature})
     config = _with_teacher_data(tree, teacher, _source(recipe)) if teacher else build_recipe(tree, _source(recipe))
-    print(stage.run(config, teacher))
+    print(stage.run(config, teacher, cache))
 
 
 @app.command()
@@ -151,7 +152,9 @@ def run(
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer returns 130 after a Ctrl-C inside a command
+        if code == 130:
+            raise KeyboardInterrupt
     except BcpkdError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

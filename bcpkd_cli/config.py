@@ -165,7 +165,7 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    teachers: dict = _f({}, "bcpkd run: name -> overrides of the teacher section (plus `calibrate:` overrides)")
+    teachers: dict = _f({}, "bcpkd run: name -> overrides of the teacher section (`base: NAME` names another teacher)")
     students: dict = _f({}, "bcpkd run: name -> overrides of the distill section (plus `teacher: NAME`)")
     seeds: tuple[int, ...] = _f((0,), "bcpkd run: student seeds")
     workers: int = _f(1, "bcpkd run: students trained in parallel processes (one CPU thread each when > 1)")
@@ -187,7 +187,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
 _POSITIVE = {"n_train", "n_heldout", "n_test", "n_classes", "dim", "epochs", "batch_size",
              "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
-             "t_teacher", "t_student", "workers"}
+             "t_teacher", "t_student", "workers", "hidden"}
 
 
 def _convert(value: Any, typ: Any, where: str, errors: list[str]) -> Any:
@@ -253,7 +253,8 @@ def _build(cls: type, values: dict, prefix: str, errors: list[str]) -> Any:
             continue
         where = f"{prefix}.{f.name}".lstrip(".")
         value = _convert(values[f.name], hints[f.name], where, errors)
-        if f.name in _POSITIVE and isinstance(value, (int, float)) and value <= 0:
+        values_to_check = value if isinstance(value, tuple) else (value,)
+        if f.name in _POSITIVE and any(isinstance(v, (int, float)) and v <= 0 for v in values_to_check):
             errors.append(f"{where}: must be positive, got {value!r}")
         if value is not None:
             kwargs[f.name] = value
@@ -342,8 +343,3 @@ def to_plain(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_plain(v) for k, v in obj.items()}
     return obj
-
-
-def field_help(cls: type) -> dict[str, str]:
-    """Field name -> one-line help, for documentation."""
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

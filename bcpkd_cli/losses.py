@@ -6,11 +6,6 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_cross_entropy(student_logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
-    """Per-example cross-entropy -sum_k p_k log q_k against soft targets -> [B]."""
-    return -(target_probs * F.log_softmax(student_logits, dim=1)).sum(dim=1)
-
-
 def kl_to_student(teacher_probs: torch.Tensor, student_logits: torch.Tensor, t_student: float) -> torch.Tensor:
     """Per-example KL(teacher_probs || softmax(student_logits / t_student)) -> [B]."""
     student_log_probs = F.log_softmax(student_logits / t_student, dim=1)

@@ -34,6 +34,14 @@ ARCHITECTURES = {"mlp": _mlp}
 HEAD_NAME = "head"  # the name of every model's last linear layer (last-layer Laplace)
 
 
-def build_model(spec: dict) -> nn.Module:
-    """Build from a spec {"arch", "input_shape", "n_classes", "hidden"} stored in checkpoints."""
-    return ARCHITECTURES[spec["arch"]](tuple(spec["input_shape"]), spec["n_classes"], tuple(spec["hidden"]))
+def model_spec(arch: str, input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...]) -> dict:
+    """The plain-value description of an architecture that checkpoints store."""
+    return {"arch": arch, "input_shape": list(input_shape), "n_classes": n_classes, "hidden": list(hidden)}
+
+
+def build_model(spec: dict, state_dict: dict | None = None) -> nn.Module:
+    """Build from a model_spec, optionally loading weights."""
+    model = ARCHITECTURES[spec["arch"]](tuple(spec["input_shape"]), spec["n_classes"], tuple(spec["hidden"]))
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model

@@ -20,7 +20,7 @@ from rich.table import Table
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import ensure_cache
-from bcpkd_cli.config import Recipe, Targets, build_recipe, merge
+from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, to_plain
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.engine import console, resolve_device
 from bcpkd_cli.errors import BcpkdError
@@ -47,6 +47,9 @@ def _plan(tree: dict, source: str, out: Path) -> tuple[dict[str, dict], list[tup
         overrides = dict(overrides or {})
         teacher_name = overrides.pop("teacher", None)
         extra = {k: overrides.pop(k) for k in ("calibrate", "evaluate") if k in overrides}
+        targets = overrides.get("targets", (tree.get("distill") or {}).get("targets", "teacher"))
+        if teacher_name is None and targets == "teacher":
+            errors.append(f"experiment.students.{name}: targets teacher needs `teacher: NAME`")
         if teacher_name is not None and teacher_name not in teacher_trees:
             errors.append(f"experiment.students.{name}.teacher: {teacher_name!r} is not one of: "
                           f"{', '.join(teacher_trees) or 'no teachers defined'}")
@@ -72,8 +75,9 @@ def _build_caches(jobs: list, teacher_paths: dict[str, Path]) -> None:
             continue
         path = teacher_paths[teacher_name]
         payload = artifacts.load_checkpoint(path, artifacts.TEACHER_FORMAT)
-        ensure_cache(path, payload, load_dataset(recipe.data), recipe.calibrate, recipe.distill.t_teacher,
-                     resolve_device(recipe.device), n_bins=recipe.evaluate.ece_bins)
+        device = resolve_device(recipe.device)
+        ensure_cache(path, payload, load_dataset(recipe.data).to(device), recipe.calibrate, recipe.distill.t_teacher,
+                     device, n_bins=recipe.evaluate.ece_bins)
 
 
 def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None) -> tuple[Path, dict]:
@@ -157,7 +161,8 @@ def run(tree: dict, source: str) -> Path:
     calibrated: dict[str, Path] = {}
     for (name, seed, teacher_name, _), (path, report) in zip(jobs, results):
         payload = artifacts.load_checkpoint(path, artifacts.STUDENT_FORMAT)
-        if "cache" in payload["targets"]:
+        calibration = payload["config"]["calibrate"]
+        if "cache" in payload["targets"] and (calibration["temperature"] == "fit" or calibration["prior"] != "keep"):
             calibrated[f"{teacher_name} -> {name}"] = Path(payload["targets"]["cache"]).parent / "teacher.pt"
         student_reports.setdefault(name, []).append(report)
 
@@ -165,12 +170,12 @@ def run(tree: dict, source: str) -> Path:
     teacher_rows = []
     for label, path in [(n, p) for n, p in teacher_paths.items()] + \
                        [(f"{n} (as calibrated)", p) for n, p in calibrated.items()]:
-        report = evaluate.evaluate_one(path, {"device": recipe.device})
+        report = evaluate.evaluate_one(path, {"device": recipe.device, "evaluate": tree.get("evaluate", {})})
         teacher_rows.append({"name": label, "checkpoint": str(path),
                              **{k: (v, 0.0) for k, v in report.items() if isinstance(v, float)}})
     student_rows = []
     for name, reports in student_reports.items():
-        keys = [k for k, v in reports[0].items() if isinstance(v, float)]
+        keys = [k for k, v in reports[0].items() if all(isinstance(r.get(k), float) for r in reports)]
         student_rows.append({"name": name, "seeds": len(reports),
                              **{k: _mean_std([r[k] for r in reports]) for k in keys}})
     t_table, t_md = _table("teachers (test split)", teacher_rows, TEACHER_COLUMNS)
@@ -180,5 +185,5 @@ def run(tree: dict, source: str) -> Path:
     console.print(t_table)
     console.print(s_table)
     artifacts.write_text(out / "summary.md", f"# {source}\n\n## Teachers\n\n{t_md}\n\n## Students\n\n{s_md}\n")
-    return artifacts.write_json(out / "summary.json", {"recipe": source, "teachers": teacher_rows,
-                                                       "students": student_rows})
+    return artifacts.write_json(out / "summary.json", {"recipe": source, "config": to_plain(recipe),
+                                                       "teachers": teacher_rows, "students": student_rows})

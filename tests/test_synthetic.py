@@ -9,7 +9,7 @@ import torch
 from torch.distributions import MultivariateNormal
 
 from bcpkd_cli.config import DataConfig
-from bcpkd_cli.data import load_dataset, synthetic
+from bcpkd_cli.data import load_dataset, synthetic, synthetic_means
 
 
 def bayes_rule(x: torch.Tensor, means: torch.Tensor, noise_var: float) -> torch.Tensor:
@@ -33,8 +33,8 @@ def test_exact_bcp_is_bayes_rule(noise_var):
 
 
 def test_true_bcp_of_the_dataset_is_bayes_rule_for_its_means(tiny_config, tiny_data):
-    # load_dataset draws the means first from Generator(seed): the same means explain every split's BCPs.
-    means = synthetic.class_means(tiny_config, torch.Generator().manual_seed(tiny_config.seed))
+    # the same means explain every split's BCPs
+    means = synthetic_means(tiny_config)
     for split in (tiny_data.train, tiny_data.heldout, tiny_data.test):
         want = bayes_rule(split.inputs, means, tiny_config.noise_var)
         torch.testing.assert_close(split.true_bcp.double(), want, atol=1e-6, rtol=0)
@@ -102,9 +102,16 @@ def test_default_means_are_from_4_5_6():
 def test_noise_has_the_configured_variance():
     cfg = DataConfig(n_train=4000, n_heldout=1, n_test=1, noise_var=2.5, seed=5)
     data = load_dataset(cfg)
-    means = synthetic.class_means(cfg, torch.Generator().manual_seed(cfg.seed))
+    means = synthetic_means(cfg)
     noise = data.train.inputs.double() - means[data.train.labels].double()
     assert abs(noise.mean().item()) < 0.02
     assert abs(noise.var().item() - 2.5) < 0.05  # 120k draws: std error of the variance is about 0.01
     counts = torch.bincount(data.train.labels, minlength=5).double() / 4000
     assert (counts - 0.2).abs().max().item() < 0.03  # uniform labels
+
+
+def test_a_split_does_not_change_when_another_split_grows(tiny_config):
+    small = load_dataset(tiny_config)
+    bigger = load_dataset(dataclasses.replace(tiny_config, n_train=tiny_config.n_train * 2))
+    assert torch.equal(small.test.inputs, bigger.test.inputs)
+    assert torch.equal(small.heldout.labels, bigger.heldout.labels)

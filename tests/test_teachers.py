@@ -198,9 +198,10 @@ def test_mc_predictive_averages_softmax_of_tempered_logit_samples(fitted, tiny_d
     for temperature in (1.0, 2.0):
         want = torch.softmax(draws / temperature, dim=2).mean(1)
         got = teacher.predict_probs(x, index, temperature).double()
-        assert (got - want).abs().max().item() < 0.03
-        # the variance matters: the softmax of the mean logits is much further away
-        assert (torch.softmax(f_mu.double() / temperature, 1) - want).abs().max().item() > 0.03
+        error = (got - want).abs().max().item()
+        assert error < 0.03
+        # the variance matters: the softmax of the mean logits is further away than the MC estimate
+        assert (torch.softmax(f_mu.double() / temperature, 1) - want).abs().max().item() > 2 * error
 
 
 # ---------------------------------------------------------------------------------------------- persistence

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from bcpkd_cli.config import DataConfig, DatasetName
+from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import synthetic
 
 
@@ -22,6 +22,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "Split":
+        bcp = None if self.true_bcp is None else self.true_bcp.to(device)
+        return Split(self.inputs.to(device), self.labels.to(device), bcp)
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -35,6 +39,10 @@ class Dataset:
     def split(self, name: str) -> Split:
         return {"train": self.train, "heldout": self.heldout, "test": self.test}[name]
 
+    def to(self, device: torch.device) -> "Dataset":
+        """The same dataset with every split's tensors on `device` (fingerprint unchanged)."""
+        return replace(self, train=self.train.to(device), heldout=self.heldout.to(device), test=self.test.to(device))
+
 
 def fingerprint(splits: list[Split]) -> str:
     """SHA-256 (first 16 hex digits) over the bytes of every split's inputs and labels."""
@@ -45,13 +53,20 @@ def fingerprint(splits: list[Split]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _generator(seed: int, stream: str) -> torch.Generator:
+    """An independent generator per (seed, stream): a split does not change when another one's size does."""
+    return torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}/{stream}".encode()).hexdigest()[:15], 16))
+
+
+def synthetic_means(cfg: DataConfig) -> torch.Tensor:
+    """The class means [C, D] of the synthetic dataset a config names."""
+    return synthetic.class_means(cfg, _generator(cfg.seed, "means"))
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Build the dataset a config names; every split comes from cfg.seed."""
-    if cfg.name != DatasetName.synthetic:
-        raise ValueError(f"unsupported dataset {cfg.name}")
-    gen = torch.Generator().manual_seed(cfg.seed)
-    means = synthetic.class_means(cfg, gen)
-    splits = [Split(*synthetic.sample_split(n, means, cfg.noise_var, gen))
-              for n in (cfg.n_train, cfg.n_heldout, cfg.n_test)]
+    """Build the dataset a config names; the class means and each split come from cfg.seed."""
+    means = synthetic_means(cfg)
+    splits = [Split(*synthetic.sample_split(n, means, cfg.noise_var, _generator(cfg.seed, name)))
+              for name, n in (("train", cfg.n_train), ("heldout", cfg.n_heldout), ("test", cfg.n_test))]
     return Dataset(*splits, n_classes=cfg.n_classes, input_shape=(cfg.dim,),
                    fingerprint=fingerprint(splits))

@@ -16,9 +16,10 @@ from bcpkd_cli.engine import console, resolve_device
 
 def run(recipe: Recipe, teacher_path: Path) -> Path:
     payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT)
-    data = load_dataset(recipe.data)
+    device = resolve_device(recipe.device)
+    data = load_dataset(recipe.data).to(device)
     path, built = ensure_cache(Path(teacher_path), payload, data, recipe.calibrate, recipe.distill.t_teacher,
-                               resolve_device(recipe.device), recipe.out, recipe.evaluate.ece_bins)
+                               device, recipe.out, recipe.evaluate.ece_bins)
     if not built:
         console.print(f"cache for this teacher, data and settings already exists: {path}")
     report = json.loads((path.parent / "report.json").read_text())

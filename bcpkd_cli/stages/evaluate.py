@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 from rich.table import Table
 
 from bcpkd_cli import artifacts, metrics, targets
-from bcpkd_cli.config import Recipe, recipe_for_checkpoint
+from bcpkd_cli.config import Recipe, recipe_for_checkpoint, to_plain
 from bcpkd_cli.data import Dataset, load_dataset
 from bcpkd_cli.engine import console, per_example_grad_sq_norms, predict_logits, resolve_device
 from bcpkd_cli.errors import BcpkdError
@@ -33,22 +34,19 @@ def grad_noise_against(model, data: Dataset, which: str, seed: int, device: torc
     elif which == "true":
         target_probs = train.true_bcp
     else:
-        target_probs = targets.dirichlet_noised(train.true_bcp, float(which.split(":")[1]), seed)
-    norms = per_example_grad_sq_norms(model, train.inputs.to(device), train.labels.to(device),
-                                      target_probs.to(device), pure_kd)
+        target_probs = targets.dirichlet_noised(train.true_bcp.cpu(), float(which.split(":")[1]), seed)
+    norms = per_example_grad_sq_norms(model, train.inputs, train.labels, target_probs.to(device), pure_kd)
     return norms.mean().item()
 
 
 def evaluate_student(payload: dict, recipe: Recipe, data: Dataset, device: torch.device) -> dict:
-    model = build_model(payload["model"])
-    model.load_state_dict(payload["state_dict"])
-    model.to(device)
+    model = build_model(payload["model"], payload["state_dict"]).to(device)
     test = data.test
-    probs = torch.softmax(predict_logits(model, test.inputs.to(device), recipe.evaluate.batch_size), dim=1).cpu()
+    probs = torch.softmax(predict_logits(model, test.inputs, recipe.evaluate.batch_size), dim=1)
     report = metrics.classification_report(probs, test.labels, test.true_bcp, recipe.evaluate.ece_bins)
-    log = payload["log"]
-    report["convergence_noise_nll"] = metrics.convergence_noise([e["heldout_nll"] for e in log])
-    report["convergence_noise_accuracy"] = metrics.convergence_noise([e["heldout_accuracy"] for e in log])
+    for key in ("nll", "accuracy"):
+        noise = metrics.convergence_noise([entry[f"heldout_{key}"] for entry in payload["log"]])
+        report[f"convergence_noise_{key}"] = None if math.isnan(noise) else noise  # null: log too short
     report["grad_noise"] = payload["history"]["grad_noise"]
     for which in recipe.evaluate.grad_targets:
         report[f"grad_noise_{which}"] = grad_noise_against(model, data, which, recipe.distill.seed, device)
@@ -58,7 +56,7 @@ def evaluate_student(payload: dict, recipe: Recipe, data: Dataset, device: torch
 def evaluate_teacher(payload: dict, recipe: Recipe, data: Dataset, device: torch.device) -> dict:
     teacher = load_teacher(payload, device)
     test = data.test
-    probs = teacher.predict_probs(test.inputs.to(device), torch.arange(len(test))).cpu()
+    probs = teacher.predict_probs(test.inputs, torch.arange(len(test)))
     return metrics.classification_report(probs, test.labels, test.true_bcp, recipe.evaluate.ece_bins)
 
 
@@ -66,27 +64,29 @@ def evaluate_one(path: Path, tree: dict) -> dict:
     payload = artifacts.load_checkpoint(path, CHECKPOINT_FORMATS)
     recipe = recipe_for_checkpoint(tree, payload)
     device = resolve_device(recipe.device)
-    data = load_dataset(recipe.data)
+    data = load_dataset(recipe.data).to(device)
     is_student = payload["format"] == artifacts.STUDENT_FORMAT
     measure = evaluate_student if is_student else evaluate_teacher
     return {"checkpoint": str(path), "kind": "student" if is_student else "teacher",
-            **measure(payload, recipe, data, device)}
+            **measure(payload, recipe, data, device), "config": to_plain(recipe)}
 
 
 def print_table(reports: list[dict]) -> None:
-    keys = [k for k in reports[0] if k not in ("checkpoint", "kind")]
-    for r in reports[1:]:
-        keys += [k for k in r if k not in keys and k not in ("checkpoint", "kind")]
+    keys: list[str] = []
+    for r in reports:
+        keys += [k for k, v in r.items() if k not in keys and isinstance(v, float)]
     table = Table(title="test-split evaluation")
     table.add_column("checkpoint")
     for key in keys:
         table.add_column(key, justify="right")
     for r in reports:
-        table.add_row(r["checkpoint"], *(f"{r[k]:.4g}" if k in r else "-" for k in keys))
+        table.add_row(r["checkpoint"], *(f"{r[k]:.4g}" if r.get(k) is not None else "-" for k in keys))
     console.print(table)
 
 
 def run(tree: dict, paths: list[Path], out: str) -> tuple[Path, list[dict]]:
+    for p in paths:  # every checkpoint is checked before any is evaluated
+        artifacts.load_checkpoint(p, CHECKPOINT_FORMATS)
     reports = [evaluate_one(Path(p), tree) for p in paths]
     print_table(reports)
     report_path = artifacts.write_json(artifacts.new_run_dir(out, "eval") / "report.json", reports)

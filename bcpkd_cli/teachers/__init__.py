@@ -43,9 +43,7 @@ def teacher_payload(teacher: Teacher, bayes: Bayes, model_spec: dict, config: di
 
 def load_teacher(payload: dict, device: torch.device) -> Teacher:
     """Rebuild a teacher from a loaded checkpoint payload."""
-    model = build_model(payload["model"])
-    model.load_state_dict(payload["state_dict"])
-    model.to(device).eval()
+    model = build_model(payload["model"], payload["state_dict"]).to(device).eval()
     settings = payload["predictive"]
     if payload["bayes"] == Bayes.none.value:
         return DeterministicTeacher(model, settings["calibration_temperature"])

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bcpkd_cli.config import Hessian, LaplaceConfig, Link, PriorMethod, PriorTuning, Subset
+from bcpkd_cli import metrics
+from bcpkd_cli.config import Hessian, LaplaceConfig, Link, PriorMethod, Subset
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import HEAD_NAME
 from bcpkd_cli.teachers.index_noise import index_normal
@@ -25,10 +26,12 @@ from bcpkd_cli.teachers.index_noise import index_normal
 FULL_HESSIAN_MAX_PARAMS = 20_000
 
 
-def heldout_nll(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Plain mean NLL of one grid point (laplace-torch 0.3's default grid metric is a running average
-    that is never reset between grid points, so it would favour far too large precisions)."""
-    return -probs.gather(1, labels[:, None]).clamp_min(1e-12).log().mean()
+def check_hessian_size(model: nn.Module, cfg: LaplaceConfig) -> None:
+    """Refuse a dense Hessian that would not fit in memory."""
+    n_params = sum(p.numel() for p in (model.head if cfg.subset == Subset.last_layer else model).parameters())
+    if cfg.hessian == Hessian.full and n_params > FULL_HESSIAN_MAX_PARAMS:
+        raise BcpkdError(f"teacher.laplace.hessian=full over {n_params} weights needs a {n_params}^2 matrix; "
+                         f"use --set teacher.laplace.hessian=kron or teacher.laplace.subset=last_layer")
 
 
 def _plain_state(state: dict) -> dict:
@@ -36,15 +39,23 @@ def _plain_state(state: dict) -> dict:
     return {k: (v.value if hasattr(v, "value") and isinstance(v, str) else v) for k, v in state.items()}
 
 
+def _to_device(obj, device: torch.device):
+    """Tensors inside nested lists and dicts (laplace-torch's Kron factors) moved to `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_device(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    return obj
+
+
 class LaplaceTeacher:
     """Predictive of a Laplace posterior around a trained network."""
 
     def __init__(self, model: nn.Module, cfg: LaplaceConfig, calibration_temperature: float = 1.0,
                  noise_seed: int = 0, batch_size: int = 1024):
-        n_params = sum(p.numel() for p in (model.head if cfg.subset == Subset.last_layer else model).parameters())
-        if cfg.hessian == Hessian.full and n_params > FULL_HESSIAN_MAX_PARAMS:
-            raise BcpkdError(f"teacher.laplace.hessian=full over {n_params} weights needs a {n_params}^2 matrix; "
-                             f"use --set teacher.laplace.hessian=kron or teacher.laplace.subset=last_layer")
+        check_hessian_size(model, cfg)
         self.model = model.eval()
         self.cfg = cfg
         self.calibration_temperature = calibration_temperature
@@ -63,26 +74,28 @@ class LaplaceTeacher:
     def prior_precision(self) -> float:
         return float(self.la.prior_precision.reshape(-1)[0])
 
-    def tune_prior(self, method: PriorMethod | PriorTuning, heldout_inputs: torch.Tensor | None = None,
+    def tune_prior(self, method: PriorMethod, heldout_inputs: torch.Tensor | None = None,
                    heldout_labels: torch.Tensor | None = None) -> None:
         """Scalar prior precision by laplace-torch's marginal likelihood, or by held-out NLL over a log grid.
 
         The grid search scores exactly the predictive that gets cached (probit, or MC with
-        index-seeded draws), with a plain NLL computed afresh for every grid point.
+        index-seeded draws), with a plain NLL computed afresh for every grid point (laplace-torch 0.3's
+        default grid metric is a running average never reset between points: it favours far too
+        large precisions).
         """
-        if method.value == "marglik":
+        if method == PriorMethod.marglik:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 self.la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar",
                                                  link_approx=self.cfg.link.value)
             self.la.prior_precision = torch.as_tensor([self.prior_precision])
-        elif method.value == "gridsearch":
+        else:
             index = torch.arange(len(heldout_labels))
             scores = []
             for prior_precision in self.grid():
                 self.la.prior_precision = prior_precision.reshape(1)
                 try:
-                    scores.append(heldout_nll(self.predict_probs(heldout_inputs, index), heldout_labels).item())
+                    scores.append(metrics.nll(self.predict_probs(heldout_inputs, index), heldout_labels))
                 except torch.linalg.LinAlgError:  # posterior precision not positive definite at this prior
                     scores.append(math.inf)
             self.la.prior_precision = self.grid()[int(torch.tensor(scores).argmin())].reshape(1)
@@ -131,9 +144,10 @@ class LaplaceTeacher:
         return _plain_state(self.la.state_dict())
 
     def load_posterior_state(self, state: dict) -> None:
+        device = next(self.model.parameters()).device
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self.la.load_state_dict(dict(state))
+            self.la.load_state_dict(_to_device(dict(state), device))
 
     def predictive_settings(self) -> dict:
         return {"calibration_temperature": self.calibration_temperature, "noise_seed": self.noise_seed,
