@@ -79,6 +79,7 @@ def train(
     total = spec.epochs * steps_per_epoch
     step = 0
     model.train()
+    console.print(f"training {desc}: {total} steps ({spec.epochs} epochs of {n} examples, batch {spec.batch_size})")
     with progress_bar() as bar:
         task = bar.add_task(desc, total=total)
         for _ in range(spec.epochs):

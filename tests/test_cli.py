@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -165,3 +166,31 @@ def test_run_tiny_recipe(tmp_path):
     teachers = {row["name"] for row in summary["teachers"]}
     assert {"deterministic", "laplace", "deterministic -> deterministic_tempscaled (as calibrated)"} <= teachers
     assert (tmp_path / "run" / "summary.md").read_text().startswith("# ")
+
+
+def test_ctrl_c_exits_130_and_writes_nothing(tmp_path):
+    process = subprocess.Popen([sys.executable, "-m", "bcpkd_cli", "distill", "--targets", "true", "--epochs", "50",
+                                "--out", "s", "--device", "cpu"], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:  # wait until training has started
+        if line.startswith("training student"):
+            break
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and stdout == ""
+    assert "interrupted" in stderr
+    assert not (tmp_path / "s" / "student.pt").exists()
+
+
+def test_out_that_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    _assert_bad_input(bcpkd("distill", "--targets", "onehot", "--out", "taken", *TINY, cwd=tmp_path, check=False),
+                      "--out taken", "folder")
+
+
+def test_explicit_cache_from_calibrate_out(chain, tmp_path):
+    cache = bcpkd("calibrate", "--teacher", str(chain["teacher"]), "--out", str(tmp_path / "c"), *TINY,
+                  cwd=chain["work"]).stdout.strip()
+    student = bcpkd("distill", "--teacher", str(chain["teacher"]), "--cache", cache, "--out", str(tmp_path / "s"),
+                    *TINY, cwd=chain["work"]).stdout.strip()
+    assert torch.load(student, weights_only=True)["targets"]["cache"] == cache

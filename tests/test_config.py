@@ -10,6 +10,7 @@ from bcpkd_cli.config import (
     Bayes, CacheDtype, DataConfig, Hessian, Optimizer, PriorTuning, Recipe, Subset, Targets, build_recipe, merge,
     parse_set, read_recipe, to_plain,
 )
+from bcpkd_cli import pipeline
 from bcpkd_cli.errors import BcpkdError
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
@@ -195,3 +196,17 @@ def test_null_for_a_string_field_is_not_the_string_none(tree):
 def test_empty_mean_choices_is_reported_by_build_recipe():
     with pytest.raises(BcpkdError, match="mean_choices"):
         build_recipe({"data": {"mean_choices": []}})
+
+
+def test_list_items_must_be_positive():
+    with pytest.raises(BcpkdError, match=r"teacher\.hidden: must be positive"):
+        build_recipe({"teacher": {"hidden": [32, -5]}})
+
+
+def test_run_plan_refuses_a_teacher_student_without_teacher(tmp_path):
+    tree = {"experiment": {"teachers": {"det": {}}, "students": {"lost": {"targets": "teacher"},
+                                                                  "typo": {"teacher": "dte"}}}}
+    with pytest.raises(BcpkdError) as err:
+        pipeline._plan(tree, "r.yaml", tmp_path)
+    assert "experiment.students.lost: targets teacher needs `teacher: NAME`" in str(err.value)
+    assert "'dte' is not one of: det" in str(err.value)
