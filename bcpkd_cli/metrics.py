@@ -29,7 +29,8 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     """Expected calibration error of the top-1 confidence over `n_bins` equal-width bins of (0, 1]."""
     confidence, predicted = probs.double().max(dim=1)
     correct = (predicted == labels).double()
-    bins = torch.clamp(torch.ceil(confidence * n_bins).long() - 1, 0, n_bins - 1)  # bin b is (b/n, (b+1)/n]
+    inner_edges = torch.arange(1, n_bins, dtype=torch.float64, device=probs.device) / n_bins  # k/n, rounded once
+    bins = torch.bucketize(confidence, inner_edges)  # bin b is (b/n, (b+1)/n]; confidence k/n lands in bin k-1
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(confidence))
     conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
     acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)

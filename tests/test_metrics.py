@@ -136,3 +136,12 @@ def test_metrics_accept_float16_and_float32():
     y = labels([0, 1])
     for dtype in (torch.float16, torch.float32):
         assert metrics.nll(probs.to(dtype), y) == pytest.approx(-(math.log(0.5) + math.log(0.75)) / 2, abs=1e-6)
+
+
+def test_ece_confidence_on_a_bin_edge_belongs_to_the_lower_bin():
+    # 0.2 = 3/15 closes bin (2/15, 3/15], the bin of 0.19 too: one bin with mean confidence 0.195 and
+    # accuracy 0.5 gives 0.305; splitting them (0.2 counted in the next bin) would give 0.4 + 0.095
+    probs = torch.tensor([[0.20, 0.16, 0.16, 0.16, 0.16, 0.16],
+                          [0.19, 0.17, 0.16, 0.16, 0.16, 0.16]], dtype=torch.float64)
+    labels = torch.tensor([0, 1])
+    assert metrics.ece(probs, labels, 15) == pytest.approx(0.305, abs=1e-12)
