@@ -15,7 +15,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-
 from rich.table import Table
 
 from bcpkd_cli import artifacts
