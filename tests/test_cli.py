@@ -194,3 +194,11 @@ def test_explicit_cache_from_calibrate_out(chain, tmp_path):
     student = bcpkd("distill", "--teacher", str(chain["teacher"]), "--cache", cache, "--out", str(tmp_path / "s"),
                     *TINY, cwd=chain["work"]).stdout.strip()
     assert torch.load(student, weights_only=True)["targets"]["cache"] == cache
+
+
+def test_cache_of_another_teacher_is_refused(chain, tmp_path):
+    other = bcpkd("train-teacher", "--out", str(tmp_path / "other"), "--seed", "1", *TINY, cwd=tmp_path).stdout.strip()
+    result = bcpkd("distill", "--teacher", other, "--cache", str(chain["cache"]), "--out", str(tmp_path / "s"),
+                   *TINY, cwd=tmp_path, check=False)
+    _assert_bad_input(result, str(chain["cache"]), "teacher_sha256", "bcpkd calibrate")
+    assert not (tmp_path / "s").exists()
