@@ -25,6 +25,20 @@ class DatasetName(str, enum.Enum):
 
 class Arch(str, enum.Enum):
     mlp = "mlp"
+    resnet18 = "resnet18"
+    resnet34 = "resnet34"
+    resnet50 = "resnet50"
+    resnet20 = "resnet20"
+    resnet56 = "resnet56"
+    resnet8x4 = "resnet8x4"
+    resnet32x4 = "resnet32x4"
+    wrn_16_1 = "wrn_16_1"
+    wrn_16_2 = "wrn_16_2"
+    wrn_40_1 = "wrn_40_1"
+    wrn_40_2 = "wrn_40_2"
+    vgg8 = "vgg8"
+    vgg13 = "vgg13"
+    mobilenetv2 = "mobilenetv2"
 
 
 class Bayes(str, enum.Enum):
@@ -319,6 +333,9 @@ def build_recipe(tree: dict, source: str = "recipe") -> Recipe:
     for where, items in (("data.mean_choices", recipe.data.mean_choices), ("experiment.seeds", recipe.experiment.seeds)):
         if not items:
             errors.append(f"{where}: must not be empty")
+    for where, arch in (("teacher.arch", recipe.teacher.arch), ("distill.arch", recipe.distill.arch)):
+        if recipe.data.name == DatasetName.synthetic and arch != Arch.mlp:
+            errors.append(f"{where}: {arch.value} needs image data; the synthetic dataset takes mlp")
     for item in recipe.evaluate.grad_targets:
         if not _GRAD_TARGET.match(item):
             errors.append(f"evaluate.grad_targets: {item!r} is not one of: onehot, true, noisy:ALPHA")

@@ -210,3 +210,8 @@ def test_run_plan_refuses_a_teacher_student_without_teacher(tmp_path):
         pipeline._plan(tree, "r.yaml", tmp_path)
     assert "experiment.students.lost: targets teacher needs `teacher: NAME`" in str(err.value)
     assert "'dte' is not one of: det" in str(err.value)
+
+
+def test_image_architectures_need_image_data():
+    with pytest.raises(BcpkdError, match="teacher.arch: resnet18 needs image data"):
+        build_recipe({"teacher": {"arch": "resnet18"}})

@@ -1,0 +1,90 @@
+"""Architectures by name: a plain dict of constructors. Each model has `features` and `head`.
+
+Every constructor takes `(input_shape, n_classes, hidden)`; image models read the channel count
+from `input_shape` (C, H, W) and ignore `hidden`. Every model maps its input to pooled, flattened
+features [B, F] with `features` and to logits [B, n_classes] with the final `head` Linear, and
+`forward(x) == head(features(x))`, which is how last-layer Laplace finds the last layer.
+
+Families: `resnet` (kuangliu/pytorch-cifar ResNet-18/34/50), `resnet_cifar` (RepDistiller
+resnet20/56, resnet8x4/32x4), `wrn` (RepDistiller WRN-16/40-1/2), `vgg` (RepDistiller vgg8/13
+with BN), `mobilenetv2` (RepDistiller `mobile_half`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from bcpkd_cli.models import mobilenetv2, resnet, resnet_cifar, vgg, wrn
+
+
+class MLP(nn.Module):
+    """ReLU multilayer perceptron: features (all hidden layers) then a linear head."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: tuple[int, ...]):
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(width, n_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x.flatten(1)))
+
+
+def _mlp(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...]) -> nn.Module:
+    in_dim = 1
+    for d in input_shape:
+        in_dim *= d
+    return MLP(in_dim, n_classes, tuple(hidden))
+
+
+def _image(name: str, make: Callable[..., nn.Module]):
+    """Adapt `make(n_classes, in_channels)` to the (input_shape, n_classes, hidden) signature."""
+
+    def build(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...] = ()) -> nn.Module:
+        if len(input_shape) != 3:
+            raise ValueError(f"{name} needs image inputs (C, H, W), got input_shape {tuple(input_shape)}")
+        return make(n_classes, in_channels=input_shape[0])
+
+    build.__name__ = build.__qualname__ = f"_{name}"
+    return build
+
+
+_IMAGE = {
+    "resnet18": resnet.resnet18,
+    "resnet34": resnet.resnet34,
+    "resnet50": resnet.resnet50,
+    "resnet20": resnet_cifar.resnet20,
+    "resnet56": resnet_cifar.resnet56,
+    "resnet8x4": resnet_cifar.resnet8x4,
+    "resnet32x4": resnet_cifar.resnet32x4,
+    "wrn_16_1": wrn.wrn_16_1,
+    "wrn_16_2": wrn.wrn_16_2,
+    "wrn_40_1": wrn.wrn_40_1,
+    "wrn_40_2": wrn.wrn_40_2,
+    "vgg8": vgg.vgg8,
+    "vgg13": vgg.vgg13,
+    "mobilenetv2": mobilenetv2.mobile_half,
+}
+
+ARCHITECTURES = {"mlp": _mlp, **{name: _image(name, make) for name, make in _IMAGE.items()}}
+
+HEAD_NAME = "head"  # the name of every model's last linear layer (last-layer Laplace)
+
+
+def model_spec(arch: str, input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...]) -> dict:
+    """The plain-value description of an architecture that checkpoints store."""
+    return {"arch": arch, "input_shape": list(input_shape), "n_classes": n_classes, "hidden": list(hidden)}
+
+
+def build_model(spec: dict, state_dict: dict | None = None) -> nn.Module:
+    """Build from a model_spec, optionally loading weights."""
+    model = ARCHITECTURES[spec["arch"]](tuple(spec["input_shape"]), spec["n_classes"], tuple(spec["hidden"]))
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    return model
