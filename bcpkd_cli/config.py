@@ -21,6 +21,9 @@ from bcpkd_cli.errors import BcpkdError
 
 class DatasetName(str, enum.Enum):
     synthetic = "synthetic"
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
+    imagefolder = "imagefolder"
 
 
 class Arch(str, enum.Enum):
@@ -105,9 +108,11 @@ def _f(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class DataConfig:
     name: DatasetName = _f(DatasetName.synthetic, "dataset")
-    n_train: int = _f(22500, "training examples (teacher and student)")
-    n_heldout: int = _f(2500, "held-out examples for calibration and convergence logging")
-    n_test: int = _f(10000, "test examples for evaluation")
+    root: str = _f("", "image data: imagefolder: a folder with train/ and test/ class trees; cifar: the batches' folder")
+    download: bool = _f(False, "cifar10/100: download into root first (connected machines only)")
+    n_train: int = _f(0, "training examples; 0: the default (synthetic 22,500; images: all left after held-out)")
+    n_heldout: int = _f(0, "held-out examples (images: carved from the training data, seeded); 0: 2,500 / 5,000")
+    n_test: int = _f(0, "test examples; 0: the default (synthetic 10,000; images: the whole test split)")
     n_classes: int = _f(5, "synthetic: number of classes")
     dim: int = _f(30, "synthetic: input dimension")
     noise_var: float = _f(2.5, "synthetic: variance of the isotropic Gaussian noise")
@@ -199,7 +204,7 @@ class Recipe:
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
-_POSITIVE = {"n_train", "n_heldout", "n_test", "n_classes", "dim", "epochs", "batch_size",
+_POSITIVE = {"n_classes", "dim", "epochs", "batch_size",
              "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
              "t_teacher", "t_student", "workers", "hidden"}
 
@@ -333,6 +338,11 @@ def build_recipe(tree: dict, source: str = "recipe") -> Recipe:
     for where, items in (("data.mean_choices", recipe.data.mean_choices), ("experiment.seeds", recipe.experiment.seeds)):
         if not items:
             errors.append(f"{where}: must not be empty")
+    for key in ("n_train", "n_heldout", "n_test"):
+        if getattr(recipe.data, key) < 0:
+            errors.append(f"data.{key}: must be 0 (the default) or positive, got {getattr(recipe.data, key)}")
+    if recipe.data.name != DatasetName.synthetic and not recipe.data.root:
+        errors.append(f"data.root: dataset {recipe.data.name.value} needs a folder, e.g. --set data.root=/data/cifar")
     for where, arch in (("teacher.arch", recipe.teacher.arch), ("distill.arch", recipe.distill.arch)):
         if recipe.data.name == DatasetName.synthetic and arch != Arch.mlp:
             errors.append(f"{where}: {arch.value} needs image data; the synthetic dataset takes mlp")

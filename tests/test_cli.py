@@ -202,3 +202,36 @@ def test_cache_of_another_teacher_is_refused(chain, tmp_path):
                    *TINY, cwd=tmp_path, check=False)
     _assert_bad_input(result, str(chain["cache"]), "teacher_sha256", "bcpkd calibrate")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A tiny ImageFolder tree: 3 classes of 16x16 PNGs whose mean colour tells the class."""
+    from torchvision.io import write_png
+
+    root = tmp_path_factory.mktemp("images")
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 30), ("test", 8)):
+        for c, name in enumerate(("bird", "cat", "ship")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                image = (torch.rand(3, 16, 16, generator=gen) * 120 + 60 * c).to(torch.uint8)
+                write_png(image, str(root / split / name / f"{i:03d}.png"))
+    return root
+
+
+def test_image_folder_chain(image_folder, tmp_path):
+    data = ["--set", "data.name=imagefolder", "--set", f"data.root={image_folder}", "--set", "data.n_heldout=15",
+            "--set", "teacher.arch=resnet20", "--set", "teacher.epochs=2", "--set", "teacher.batch_size=16",
+            "--set", "distill.arch=wrn_16_1", "--set", "distill.epochs=1", "--set", "distill.batch_size=16",
+            "--set", "distill.log_every=2", "--set", "teacher.laplace.grid_size=3", "--device", "cpu"]
+    teacher = bcpkd("train-teacher", "--bayes", "laplace", "--out", "t", *data, cwd=tmp_path).stdout.strip()
+    student = bcpkd("distill", "--teacher", teacher, "--out", "s", *data, cwd=tmp_path).stdout.strip()
+    report = json.loads(bcpkd("evaluate", student, teacher, "--json", *data, cwd=tmp_path).stdout)
+    assert [r["kind"] for r in report] == ["student", "teacher"]
+    assert all("kl_to_bcp" not in r and 0 <= r["accuracy"] <= 1 for r in report)
+    probs, meta = artifacts.load_cache(Path(torch.load(tmp_path / student, weights_only=True)["targets"]["cache"]), {})
+    assert probs.shape == (75, 1, 3)  # 90 training images - 15 held out
+    assert (image_folder / "train" / ".bcpkd-store").is_dir()  # decoded once, next to the data
+    result = bcpkd("distill", "--targets", "true", *data, cwd=tmp_path, check=False)
+    _assert_bad_input(result, "has no true BCPs")

@@ -109,3 +109,9 @@ def test_read_only_data_folder_stores_in_the_user_cache(tmp_path, monkeypatch):
     assert image_data.store_folder(tmp_path / "data") == tmp_path / "cache" / "bcpkd" / "store"
     monkeypatch.setattr(image_data.os, "access", lambda path, mode: True)
     assert image_data.store_folder(tmp_path / "data") == tmp_path / "data" / ".bcpkd-store"
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    write_folder(tmp_path)
+    (tmp_path / ".bcpkd-store").mkdir()
+    assert image_data.list_image_folder(tmp_path)[2] == ["airplane", "cat"]

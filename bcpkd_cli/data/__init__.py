@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from dataclasses import dataclass, replace
 
 import torch
 
-from bcpkd_cli.config import DataConfig
-from bcpkd_cli.data import synthetic
+from bcpkd_cli.config import DataConfig, DatasetName
+from bcpkd_cli.data import images, synthetic
+from bcpkd_cli.errors import BcpkdError
 
 
 @dataclass(frozen=True)
@@ -63,10 +65,48 @@ def synthetic_means(cfg: DataConfig) -> torch.Tensor:
     return synthetic.class_means(cfg, _generator(cfg.seed, "means"))
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Build the dataset a config names; the class means and each split come from cfg.seed."""
+SYNTHETIC_SIZES = (22500, 2500, 10000)  # train, held-out, test when the config says 0
+IMAGE_HELDOUT = 5000
+
+
+def _synthetic(cfg: DataConfig) -> Dataset:
     means = synthetic_means(cfg)
+    sizes = [n or default for n, default in zip((cfg.n_train, cfg.n_heldout, cfg.n_test), SYNTHETIC_SIZES)]
     splits = [Split(*synthetic.sample_split(n, means, cfg.noise_var, _generator(cfg.seed, name)))
-              for name, n in (("train", cfg.n_train), ("heldout", cfg.n_heldout), ("test", cfg.n_test))]
-    return Dataset(*splits, n_classes=cfg.n_classes, input_shape=(cfg.dim,),
+              for name, n in zip(("train", "heldout", "test"), sizes)]
+    return Dataset(*splits, n_classes=cfg.n_classes, input_shape=(cfg.dim,), fingerprint=fingerprint(splits))
+
+
+def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """uint8 images [N, 3, H, W], labels [N] and the class count of one stored split."""
+    root = Path(cfg.root)
+    if cfg.name == DatasetName.imagefolder:
+        paths, labels, classes = images.list_image_folder(root / split)
+        pixels, labels, _ = images.load_or_decode(root / split, split, paths,
+                                                  lambda: (images.decode_images(paths), torch.tensor(labels)))
+        return pixels, labels, len(classes)
+    pixels, labels = images.read_cifar(root, cfg.name.value, split, cfg.download)
+    return pixels, labels, 10 if cfg.name == DatasetName.cifar10 else 100
+
+
+def _images(cfg: DataConfig) -> Dataset:
+    """Train / held-out from the training files (seeded split), test from the test files."""
+    train_pixels, train_labels, n_classes = _image_split(cfg, "train")
+    test_pixels, test_labels, _ = _image_split(cfg, "test")
+    n_heldout = cfg.n_heldout or min(IMAGE_HELDOUT, len(train_labels) // 10)
+    if n_heldout >= len(train_labels):
+        raise BcpkdError(f"data.n_heldout={n_heldout}: {cfg.root} has only {len(train_labels)} training images")
+    order = torch.randperm(len(train_labels), generator=_generator(cfg.seed, "heldout"))
+    heldout_rows = order[:n_heldout].sort().values
+    train_rows = order[n_heldout:][: cfg.n_train or None].sort().values
+    test_rows = torch.arange(len(test_labels))[: cfg.n_test or None]
+    splits = [Split(train_pixels[train_rows], train_labels[train_rows], None),
+              Split(train_pixels[heldout_rows], train_labels[heldout_rows], None),
+              Split(test_pixels[test_rows], test_labels[test_rows], None)]
+    return Dataset(*splits, n_classes=n_classes, input_shape=tuple(train_pixels.shape[1:]),
                    fingerprint=fingerprint(splits))
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Build the dataset a config names; the class means / held-out carving and each split come from cfg.seed."""
+    return _synthetic(cfg) if cfg.name == DatasetName.synthetic else _images(cfg)

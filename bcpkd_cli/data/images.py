@@ -74,7 +74,7 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     root = Path(root)
     if not root.is_dir():
         raise BcpkdError(f"{root}: no such image folder; expected {root}/<class>/<image>.jpg")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     paths, labels = [], []
     for label, name in enumerate(classes):
         for path in sorted((root / name).iterdir()):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from bcpkd_cli.models import mobilenetv2, resnet, resnet_cifar, vgg, wrn
@@ -43,13 +44,28 @@ def _mlp(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...]) 
     return MLP(in_dim, n_classes, tuple(hidden))
 
 
+class ImageInput(nn.Module):
+    """uint8 images [B, C, H, W] (or floats in [0, 1]) -> normalised floats, so models take the raw store."""
+
+    MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 channel statistics, a fair default for natural images
+    STD = (0.2470, 0.2435, 0.2616)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x
+        mean = torch.tensor(self.MEAN[: x.shape[1]], device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.STD[: x.shape[1]], device=x.device).view(1, -1, 1, 1)
+        return (x - mean) / std
+
+
 def _image(name: str, make: Callable[..., nn.Module]):
     """Adapt `make(n_classes, in_channels)` to the (input_shape, n_classes, hidden) signature."""
 
     def build(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...] = ()) -> nn.Module:
         if len(input_shape) != 3:
             raise ValueError(f"{name} needs image inputs (C, H, W), got input_shape {tuple(input_shape)}")
-        return make(n_classes, in_channels=input_shape[0])
+        model = make(n_classes, in_channels=input_shape[0])
+        model.features = nn.Sequential(ImageInput(), model.features)
+        return model
 
     build.__name__ = build.__qualname__ = f"_{name}"
     return build
