@@ -22,7 +22,7 @@ import torch
 
 from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.config import Bayes, CalibrateConfig, PriorMethod, PriorTuning, TemperatureFit, build_recipe, to_plain
-from bcpkd_cli.data import Dataset
+from bcpkd_cli.data import Dataset, views
 from bcpkd_cli.engine import console
 from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
 
@@ -30,7 +30,7 @@ CACHE_FILE = "bcp.safetensors"
 
 
 def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, t_teacher: float) -> str:
-    settings = {"teacher": teacher_sha256, "data": data_fingerprint, "t_teacher": t_teacher,
+    settings = {"teacher": teacher_sha256, "data": data_fingerprint, "t_teacher": t_teacher, "views": cfg.views,
                 "prior": cfg.prior.value, "temperature": cfg.temperature.value, "dtype": cfg.cache_dtype.value}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -83,21 +83,33 @@ def calibrate(teacher: Teacher, bayes: Bayes, data: Dataset, cfg: CalibrateConfi
     return report
 
 
+def cache_view_ids(data: Dataset, cfg: CalibrateConfig) -> torch.Tensor:
+    """The view ids of the cache's V slots (view 0, the image itself, first)."""
+    return views.select_views(cfg.views, data.seed)
+
+
 def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> torch.Tensor:
-    """The teacher's predictive on every training example at T_t -> [N, V=1, C]."""
+    """The teacher's predictive at T_t on every view slot of every training example -> [N, V, C]."""
     train = data.train
-    chunks = []
-    for i in range(0, len(train), cfg.batch_size):
-        index = torch.arange(i, min(i + cfg.batch_size, len(train)))
-        chunks.append(teacher.predict_probs(train.inputs[index], index, t_teacher))
-    probs = torch.cat(chunks)[:, None, :].cpu()
-    return probs.to(getattr(torch, cfg.cache_dtype.value))
+    view_ids = cache_view_ids(data, cfg)
+    slots = []
+    for view_id in view_ids.tolist():
+        chunks = []
+        for i in range(0, len(train), cfg.batch_size):
+            index = torch.arange(i, min(i + cfg.batch_size, len(train)))
+            ids = torch.full_like(index, view_id)
+            inputs = train.inputs[index.to(train.inputs.device)]
+            if data.is_image:
+                inputs = views.apply_views(inputs, ids)
+            chunks.append(teacher.predict_probs(inputs, views.sample_index(index, ids), t_teacher))
+        slots.append(torch.cat(chunks).cpu())
+    return torch.stack(slots, dim=1).to(getattr(torch, cfg.cache_dtype.value))
 
 
-def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float) -> dict:
+def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> dict:
     """Metadata a cache must carry to serve this teacher, data and T_t (dealbreakers when loading)."""
     return {"teacher_sha256": artifacts.sha256_file(teacher_path), "data_fingerprint": data.fingerprint,
-            "t_teacher": t_teacher, "n_examples": len(data.train)}
+            "t_teacher": t_teacher, "n_examples": len(data.train), "n_views": cfg.views}
 
 
 def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig, t_teacher: float,
@@ -106,7 +118,7 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
 
     `data` is on `device`. Returns (absolute path of bcp.safetensors, whether it was built now).
     """
-    expect = cache_expectations(teacher_path, data, t_teacher)
+    expect = cache_expectations(teacher_path, data, t_teacher, cfg)
     key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher)
     path = cache_path(teacher_path, key, out).resolve()
     if path.is_file():
@@ -125,7 +137,9 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
 
     probs = build_cache_probs(teacher, data, t_teacher, cfg)
     metadata = {**expect, "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
-                "split": "train", "views": {"count": 1, "augmentation": "none"}, "bayes": bayes.value,
+                "split": "train",
+                "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": "pad-4 crop x flip" if data.is_image
+                          else "none"}, "bayes": bayes.value,
                 "method": payload["config"]["teacher"]["laplace"] if bayes == Bayes.laplace else {},
                 "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
                 "dtype": cfg.cache_dtype.value, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

@@ -88,6 +88,7 @@ class Optimizer(str, enum.Enum):
 
 class Targets(str, enum.Enum):
     teacher = "teacher"
+    online = "online"
     onehot = "onehot"
     true = "true"
     noisy = "noisy"
@@ -145,6 +146,7 @@ class TeacherConfig:
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of initialisation and batch order")
     base: str = _f("", "existing deterministic teacher.pt to fit the posterior around instead of training")
+    augment: bool = _f(True, "image data: train on a random pad-4 crop x flip view of each image every epoch")
     laplace: LaplaceConfig = _f(LaplaceConfig(), "Laplace approximation (bayes=laplace)")
 
 
@@ -153,6 +155,7 @@ class CalibrateConfig:
     prior: PriorTuning = _f(PriorTuning.gridsearch, "Laplace prior precision on held-out data: keep, marglik or gridsearch")
     temperature: TemperatureFit = _f(TemperatureFit.none, "fit a temperature on held-out NLL (any teacher)")
     cache_dtype: CacheDtype = _f(CacheDtype.float32, "dtype of the cached BCPs")
+    views: int = _f(1, "augmentation views V cached per training image (1: no augmentation; at most 162)")
     batch_size: int = _f(1024, "inference batch size")
 
 
@@ -160,7 +163,8 @@ class CalibrateConfig:
 class DistillConfig:
     arch: Arch = _f(Arch.mlp, "student architecture")
     hidden: tuple[int, ...] = _f((128, 128), "student hidden layer widths")
-    targets: Targets = _f(Targets.teacher, "training targets: teacher BCPs, one-hot labels, true or Dirichlet-noised BCPs")
+    targets: Targets = _f(Targets.teacher, "cached teacher BCPs, the teacher on every batch (online), onehot, "
+                                           "true or noisy BCPs")
     alpha: float = _f(1.0, "weight of the KD term: 1 is pure distillation, 0 is one-hot training")
     t_teacher: float = _f(1.0, "teacher temperature T_t (divides the teacher's logits)")
     t_student: float = _f(1.0, "student temperature T_s")
@@ -338,6 +342,10 @@ def build_recipe(tree: dict, source: str = "recipe") -> Recipe:
     for where, items in (("data.mean_choices", recipe.data.mean_choices), ("experiment.seeds", recipe.experiment.seeds)):
         if not items:
             errors.append(f"{where}: must not be empty")
+    if not 1 <= recipe.calibrate.views <= 162:
+        errors.append(f"calibrate.views: must lie in 1..162 (pad-4 crop x flip), got {recipe.calibrate.views}")
+    if recipe.data.name == DatasetName.synthetic and recipe.calibrate.views != 1:
+        errors.append("calibrate.views: the synthetic dataset has no augmentation views; use 1")
     for key in ("n_train", "n_heldout", "n_test"):
         if getattr(recipe.data, key) < 0:
             errors.append(f"data.{key}: must be 0 (the default) or positive, got {getattr(recipe.data, key)}")

@@ -20,6 +20,8 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 # loss_fn(logits [B, C], labels [B], target_probs [B, C] | None) -> per-example losses [B]
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+# batch_fn(rows [B], epoch) -> (inputs [B, ...], target_probs [B, C] | None): augmentation views, online targets
+BatchFn = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,11 +68,18 @@ def train(
     desc: str,
     log_every: int = 0,
     log_fn: Callable[[int, nn.Module], None] | None = None,
+    batch_fn: BatchFn | None = None,
 ) -> int:
     """Minimise mean loss_fn over seeded shuffled batches (rows of tensors already on the device).
 
-    Calls log_fn(step, model) at step 0 and every `log_every` steps. Returns the number of steps.
+    `batch_fn(rows, epoch)` builds a batch's inputs and targets (default: the rows of `inputs` and
+    `target_probs`). Calls log_fn(step, model) at step 0 and every `log_every` steps. Returns the
+    number of steps.
     """
+    if batch_fn is None:
+        def batch_fn(rows: torch.Tensor, epoch: int):
+            return inputs[rows], (None if target_probs is None else target_probs[rows])
+
     torch.manual_seed(spec.seed)
     order_gen = torch.Generator().manual_seed(spec.seed)
     optimizer = make_optimizer(model.parameters(), spec)
@@ -82,15 +91,15 @@ def train(
     console.print(f"training {desc}: {total} steps ({spec.epochs} epochs of {n} examples, batch {spec.batch_size})")
     with progress_bar() as bar:
         task = bar.add_task(desc, total=total)
-        for _ in range(spec.epochs):
+        for epoch in range(spec.epochs):
             order = torch.randperm(n, generator=order_gen).to(inputs.device)
             for start in range(0, n, spec.batch_size):
                 if log_fn is not None and log_every and step % log_every == 0:
                     log_fn(step, model)
                     model.train()
                 rows = order[start:start + spec.batch_size]
-                batch_targets = None if target_probs is None else target_probs[rows]
-                loss = loss_fn(model(inputs[rows]), labels[rows], batch_targets).mean()
+                batch_inputs, batch_targets = batch_fn(rows, epoch)
+                loss = loss_fn(model(batch_inputs), labels[rows], batch_targets).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -47,8 +47,8 @@ def _plan(tree: dict, source: str, out: Path) -> tuple[dict[str, dict], list[tup
         teacher_name = overrides.pop("teacher", None)
         extra = {k: overrides.pop(k) for k in ("calibrate", "evaluate") if k in overrides}
         targets = overrides.get("targets", (tree.get("distill") or {}).get("targets", "teacher"))
-        if teacher_name is None and targets == "teacher":
-            errors.append(f"experiment.students.{name}: targets teacher needs `teacher: NAME`")
+        if teacher_name is None and targets in ("teacher", "online"):
+            errors.append(f"experiment.students.{name}: targets {targets} needs `teacher: NAME`")
         if teacher_name is not None and teacher_name not in teacher_trees:
             errors.append(f"experiment.students.{name}.teacher: {teacher_name!r} is not one of: "
                           f"{', '.join(teacher_trees) or 'no teachers defined'}")
@@ -70,7 +70,7 @@ def _build_caches(jobs: list, teacher_paths: dict[str, Path]) -> None:
     """Calibrate and cache each (teacher, settings) pair once, before students run in parallel."""
     for name, _, teacher_name, s_tree in jobs:
         recipe = build_recipe(s_tree, f"experiment.students.{name}")
-        if recipe.distill.targets != Targets.teacher:
+        if recipe.distill.targets not in (Targets.teacher, Targets.online):
             continue
         path = teacher_paths[teacher_name]
         payload = artifacts.load_checkpoint(path, artifacts.TEACHER_FORMAT)

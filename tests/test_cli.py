@@ -226,12 +226,17 @@ def test_image_folder_chain(image_folder, tmp_path):
             "--set", "distill.arch=wrn_16_1", "--set", "distill.epochs=1", "--set", "distill.batch_size=16",
             "--set", "distill.log_every=2", "--set", "teacher.laplace.grid_size=3", "--device", "cpu"]
     teacher = bcpkd("train-teacher", "--bayes", "laplace", "--out", "t", *data, cwd=tmp_path).stdout.strip()
+    data += ["--set", "calibrate.views=4"]
     student = bcpkd("distill", "--teacher", teacher, "--out", "s", *data, cwd=tmp_path).stdout.strip()
     report = json.loads(bcpkd("evaluate", student, teacher, "--json", *data, cwd=tmp_path).stdout)
     assert [r["kind"] for r in report] == ["student", "teacher"]
     assert all("kl_to_bcp" not in r and 0 <= r["accuracy"] <= 1 for r in report)
     probs, meta = artifacts.load_cache(Path(torch.load(tmp_path / student, weights_only=True)["targets"]["cache"]), {})
-    assert probs.shape == (75, 1, 3)  # 90 training images - 15 held out
+    assert probs.shape == (75, 4, 3)  # 90 training images - 15 held out, 4 views each
+    assert meta["views"]["ids"][0] == 0 and len(set(meta["views"]["ids"])) == 4
+    assert not torch.allclose(probs[:, 0], probs[:, 1])  # a view's target is the teacher on that view
+    online = bcpkd("distill", "--teacher", teacher, "--targets", "online", "--out", "o", *data, cwd=tmp_path)
+    assert torch.load(tmp_path / online.stdout.strip(), weights_only=True)["targets"]["kind"] == "online"
     assert (image_folder / "train" / ".bcpkd-store").is_dir()  # decoded once, next to the data
     result = bcpkd("distill", "--targets", "true", *data, cwd=tmp_path, check=False)
     _assert_bad_input(result, "has no true BCPs")

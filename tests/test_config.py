@@ -67,7 +67,7 @@ def test_all_problems_are_reported_in_one_error():
         "teacher.bayes: 'gaussian' is not one of: none, laplace",
         "teacher.laplace.hessian: 'dense' is not one of: diag, kron, full",
         "teacher.epochs: expected int, got 2.5",
-        "distill.targets: 'soft' is not one of: teacher, onehot, true, noisy",
+        "distill.targets: 'soft' is not one of: teacher, online, onehot, true, noisy",
         "distill.alpha: must be in [0, 1], got 1.5",
         "device: 'tpu' is not one of: auto, cpu, cuda, cuda:N",
     ]

@@ -37,6 +37,11 @@ class Dataset:
     n_classes: int
     input_shape: tuple[int, ...]
     fingerprint: str
+    seed: int
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.input_shape) == 3
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "heldout": self.heldout, "test": self.test}[name]
@@ -74,7 +79,8 @@ def _synthetic(cfg: DataConfig) -> Dataset:
     sizes = [n or default for n, default in zip((cfg.n_train, cfg.n_heldout, cfg.n_test), SYNTHETIC_SIZES)]
     splits = [Split(*synthetic.sample_split(n, means, cfg.noise_var, _generator(cfg.seed, name)))
               for name, n in zip(("train", "heldout", "test"), sizes)]
-    return Dataset(*splits, n_classes=cfg.n_classes, input_shape=(cfg.dim,), fingerprint=fingerprint(splits))
+    return Dataset(*splits, n_classes=cfg.n_classes, input_shape=(cfg.dim,), fingerprint=fingerprint(splits),
+                   seed=cfg.seed)
 
 
 def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -104,7 +110,7 @@ def _images(cfg: DataConfig) -> Dataset:
               Split(train_pixels[heldout_rows], train_labels[heldout_rows], None),
               Split(test_pixels[test_rows], test_labels[test_rows], None)]
     return Dataset(*splits, n_classes=n_classes, input_shape=tuple(train_pixels.shape[1:]),
-                   fingerprint=fingerprint(splits))
+                   fingerprint=fingerprint(splits), seed=cfg.seed)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

@@ -52,3 +52,22 @@ def draw_view_slots(n_examples: int, n_views: int, seed: int, epoch: int) -> tor
     """The view slot (0 .. V-1, a column of the [N, V, C] cache) each example uses in one epoch -> [N]."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randint(n_views, (n_examples,), generator=generator)
+
+
+def sample_index(example_index: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
+    """The id that seeds a teacher's Monte Carlo draws for one view of one example."""
+    return example_index.cpu() * N_VIEWS + view_ids.cpu()
+
+
+class ViewSampler:
+    """Per epoch, one seeded view slot per example; `slots(rows, epoch)` -> slots [B] on rows' device."""
+
+    def __init__(self, n_examples: int, n_views: int, seed: int):
+        self.n_examples, self.n_views, self.seed = n_examples, n_views, seed
+        self._epoch, self._slots = -1, torch.empty(0, dtype=torch.long)
+
+    def slots(self, rows: torch.Tensor, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._slots = draw_view_slots(self.n_examples, self.n_views, self.seed, epoch).to(rows.device)
+        return self._slots[rows]

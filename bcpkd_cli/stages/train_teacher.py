@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.config import Arch, Bayes, Recipe, to_plain
-from bcpkd_cli.data import load_dataset
+from bcpkd_cli.data import load_dataset, views
 from bcpkd_cli.engine import TrainSpec, console, resolve_device, train
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
@@ -22,6 +22,16 @@ from bcpkd_cli.teachers.laplace import LaplaceTeacher, check_hessian_size
 
 def cross_entropy(logits, labels, _targets):
     return F.cross_entropy(logits, labels, reduction="none")
+
+
+def random_views(data, seed: int):
+    """Batches of a random pad-4 crop x flip view (of all 162) of every image, drawn anew every epoch."""
+    sampler = views.ViewSampler(len(data.train), views.N_VIEWS, seed)
+
+    def batch(rows: torch.Tensor, epoch: int):
+        return views.apply_views(data.train.inputs[rows], sampler.slots(rows, epoch)), None
+
+    return batch
 
 
 def _base_teacher(path: str, data_fingerprint: str) -> dict:
@@ -59,7 +69,8 @@ def run(recipe: Recipe) -> Path:
         train_spec = TrainSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum,
                                cfg.weight_decay, cfg.seed)
         started = time.perf_counter()
-        steps = train(model, data.train.inputs, data.train.labels, None, cross_entropy, train_spec, desc="teacher")
+        steps = train(model, data.train.inputs, data.train.labels, None, cross_entropy, train_spec, desc="teacher",
+                      batch_fn=random_views(data, cfg.seed) if data.is_image and cfg.augment else None)
         history = {"steps": steps, "seconds": round(time.perf_counter() - started, 2)}
         parent_sha = None
 
