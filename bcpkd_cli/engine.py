@@ -44,6 +44,7 @@ class TrainSpec:
     momentum: float
     weight_decay: float
     seed: int
+    lr_milestones: tuple[int, ...] = ()
 
 
 def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
@@ -83,6 +84,7 @@ def train(
     torch.manual_seed(spec.seed)
     order_gen = torch.Generator().manual_seed(spec.seed)
     optimizer = make_optimizer(model.parameters(), spec)
+    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(spec.lr_milestones), gamma=0.1)
     n = len(labels)
     steps_per_epoch = (n + spec.batch_size - 1) // spec.batch_size
     total = spec.epochs * steps_per_epoch
@@ -106,6 +108,7 @@ def train(
                 step += 1
                 if step % 200 == 0 or step == total:
                     bar.update(task, completed=step)
+            schedule.step()
     if log_fn is not None and log_every:
         log_fn(step, model)
     return step

@@ -13,7 +13,7 @@ from bcpkd_cli.config import (
 from bcpkd_cli import pipeline
 from bcpkd_cli.errors import BcpkdError
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.yaml"))
 
 
 def test_build_recipe_defaults():

@@ -158,3 +158,29 @@ def test_onehot_and_temper():
     torch.testing.assert_close(targets.temper(p, 2.0), torch.softmax(p.log() / 2.0, dim=1))
     hot = targets.temper(p, 0.01)
     assert torch.equal(hot[:3].argmax(1), p[:3].argmax(1)) and hot[:3].max(1).values.min() > 0.99
+
+
+def test_lr_milestones_divide_the_learning_rate_by_ten(tiny_data):
+    from bcpkd_cli.config import Optimizer
+    from bcpkd_cli.engine import TrainSpec, train
+    from bcpkd_cli.models import build_model, model_spec
+
+    model = build_model(model_spec("mlp", (30,), 5, (8,)))
+    seen = []
+    spec = TrainSpec(epochs=4, batch_size=100, optimizer=Optimizer.sgd, lr=0.5, momentum=0.0, weight_decay=0.0,
+                     seed=0, lr_milestones=(1, 3))
+    original_step = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original_step(self, *args, **kwargs)
+
+    torch.optim.SGD.step = spy
+    try:
+        train(model, tiny_data.train.inputs, tiny_data.train.labels, None,
+              lambda logits, labels, _: torch.nn.functional.cross_entropy(logits, labels, reduction="none"),
+              spec, "test")
+    finally:
+        torch.optim.SGD.step = original_step
+    per_epoch = len(seen) // 4
+    assert [seen[e * per_epoch] for e in range(4)] == pytest.approx([0.5, 0.05, 0.05, 0.005])

@@ -58,7 +58,11 @@ def read_cifar(root: Path, name: str, split: str, download: bool = False) -> tup
         import torchvision
 
         dataset_cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-        dataset_cls(str(root), train=(split == "train"), download=True)
+        try:
+            dataset_cls(str(root), train=(split == "train"), download=True)
+        except (OSError, RuntimeError) as err:  # no network, or a corrupt archive
+            raise BcpkdError(f"{root}: downloading {name} failed ({str(err)[:80]}); put its python batches "
+                             f"there by hand and set data.download=false") from None
     files = [Path(root) / folder / f for f in (train_files if split == "train" else test_files)]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

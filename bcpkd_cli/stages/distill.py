@@ -112,7 +112,7 @@ def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None) ->
                     "heldout_accuracy": metrics.accuracy(held_probs, held.labels)})
 
     train_spec = TrainSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
-                           cfg.seed)
+                           cfg.seed, cfg.lr_milestones)
     started = time.perf_counter()
     steps = train(model, train_split.inputs, train_split.labels, None, loss_fn, train_spec,
                   desc=f"student ({cfg.targets.value})", log_every=cfg.log_every, log_fn=log_heldout,

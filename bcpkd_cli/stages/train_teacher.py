@@ -67,7 +67,7 @@ def run(recipe: Recipe) -> Path:
         parent_sha = artifacts.sha256_file(Path(cfg.base))
     else:
         train_spec = TrainSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum,
-                               cfg.weight_decay, cfg.seed)
+                               cfg.weight_decay, cfg.seed, cfg.lr_milestones)
         started = time.perf_counter()
         steps = train(model, data.train.inputs, data.train.labels, None, cross_entropy, train_spec, desc="teacher",
                       batch_fn=random_views(data, cfg.seed) if data.is_image and cfg.augment else None)
