@@ -120,10 +120,12 @@ def store_folder(root: Path) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bcpkd" / "store"
 
 
-def load_or_decode(root: Path, split: str, paths: list[Path], decode) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The split's (images, labels) from the store, or decoded now and stored. Returns (.., decoded now)."""
+def load_or_decode(root: Path, split: str, paths: list[Path], decode,
+                   store: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The split's (images, labels) from the store (default: store_folder(root)), or decoded now and
+    stored. Returns (images, labels, whether it decoded now)."""
     key = source_fingerprint(root, paths)
-    path = store_folder(root) / f"{Path(root).name}-{split}-{key}.safetensors"
+    path = (store or store_folder(root)) / f"{Path(root).name}-{split}-{key}.safetensors"
     if path.is_file():
         tensors = load_file(str(path))
         return tensors["images"], tensors["labels"], False
