@@ -358,3 +358,28 @@ def test_deterministic_teacher_checkpoint_round_trip(trained_state, tiny_data, t
     x, index = heldout(tiny_data)
     assert loaded.calibration_temperature == 0.9
     assert torch.equal(loaded.predict_probs(x, index, 2.0), teacher.predict_probs(x, index, 2.0))
+
+
+def test_all_weights_posterior_over_batchnorm_is_refused_before_training():
+    from bcpkd_cli.models import model_spec
+    from bcpkd_cli.teachers.laplace import check_hessian_size
+
+    resnet = build_model(model_spec("resnet20", (3, 16, 16), 3, ()))
+    with pytest.raises(BcpkdError, match="BatchNorm"):
+        check_hessian_size(resnet, LaplaceConfig(subset=Subset.all, hessian=Hessian.kron))
+    check_hessian_size(resnet, LaplaceConfig(subset=Subset.last_layer, hessian=Hessian.kron))  # fine
+
+
+def test_last_layer_laplace_on_a_batchnorm_network(tiny_data):
+    from bcpkd_cli.models import model_spec
+
+    torch.manual_seed(0)
+    resnet = build_model(model_spec("resnet20", (3, 8, 8), 3, ())).eval()
+    images = torch.randint(0, 256, (24, 3, 8, 8), dtype=torch.uint8)
+    labels = torch.randint(0, 3, (24,))
+    teacher = LaplaceTeacher(resnet, LaplaceConfig(subset=Subset.last_layer, hessian=Hessian.kron, grid_size=3))
+    teacher.fit(images, labels, batch_size=8)
+    probs = teacher.predict_probs(images, torch.arange(24))
+    assert probs.shape == (24, 3)
+    torch.testing.assert_close(probs.sum(1), torch.ones(24))
+    torch.testing.assert_close(probs, teacher.la(images, pred_type="glm", link_approx="probit"), atol=1e-6, rtol=0)

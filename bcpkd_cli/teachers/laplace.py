@@ -27,7 +27,11 @@ FULL_HESSIAN_MAX_PARAMS = 20_000
 
 
 def check_hessian_size(model: nn.Module, cfg: LaplaceConfig) -> None:
-    """Refuse a dense Hessian that would not fit in memory."""
+    """Refuse posteriors laplace-torch cannot fit here: BatchNorm under an all-weights posterior, or a
+    dense Hessian that would not fit in memory."""
+    if cfg.subset == Subset.all and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise BcpkdError("teacher.laplace.subset=all: this network has BatchNorm layers, which laplace-torch 0.3's "
+                         "curvature backends do not support; use --set teacher.laplace.subset=last_layer")
     n_params = sum(p.numel() for p in (model.head if cfg.subset == Subset.last_layer else model).parameters())
     if cfg.hessian == Hessian.full and n_params > FULL_HESSIAN_MAX_PARAMS:
         raise BcpkdError(f"teacher.laplace.hessian=full over {n_params} weights needs a {n_params}^2 matrix; "
