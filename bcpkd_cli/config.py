@@ -170,6 +170,7 @@ class DistillConfig:
     t_teacher: float = _f(1.0, "teacher temperature T_t (divides the teacher's logits)")
     t_student: float = _f(1.0, "student temperature T_s")
     dirichlet_alpha: float = _f(5.0, "targets=noisy: concentration of Dirichlet(alpha * P)")
+    few_shot: int = _f(0, "train the student on K seeded training examples per class (0: all of them)")
     epochs: int = _f(2, "training epochs")
     batch_size: int = _f(8, "training batch size")
     optimizer: Optimizer = _f(Optimizer.sgd, "optimizer")
@@ -348,6 +349,8 @@ def build_recipe(tree: dict, source: str = "recipe") -> Recipe:
         errors.append(f"calibrate.views: must lie in 1..162 (pad-4 crop x flip), got {recipe.calibrate.views}")
     if recipe.data.name == DatasetName.synthetic and recipe.calibrate.views != 1:
         errors.append("calibrate.views: the synthetic dataset has no augmentation views; use 1")
+    if recipe.distill.few_shot < 0:
+        errors.append(f"distill.few_shot: must be 0 (all) or positive, got {recipe.distill.few_shot}")
     for key in ("n_train", "n_heldout", "n_test"):
         if getattr(recipe.data, key) < 0:
             errors.append(f"data.{key}: must be 0 (the default) or positive, got {getattr(recipe.data, key)}")

@@ -240,3 +240,12 @@ def test_image_folder_chain(image_folder, tmp_path):
     assert (image_folder / "train" / ".bcpkd-store").is_dir()  # decoded once, next to the data
     result = bcpkd("distill", "--targets", "true", *data, cwd=tmp_path, check=False)
     _assert_bad_input(result, "has no true BCPs")
+
+
+def test_few_shot_student_uses_k_examples_per_class_of_the_cache(chain, tmp_path):
+    student = bcpkd("distill", "--teacher", str(chain["teacher"]), "--temperature", "fit", "--set",
+                    "distill.few_shot=10", "--out", str(tmp_path / "s"), *TINY, cwd=chain["work"]).stdout.strip()
+    payload = torch.load(student, weights_only=True)
+    rows = torch.tensor(payload["targets"]["few_shot_rows"])
+    assert len(rows) == 50 and payload["history"]["steps"] == 4  # 5 classes x 10, batch 16
+    assert payload["targets"]["cache"] == str(chain["cache"])  # the full cache, rows picked from it

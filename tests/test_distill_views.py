@@ -39,7 +39,7 @@ def test_batches_are_the_drawn_views_with_their_cached_targets(image_data, teach
     cache = build_cache_probs(teacher, image_data, 1.0, r.calibrate)  # [12, 5, 3]
     assert cache.shape == (12, 5, 3)
     view_ids = cache_view_ids(image_data, r.calibrate)
-    batch = view_batches(r, image_data, cache, torch.device("cpu"))
+    batch = view_batches(r, image_data, cache, torch.device("cpu"), torch.arange(12))
     rows = torch.tensor([0, 3, 7, 11])
     seen = set()
     for epoch in range(6):
@@ -49,7 +49,7 @@ def test_batches_are_the_drawn_views_with_their_cached_targets(image_data, teach
             assert torch.equal(inputs[k], apply_views(image_data.train.inputs[row:row + 1], view_ids[slot:slot + 1])[0])
             seen.add((row, slot))
     assert len(seen) > len(rows)  # different epochs draw different views
-    again = view_batches(r, image_data, cache, torch.device("cpu"))(rows, 2)
+    again = view_batches(r, image_data, cache, torch.device("cpu"), torch.arange(12))(rows, 2)
     assert all(torch.equal(a, b) for a, b in zip(again, batch(rows, 2)))  # seeded
 
 
@@ -57,10 +57,10 @@ def test_online_targets_equal_the_cached_ones(image_data, teacher):
     r = recipe(views=5)
     cache = build_cache_probs(teacher, image_data, 2.0, r.calibrate)
     rows = torch.arange(12)
-    cached = view_batches(r, image_data, cache, torch.device("cpu"))(rows, 1)
+    cached = view_batches(r, image_data, cache, torch.device("cpu"), torch.arange(12))(rows, 1)
     r_online = build_recipe({"data": {"name": "imagefolder", "root": "unused"}, "calibrate": {"views": 5},
                              "distill": {"targets": "online", "seed": 3, "t_teacher": 2.0, "arch": "wrn_16_1"},
                              "teacher": {"arch": "resnet20"}})
-    online = view_batches(r_online, image_data, teacher, torch.device("cpu"))(rows, 1)
+    online = view_batches(r_online, image_data, teacher, torch.device("cpu"), torch.arange(12))(rows, 1)
     assert torch.equal(cached[0], online[0])
     torch.testing.assert_close(online[1], cached[1], atol=1e-6, rtol=0)

@@ -115,3 +115,13 @@ def test_a_split_does_not_change_when_another_split_grows(tiny_config):
     bigger = load_dataset(dataclasses.replace(tiny_config, n_train=tiny_config.n_train * 2))
     assert torch.equal(small.test.inputs, bigger.test.inputs)
     assert torch.equal(small.heldout.labels, bigger.heldout.labels)
+
+
+def test_few_shot_rows_take_k_seeded_examples_per_class():
+    from bcpkd_cli.data import few_shot_rows
+
+    labels = torch.tensor([0] * 10 + [1] * 3 + [2] * 7)
+    rows = few_shot_rows(labels, 4, seed=1)
+    assert torch.bincount(labels[rows]).tolist() == [4, 3, 4]  # class 1 has only 3
+    assert torch.equal(rows, rows.sort().values) and torch.equal(rows, few_shot_rows(labels, 4, seed=1))
+    assert not torch.equal(rows, few_shot_rows(labels, 4, seed=2))

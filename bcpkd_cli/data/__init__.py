@@ -24,6 +24,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, rows: torch.Tensor) -> "Split":
+        rows = rows.to(self.labels.device)
+        return Split(self.inputs[rows], self.labels[rows], None if self.true_bcp is None else self.true_bcp[rows])
+
     def to(self, device: torch.device) -> "Split":
         bcp = None if self.true_bcp is None else self.true_bcp.to(device)
         return Split(self.inputs.to(device), self.labels.to(device), bcp)
@@ -63,6 +67,14 @@ def fingerprint(splits: list[Split]) -> str:
 def _generator(seed: int, stream: str) -> torch.Generator:
     """An independent generator per (seed, stream): a split does not change when another one's size does."""
     return torch.Generator().manual_seed(int(hashlib.sha256(f"{seed}/{stream}".encode()).hexdigest()[:15], 16))
+
+
+def few_shot_rows(labels: torch.Tensor, per_class: int, seed: int) -> torch.Tensor:
+    """Sorted row indices of `per_class` seeded examples of every class (all of a smaller class)."""
+    order = torch.randperm(len(labels), generator=_generator(seed, "few-shot"))
+    shuffled = labels.cpu()[order]
+    picks = [order[shuffled == c][:per_class] for c in shuffled.unique()]
+    return torch.cat(picks).sort().values
 
 
 def synthetic_means(cfg: DataConfig) -> torch.Tensor:

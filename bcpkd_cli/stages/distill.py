@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from bcpkd_cli import artifacts, metrics, targets
 from bcpkd_cli.calibration import cache_expectations, cache_view_ids, ensure_cache
 from bcpkd_cli.config import Recipe, Targets, to_plain
-from bcpkd_cli.data import Dataset, load_dataset, views
+from bcpkd_cli.data import Dataset, few_shot_rows, load_dataset, views
 from bcpkd_cli.engine import TrainSpec, console, per_example_grad_sq_norms, predict_logits, resolve_device, train
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
@@ -62,8 +63,10 @@ def training_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, c
     return targets.temper(noisy, cfg.t_teacher)[:, None, :], {"dirichlet_alpha": cfg.dirichlet_alpha}
 
 
-def view_batches(recipe: Recipe, data: Dataset, targets_or_teacher: torch.Tensor | Teacher, device: torch.device):
-    """batch_fn(rows, epoch): each example's view of the epoch and its exact target (design.md sec. 2)."""
+def view_batches(recipe: Recipe, data: Dataset, targets_or_teacher: torch.Tensor | Teacher, device: torch.device,
+                 example_index: torch.Tensor):
+    """batch_fn(rows, epoch): each example's view of the epoch and its exact target (design.md sec. 2).
+    `example_index` [N] maps rows to the training split's example ids (they seed MC draws)."""
     view_ids = cache_view_ids(data, recipe.calibrate).to(device)  # [V]
     sampler = views.ViewSampler(len(data.train), len(view_ids), recipe.distill.seed)
     train_inputs, t_teacher = data.train.inputs, recipe.distill.t_teacher
@@ -75,17 +78,19 @@ def view_batches(recipe: Recipe, data: Dataset, targets_or_teacher: torch.Tensor
         if isinstance(targets_or_teacher, torch.Tensor):
             per_view = targets_or_teacher.shape[1] > 1
             return inputs, targets_or_teacher[rows, slots if per_view else 0]
-        return inputs, targets_or_teacher.predict_probs(inputs, views.sample_index(rows, ids), t_teacher)
+        return inputs, targets_or_teacher.predict_probs(inputs, views.sample_index(example_index[rows.cpu()], ids),
+                                                        t_teacher)
 
     return batch
 
 
-def view_zero_targets(targets_or_teacher: torch.Tensor | Teacher, data: Dataset, t_teacher: float) -> torch.Tensor:
+def view_zero_targets(targets_or_teacher: torch.Tensor | Teacher, data: Dataset, t_teacher: float,
+                      example_index: torch.Tensor) -> torch.Tensor:
     """Targets [N, C] of every unaugmented training example (view 0), for the gradient noise."""
     if isinstance(targets_or_teacher, torch.Tensor):
         return targets_or_teacher[:, 0]
-    index = torch.arange(len(data.train))
-    return targets_or_teacher.predict_probs(data.train.inputs, views.sample_index(index, 0 * index), t_teacher)
+    return targets_or_teacher.predict_probs(data.train.inputs, views.sample_index(example_index, 0 * example_index),
+                                            t_teacher)
 
 
 def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None) -> Path:
@@ -94,6 +99,13 @@ def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None) ->
     data = load_dataset(recipe.data).to(device)
     teacher_path = Path(teacher_path) if teacher_path else None
     targets_or_teacher, provenance = training_targets(recipe, data, teacher_path, cache, device)
+    example_index = torch.arange(len(data.train))
+    if cfg.few_shot:  # the student sees K examples per class; the teacher's cache covers them all
+        example_index = few_shot_rows(data.train.labels, cfg.few_shot, cfg.seed)
+        data = replace(data, train=data.train.subset(example_index))
+        if isinstance(targets_or_teacher, torch.Tensor):
+            targets_or_teacher = targets_or_teacher[example_index.to(targets_or_teacher.device)]
+        provenance["few_shot_rows"] = example_index.tolist()
     out = artifacts.new_run_dir(recipe.out, f"student-{cfg.targets.value}")
 
     spec = model_spec(cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden)
@@ -116,10 +128,10 @@ def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None) ->
     started = time.perf_counter()
     steps = train(model, train_split.inputs, train_split.labels, None, loss_fn, train_spec,
                   desc=f"student ({cfg.targets.value})", log_every=cfg.log_every, log_fn=log_heldout,
-                  batch_fn=view_batches(recipe, data, targets_or_teacher, device))
+                  batch_fn=view_batches(recipe, data, targets_or_teacher, device, example_index))
     seconds = time.perf_counter() - started
     grad_noise = per_example_grad_sq_norms(model, train_split.inputs, train_split.labels,
-                                           view_zero_targets(targets_or_teacher, data, cfg.t_teacher),
+                                           view_zero_targets(targets_or_teacher, data, cfg.t_teacher, example_index),
                                            loss_fn).mean().item()
 
     artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
