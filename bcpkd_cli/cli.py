@@ -17,7 +17,7 @@ import typer
 from bcpkd_cli import artifacts
 from bcpkd_cli.config import (Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets, TemperatureFit,
                               build_recipe, merge, parse_set, read_recipe, recipe_for_checkpoint)
-from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation from Bayesian teachers through cached Bayes class probabilities.")
@@ -163,6 +163,9 @@ def main() -> None:
     except typer.TyperException as err:  # usage errors: unknown option, bad choice, missing argument
         err.show()
         sys.exit(err.exit_code)
+    except BcpkdFailure as err:
+        print(f"failed: {err}", file=sys.stderr)
+        sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
         print("interrupted: finished artifacts are kept, unfinished ones were not written", file=sys.stderr)
         sys.exit(130)

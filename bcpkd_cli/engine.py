@@ -127,11 +127,15 @@ def per_example_grad_sq_norms(
     labels: torch.Tensor,
     target_probs: torch.Tensor | None,
     loss_fn: LossFn,
-    chunk: int = 4096,
+    floats_per_chunk: int = 32_000_000,
 ) -> torch.Tensor:
-    """||grad_w loss_i(w)||^2 for every example i at the model's current weights -> [N]."""
+    """||grad_w loss_i(w)||^2 for every example i at the model's current weights -> [N].
+
+    Examples are taken in chunks whose per-example gradients hold about `floats_per_chunk` numbers
+    (128 MB in float32), so memory stays bounded for large networks."""
     model.eval()
     params = {k: v.detach() for k, v in model.named_parameters()}
+    chunk = max(1, min(4096, floats_per_chunk // sum(p.numel() for p in params.values())))
 
     def one_loss(p, x, y, t):
         logits = functional_call(model, p, (x[None],))

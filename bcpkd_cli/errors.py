@@ -3,3 +3,7 @@
 
 class BcpkdError(Exception):
     """Bad input: the CLI prints `error: <message>` and exits with code 2."""
+
+
+class BcpkdFailure(Exception):
+    """A run that failed through no fault of its input: the CLI prints `failed: <message>`, exit code 1."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import statistics
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from bcpkd_cli.calibration import ensure_cache
 from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, to_plain
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.engine import console, resolve_device
-from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 from bcpkd_cli.stages import distill, evaluate, train_teacher
 
 STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll", "convergence_noise_accuracy",
@@ -154,7 +155,11 @@ def run(tree: dict, source: str) -> Path:
         for i, (name, seed, teacher_name, s_tree) in enumerate(jobs):
             if teacher_name is not None:
                 futures[i] = pool.submit(_student_job, name, seed, s_tree, teacher_paths[teacher_name])
-        results = [futures[i].result() for i in range(len(jobs))]
+        try:
+            results = [futures[i].result() for i in range(len(jobs))]
+        except BrokenProcessPool:
+            raise BcpkdFailure("a student worker process died (out of memory?); rerun with "
+                               "--set experiment.workers=1 or a smaller evaluate/calibrate batch_size") from None
 
     student_reports: dict[str, list[dict]] = {}
     calibrated: dict[str, Path] = {}

@@ -48,7 +48,8 @@ def test_per_example_grad_sq_norms_with_soft_targets(tiny_data):
     def loss_fn(logits, labels, target_probs):
         return kd_loss(logits, labels, target_probs, alpha=0.7, t_teacher=2.0, t_student=1.5)
 
-    got = per_example_grad_sq_norms(model, x, y, soft, loss_fn, chunk=3)  # chunks of 3, 3, 3, 1
+    n_params = sum(p.numel() for p in model.parameters())
+    got = per_example_grad_sq_norms(model, x, y, soft, loss_fn, floats_per_chunk=3 * n_params)  # chunks 3, 3, 3, 1
     want = _grad_sq_norms_by_loop(model, x, y, soft, loss_fn)
     assert got.shape == (10,)
     assert (want > 1e-6).all()
