@@ -8,6 +8,7 @@ are validated before any training starts.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import statistics
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -165,9 +166,11 @@ def run(tree: dict, source: str) -> Path:
     calibrated: dict[str, Path] = {}
     for (name, seed, teacher_name, _), (path, report) in zip(jobs, results):
         payload = artifacts.load_checkpoint(path, artifacts.STUDENT_FORMAT)
-        calibration = payload["config"]["calibrate"]
-        if "cache" in payload["targets"] and (calibration["temperature"] == "fit" or calibration["prior"] != "keep"):
-            calibrated[f"{teacher_name} -> {name}"] = Path(payload["targets"]["cache"]).parent / "teacher.pt"
+        cache_folder = Path(payload["targets"].get("cache", ".")).parent
+        tuned = (cache_folder / "report.json").is_file() and \
+            {"prior_precision", "temperature"} & set(json.loads((cache_folder / "report.json").read_text()))
+        if "cache" in payload["targets"] and tuned:  # a row for a teacher its calibration changed
+            calibrated[f"{teacher_name} -> {name}"] = cache_folder / "teacher.pt"
         student_reports.setdefault(name, []).append(report)
 
     console.rule("evaluation")
