@@ -7,11 +7,12 @@ Unlike torchvision, the t=1 block keeps its (1x expansion) pointwise conv.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 
 import torch
 from torch import nn
+
+from bcpkd_cli.models.base import FeaturesHead, reference_init
 
 
 def _setting(T: int) -> list[list[int]]:
@@ -40,7 +41,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.use_res_connect else self.conv(x)
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(FeaturesHead):
     """`features`: images [B, C, 32, 32] -> [B, 1280]; `head`: Linear(1280, n_classes)."""
 
     def __init__(self, n_classes: int, T: int = 6, width_mult: float = 0.5, in_channels: int = 3):
@@ -61,18 +62,7 @@ class MobileNetV2(nn.Module):
         ]
         self.features = nn.Sequential(OrderedDict(layers))
         self.head = nn.Linear(last, n_classes)
-        for m in self.modules():  # reference init
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        reference_init(self)
 
 
 def mobile_half(n_classes: int, in_channels: int = 3) -> MobileNetV2:

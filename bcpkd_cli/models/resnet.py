@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bcpkd_cli.models.base import FeaturesHead
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs; 1x1 conv + BN projection shortcut when the shape changes."""
@@ -65,7 +67,7 @@ class Bottleneck(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class ResNet(nn.Module):
+class ResNet(FeaturesHead):
     """`features`: images [B, C, H, W] -> [B, 512 * expansion]; `head`: Linear to n_classes."""
 
     def __init__(self, block: type[nn.Module], num_blocks: list[int], n_classes: int, in_channels: int = 3):
@@ -91,9 +93,6 @@ class ResNet(nn.Module):
             blocks.append(block(self.in_planes, planes, s))
             self.in_planes = planes * block.expansion
         return nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def resnet18(n_classes: int, in_channels: int = 3) -> ResNet:

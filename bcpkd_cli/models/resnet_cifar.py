@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bcpkd_cli.models.base import FeaturesHead
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 convs; optional downsample (1x1 conv + BN) on the residual."""
@@ -32,7 +34,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + residual)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(FeaturesHead):
     """`features`: images [B, C, 32, 32] -> [B, num_filters[3]]; `head`: Linear to n_classes."""
 
     def __init__(self, depth: int, num_filters: list[int], n_classes: int, in_channels: int = 3):
@@ -67,9 +69,6 @@ class CifarResNet(nn.Module):
         self.inplanes = planes
         blocks += [BasicBlock(planes, planes) for _ in range(1, n)]
         return nn.Sequential(*blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def resnet20(n_classes: int, in_channels: int = 3) -> CifarResNet:

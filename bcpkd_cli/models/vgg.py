@@ -7,11 +7,12 @@ Max-pool after blocks 0-2; after block 3 only for 64x64 inputs; global average p
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from bcpkd_cli.models.base import FeaturesHead, reference_init
 
 CFG = {
     "vgg8": [[64], [128], [256], [512], [512]],
@@ -47,26 +48,14 @@ class VGGFeatures(nn.Module):
         return self.gap(x).flatten(1)  # [B, 512]
 
 
-class VGG(nn.Module):
+class VGG(FeaturesHead):
     """`features`: VGGFeatures; `head`: Linear(512, n_classes)."""
 
     def __init__(self, cfg: list[list[int]], n_classes: int, in_channels: int = 3):
         super().__init__()
         self.features = VGGFeatures(cfg, in_channels)
         self.head = nn.Linear(512, n_classes)
-        for m in self.modules():  # reference init
-            if isinstance(m, nn.Conv2d):
-                m.weight.data.normal_(0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-                m.bias.data.zero_()
-            elif isinstance(m, nn.BatchNorm2d):
-                m.weight.data.fill_(1)
-                m.bias.data.zero_()
-            elif isinstance(m, nn.Linear):
-                m.weight.data.normal_(0, 0.01)
-                m.bias.data.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        reference_init(self)
 
 
 def vgg8(n_classes: int, in_channels: int = 3) -> VGG:

@@ -12,6 +12,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from bcpkd_cli.models.base import FeaturesHead
+
 
 class BasicBlock(nn.Module):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3. When widths differ, the shortcut is a 1x1 conv
@@ -41,7 +43,7 @@ def _stage(n: int, in_planes: int, out_planes: int, stride: int) -> nn.Sequentia
     return nn.Sequential(*blocks)
 
 
-class WideResNet(nn.Module):
+class WideResNet(FeaturesHead):
     """`features`: images [B, C, 32, 32] -> [B, 64k]; `head`: Linear to n_classes."""
 
     def __init__(self, depth: int, widen_factor: int, n_classes: int, in_channels: int = 3):
@@ -69,9 +71,6 @@ class WideResNet(nn.Module):
                 m.bias.data.zero_()
             elif isinstance(m, nn.Linear):
                 m.bias.data.zero_()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
 
 
 def wrn_16_1(n_classes: int, in_channels: int = 3) -> WideResNet:
