@@ -31,8 +31,8 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
     correct = (predicted == labels).double()
     inner_edges = torch.arange(1, n_bins, dtype=torch.float64, device=probs.device) / n_bins  # k/n, rounded once
     bins = torch.bucketize(confidence, inner_edges)  # bin b is (b/n, (b+1)/n]; confidence k/n lands in bin k-1
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, confidence)
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, correct)
+    conf_sum = torch.zeros(n_bins, dtype=torch.float64, device=probs.device).index_add_(0, bins, confidence)
+    acc_sum = torch.zeros(n_bins, dtype=torch.float64, device=probs.device).index_add_(0, bins, correct)
     return ((conf_sum - acc_sum).abs().sum() / len(labels)).item()
 
 

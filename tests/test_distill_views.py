@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bcpkd_cli.calibration import build_cache_probs, cache_view_ids
-from bcpkd_cli.config import CalibrateConfig, build_recipe
+from bcpkd_cli.config import build_recipe
 from bcpkd_cli.data import Dataset, Split
 from bcpkd_cli.data.views import apply_views
 from bcpkd_cli.models import build_model, model_spec
