@@ -3,7 +3,7 @@
 Shared by the `calibrate` and `distill` stages. A cache lives in <teacher folder>/bcp/<key>/,
 where key hashes everything that determines its rows: the teacher file's SHA-256, the data
 fingerprint, the calibration settings and the teacher temperature T_t. The folder holds
-    bcp.safetensors   probs [N, V=1, C] + provenance header
+    bcp.safetensors   probs [N, V, C] (V views per training example) + provenance header
     teacher.pt        the calibrated teacher (parent_sha256 = the original)
     report.json       held-out NLL / ECE / Brier before and after calibration
 """

@@ -16,7 +16,7 @@ import typer
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.config import (Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets, TemperatureFit,
-                              build_recipe, merge, parse_set, read_recipe, recipe_for_checkpoint)
+                              build_recipe, merge, parse_set, read_recipe, recipe_for_checkpoint, set_path)
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -34,11 +34,7 @@ def _tree(recipe: Optional[Path], sets: Optional[list[str]], flags: dict) -> dic
     for dotted, value in flags.items():
         if value is None or value == "":
             continue
-        node = typed
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value.value if hasattr(value, "value") else value
+        set_path(typed, dotted, value.value if hasattr(value, "value") else value)
     return merge(merge(read_recipe(recipe), typed), parse_set(sets or []))
 
 

@@ -287,7 +287,7 @@ def _build(cls: type, values: dict, prefix: str, errors: list[str]) -> Any:
     return cls(**kwargs)
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def set_path(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for p in parents:
@@ -304,7 +304,7 @@ def parse_set(items: list[str]) -> dict:
         if "=" not in item:
             raise BcpkdError(f"--set {item!r}: expected section.key=value, e.g. --set distill.alpha=0.5")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        set_path(tree, key.strip(), yaml.safe_load(raw) if raw else "")
     return tree
 
 

@@ -16,6 +16,13 @@ from torch import nn
 from bcpkd_cli.models.base import FeaturesHead
 
 
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    """Identity, or a 1x1 strided projection with BatchNorm when the shape changes."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes))
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs; 1x1 conv + BN projection shortcut when the shape changes."""
 
@@ -27,12 +34,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != self.expansion * planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, self.expansion * planes, 1, stride, bias=False),
-                nn.BatchNorm2d(self.expansion * planes),
-            )
+        self.shortcut = _shortcut(in_planes, self.expansion * planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
@@ -53,12 +55,7 @@ class Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv3 = nn.Conv2d(planes, self.expansion * planes, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(self.expansion * planes)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != self.expansion * planes:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, self.expansion * planes, 1, stride, bias=False),
-                nn.BatchNorm2d(self.expansion * planes),
-            )
+        self.shortcut = _shortcut(in_planes, self.expansion * planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.relu(self.bn1(self.conv1(x)))
