@@ -24,7 +24,7 @@ from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.config import Bayes, CalibrateConfig, PriorMethod, PriorTuning, TemperatureFit, build_recipe, to_plain
 from bcpkd_cli.data import Dataset, views
 from bcpkd_cli.engine import console
-from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
+from bcpkd_cli.teachers import Teacher, load_teacher, method_settings, teacher_payload
 
 CACHE_FILE = "bcp.safetensors"
 
@@ -140,7 +140,7 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
                 "split": "train",
                 "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": "pad-4 crop x flip" if data.is_image
                           else "none"}, "bayes": bayes.value,
-                "method": payload["config"]["teacher"]["laplace"] if bayes == Bayes.laplace else {},
+                "method": method_settings(build_recipe(payload["config"], "checkpoint config").teacher),
                 "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
                 "dtype": cfg.cache_dtype.value, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     artifacts.save_cache(path, probs, metadata)

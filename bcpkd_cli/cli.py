@@ -48,22 +48,32 @@ def train_teacher(
     bayes: Optional[Bayes] = typer.Option(None, help="teacher kind [default: none]"),
     epochs: Optional[int] = typer.Option(None, help="training epochs"),
     seed: Optional[int] = typer.Option(None, help="seed of initialisation and batch order"),
-    base: Optional[Path] = typer.Option(None, help="fit the posterior around this deterministic teacher.pt"),
+    base: Optional[Path] = typer.Option(None, help="start from this deterministic teacher.pt (laplace, vi, mcmi, "
+                                                   "temperature) instead of training"),
     subset: Optional[Subset] = typer.Option(None, help="Laplace: weights under the posterior [default: last_layer]"),
     hessian: Optional[Hessian] = typer.Option(None, help="Laplace: Hessian structure [default: kron]"),
     prior: Optional[PriorMethod] = typer.Option(None, help="Laplace: prior precision method [default: marglik]"),
     link: Optional[Link] = typer.Option(None, help="Laplace: predictive link [default: probit]"),
-    samples: Optional[int] = typer.Option(None, help="Laplace: Monte Carlo samples for --link mc"),
+    samples: Optional[int] = typer.Option(None, help="Monte Carlo samples S of the predictive (vi, mc-dropout; "
+                                                     "laplace with --link mc)"),
+    members: Optional[int] = typer.Option(None, help="ensemble: members M trained with consecutive seeds"),
+    member: Optional[list[Path]] = typer.Option(None, help="ensemble: assemble existing teacher.pt files "
+                                                          "instead of training (repeat for each member)"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Train a teacher and save a self-describing teacher.pt (path printed on stdout)."""
+    """Train a teacher of any kind and save a self-describing teacher.pt (path printed on stdout)."""
     from bcpkd_cli.stages import train_teacher as stage
 
     tree = _tree(recipe, set_, {"out": out, "device": device, "teacher.bayes": bayes, "teacher.epochs": epochs,
                                 "teacher.seed": seed, "teacher.base": str(base) if base else None,
                                 "teacher.laplace.subset": subset, "teacher.laplace.hessian": hessian,
                                 "teacher.laplace.prior": prior, "teacher.laplace.link": link,
-                                "teacher.laplace.samples": samples})
+                                "teacher.ensemble.members": members,
+                                "teacher.ensemble.checkpoints": [str(m) for m in member] if member else None})
+    if samples is not None:  # the samples of the chosen kind
+        kind = Bayes(build_recipe(tree, _source(recipe)).teacher.bayes)
+        section = {Bayes.vi: "vi", Bayes.mc_dropout: "mc_dropout"}.get(kind, "laplace")
+        set_path(tree, f"teacher.{section}.samples", samples)
     print(stage.run(build_recipe(tree, _source(recipe))))
 
 

@@ -47,6 +47,12 @@ class Arch(str, enum.Enum):
 class Bayes(str, enum.Enum):
     none = "none"
     laplace = "laplace"
+    vi = "vi"
+    mc_dropout = "mc-dropout"
+    ensemble = "ensemble"
+    temperature = "temperature"
+    mse = "mse"
+    mcmi = "mcmi"
 
 
 class Subset(str, enum.Enum):
@@ -134,6 +140,36 @@ class LaplaceConfig:
 
 
 @dataclass(frozen=True)
+class VIConfig:
+    samples: int = _f(20, "weight samples S averaged by the predictive")
+    ml_epochs: int = _f(20, "first epochs without the KL term (maximum likelihood)")
+    anneal_epochs: int = _f(20, "then epochs over which the KL weight rises linearly from 0 to 1")
+    prior_sigma: float = _f(1.0, "standard deviation of the Gaussian prior over every weight")
+    posterior_rho_init: float = _f(-3.0, "initial rho of the posterior, sigma = log(1 + exp(rho))")
+    moped_delta: float = _f(0.1, "with teacher.base: posterior means start at the base weights, sigma = delta * |w|")
+
+
+@dataclass(frozen=True)
+class MCDropoutConfig:
+    rate: float = _f(0.2, "dropout rate, in training and at prediction")
+    samples: int = _f(20, "dropout masks S averaged by the predictive")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    members: int = _f(5, "members M, trained with seeds seed, seed+1, ...")
+    checkpoints: tuple[str, ...] = _f((), "assemble these deterministic teacher.pt files instead of training members")
+
+
+@dataclass(frozen=True)
+class MCMIConfig:
+    weight: float = _f(0.25, "lambda in CE - lambda * CMI: > 0 maximises the conditional mutual information "
+                             "(softer, more informative outputs, as the original work), < 0 minimises it (sharper)")
+    epochs: int = _f(10, "fine-tuning epochs after the cross-entropy training (or from teacher.base)")
+    lr_scale: float = _f(1.0, "fine-tuning learning rate as a multiple of teacher.lr")
+
+
+@dataclass(frozen=True)
 class TeacherConfig:
     bayes: Bayes = _f(Bayes.none, "teacher kind")
     arch: Arch = _f(Arch.mlp, "architecture")
@@ -149,6 +185,10 @@ class TeacherConfig:
     base: str = _f("", "existing deterministic teacher.pt to fit the posterior around instead of training")
     augment: bool = _f(True, "image data: train on a random pad-4 crop x flip view of each image every epoch")
     laplace: LaplaceConfig = _f(LaplaceConfig(), "Laplace approximation (bayes=laplace)")
+    vi: VIConfig = _f(VIConfig(), "mean-field variational inference (bayes=vi)")
+    mc_dropout: MCDropoutConfig = _f(MCDropoutConfig(), "Monte Carlo dropout (bayes=mc-dropout)")
+    ensemble: EnsembleConfig = _f(EnsembleConfig(), "deep ensemble (bayes=ensemble)")
+    mcmi: MCMIConfig = _f(MCMIConfig(), "cross-entropy training fine-tuned with a CMI term (bayes=mcmi)")
 
 
 @dataclass(frozen=True)
@@ -211,7 +251,7 @@ class Recipe:
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
-_POSITIVE = {"n_classes", "dim", "epochs", "batch_size",
+_POSITIVE = {"n_classes", "dim", "epochs", "batch_size", "prior_sigma", "lr_scale",
              "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
              "t_teacher", "t_student", "workers", "hidden"}
 
@@ -362,9 +402,29 @@ def build_recipe(tree: dict, source: str = "recipe") -> Recipe:
     for item in recipe.evaluate.grad_targets:
         if not _GRAD_TARGET.match(item):
             errors.append(f"evaluate.grad_targets: {item!r} is not one of: onehot, true, noisy:ALPHA")
+    errors += _teacher_problems(recipe.teacher)
     if errors:
         raise BcpkdError(f"{source}: {len(errors)} problem(s): " + "; ".join(errors))
     return recipe
+
+
+def _teacher_problems(cfg: TeacherConfig) -> list[str]:
+    errors = []
+    if not 0.0 < cfg.mc_dropout.rate < 1.0:
+        errors.append(f"teacher.mc_dropout.rate: must lie in (0, 1), got {cfg.mc_dropout.rate}")
+    for key in ("ml_epochs", "anneal_epochs"):
+        if getattr(cfg.vi, key) < 0:
+            errors.append(f"teacher.vi.{key}: must be 0 or positive, got {getattr(cfg.vi, key)}")
+    if cfg.vi.moped_delta < 0:
+        errors.append(f"teacher.vi.moped_delta: must be 0 or positive, got {cfg.vi.moped_delta}")
+    if cfg.ensemble.members < 2:
+        errors.append(f"teacher.ensemble.members: an ensemble needs at least 2, got {cfg.ensemble.members}")
+    if cfg.ensemble.checkpoints and len(cfg.ensemble.checkpoints) < 2:
+        errors.append("teacher.ensemble.checkpoints: an ensemble needs at least 2 teacher.pt files")
+    if cfg.base and cfg.bayes not in (Bayes.laplace, Bayes.vi, Bayes.mcmi, Bayes.temperature):
+        errors.append(f"teacher.base: a {cfg.bayes.value} teacher is trained from scratch; base works with "
+                      f"bayes laplace, vi, mcmi or temperature")
+    return errors
 
 
 def recipe_for_checkpoint(tree: dict, checkpoint: dict, source: str = "recipe") -> Recipe:

@@ -70,12 +70,13 @@ def train(
     log_every: int = 0,
     log_fn: Callable[[int, nn.Module], None] | None = None,
     batch_fn: BatchFn | None = None,
+    penalty: Callable[[int], torch.Tensor] | None = None,
 ) -> int:
-    """Minimise mean loss_fn over seeded shuffled batches (rows of tensors already on the device).
+    """Minimise mean loss_fn (+ penalty(epoch), e.g. a KL term) over seeded shuffled batches.
 
-    `batch_fn(rows, epoch)` builds a batch's inputs and targets (default: the rows of `inputs` and
-    `target_probs`). Calls log_fn(step, model) at step 0 and every `log_every` steps. Returns the
-    number of steps.
+    Batches are rows of tensors already on the device; `batch_fn(rows, epoch)` builds a batch's
+    inputs and targets (default: the rows of `inputs` and `target_probs`). Calls log_fn(step, model)
+    at step 0 and every `log_every` steps. Returns the number of steps.
     """
     if batch_fn is None:
         def batch_fn(rows: torch.Tensor, epoch: int):
@@ -102,6 +103,8 @@ def train(
                 rows = order[start:start + spec.batch_size]
                 batch_inputs, batch_targets = batch_fn(rows, epoch)
                 loss = loss_fn(model(batch_inputs), labels[rows], batch_targets).mean()
+                if penalty is not None:
+                    loss = loss + penalty(epoch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -31,3 +31,18 @@ def kd_loss(
     if alpha < 1.0:
         loss = loss + (1.0 - alpha) * F.cross_entropy(student_logits, labels, reduction="none")
     return loss
+
+
+def mse_to_onehot(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example mean squared error between the logits and the one-hot label -> [B] (the MSE teacher's
+    loss: its minimiser is E[onehot(y) | x], the Bayes class probabilities themselves)."""
+    onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    return (logits - onehot).square().mean(dim=1)
+
+
+def cmi_to_centroids(logits: torch.Tensor, centroid_probs: torch.Tensor) -> torch.Tensor:
+    """Per-example KL(softmax(logits) || Q_y) -> [B], with Q_y [B, C] the centroid of the example's class
+    (the mean predictive over that class). Its mean estimates the conditional mutual information
+    I(X; Y_hat | Y) of the network's outputs given the label."""
+    log_probs = F.log_softmax(logits, dim=1)
+    return (log_probs.exp() * (log_probs - centroid_probs.clamp_min(1e-12).log())).sum(dim=1)

@@ -28,3 +28,19 @@ def tiny_config() -> DataConfig:
 @pytest.fixture(scope="session")
 def tiny_data(tiny_config):
     return load_dataset(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """A tiny ImageFolder tree: 3 classes of 16x16 PNGs whose mean colour tells the class."""
+    from torchvision.io import write_png
+
+    root = tmp_path_factory.mktemp("images")
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 30), ("test", 8)):
+        for c, name in enumerate(("bird", "cat", "ship")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                image = (torch.rand(3, 16, 16, generator=gen) * 120 + 60 * c).to(torch.uint8)
+                write_png(image, str(root / split / name / f"{i:03d}.png"))
+    return root

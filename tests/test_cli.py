@@ -204,22 +204,6 @@ def test_cache_of_another_teacher_is_refused(chain, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """A tiny ImageFolder tree: 3 classes of 16x16 PNGs whose mean colour tells the class."""
-    from torchvision.io import write_png
-
-    root = tmp_path_factory.mktemp("images")
-    gen = torch.Generator().manual_seed(0)
-    for split, n in (("train", 30), ("test", 8)):
-        for c, name in enumerate(("bird", "cat", "ship")):
-            (root / split / name).mkdir(parents=True)
-            for i in range(n):
-                image = (torch.rand(3, 16, 16, generator=gen) * 120 + 60 * c).to(torch.uint8)
-                write_png(image, str(root / split / name / f"{i:03d}.png"))
-    return root
-
-
 def test_image_folder_chain(image_folder, tmp_path):
     data = ["--set", "data.name=imagefolder", "--set", f"data.root={image_folder}", "--set", "data.n_heldout=15",
             "--set", "teacher.arch=resnet20", "--set", "teacher.epochs=2", "--set", "teacher.batch_size=16",

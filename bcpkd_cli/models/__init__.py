@@ -93,14 +93,29 @@ ARCHITECTURES = {"mlp": _mlp, **{name: _image(name, make) for name, make in _IMA
 HEAD_NAME = "head"  # the name of every model's last linear layer (last-layer Laplace)
 
 
-def model_spec(arch: str, input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...]) -> dict:
+def model_spec(arch: str, input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...],
+               dropout: float = 0.0) -> dict:
     """The plain-value description of an architecture that checkpoints store."""
-    return {"arch": arch, "input_shape": list(input_shape), "n_classes": n_classes, "hidden": list(hidden)}
+    return {"arch": arch, "input_shape": list(input_shape), "n_classes": n_classes, "hidden": list(hidden),
+            "dropout": dropout}
+
+
+def add_dropout(model: nn.Module, rate: float) -> None:
+    """Dropout after every hidden ReLU of an MLP; on the pooled features (before the head) of an image model."""
+    if isinstance(model, MLP):
+        layers: list[nn.Module] = []
+        for layer in model.features:
+            layers += [layer, nn.Dropout(rate)] if isinstance(layer, nn.ReLU) else [layer]
+        model.features = nn.Sequential(*layers)
+    else:
+        model.features = nn.Sequential(model.features, nn.Dropout(rate))
 
 
 def build_model(spec: dict, state_dict: dict | None = None) -> nn.Module:
     """Build from a model_spec, optionally loading weights."""
     model = ARCHITECTURES[spec["arch"]](tuple(spec["input_shape"]), spec["n_classes"], tuple(spec["hidden"]))
+    if spec.get("dropout", 0.0) > 0.0:
+        add_dropout(model, spec["dropout"])
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model

@@ -1,4 +1,10 @@
-"""train-teacher: train a network with cross-entropy (or take a trained one), fit its posterior, save."""
+"""train-teacher: train a network the way the teacher kind asks (or take a trained one), fit its posterior, save.
+
+Kinds: none (cross-entropy), temperature (+ a temperature fitted on held-out NLL), mse (mean squared
+error to the one-hot labels), mcmi (cross-entropy, then fine-tuned with a CMI term), laplace
+(+ a Laplace posterior), mc-dropout (trained with dropout), vi (bayesian-torch variational layers,
+KL weight annealed), ensemble (M seeds, or M existing checkpoints).
+"""
 
 from __future__ import annotations
 
@@ -8,23 +14,34 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from bcpkd_cli import artifacts, metrics
-from bcpkd_cli.config import Arch, Bayes, Recipe, to_plain
-from bcpkd_cli.data import load_dataset, views
-from bcpkd_cli.engine import TrainSpec, console, resolve_device, train
+from bcpkd_cli import artifacts, losses, metrics
+from bcpkd_cli.calibration import fit_temperature
+from bcpkd_cli.config import Arch, Bayes, Recipe, TeacherConfig, to_plain
+from bcpkd_cli.data import Dataset, load_dataset, views
+from bcpkd_cli.engine import TrainSpec, console, predict_logits, resolve_device, train
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
-from bcpkd_cli.teachers import teacher_payload
+from bcpkd_cli.teachers import Teacher, teacher_payload
 from bcpkd_cli.teachers.deterministic import DeterministicTeacher
+from bcpkd_cli.teachers.ensemble import EnsembleTeacher
 from bcpkd_cli.teachers.laplace import LaplaceTeacher, check_hessian_size
+from bcpkd_cli.teachers.mc_dropout import MCDropoutTeacher
+from bcpkd_cli.teachers.vi import VITeacher, kl_divergence, kl_weight, to_bayesian
+
+SINGLE_NETWORK = (Bayes.none, Bayes.mse, Bayes.mcmi)  # kinds an ensemble can be assembled from
 
 
 def cross_entropy(logits, labels, _targets):
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def random_views(data, seed: int):
+def mean_squared_error(logits, labels, _targets):
+    return losses.mse_to_onehot(logits, labels)
+
+
+def random_views(data: Dataset, seed: int):
     """Batches of a random pad-4 crop x flip view (of all 162) of every image, drawn anew every epoch."""
     sampler = views.ViewSampler(len(data.train), views.N_VIEWS, seed)
 
@@ -34,61 +51,153 @@ def random_views(data, seed: int):
     return batch
 
 
-def _base_teacher(path: str, data_fingerprint: str) -> dict:
-    """The checkpoint of an existing deterministic teacher to fit a posterior around."""
+def plain_or_views(data: Dataset, cfg: TeacherConfig, seed: int):
+    return random_views(data, seed) if data.is_image and cfg.augment else None
+
+
+def _load_deterministic(path: str, option: str, data_fingerprint: str, kinds: tuple[Bayes, ...]) -> dict:
+    """The checkpoint of an existing single-network teacher (a base, or an ensemble member)."""
     payload = artifacts.load_checkpoint(path, artifacts.TEACHER_FORMAT)
-    if payload["bayes"] != Bayes.none.value:
-        raise BcpkdError(f"teacher.base {path}: is a {payload['bayes']} teacher; give a deterministic "
-                         f"(--bayes none) teacher.pt to fit a posterior around")
+    if Bayes(payload["bayes"]) not in kinds:
+        raise BcpkdError(f"{option} {path}: is a {payload['bayes']} teacher; give a teacher.pt of kind "
+                         f"{' or '.join(k.value for k in kinds)}")
     if payload["data"]["fingerprint"] != data_fingerprint:
         console.print(f"[yellow]warning:[/] {path} was trained on other data "
-                      f"({payload['data']['fingerprint']}); fitting the posterior on {data_fingerprint}")
+                      f"({payload['data']['fingerprint']}); using it on {data_fingerprint}")
     return payload
+
+
+def _train_network(model: nn.Module, data: Dataset, cfg: TeacherConfig, loss_fn, seed: int, desc: str,
+                   epochs: int | None = None, lr: float | None = None, batch_fn=None, penalty=None) -> dict:
+    spec = TrainSpec(epochs or cfg.epochs, cfg.batch_size, cfg.optimizer, lr or cfg.lr, cfg.momentum,
+                     cfg.weight_decay, seed, cfg.lr_milestones)
+    started = time.perf_counter()
+    steps = train(model, data.train.inputs, data.train.labels, None, loss_fn, spec, desc=desc,
+                  batch_fn=batch_fn or plain_or_views(data, cfg, seed), penalty=penalty)
+    return {"steps": steps, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def class_centroids(model: nn.Module, data: Dataset) -> torch.Tensor:
+    """Q [C, C]: row y is the mean predictive of the training examples labelled y (eval mode)."""
+    probs = torch.softmax(predict_logits(model, data.train.inputs, 1024), dim=1)
+    sums = torch.zeros(data.n_classes, data.n_classes, device=probs.device).index_add_(0, data.train.labels, probs)
+    counts = torch.bincount(data.train.labels, minlength=data.n_classes).clamp_min(1)
+    return sums / counts[:, None]
+
+
+def fine_tune_mcmi(model: nn.Module, data: Dataset, cfg: TeacherConfig) -> dict:
+    """Minimise CE - lambda * KL(p(x) || Q_y) with the class centroids Q recomputed every epoch."""
+    views_batch = plain_or_views(data, cfg, cfg.seed + 1)
+    state: dict = {"epoch": None, "centroids": None}
+
+    def batch(rows: torch.Tensor, epoch: int):
+        if state["epoch"] != epoch:
+            state["epoch"], state["centroids"] = epoch, class_centroids(model, data)
+            model.train()
+        inputs = views_batch(rows, epoch)[0] if views_batch else data.train.inputs[rows]
+        return inputs, state["centroids"][data.train.labels[rows]]
+
+    def loss_fn(logits, labels, centroid_probs):
+        cmi = losses.cmi_to_centroids(logits, centroid_probs)
+        return F.cross_entropy(logits, labels, reduction="none") - cfg.mcmi.weight * cmi
+
+    return _train_network(model, data, cfg, loss_fn, cfg.seed + 1, "mcmi fine-tuning", epochs=cfg.mcmi.epochs,
+                          lr=cfg.lr * cfg.mcmi.lr_scale, batch_fn=batch)
+
+
+def train_vi(model: nn.Module, data: Dataset, cfg: TeacherConfig) -> dict:
+    """Cross-entropy + beta(epoch) * KL(q || p) / N: beta is 0 for vi.ml_epochs, then rises linearly to 1."""
+    n_train = len(data.train)
+    return _train_network(model, data, cfg, cross_entropy, cfg.seed, "vi teacher",
+                          penalty=lambda epoch: kl_weight(epoch, cfg.vi) * kl_divergence(model) / n_train)
+
+
+def train_ensemble(spec: dict, data: Dataset, cfg: TeacherConfig, device: torch.device) -> tuple[list, dict]:
+    members, seconds = [], []
+    for m in range(cfg.ensemble.members):
+        torch.manual_seed(cfg.seed + m)
+        member = build_model(spec).to(device)
+        seconds.append(_train_network(member, data, cfg, cross_entropy, cfg.seed + m,
+                                      f"ensemble member {m + 1}/{cfg.ensemble.members}")["seconds"])
+        members.append(member)
+    return members, {"seconds": round(sum(seconds), 2), "member_seconds": seconds}
+
+
+def _assemble(cfg: TeacherConfig, data_fingerprint: str) -> tuple[list[dict], dict]:
+    """The payloads of existing teachers named by teacher.ensemble.checkpoints; all of one architecture."""
+    payloads = [_load_deterministic(p, "teacher.ensemble.checkpoints:", data_fingerprint, SINGLE_NETWORK)
+                for p in cfg.ensemble.checkpoints]
+    for path, payload in zip(cfg.ensemble.checkpoints, payloads):
+        if payload["model"] != payloads[0]["model"]:
+            raise BcpkdError(f"teacher.ensemble.checkpoints: {path} is a {payload['model']['arch']} network unlike "
+                             f"{cfg.ensemble.checkpoints[0]} ({payloads[0]['model']['arch']}); members must share "
+                             f"one architecture")
+    return payloads, {"members_sha256": [artifacts.sha256_file(Path(p)) for p in cfg.ensemble.checkpoints]}
 
 
 def run(recipe: Recipe) -> Path:
     cfg = recipe.teacher
     device = resolve_device(recipe.device)
     data = load_dataset(recipe.data)
-    base = _base_teacher(cfg.base, data.fingerprint) if cfg.base else None
-    if base is not None:  # the stored config describes the network actually used
-        cfg = replace(cfg, arch=Arch(base["model"]["arch"]), hidden=tuple(base["model"]["hidden"]))
+    kind = cfg.bayes
+    members = _assemble(cfg, data.fingerprint) if kind == Bayes.ensemble and cfg.ensemble.checkpoints else None
+    base = _load_deterministic(cfg.base, "teacher.base", data.fingerprint, (Bayes.none,)) if cfg.base else None
+    if base is not None or members is not None:  # the stored config describes the network actually used
+        used = base["model"] if base is not None else members[0][0]["model"]
+        cfg = replace(cfg, arch=Arch(used["arch"]), hidden=tuple(used["hidden"]))
         recipe = replace(recipe, teacher=cfg)
-    spec = model_spec(cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden)
+    spec = members[0][0]["model"] if members is not None else model_spec(
+        cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden,
+        dropout=cfg.mc_dropout.rate if kind == Bayes.mc_dropout else 0.0)
     torch.manual_seed(cfg.seed)
     model = build_model(spec, base["state_dict"] if base else None).to(device)
-    if cfg.bayes == Bayes.laplace:
+    if kind == Bayes.laplace:
         check_hessian_size(model, cfg.laplace)  # before spending any time on training
-    out = artifacts.new_run_dir(recipe.out, f"teacher-{cfg.bayes.value}")
+    out = artifacts.new_run_dir(recipe.out, f"teacher-{kind.value}")
     data = data.to(device)
+    parent_sha = artifacts.sha256_file(Path(cfg.base)) if base is not None else None
+    history: dict = dict(base["history"]) if base is not None else {}
 
-    if base is not None:
-        history = dict(base["history"])
-        parent_sha = artifacts.sha256_file(Path(cfg.base))
+    teacher: Teacher
+    if kind == Bayes.ensemble:
+        if members is not None:
+            payloads, history = members
+            networks = [build_model(p["model"], p["state_dict"]).to(device) for p in payloads]
+        else:
+            networks, history = train_ensemble(spec, data, cfg, device)
+        teacher = EnsembleTeacher(networks)
+    elif kind == Bayes.vi:
+        model = to_bayesian(model, cfg.vi, from_base=base is not None).to(device)
+        history = train_vi(model, data, cfg)
+        teacher = VITeacher(model, cfg.vi.samples, noise_seed=cfg.seed)
     else:
-        train_spec = TrainSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum,
-                               cfg.weight_decay, cfg.seed, cfg.lr_milestones)
-        started = time.perf_counter()
-        steps = train(model, data.train.inputs, data.train.labels, None, cross_entropy, train_spec, desc="teacher",
-                      batch_fn=random_views(data, cfg.seed) if data.is_image and cfg.augment else None)
-        history = {"steps": steps, "seconds": round(time.perf_counter() - started, 2)}
-        parent_sha = None
-
-    if cfg.bayes == Bayes.laplace:
-        teacher = LaplaceTeacher(model, cfg.laplace, noise_seed=cfg.seed)
-        teacher.fit(data.train.inputs, data.train.labels)
-        teacher.tune_prior(cfg.laplace.prior, data.heldout.inputs, data.heldout.labels)
-        history["prior_precision"] = teacher.prior_precision
-    else:
-        teacher = DeterministicTeacher(model)
+        if base is None:
+            loss_fn = mean_squared_error if kind == Bayes.mse else cross_entropy
+            history = _train_network(model, data, cfg, loss_fn, cfg.seed, f"{kind.value} teacher")
+        if kind == Bayes.mcmi:
+            history["mcmi"] = fine_tune_mcmi(model, data, cfg)
+        if kind == Bayes.laplace:
+            teacher = LaplaceTeacher(model, cfg.laplace, noise_seed=cfg.seed)
+            teacher.fit(data.train.inputs, data.train.labels)
+            teacher.tune_prior(cfg.laplace.prior, data.heldout.inputs, data.heldout.labels)
+            history["prior_precision"] = teacher.prior_precision
+        elif kind == Bayes.mc_dropout:
+            teacher = MCDropoutTeacher(model, cfg.mc_dropout.samples, noise_seed=cfg.seed)
+        else:
+            teacher = DeterministicTeacher(model.eval())
+        if kind == Bayes.temperature:
+            held = data.heldout
+            teacher.calibration_temperature = fit_temperature(
+                teacher.predictive_at(held.inputs, torch.arange(len(held))), held.labels)
+            history["temperature"] = teacher.calibration_temperature
 
     held = data.heldout
     held_probs = teacher.predict_probs(held.inputs, torch.arange(len(held)))
     history["heldout"] = metrics.classification_report(held_probs, held.labels, held.true_bcp)
     data_info = {"fingerprint": data.fingerprint, "config": to_plain(recipe.data)}
-    payload = teacher_payload(teacher, cfg.bayes, spec, to_plain(recipe), data_info, parent_sha, history)
+    payload = teacher_payload(teacher, kind, spec, to_plain(recipe), data_info, parent_sha, history)
     path = artifacts.save_checkpoint(out / "teacher.pt", payload)
     artifacts.write_config(out, recipe)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items())
-    console.print(f"{cfg.bayes.value} teacher: held-out {summary}")
+    console.print(f"{kind.value} teacher: held-out {summary}")
     return path

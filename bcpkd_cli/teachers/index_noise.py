@@ -1,4 +1,4 @@
-"""Standard normal noise that is a pure function of (seed, example index, draw number).
+"""Uniform and normal noise that is a pure function of (seed, stream, example index, draw number).
 
 A cache built in any batch layout, on any DDP rank, gets the same Monte Carlo draws for example i.
 Counter-based: a 32-bit integer hash (lowbias32) feeds Box-Muller; no generator state.
@@ -20,10 +20,19 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def index_normal(seed: int, index: torch.Tensor, n_draws: int) -> torch.Tensor:
-    """index [B] int64 -> standard normals [B, n_draws] (float64), reproducible per example."""
+def index_uniform(seed: int, index: torch.Tensor, n_draws: int, stream: int = 0) -> torch.Tensor:
+    """index [B] int64 -> uniforms in (0, 1) [B, n_draws] (float64), reproducible per example.
+
+    `stream` separates independent uses under one seed (e.g. a dropout layer and a sample number)."""
     row = hash32((index.long() + seed * 0x9E3779B9) & _MASK)  # [B]
+    if stream:
+        row = hash32(row ^ ((stream * 0x85EBCA6B) & _MASK))
     draws = torch.arange(n_draws, device=index.device, dtype=torch.long)
-    u1 = hash32(row[:, None] ^ (2 * draws)).double().add_(0.5).div_(2.0**32)
-    u2 = hash32(row[:, None] ^ (2 * draws + 1)).double().add_(0.5).div_(2.0**32)
+    return hash32(row[:, None] ^ draws).double().add_(0.5).div_(2.0**32)
+
+
+def index_normal(seed: int, index: torch.Tensor, n_draws: int) -> torch.Tensor:
+    """index [B] int64 -> standard normals [B, n_draws] (float64), reproducible per example (Box-Muller)."""
+    uniforms = index_uniform(seed, index, 2 * n_draws)
+    u1, u2 = uniforms[:, 0::2], uniforms[:, 1::2]
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)

@@ -1,0 +1,47 @@
+"""Teachers whose predictive averages S networks: weight samples (VI), dropout masks, ensemble members.
+
+predictive(x, T) = mean over s of softmax(logits_s(x) / (T_cal * T)); the draws behind logits_s are
+pure functions of (seed, s) or (seed, s, example index), so a cache does not depend on batch layout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class SampledTeacher:
+    """Base of the averaging kinds: subclasses implement `sample_logits(inputs, index) -> [S, B, C]`."""
+
+    def __init__(self, model: nn.Module, calibration_temperature: float = 1.0, noise_seed: int = 0,
+                 batch_size: int = 1024):
+        self.model = model.eval()
+        self.calibration_temperature = calibration_temperature
+        self.noise_seed = noise_seed
+        self.batch_size = batch_size
+
+    def sample_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def predictive_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
+        """Run the S networks once (in chunks); return temperature -> probabilities [B, C]."""
+        logits = torch.cat([self.sample_logits(inputs[i:i + self.batch_size], index[i:i + self.batch_size])
+                            for i in range(0, len(inputs), self.batch_size)], dim=1)  # [S, B, C]
+
+        def average(temperature: float) -> torch.Tensor:
+            return torch.softmax(logits / (self.calibration_temperature * temperature), dim=2).mean(dim=0)
+
+        return average
+
+    def predict_probs(self, inputs: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """inputs [B, ...], example indices [B] -> probabilities [B, C]."""
+        return self.predictive_at(inputs, index)(temperature)
+
+    def posterior_state(self) -> dict | None:
+        return None
+
+    def predictive_settings(self) -> dict:
+        return {"calibration_temperature": self.calibration_temperature, "noise_seed": self.noise_seed}

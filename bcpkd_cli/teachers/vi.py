@@ -1,0 +1,88 @@
+"""Mean-field Gaussian variational inference through bayesian-torch's network conversion.
+
+bayesian-torch (Intel Labs) turns every Linear and Conv layer of a network into a reparameterised
+Gaussian layer (`dnn_to_bnn`), so every architecture of the zoo becomes a VI network without
+hand-written layers; the KL term of the ELBO is summed here over every weight. Its layers draw their
+noise from torch's default generator; the predictive reseeds it for draw s with a seed made of
+(noise seed, s), so every example, batch and DDP rank sees the same S weight samples.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bcpkd_cli.config import VIConfig
+from bcpkd_cli.teachers.index_noise import hash32
+from bcpkd_cli.teachers.sampled import SampledTeacher
+
+
+def to_bayesian(model: nn.Module, cfg: VIConfig, from_base: bool) -> nn.Module:
+    """Convert in place. Posterior means start at the network's weights (its initialisation, or a trained
+    base); sigma starts at log(1 + exp(rho_init)), or at moped_delta * |w| around a trained base (MOPED)."""
+    from bayesian_torch.models.dnn_to_bnn import dnn_to_bnn  # imported here: only VI teachers need it
+
+    dnn_to_bnn(model, {"prior_mu": 0.0, "prior_sigma": cfg.prior_sigma, "posterior_mu_init": 0.0,
+                       "posterior_rho_init": cfg.posterior_rho_init, "type": "Reparameterization",
+                       "moped_enable": True, "moped_delta": cfg.moped_delta})
+    if not from_base:
+        for name, param in model.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("rho_"):
+                param.data.fill_(cfg.posterior_rho_init)
+    return model
+
+
+_GAUSSIANS = (("mu_weight", "rho_weight", "prior_weight_mu", "prior_weight_sigma"),  # Linear
+              ("mu_kernel", "rho_kernel", "prior_weight_mu", "prior_weight_sigma"),  # Conv
+              ("mu_bias", "rho_bias", "prior_bias_mu", "prior_bias_sigma"))
+
+
+def kl_divergence(model: nn.Module) -> torch.Tensor:
+    """KL(q(w) || p(w)) summed over every weight of every variational layer (a scalar).
+
+    Computed here from the layers' parameters: bayesian-torch 0.5's `get_kl_loss` sums each layer's
+    *mean* KL per weight, which under-weights the KL term of the ELBO by the layer sizes."""
+    total = torch.zeros(())
+    for layer in model.modules():
+        for mu_name, rho_name, prior_mu_name, prior_sigma_name in _GAUSSIANS:
+            mu = getattr(layer, mu_name, None)
+            if not isinstance(mu, nn.Parameter):
+                continue
+            sigma = F.softplus(getattr(layer, rho_name))
+            prior_mu, prior_sigma = getattr(layer, prior_mu_name), getattr(layer, prior_sigma_name)
+            kl = torch.log(prior_sigma / sigma) + (sigma**2 + (mu - prior_mu) ** 2) / (2 * prior_sigma**2) - 0.5
+            total = total.to(kl.device) + kl.sum()
+    return total
+
+
+def kl_weight(epoch: int, cfg: VIConfig) -> float:
+    """0 during the maximum-likelihood epochs, then rising linearly to 1 over `anneal_epochs`."""
+    if epoch < cfg.ml_epochs:
+        return 0.0
+    return min(1.0, (epoch - cfg.ml_epochs + 1) / (cfg.anneal_epochs + 1))
+
+
+def draw_seed(noise_seed: int, draw: int) -> int:
+    return int(hash32(torch.tensor([(noise_seed * 0x9E3779B9 + draw) & 0xFFFFFFFF]))[0])
+
+
+class VITeacher(SampledTeacher):
+    """Average of S weight samples of a variational posterior."""
+
+    def __init__(self, model: nn.Module, samples: int, calibration_temperature: float = 1.0, noise_seed: int = 0,
+                 batch_size: int = 1024):
+        super().__init__(model, calibration_temperature, noise_seed, batch_size)
+        self.samples = samples
+
+    def sample_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        devices = [inputs.device] if inputs.device.type == "cuda" else []
+        logits = []
+        with torch.random.fork_rng(devices=devices):
+            for draw in range(self.samples):
+                torch.manual_seed(draw_seed(self.noise_seed, draw))
+                logits.append(self.model(inputs))
+        return torch.stack(logits)  # [S, B, C]
+
+    def predictive_settings(self) -> dict:
+        return {**super().predictive_settings(), "samples": self.samples}
