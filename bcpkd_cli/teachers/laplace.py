@@ -1,7 +1,8 @@
 """Laplace-approximation teacher through laplace-torch (GLM predictive, probit or MC link).
 
-laplace-torch fits the posterior and gives the mean and covariance of the logits, f_mu [B, C] and
-f_var [B, C, C]. Temperature T (calibration T_cal times the requested T) divides the logit
+laplace-torch fits the posterior; the mean and covariance of the logits, f_mu [B, C] and f_var
+[B, C, C], come in closed form from the penultimate features for last-layer Kron and diagonal
+posteriors (laplace_closed_form.py) and from laplace-torch's Jacobians otherwise. Temperature T (calibration T_cal times the requested T) divides the logit
 distribution: mean f_mu / T, covariance f_var / T^2; then
   probit: softmax((f_mu / T) / sqrt(1 + pi/8 * diag(f_var) / T^2))   (laplace-torch's probit at T=1)
   mc:     mean over S draws of softmax((f_mu + L eps) / T), eps seeded by example index.
@@ -22,6 +23,7 @@ from bcpkd_cli.config import Hessian, LaplaceConfig, Link, PriorMethod, Subset
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import HEAD_NAME
 from bcpkd_cli.teachers.index_noise import index_normal
+from bcpkd_cli.teachers.laplace_closed_form import diag_logit_covariance, kron_logit_covariance
 
 FULL_HESSIAN_MAX_PARAMS = 20_000
 
@@ -85,7 +87,7 @@ class LaplaceTeacher:
         The grid search scores exactly the predictive that gets cached (probit, or MC with
         index-seeded draws), with a plain NLL computed afresh for every grid point (laplace-torch 0.3's
         default grid metric is a running average never reset between points: it favours far too
-        large precisions).
+        large precisions). In closed form the held-out features are computed once for the whole grid.
         """
         if method == PriorMethod.marglik:
             with warnings.catch_warnings():
@@ -93,42 +95,75 @@ class LaplaceTeacher:
                 self.la.optimize_prior_precision(pred_type="glm", method="marglik", prior_structure="scalar",
                                                  link_approx=self.cfg.link.value)
             self.la.prior_precision = torch.as_tensor([self.prior_precision])
-        else:
-            index = torch.arange(len(heldout_labels))
-            scores = []
-            for prior_precision in self.grid():
-                self.la.prior_precision = prior_precision.reshape(1)
-                try:
-                    scores.append(metrics.nll(self.predict_probs(heldout_inputs, index), heldout_labels))
-                except torch.linalg.LinAlgError:  # posterior precision not positive definite at this prior
-                    scores.append(math.inf)
-            self.la.prior_precision = self.grid()[int(torch.tensor(scores).argmin())].reshape(1)
+            return
+        index = torch.arange(len(heldout_labels))
+        features = self.penultimate(heldout_inputs) if self.closed_form else None
+        scores = []
+        for prior_precision in self.grid():
+            self.la.prior_precision = prior_precision.reshape(1)
+            try:
+                moments = self.moments_from_features(features) if self.closed_form else \
+                    self.logit_moments(heldout_inputs)
+                scores.append(metrics.nll(self.link(*moments, index)(1.0), heldout_labels))
+            except torch.linalg.LinAlgError:  # posterior precision not positive definite at this prior
+                scores.append(math.inf)
+        self.la.prior_precision = self.grid()[int(torch.tensor(scores).argmin())].reshape(1)
 
     def grid(self) -> torch.Tensor:
         return torch.logspace(self.cfg.grid_min, self.cfg.grid_max, self.cfg.grid_size)
 
+    @property
+    def closed_form(self) -> bool:
+        """Last-layer Kron or diagonal posteriors: logit moments from the features (laplace_closed_form)."""
+        return self.cfg.subset == Subset.last_layer and self.cfg.hessian in (Hessian.kron, Hessian.diag)
+
+    @torch.no_grad()
+    def penultimate(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Features phi [N, F] that the head sees, in chunks."""
+        self.model.eval()
+        return torch.cat([self.model.features(inputs[i:i + self.batch_size])
+                          for i in range(0, len(inputs), self.batch_size)])
+
+    @torch.no_grad()
+    def moments_from_features(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed-form GLM logit mean [B, C] and covariance ([B, C, C] for mc, its diagonal [B, C] for probit)."""
+        head = self.model.head
+        f_mu = head(features)
+        full, has_bias = self.cfg.link == Link.mc, head.bias is not None
+        if self.cfg.hessian == Hessian.kron:
+            cov = kron_logit_covariance(features, self.la.posterior_precision, has_bias, full)
+        else:
+            cov = diag_logit_covariance(features, self.la.posterior_variance, f_mu.shape[1], has_bias, full)
+        return f_mu, cov.to(f_mu.dtype)
+
     def logit_moments(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """GLM logit mean [B, C] and covariance [B, C, C] from laplace-torch, in chunks."""
+        """GLM logit mean [B, C] and covariance (full [B, C, C] for mc, diagonal [B, C] for probit):
+        in closed form where it exists, else from laplace-torch's Jacobians, in chunks."""
+        if self.closed_form:
+            return self.moments_from_features(self.penultimate(inputs))
         means, covs = [], []
         for i in range(0, len(inputs), self.batch_size):
             f_mu, f_var = self.la._glm_predictive_distribution(inputs[i:i + self.batch_size])
             means.append(f_mu.detach())
-            covs.append(f_var.detach())
+            covs.append(f_var.detach() if self.cfg.link == Link.mc else f_var.detach().diagonal(dim1=1, dim2=2))
         return torch.cat(means), torch.cat(covs)
 
     def predictive_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
         """Compute the logit moments once; return temperature -> probabilities [B, C] at T_cal * T."""
-        f_mu, f_var = self.logit_moments(inputs)
-        if self.cfg.link == Link.probit:
-            var_diag = f_var.diagonal(dim1=1, dim2=2)
+        return self.link(*self.logit_moments(inputs), index)
 
+    def link(self, f_mu: torch.Tensor, f_var: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
+        """Logit moments -> (temperature -> probabilities [B, C]) through the probit or MC link."""
+        if self.cfg.link == Link.probit:
             def probit(temperature: float) -> torch.Tensor:
                 t = self.calibration_temperature * temperature
-                return torch.softmax(f_mu / t / torch.sqrt(1.0 + math.pi / 8.0 * var_diag / t**2), dim=1)
+                return torch.softmax(f_mu / t / torch.sqrt(1.0 + math.pi / 8.0 * f_var / t**2), dim=1)
 
             return probit
+        # The principal (symmetric) square root: unique and continuous in f_var, so a draw does not
+        # depend on how eigh picks eigenvectors of (nearly) equal eigenvalues in a given batch.
         eigvals, eigvecs = torch.linalg.eigh(f_var.double())
-        sqrt_cov = eigvecs * eigvals.clamp_min(0.0).sqrt()[:, None, :]  # [B, C, C], sqrt_cov @ sqrt_cov^T = f_var
+        sqrt_cov = (eigvecs * eigvals.clamp_min(0.0).sqrt()[:, None, :]) @ eigvecs.transpose(1, 2)  # [B, C, C]
         n_classes = f_mu.shape[1]
         eps = index_normal(self.noise_seed, index.cpu(), self.cfg.samples * n_classes)
         eps = eps.view(len(index), self.cfg.samples, n_classes).to(f_mu.device)  # [B, S, C]
