@@ -20,15 +20,20 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def index_uniform(seed: int, index: torch.Tensor, n_draws: int, stream: int = 0) -> torch.Tensor:
-    """index [B] int64 -> uniforms in (0, 1) [B, n_draws] (float64), reproducible per example.
+def index_bits(seed: int, index: torch.Tensor, n_draws: int, stream: int = 0) -> torch.Tensor:
+    """index [B] int64 -> uniform 32-bit integers [B, n_draws] (int64 in [0, 2^32)), reproducible per example.
 
     `stream` separates independent uses under one seed (e.g. a dropout layer and a sample number)."""
     row = hash32((index.long() + seed * 0x9E3779B9) & _MASK)  # [B]
     if stream:
         row = hash32(row ^ ((stream * 0x85EBCA6B) & _MASK))
     draws = torch.arange(n_draws, device=index.device, dtype=torch.long)
-    return hash32(row[:, None] ^ draws).double().add_(0.5).div_(2.0**32)
+    return hash32(row[:, None] ^ draws)
+
+
+def index_uniform(seed: int, index: torch.Tensor, n_draws: int, stream: int = 0) -> torch.Tensor:
+    """index [B] int64 -> uniforms in (0, 1) [B, n_draws] (float64): (bits + 0.5) / 2^32."""
+    return index_bits(seed, index, n_draws, stream).double().add_(0.5).div_(2.0**32)
 
 
 def index_normal(seed: int, index: torch.Tensor, n_draws: int) -> torch.Tensor:

@@ -12,7 +12,6 @@ precision's own factors:
   diag: Cov(f) = diag(phi^2 @ var_W^T + var_b)
 
 Cost per example: one F x F rotation and a [F] x [F, C] product, negligible beside the backbone.
-Computed in float64, so a row's moments do not depend on the batch it is computed in.
 """
 
 from __future__ import annotations
@@ -23,21 +22,20 @@ import torch
 def kron_logit_covariance(features: torch.Tensor, precision, has_bias: bool, full: bool) -> torch.Tensor:
     """features [B, F], laplace-torch's KronDecomposed posterior precision of the head ->
     logit covariance [B, C, C] (full) or its diagonal [B, C]."""
-    (l_out, l_in), (q_out, q_in) = [[f.double() for f in pair] for pair in (precision.eigenvalues[0],
-                                                                             precision.eigenvectors[0])]
-    delta = precision.deltas[0].double()
+    (l_out, l_in), (q_out, q_in) = precision.eigenvalues[0], precision.eigenvectors[0]
+    delta = precision.deltas[0]
     if precision.damping:
         inverse = 1.0 / torch.outer(l_out + delta.sqrt(), l_in + delta.sqrt())  # [C, F]
     else:
         inverse = 1.0 / (torch.outer(l_out, l_in) + delta)
-    weights = (features.double() @ q_in).square() @ inverse.T  # m [B, C]
+    weights = (features.to(q_in.dtype) @ q_in).square() @ inverse.T  # m [B, C]
     if full:
         cov = torch.einsum("ci,bi,di->bcd", q_out, weights, q_out)
     else:
         cov = weights @ q_out.square().T
     if has_bias:
-        l_bias, q_bias = precision.eigenvalues[1][0].double(), precision.eigenvectors[1][0].double()
-        sigma_bias = (q_bias / (l_bias + precision.deltas[1].double())) @ q_bias.T  # [C, C]
+        l_bias, q_bias = precision.eigenvalues[1][0], precision.eigenvectors[1][0]
+        sigma_bias = (q_bias / (l_bias + precision.deltas[1])) @ q_bias.T  # [C, C]
         cov = cov + (sigma_bias if full else sigma_bias.diagonal())
     return cov
 
@@ -47,9 +45,8 @@ def diag_logit_covariance(features: torch.Tensor, posterior_variance: torch.Tens
     """features [B, F], laplace-torch's diagonal posterior variance [C*F (+ C)] ->
     logit covariance [B, C, C] (full, diagonal matrices) or its diagonal [B, C]."""
     n_features = features.shape[1]
-    posterior_variance = posterior_variance.double()
     var_weight = posterior_variance[: n_classes * n_features].reshape(n_classes, n_features)
-    var = features.double().square() @ var_weight.T  # [B, C]
+    var = features.to(var_weight.dtype).square() @ var_weight.T  # [B, C]
     if has_bias:
         var = var + posterior_variance[-n_classes:]
     return torch.diag_embed(var) if full else var

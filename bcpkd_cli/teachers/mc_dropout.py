@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bcpkd_cli.teachers.index_noise import index_uniform
+from bcpkd_cli.teachers.index_noise import index_bits
 from bcpkd_cli.teachers.sampled import SampledTeacher
 
 
@@ -33,8 +33,8 @@ class MCDropoutTeacher(SampledTeacher):
                 return output
             index, draw = self._draw
             stream = 1 + layer_number * 65_536 + draw
-            uniforms = index_uniform(self.noise_seed, index.to(output.device), output[0].numel(), stream)
-            keep = (uniforms >= module.p).view_as(output)
+            bits = index_bits(self.noise_seed, index.to(output.device), output[0].numel(), stream)
+            keep = (bits >= round(module.p * 2**32)).view_as(output)  # uniform (bits + 0.5) / 2^32 >= p
             return output * keep / (1.0 - module.p)
 
         return hook
