@@ -13,10 +13,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 import yaml
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from bcpkd_cli.config import Recipe, to_plain
 from bcpkd_cli.errors import BcpkdError
@@ -113,8 +114,22 @@ def read_cache_metadata(path: Path) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
 
 
-def load_cache(path: Path, expect: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Load probs [N, V, C] and metadata; every key of `expect` must match (dealbreakers)."""
+def map_cache_probs(path: Path) -> torch.Tensor:
+    """probs [N, V, C] as a copy-on-write memory map of the safetensors file: nothing is read until a
+    row is indexed, and rows read stay in the page cache, not in the process's own memory."""
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        entry = json.loads(f.read(header_size))["probs"]
+    dtype = {"F32": np.float32, "F16": np.float16}.get(entry["dtype"])
+    if dtype is None:
+        raise BcpkdError(f"{path}: cache dtype {entry['dtype']} is not float32 or float16; {FIX_HINT[CACHE_FORMAT]}")
+    start = 8 + header_size + entry["data_offsets"][0]
+    return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=start, shape=tuple(entry["shape"])))
+
+
+def load_cache(path: Path, expect: dict[str, Any], rows_per_check: int = 65_536) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Memory-mapped probs [N, V, C] and metadata; every key of `expect` must match (dealbreakers).
+    Rows are checked to sum to 1 in blocks, so checking does not hold the cache in memory."""
     path = Path(path)
     if not path.is_file():
         raise BcpkdError(f"{path}: no such BCP cache; {FIX_HINT[CACHE_FORMAT]}")
@@ -123,10 +138,13 @@ def load_cache(path: Path, expect: dict[str, Any]) -> tuple[torch.Tensor, dict[s
         if meta.get(key) != want:
             raise BcpkdError(f"{path}: cache {key} is {meta.get(key)!r} but this run needs {want!r}; "
                              f"rebuild it with: bcpkd calibrate --teacher TEACHER.pt")
-    probs = load_file(str(path))["probs"]
-    row_sums = probs.double().sum(dim=-1)
+    probs = map_cache_probs(path)
     tolerance = 1e-2 if probs.dtype == torch.float16 else 1e-4
-    if probs.ndim != 3 or not torch.allclose(row_sums, torch.ones_like(row_sums), atol=tolerance):
+    corrupt = probs.ndim != 3
+    for start in range(0, 0 if corrupt else len(probs), rows_per_check):
+        row_sums = probs[start:start + rows_per_check].double().sum(dim=-1)
+        corrupt = corrupt or not torch.allclose(row_sums, torch.ones_like(row_sums), atol=tolerance)
+    if corrupt:
         raise BcpkdError(f"{path}: cache rows do not sum to 1 (corrupt); delete it and rebuild with: "
                          f"bcpkd calibrate --teacher TEACHER.pt")
     return probs, meta

@@ -235,3 +235,20 @@ def test_artifacts_respect_the_umask(tmp_path):
         os.umask(old)
     for path in (checkpoint, report, cache):
         assert path.stat().st_mode & 0o777 == 0o644, f"{path.name}: {oct(path.stat().st_mode & 0o777)}"
+
+
+def test_cache_is_memory_mapped_not_read_into_memory(tmp_path):
+    """Loading (and checking) a 40 MB cache leaves the process's private memory nearly unchanged."""
+    def anon_mb() -> float:
+        line = next(l for l in pathlib.Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
+        return int(line.split()[1]) / 1024
+
+    probs = torch.softmax(torch.randn(10_000, 10, 100), dim=2)  # 40 MB of float32
+    path = artifacts.save_cache(tmp_path / "bcp.safetensors", probs, {"n_views": 10})
+    del probs
+    before = anon_mb()
+    mapped, _ = artifacts.load_cache(path, {}, rows_per_check=500)
+    rows = mapped[torch.arange(0, 10_000, 7), 3]
+    assert anon_mb() - before < 10
+    assert torch.allclose(rows.double().sum(1), torch.ones(len(rows), dtype=torch.float64), atol=1e-5)
+    assert mapped.shape == (10_000, 10, 100) and mapped.dtype == torch.float32

@@ -41,8 +41,9 @@ def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cac
 
 def training_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, cache: Path | None,
                      device: torch.device) -> tuple[torch.Tensor | Teacher, dict]:
-    """Target probabilities [N, V, C] at T_t for the training split (V = 1 unless cached per view), or
-    for --targets online the calibrated teacher itself; and their provenance."""
+    """Target probabilities [N, V, C] at T_t for the training split (V = 1 unless cached per view; a cache
+    stays memory-mapped on the CPU, in its stored dtype), or for --targets online the calibrated teacher
+    itself; and their provenance."""
     cfg, train_split = recipe.distill, data.train
     if cfg.targets in (Targets.teacher, Targets.online):
         cache, info = _teacher_cache(recipe, data, teacher_path, cache, device)
@@ -50,8 +51,8 @@ def training_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, c
             calibrated = artifacts.load_checkpoint(cache.parent / "teacher.pt", artifacts.TEACHER_FORMAT)
             return load_teacher(calibrated, device), info
         expect = cache_expectations(teacher_path, data, cfg.t_teacher, recipe.calibrate)
-        probs, _ = artifacts.load_cache(cache, expect)
-        return probs.float().to(device), info
+        probs, _ = artifacts.load_cache(cache, expect)  # memory-mapped; on CUDA copied to the device once
+        return (probs if device.type == "cpu" else probs.to(device)), info
     if cfg.targets == Targets.onehot:
         return targets.onehot(train_split.labels, data.n_classes)[:, None, :], {}
     if train_split.true_bcp is None:
@@ -77,7 +78,7 @@ def view_batches(recipe: Recipe, data: Dataset, targets_or_teacher: torch.Tensor
         inputs = views.apply_views(train_inputs[rows], ids) if data.is_image else train_inputs[rows]
         if isinstance(targets_or_teacher, torch.Tensor):
             per_view = targets_or_teacher.shape[1] > 1
-            return inputs, targets_or_teacher[rows, slots if per_view else 0]
+            return inputs, targets_or_teacher[rows, slots if per_view else 0].float()  # a float16 cache too
         return inputs, targets_or_teacher.predict_probs(inputs, views.sample_index(example_index[rows.cpu()], ids),
                                                         t_teacher)
 
@@ -88,7 +89,7 @@ def view_zero_targets(targets_or_teacher: torch.Tensor | Teacher, data: Dataset,
                       example_index: torch.Tensor) -> torch.Tensor:
     """Targets [N, C] of every unaugmented training example (view 0), for the gradient noise."""
     if isinstance(targets_or_teacher, torch.Tensor):
-        return targets_or_teacher[:, 0]
+        return targets_or_teacher[:, 0].float()
     return targets_or_teacher.predict_probs(data.train.inputs, views.sample_index(example_index, 0 * example_index),
                                             t_teacher)
 

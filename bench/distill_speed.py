@@ -1,0 +1,177 @@
+"""What distillation costs beside plain training: cached targets, an online teacher, cache reads.
+
+    python bench/distill_speed.py [--n 1024] [--batch 128] [--views 8] [--repeats 5]
+
+1. Epoch time of one student, same batches and views, three ways, interleaved inside every repeat:
+   plain supervised training (cross-entropy), cached distillation (targets gathered from the
+   memory-mapped [N, V, C] BCP cache) and online distillation (the teacher runs on every batch, the
+   reference approach). Two teacher/student pairs; the online/cached ratio is printed beside the
+   ratio FLOP counts predict, 1 + S * teacher / (3 * student) (S = 1: a deterministic teacher).
+2. Cache reads: the time to gather a batch's targets against the time of the student's training
+   step on it, and the process's own (anonymous) resident memory after mapping caches of 1, 8 and
+   32 views of 50,000 x 100 classes and reading one epoch of targets from each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from bcpkd_cli import artifacts
+from bcpkd_cli.data.views import ViewSampler, apply_views, select_views
+from bcpkd_cli.engine import TrainSpec, make_optimizer
+from bcpkd_cli.config import Optimizer
+from bcpkd_cli.losses import kd_loss
+from bcpkd_cli.models import build_model, model_spec
+
+PAIRS = [("resnet56", "resnet20"), ("wrn_40_2", "wrn_16_1")]
+N_CLASSES = 100
+
+
+def forward_flops(arch: str) -> int:
+    model = build_model(model_spec(arch, (3, 32, 32), N_CLASSES, ())).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+    return counter.get_total_flops()
+
+
+def random_cache(folder: Path, n: int, views: int, seed: int = 0) -> Path:
+    probs = torch.softmax(torch.randn(n, views, N_CLASSES, generator=torch.Generator().manual_seed(seed)), dim=2)
+    return artifacts.save_cache(folder / f"bcp-{n}x{views}.safetensors", probs, {"n_views": views})
+
+
+def anon_rss_mb() -> float:
+    """RssAnon of this process (private memory; page-cache pages of mapped files are not counted)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def epoch_times(pair: tuple[str, str], images, labels, cache, args) -> dict[str, list[float]]:
+    teacher_arch, student_arch = pair
+    teacher = build_model(model_spec(teacher_arch, (3, 32, 32), N_CLASSES, ())).eval()
+    view_ids = select_views(args.views, seed=0)
+    sampler = ViewSampler(len(images), args.views, seed=0)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    spec = TrainSpec(1, args.batch, Optimizer.sgd, 0.01, 0.9, 0.0, 0)
+    students = {}
+    for variant in ("plain", "cached", "online"):  # one student per variant, same initialisation
+        torch.manual_seed(0)
+        student = build_model(model_spec(student_arch, (3, 32, 32), N_CLASSES, ())).train()
+        students[variant] = (student, make_optimizer(student.parameters(), spec))
+
+    def one_epoch(variant: str, epoch: int) -> float:
+        student, optimizer = students[variant]
+        started = time.perf_counter()
+        for start in range(0, len(images), args.batch):
+            rows = order[start:start + args.batch]
+            slots = sampler.slots(rows, epoch)
+            inputs = apply_views(images[rows], view_ids[slots])
+            logits = student(inputs)
+            if variant == "plain":
+                loss = F.cross_entropy(logits, labels[rows])
+            else:
+                if variant == "cached":
+                    targets = cache[rows, slots].float()
+                else:
+                    with torch.no_grad():  # the targets are saved for the student's backward pass
+                        targets = torch.softmax(teacher(inputs), dim=1)
+                loss = kd_loss(logits, labels[rows], targets, 1.0, 1.0, 1.0).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return time.perf_counter() - started
+
+    for variant in students:  # warm-up
+        one_epoch(variant, 0)
+    times: dict[str, list[float]] = {variant: [] for variant in students}
+    for repeat in range(args.repeats):
+        for variant in students:
+            times[variant].append(one_epoch(variant, repeat + 1))
+    return times
+
+
+def read_speed(images, labels, cache, args) -> tuple[float, float]:
+    """Median time to gather a batch's targets, and of one student training step on that batch."""
+    student = build_model(model_spec("wrn_16_1", (3, 32, 32), N_CLASSES, ())).train()
+    optimizer = make_optimizer(student.parameters(), TrainSpec(1, args.batch, Optimizer.sgd, 0.01, 0.9, 0.0, 0))
+    sampler = ViewSampler(len(images), args.views, seed=1)
+    view_ids = select_views(args.views, seed=0)
+    reads, steps = [], []
+    for step in range(args.repeats * 4):
+        rows = torch.randint(0, len(images), (args.batch,), generator=torch.Generator().manual_seed(step))
+        slots = sampler.slots(rows, step)
+        started = time.perf_counter()
+        targets = cache[rows, slots].float()
+        reads.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        loss = kd_loss(student(apply_views(images[rows], view_ids[slots])), labels[rows], targets, 1.0, 1.0, 1.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.mean().backward()
+        optimizer.step()
+        steps.append(time.perf_counter() - started)
+    return statistics.median(reads), statistics.median(steps)
+
+
+def memory_by_views(folder: Path, n: int = 50_000) -> list[tuple[int, float, float]]:
+    """(views, cache MB on disk, growth of anonymous RSS in MB after mapping + one epoch of reads)."""
+    rows = []
+    for views in (1, 8, 32):
+        path = random_cache(folder, n, views, seed=views)
+        before = anon_rss_mb()
+        probs, _ = artifacts.load_cache(path, {})
+        sampler = ViewSampler(n, views, seed=0)
+        order = torch.randperm(n)
+        for start in range(0, n, 128):
+            batch_rows = order[start:start + 128]
+            probs[batch_rows, sampler.slots(batch_rows, 0)].float()
+        rows.append((views, path.stat().st_size / 2**20, anon_rss_mb() - before))
+        del probs
+        path.unlink()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1024, help="training images per epoch")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (args.n, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    labels = torch.randint(0, N_CLASSES, (args.n,), generator=gen)
+    print(f"{args.n} images per epoch, batch {args.batch}, {args.views} views, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} epochs")
+    with tempfile.TemporaryDirectory() as folder:
+        cache, _ = artifacts.load_cache(random_cache(Path(folder), args.n, args.views), {})
+        print("\n| teacher -> student | plain (s) | cached (s) | online (s) | cached / plain | online / cached "
+              "| FLOP prediction |")
+        print("|---|---|---|---|---|---|---|")
+        for pair in PAIRS:
+            times = epoch_times(pair, images, labels, cache, args)
+            plain, cached, online = (statistics.median(times[v]) for v in ("plain", "cached", "online"))
+            predicted = 1 + forward_flops(pair[0]) / (3 * forward_flops(pair[1]))
+            print(f"| {pair[0]} -> {pair[1]} | {plain:.3f} | {cached:.3f} | {online:.3f} | {cached / plain:.3f} "
+                  f"| {online / cached:.2f} | {predicted:.2f} |")
+
+        read, step = read_speed(images, labels, cache, args)
+        print(f"\ncache read of a batch's targets {read * 1e3:.3f} ms; wrn_16_1 training step {step * 1e3:.1f} ms; "
+              f"step / read = {step / read:.0f}x (target: at least 10x)")
+        print("\n| views | cache on disk (MB) | anonymous RSS growth (MB) |")
+        print("|---|---|---|")
+        for views, size_mb, growth_mb in memory_by_views(Path(folder)):
+            print(f"| {views} | {size_mb:.0f} | {growth_mb:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
