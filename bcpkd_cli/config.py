@@ -419,7 +419,10 @@ def _teacher_problems(cfg: TeacherConfig) -> list[str]:
         errors.append(f"teacher.vi.moped_delta: must be 0 or positive, got {cfg.vi.moped_delta}")
     if cfg.ensemble.members < 2:
         errors.append(f"teacher.ensemble.members: an ensemble needs at least 2, got {cfg.ensemble.members}")
-    if cfg.ensemble.checkpoints and len(cfg.ensemble.checkpoints) < 2:
+    if cfg.ensemble.checkpoints and cfg.bayes != Bayes.ensemble:
+        errors.append(f"teacher.ensemble.checkpoints (--member): only a --bayes ensemble teacher is assembled "
+                      f"from checkpoints, not a {cfg.bayes.value} one")
+    elif cfg.ensemble.checkpoints and len(cfg.ensemble.checkpoints) < 2:
         errors.append("teacher.ensemble.checkpoints: an ensemble needs at least 2 teacher.pt files")
     if cfg.base and cfg.bayes not in (Bayes.laplace, Bayes.vi, Bayes.mcmi, Bayes.temperature):
         errors.append(f"teacher.base: a {cfg.bayes.value} teacher is trained from scratch; base works with "

@@ -246,8 +246,8 @@ def test_ensemble_of_other_architectures_or_kinds_is_refused(teachers, tmp_path)
 def test_bad_teacher_settings_are_reported_together():
     with pytest.raises(BcpkdError) as err:
         build_recipe({"teacher": {"bayes": "mse", "base": "t.pt", "mc_dropout": {"rate": 1.5},
-                                  "ensemble": {"members": 1}, "vi": {"samples": 0}}})
-    for fragment in ("teacher.base", "mc_dropout.rate", "ensemble.members", "vi.samples"):
+                                  "ensemble": {"members": 1, "checkpoints": ["a.pt", "b.pt"]}, "vi": {"samples": 0}}})
+    for fragment in ("teacher.base", "mc_dropout.rate", "ensemble.members", "vi.samples", "only a --bayes ensemble"):
         assert fragment in str(err.value)
 
 
