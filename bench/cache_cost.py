@@ -60,7 +60,7 @@ def teachers(arch: str, input_shape: tuple[int, ...], n_classes: int, samples: i
     laplace = laplace_teacher(spec, inputs[:batch], n_classes, batch)
     return {
         "deterministic": DeterministicTeacher(build_model(spec).eval(), batch_size=batch),
-        f"vi (S={samples})": VITeacher(to_bayesian(build_model(spec), VIConfig(), from_base=False), samples,
+        f"vi (S={samples})": VITeacher(to_bayesian(build_model(spec), VIConfig(), from_base=False), spec, samples,
                                        batch_size=batch),
         f"mc-dropout (S={samples})": MCDropoutTeacher(build_model(dropout_spec), samples, batch_size=batch),
         f"ensemble (M={samples})": EnsembleTeacher([build_model(spec) for _ in range(samples)], batch_size=batch),

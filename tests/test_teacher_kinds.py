@@ -99,16 +99,23 @@ def test_vi_kl_is_the_closed_form_gaussian_kl_over_every_weight():
     assert all(torch.all(p == -3.0) for p in rho)  # posterior_rho_init
 
 
-def test_vi_predictive_averages_softmax_over_reseeded_weight_samples(teachers, tiny_data):
+def test_vi_predictive_averages_softmax_over_seeded_weight_samples(teachers, tiny_data):
+    """Draw s: W = mu + softplus(rho) * eps, eps from a generator seeded by draw_seed(seed, s), drawn
+    in parameter order; the predictive is the mean of the S networks' softmax (here by hand)."""
     _, teacher = _load(teachers[Bayes.vi])
     x, index = _inputs(tiny_data)
+    params = dict(teacher.model.named_parameters())
     want = 0
     for draw in range(teacher.samples):
-        torch.manual_seed(draw_seed(teacher.noise_seed, draw))
-        want = want + torch.softmax(teacher.model(x) / (teacher.calibration_temperature * 2.0), 1) / teacher.samples
+        gen = torch.Generator().manual_seed(draw_seed(teacher.noise_seed, draw))
+        w = {name: mu + F.softplus(params[name.replace("mu_", "rho_")]) * torch.randn(mu.shape, generator=gen)
+             for name, mu in params.items() if ".mu_" in name}
+        hidden = torch.relu(x @ w["features.0.mu_weight"].T + w["features.0.mu_bias"])
+        logits = hidden @ w["head.mu_weight"].T + w["head.mu_bias"]
+        want = want + torch.softmax(logits / (teacher.calibration_temperature * 2.0), 1) / teacher.samples
     torch.testing.assert_close(teacher.predict_probs(x, index, 2.0), want)
     torch.manual_seed(123)
-    assert not torch.allclose(teacher.model(x), teacher.model(x))  # the weights really are sampled
+    assert not torch.allclose(teacher.model(x), teacher.model(x))  # training-time layers sample anew
 
 
 def test_mc_dropout_predictive_by_hand(teachers, tiny_data):

@@ -169,7 +169,7 @@ def run(recipe: Recipe) -> Path:
     elif kind == Bayes.vi:
         model = to_bayesian(model, cfg.vi, from_base=base is not None).to(device)
         history = train_vi(model, data, cfg)
-        teacher = VITeacher(model, cfg.vi.samples, noise_seed=cfg.seed)
+        teacher = VITeacher(model, spec, cfg.vi.samples, noise_seed=cfg.seed)
     else:
         if base is None:
             loss_fn = mean_squared_error if kind == Bayes.mse else cross_entropy

@@ -55,7 +55,7 @@ def load_teacher(payload: dict, device: torch.device) -> Teacher:
     if bayes == Bayes.vi:
         model = to_bayesian(build_model(payload["model"]), cfg.vi, from_base=False)
         model.load_state_dict(payload["state_dict"])
-        return VITeacher(model.to(device), settings["samples"], t_cal, settings["noise_seed"])
+        return VITeacher(model.to(device), payload["model"], settings["samples"], t_cal, settings["noise_seed"])
     model = build_model(payload["model"], payload["state_dict"]).to(device).eval()
     if bayes == Bayes.laplace:
         teacher = LaplaceTeacher(model, cfg.laplace, t_cal, settings["noise_seed"])

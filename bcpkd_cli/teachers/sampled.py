@@ -23,13 +23,18 @@ class SampledTeacher:
         self.batch_size = batch_size
 
     def sample_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """inputs [B, ...] (one chunk), example indices [B] -> logits of the S networks [S, B, C]."""
         raise NotImplementedError
+
+    def all_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Logits [S, N, C] of all inputs, chunk by chunk."""
+        return torch.cat([self.sample_logits(inputs[i:i + self.batch_size], index[i:i + self.batch_size])
+                          for i in range(0, len(inputs), self.batch_size)], dim=1)
 
     @torch.inference_mode()
     def predictive_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
-        """Run the S networks once (in chunks); return temperature -> probabilities [B, C]."""
-        logits = torch.cat([self.sample_logits(inputs[i:i + self.batch_size], index[i:i + self.batch_size])
-                            for i in range(0, len(inputs), self.batch_size)], dim=1)  # [S, B, C]
+        """Run the S networks once; return temperature -> probabilities [B, C]."""
+        logits = self.all_logits(inputs, index)  # [S, B, C]
 
         def average(temperature: float) -> torch.Tensor:
             return torch.softmax(logits / (self.calibration_temperature * temperature), dim=2).mean(dim=0)

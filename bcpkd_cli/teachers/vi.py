@@ -2,9 +2,11 @@
 
 bayesian-torch (Intel Labs) turns every Linear and Conv layer of a network into a reparameterised
 Gaussian layer (`dnn_to_bnn`), so every architecture of the zoo becomes a VI network without
-hand-written layers; the KL term of the ELBO is summed here over every weight. Its layers draw their
-noise from torch's default generator; the predictive reseeds it for draw s with a seed made of
-(noise seed, s), so every example, batch and DDP rank sees the same S weight samples.
+hand-written layers; the KL term of the ELBO is summed here over every weight. Training uses the
+library's layers (a new weight sample per forward pass). The predictive draws weight sample s once,
+mu + softplus(rho) * eps with eps from a generator seeded by (noise seed, s), and runs it as plain
+weights of the deterministic twin network over all chunks: every example, batch and DDP rank sees
+the same S weight samples, and a sample costs one deterministic pass.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from bcpkd_cli.config import VIConfig
+from bcpkd_cli.models import build_model
 from bcpkd_cli.teachers.index_noise import hash32
 from bcpkd_cli.teachers.sampled import SampledTeacher
 
@@ -67,21 +71,47 @@ def draw_seed(noise_seed: int, draw: int) -> int:
     return int(hash32(torch.tensor([(noise_seed * 0x9E3779B9 + draw) & 0xFFFFFFFF]))[0])
 
 
-class VITeacher(SampledTeacher):
-    """Average of S weight samples of a variational posterior."""
+_DETERMINISTIC_NAME = {"weight": "weight", "kernel": "weight", "bias": "bias"}  # mu_<x> -> the twin's <name>
 
-    def __init__(self, model: nn.Module, samples: int, calibration_temperature: float = 1.0, noise_seed: int = 0,
-                 batch_size: int = 1024):
+
+def sample_weights(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """One posterior draw of every parameter, named as in the deterministic network (plus its buffers)."""
+    params = dict(model.named_parameters())
+    draw = {}
+    for name, param in params.items():
+        prefix, _, leaf = name.rpartition(".")
+        if leaf.startswith("mu_"):
+            sigma = F.softplus(params[f"{prefix}.rho_{leaf[3:]}"])
+            eps = torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
+            draw[f"{prefix}.{_DETERMINISTIC_NAME[leaf[3:]]}"] = param + sigma * eps
+        elif not leaf.startswith("rho_"):
+            draw[name] = param  # BatchNorm and other deterministic parameters
+    return draw
+
+
+class VITeacher(SampledTeacher):
+    """Average of S weight samples of a variational posterior, each run as a plain network."""
+
+    def __init__(self, model: nn.Module, spec: dict, samples: int, calibration_temperature: float = 1.0,
+                 noise_seed: int = 0, batch_size: int = 1024):
         super().__init__(model, calibration_temperature, noise_seed, batch_size)
         self.samples = samples
+        device = next(model.parameters()).device
+        self.twin = build_model(spec).to(device).eval()
+        twin_buffers = dict(self.twin.named_buffers())
+        self.buffers = {name: b for name, b in model.named_buffers() if name in twin_buffers}  # BatchNorm statistics
 
-    def sample_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        devices = [inputs.device] if inputs.device.type == "cuda" else []
+    def draw(self, number: int) -> dict[str, torch.Tensor]:
+        device = next(self.model.parameters()).device
+        generator = torch.Generator(device).manual_seed(draw_seed(self.noise_seed, number))
+        return {**sample_weights(self.model, generator), **self.buffers}
+
+    def all_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         logits = []
-        with torch.random.fork_rng(devices=devices):
-            for draw in range(self.samples):
-                torch.manual_seed(draw_seed(self.noise_seed, draw))
-                logits.append(self.model(inputs))
+        for number in range(self.samples):  # draw the weights once, then every chunk
+            weights = self.draw(number)
+            logits.append(torch.cat([functional_call(self.twin, weights, (inputs[i:i + self.batch_size],))
+                                     for i in range(0, len(inputs), self.batch_size)]))
         return torch.stack(logits)  # [S, B, C]
 
     def predictive_settings(self) -> dict:
