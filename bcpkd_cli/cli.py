@@ -16,7 +16,8 @@ import typer
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.config import (Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets, TemperatureFit,
-                              build_recipe, merge, parse_set, read_recipe, recipe_for_checkpoint, set_path)
+                              build_recipe, merge, parse_set, parse_sweep, read_recipe, recipe_for_checkpoint,
+                              set_path)
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -112,6 +113,9 @@ def distill(
     epochs: Optional[int] = typer.Option(None, help="training epochs"),
     seed: Optional[int] = typer.Option(None, help="seed of initialisation, batch order and noisy targets"),
     temperature: Optional[TemperatureFit] = typer.Option(None, help="calibrate the teacher's temperature first"),
+    sweep: Optional[list[str]] = typer.Option(None, help="train a grid of students in lockstep, one pass over the "
+                                                         "data: KEY=V1,V2 over distill keys (repeat for a product "
+                                                         "grid); students go to OUT/KEY=V-..., paths one per line"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Train a student against the teacher's cached BCPs; save student.pt (path on stdout)."""
@@ -121,8 +125,16 @@ def distill(
                                 "distill.t_teacher": t_teacher, "distill.t_student": t_student,
                                 "distill.dirichlet_alpha": dirichlet_alpha, "distill.epochs": epochs,
                                 "distill.seed": seed, "calibrate.temperature": temperature})
-    config = _with_teacher_data(tree, teacher, _source(recipe)) if teacher else build_recipe(tree, _source(recipe))
-    print(stage.run(config, teacher, cache))
+    grid = parse_sweep(sweep or [])
+    configs = [_with_teacher_data(merge(tree, {"distill": point}), teacher, _source(recipe)) if teacher
+               else build_recipe(merge(tree, {"distill": point}), _source(recipe)) for point in grid]
+    if not sweep:
+        print(stage.run(configs[0], teacher, cache))
+        return
+    stage.check_group(configs)  # before anything is written
+    base = artifacts.new_run_dir(out, "distill-sweep")
+    outs = [str(base / "-".join(f"{k}={v}" for k, v in point.items())) for point in grid]
+    print("\n".join(str(p) for p in stage.run_lockstep(configs, teacher, cache, outs)))
 
 
 @app.command()

@@ -218,7 +218,9 @@ class DistillConfig:
     lr_milestones: tuple[int, ...] = _f((), "epochs after which the learning rate is multiplied by 0.1")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay")
-    seed: int = _f(0, "seed of initialisation, batch order and noisy targets")
+    seed: int = _f(0, "seed of initialisation and noisy targets (and of the data order unless data_seed is set)")
+    data_seed: int = _f(-1, "seed of batch order, view draws and few-shot subset (-1: distill.seed); students "
+                            "trained in lockstep share it")
     log_every: int = _f(100, "steps between held-out loss/accuracy log entries")
 
 
@@ -346,6 +348,24 @@ def parse_set(items: list[str]) -> dict:
         key, raw = item.split("=", 1)
         set_path(tree, key.strip(), yaml.safe_load(raw) if raw else "")
     return tree
+
+
+def parse_sweep(items: list[str]) -> list[dict]:
+    """`--sweep alpha=0.5,1 --sweep seed=0,1` -> one distill override per point of the product grid,
+    in order: [{"alpha": 0.5, "seed": 0}, {"alpha": 0.5, "seed": 1}, ...]."""
+    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    axes: list[tuple[str, list]] = []
+    for item in items:
+        key, _, raw = item.partition("=")
+        key = key.strip().removeprefix("distill.")
+        if key not in names or not raw:
+            raise BcpkdError(f"--sweep {item!r}: expected a distill key and its values, e.g. --sweep alpha=0.5,1.0 "
+                             f"(keys: {', '.join(sorted(names))})")
+        axes.append((key, [yaml.safe_load(v) for v in raw.split(",")]))
+    grid: list[dict] = [{}]
+    for key, values in axes:
+        grid = [{**point, key: v} for point in grid for v in values]
+    return grid
 
 
 def merge(base: dict, override: dict) -> dict:

@@ -82,38 +82,77 @@ def train(
         def batch_fn(rows: torch.Tensor, epoch: int):
             return inputs[rows], (None if target_probs is None else target_probs[rows])
 
-    torch.manual_seed(spec.seed)
-    order_gen = torch.Generator().manual_seed(spec.seed)
-    optimizer = make_optimizer(model.parameters(), spec)
-    schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(spec.lr_milestones), gamma=0.1)
+    def group_batch(rows: torch.Tensor, epoch: int):
+        batch_inputs, batch_targets = batch_fn(rows, epoch)
+        return batch_inputs, [batch_targets]
+
+    member = Member(model, loss_fn, spec, log_fn, penalty)
+    return train_lockstep([member], labels, spec.epochs, spec.batch_size, spec.seed, desc, group_batch, log_every)
+
+
+@dataclass
+class Member:
+    """One network of a lockstep group: its loss, optimiser settings, held-out logger and penalty."""
+
+    model: nn.Module
+    loss_fn: LossFn
+    spec: TrainSpec
+    log_fn: Callable[[int, nn.Module], None] | None = None
+    penalty: Callable[[int], torch.Tensor] | None = None
+
+
+# group_batch_fn(rows [B], epoch) -> (inputs [B, ...], one target tensor [B, C] (or None) per member)
+GroupBatchFn = Callable[[torch.Tensor, int], "tuple[torch.Tensor, list[torch.Tensor | None]]"]
+
+
+def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, batch_size: int, order_seed: int,
+                   desc: str, group_batch_fn: GroupBatchFn, log_every: int = 0) -> int:
+    """Train several networks on the same batches in one pass over the data: each step builds the batch
+    once (rows, views, inputs) and then steps every member with its own loss, targets and optimiser.
+    A member's weights are exactly those of training it alone with the same batch order."""
+    torch.manual_seed(order_seed)
+    order_gen = torch.Generator().manual_seed(order_seed)
+    optimizers = [make_optimizer(m.model.parameters(), m.spec) for m in members]
+    schedules = [torch.optim.lr_scheduler.MultiStepLR(o, list(m.spec.lr_milestones), gamma=0.1)
+                 for m, o in zip(members, optimizers)]
     n = len(labels)
-    steps_per_epoch = (n + spec.batch_size - 1) // spec.batch_size
-    total = spec.epochs * steps_per_epoch
+    total = epochs * ((n + batch_size - 1) // batch_size)
     step = 0
-    model.train()
-    console.print(f"training {desc}: {total} steps ({spec.epochs} epochs of {n} examples, batch {spec.batch_size})")
+    for m in members:
+        m.model.train()
+    group = f" x {len(members)} in lockstep" if len(members) > 1 else ""
+    console.print(f"training {desc}{group}: {total} steps ({epochs} epochs of {n} examples, batch {batch_size})")
+
+    def log_all(at_step: int) -> None:
+        for m in members:
+            if m.log_fn is not None:
+                m.log_fn(at_step, m.model)
+                m.model.train()
+
     with progress_bar() as bar:
         task = bar.add_task(desc, total=total)
-        for epoch in range(spec.epochs):
-            order = torch.randperm(n, generator=order_gen).to(inputs.device)
-            for start in range(0, n, spec.batch_size):
-                if log_fn is not None and log_every and step % log_every == 0:
-                    log_fn(step, model)
-                    model.train()
-                rows = order[start:start + spec.batch_size]
-                batch_inputs, batch_targets = batch_fn(rows, epoch)
-                loss = loss_fn(model(batch_inputs), labels[rows], batch_targets).mean()
-                if penalty is not None:
-                    loss = loss + penalty(epoch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+        for epoch in range(epochs):
+            order = torch.randperm(n, generator=order_gen).to(labels.device)
+            for start in range(0, n, batch_size):
+                if log_every and step % log_every == 0:
+                    log_all(step)
+                rows = order[start:start + batch_size]
+                batch_inputs, batch_targets = group_batch_fn(rows, epoch)
+                batch_labels = labels[rows]
+                for m, optimizer, targets in zip(members, optimizers, batch_targets):
+                    loss = m.loss_fn(m.model(batch_inputs), batch_labels, targets).mean()
+                    if m.penalty is not None:
+                        loss = loss + m.penalty(epoch)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
                 step += 1
                 if step % 200 == 0 or step == total:
                     bar.update(task, completed=step)
-            schedule.step()
-    if log_fn is not None and log_every:
-        log_fn(step, model)
+            for schedule in schedules:
+                schedule.step()
+    if log_every:
+        log_all(step)
     return step
 
 

@@ -10,6 +10,9 @@
 2. Cache reads: the time to gather a batch's targets against the time of the student's training
    step on it, and the process's own (anonymous) resident memory after mapping caches of 1, 8 and
    32 views of 50,000 x 100 classes and reading one epoch of targets from each.
+3. Sweeps: a grid of students (alpha 0.25 .. 1) trained in lockstep through the library's
+   `train_lockstep` (each batch, view and online-teacher output computed once) against the same
+   students trained one after another, with cached and with online targets.
 """
 
 from __future__ import annotations
@@ -25,9 +28,12 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bcpkd_cli import artifacts
+from bcpkd_cli.config import Optimizer, build_recipe
+from bcpkd_cli.data import Dataset, Split
 from bcpkd_cli.data.views import ViewSampler, apply_views, select_views
-from bcpkd_cli.engine import TrainSpec, make_optimizer
-from bcpkd_cli.config import Optimizer
+from bcpkd_cli.engine import Member, TrainSpec, make_optimizer, train_lockstep
+from bcpkd_cli.stages.distill import TargetSource, view_batches
+from bcpkd_cli.teachers.deterministic import DeterministicTeacher
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec
 
@@ -139,12 +145,49 @@ def memory_by_views(folder: Path, n: int = 50_000) -> list[tuple[int, float, flo
     return rows
 
 
+def sweep_times(images, labels, cache, args, pair=PAIRS[0]) -> dict[str, list[float]]:
+    """Epoch times of a grid of students: lockstep vs one after another, cached and online targets."""
+    split = Split(images, labels, None)
+    data = Dataset(split, split, split, N_CLASSES, (3, 32, 32), "bench", 0)
+    calibrate = build_recipe({"calibrate": {"views": args.views}}).calibrate
+    teacher = DeterministicTeacher(build_model(model_spec(pair[0], (3, 32, 32), N_CLASSES, ())).eval(),
+                                   batch_size=args.batch)
+    alphas = [0.25 * (k + 1) for k in range(args.grid)]
+    index = torch.arange(len(images))
+
+    def members() -> list[Member]:
+        out = []
+        for alpha in alphas:
+            torch.manual_seed(0)
+            student = build_model(model_spec(pair[1], (3, 32, 32), N_CLASSES, ()))
+            out.append(Member(student, lambda logits, y, t, a=alpha: kd_loss(logits, y, t, a, 1.0, 1.0),
+                              TrainSpec(1, args.batch, Optimizer.sgd, 0.01, 0.9, 0.0, 0)))
+        return out
+
+    def epoch(source: TargetSource, lockstep: bool) -> float:
+        group = members()
+        started = time.perf_counter()
+        for chunk in ([group] if lockstep else [[m] for m in group]):
+            batches = view_batches(data, calibrate, 0, [source] * len(chunk), torch.device("cpu"), index)
+            train_lockstep(chunk, labels, 1, args.batch, 0, "sweep", batches)
+        return time.perf_counter() - started
+
+    sources = {"cached": TargetSource(cache, 1.0), "online": TargetSource(teacher, 1.0)}
+    times: dict[str, list[float]] = {f"{kind} {way}": [] for kind in sources for way in ("lockstep", "separate")}
+    for _ in range(args.repeats):
+        for kind, source in sources.items():
+            for way in ("lockstep", "separate"):
+                times[f"{kind} {way}"].append(epoch(source, way == "lockstep"))
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1024, help="training images per epoch")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--views", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grid", type=int, default=4, help="students in the sweep")
     args = parser.parse_args()
 
     gen = torch.Generator().manual_seed(0)
@@ -167,6 +210,13 @@ def main() -> None:
         read, step = read_speed(images, labels, cache, args)
         print(f"\ncache read of a batch's targets {read * 1e3:.3f} ms; wrn_16_1 training step {step * 1e3:.1f} ms; "
               f"step / read = {step / read:.0f}x (target: at least 10x)")
+        times = sweep_times(images, labels, cache, args)
+        print(f"\n{args.grid} students ({PAIRS[0][1]}, alpha grid; online teacher {PAIRS[0][0]}), one epoch:")
+        print("| targets | lockstep (s) | one after another (s) | one after another / lockstep |")
+        print("|---|---|---|---|")
+        for kind in ("cached", "online"):
+            lock, apart = (statistics.median(times[f"{kind} {way}"]) for way in ("lockstep", "separate"))
+            print(f"| {kind} | {lock:.3f} | {apart:.3f} | {apart / lock:.2f} |")
         print("\n| views | cache on disk (MB) | anonymous RSS growth (MB) |")
         print("|---|---|---|")
         for views, size_mb, growth_mb in memory_by_views(Path(folder)):

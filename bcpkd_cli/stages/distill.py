@@ -1,19 +1,24 @@
-"""distill: train a student on the teacher's cached BCPs (or on one-hot, true or noisy BCP targets)."""
+"""distill: train a student on the teacher's cached BCPs (or on one-hot, true or noisy BCP targets).
+
+Several students (a sweep over alpha, temperatures, seeds, ...) can train in lockstep: one pass over
+the data, each batch and view drawn once, every student stepped on it (`run_lockstep`).
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from bcpkd_cli import artifacts, metrics, targets
 from bcpkd_cli.calibration import cache_expectations, cache_view_ids, ensure_cache
-from bcpkd_cli.config import Recipe, Targets, to_plain
+from bcpkd_cli.config import CalibrateConfig, DistillConfig, Recipe, Targets, to_plain
 from bcpkd_cli.data import Dataset, few_shot_rows, load_dataset, views
-from bcpkd_cli.engine import TrainSpec, console, per_example_grad_sq_norms, predict_logits, resolve_device, train
+from bcpkd_cli.engine import (Member, TrainSpec, console, per_example_grad_sq_norms, predict_logits, resolve_device,
+                              train_lockstep)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec
@@ -40,7 +45,7 @@ def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cac
 
 
 def training_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, cache: Path | None,
-                     device: torch.device) -> tuple[torch.Tensor | Teacher, dict]:
+                     device: torch.device, online: dict[str, Teacher]) -> tuple[torch.Tensor | Teacher, dict]:
     """Target probabilities [N, V, C] at T_t for the training split (V = 1 unless cached per view; a cache
     stays memory-mapped on the CPU, in its stored dtype), or for --targets online the calibrated teacher
     itself; and their provenance."""
@@ -48,8 +53,10 @@ def training_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, c
     if cfg.targets in (Targets.teacher, Targets.online):
         cache, info = _teacher_cache(recipe, data, teacher_path, cache, device)
         if cfg.targets == Targets.online:  # the calibrated teacher that made the cache, run on every batch
-            calibrated = artifacts.load_checkpoint(cache.parent / "teacher.pt", artifacts.TEACHER_FORMAT)
-            return load_teacher(calibrated, device), info
+            calibrated = str(cache.parent / "teacher.pt")
+            if calibrated not in online:
+                online[calibrated] = load_teacher(artifacts.load_checkpoint(calibrated, artifacts.TEACHER_FORMAT), device)
+            return online[calibrated], info
         expect = cache_expectations(teacher_path, data, cfg.t_teacher, recipe.calibrate)
         probs, _ = artifacts.load_cache(cache, expect)  # memory-mapped; on CUDA copied to the device once
         return (probs if device.type == "cpu" else probs.to(device)), info
@@ -64,23 +71,46 @@ def training_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, c
     return targets.temper(noisy, cfg.t_teacher)[:, None, :], {"dirichlet_alpha": cfg.dirichlet_alpha}
 
 
-def view_batches(recipe: Recipe, data: Dataset, targets_or_teacher: torch.Tensor | Teacher, device: torch.device,
-                 example_index: torch.Tensor):
-    """batch_fn(rows, epoch): each example's view of the epoch and its exact target (design.md sec. 2).
-    `example_index` [N] maps rows to the training split's example ids (they seed MC draws)."""
-    view_ids = cache_view_ids(data, recipe.calibrate).to(device)  # [V]
-    sampler = views.ViewSampler(len(data.train), len(view_ids), recipe.distill.seed)
-    train_inputs, t_teacher = data.train.inputs, recipe.distill.t_teacher
+def data_seed(cfg: DistillConfig) -> int:
+    """The seed of batch order, view draws and the few-shot subset (distill.seed unless data_seed is set)."""
+    return cfg.data_seed if cfg.data_seed >= 0 else cfg.seed
+
+
+@dataclass(frozen=True)
+class TargetSource:
+    """Where a student's batch targets come from: cached rows [N, V, C] or a teacher run at T_t."""
+
+    targets_or_teacher: torch.Tensor | Teacher
+    t_teacher: float
+
+
+def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sources: list[TargetSource],
+                 device: torch.device, example_index: torch.Tensor):
+    """group_batch_fn(rows, epoch): each example's view of the epoch (drawn once for all students) and
+    every student's exact target for it (design.md sec. 2). `example_index` [N] maps rows to the
+    training split's example ids (they seed MC draws); an online teacher shared by several students
+    runs once per batch."""
+    view_ids = cache_view_ids(data, calibrate_cfg).to(device)  # [V]
+    sampler = views.ViewSampler(len(data.train), len(view_ids), seed)
+    train_inputs = data.train.inputs
 
     def batch(rows: torch.Tensor, epoch: int):
         slots = sampler.slots(rows, epoch)  # [B] columns of the [N, V, C] cache
         ids = view_ids[slots]
         inputs = views.apply_views(train_inputs[rows], ids) if data.is_image else train_inputs[rows]
-        if isinstance(targets_or_teacher, torch.Tensor):
-            per_view = targets_or_teacher.shape[1] > 1
-            return inputs, targets_or_teacher[rows, slots if per_view else 0].float()  # a float16 cache too
-        return inputs, targets_or_teacher.predict_probs(inputs, views.sample_index(example_index[rows.cpu()], ids),
-                                                        t_teacher)
+        online: dict[tuple[int, float], torch.Tensor] = {}
+        batch_targets = []
+        for source in sources:
+            if isinstance(source.targets_or_teacher, torch.Tensor):
+                cache = source.targets_or_teacher
+                batch_targets.append(cache[rows, slots if cache.shape[1] > 1 else 0].float())  # a float16 cache too
+                continue
+            key = (id(source.targets_or_teacher), source.t_teacher)
+            if key not in online:
+                online[key] = source.targets_or_teacher.predict_probs(
+                    inputs, views.sample_index(example_index[rows.cpu()], ids), source.t_teacher)
+            batch_targets.append(online[key])
+        return inputs, batch_targets
 
     return batch
 
@@ -94,57 +124,122 @@ def view_zero_targets(targets_or_teacher: torch.Tensor | Teacher, data: Dataset,
                                             t_teacher)
 
 
+SHARED_KEYS = ("epochs", "batch_size", "few_shot", "log_every")  # a lockstep group shares these (and the data)
+
+
+def check_group(recipes: list[Recipe]) -> None:
+    """Students trained in lockstep see the same data, views and batches: refuse groups that differ there."""
+    first = recipes[0]
+    for recipe in recipes[1:]:
+        differ = [f"distill.{k}" for k in SHARED_KEYS if getattr(recipe.distill, k) != getattr(first.distill, k)]
+        differ += [name for name, a, b in (("data", recipe.data, first.data), ("device", recipe.device, first.device),
+                                           ("calibrate.views", recipe.calibrate.views, first.calibrate.views),
+                                           ("distill.data_seed", data_seed(recipe.distill), data_seed(first.distill)))
+                   if a != b]
+        if differ:
+            raise BcpkdError(f"students trained in lockstep must share {', '.join(differ)}; sweep only per-student "
+                             f"settings (alpha, temperatures, seed with a fixed distill.data_seed, lr, arch, ...)")
+
+
+@dataclass
+class _Student:
+    recipe: Recipe
+    model: torch.nn.Module
+    spec: dict
+    source: TargetSource
+    provenance: dict
+    log: list = field(default_factory=list)
+
+
 def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None) -> Path:
-    cfg = recipe.distill
-    device = resolve_device(recipe.device)
-    data = load_dataset(recipe.data).to(device)
+    return run_lockstep([recipe], teacher_path, cache, [recipe.out])[0]
+
+
+def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path | None = None,
+                 outs: list[str] | None = None) -> list[Path]:
+    """Distill one student per recipe in one pass over the data (same batches and views); returns the
+    student.pt paths. Each student's weights equal a separate run with the same seeds."""
+    check_group(recipes)
+    first = recipes[0]
+    device = resolve_device(first.device)
+    data = load_dataset(first.data).to(device)
     teacher_path = Path(teacher_path) if teacher_path else None
-    targets_or_teacher, provenance = training_targets(recipe, data, teacher_path, cache, device)
+    online: dict[str, Teacher] = {}  # one teacher object per calibrated teacher file, shared by students
+    students = []
+    for recipe in recipes:
+        targets_or_teacher, provenance = training_targets(recipe, data, teacher_path, cache, device, online)
+        students.append((recipe, targets_or_teacher, provenance))
+    seed = data_seed(first.distill)
     example_index = torch.arange(len(data.train))
-    if cfg.few_shot:  # the student sees K examples per class; the teacher's cache covers them all
-        example_index = few_shot_rows(data.train.labels, cfg.few_shot, cfg.seed)
+    if first.distill.few_shot:  # the students see K examples per class; the teacher's cache covers them all
+        example_index = few_shot_rows(data.train.labels, first.distill.few_shot, seed)
         data = replace(data, train=data.train.subset(example_index))
-        if isinstance(targets_or_teacher, torch.Tensor):
-            targets_or_teacher = targets_or_teacher[example_index.to(targets_or_teacher.device)]
-        provenance["few_shot_rows"] = example_index.tolist()
-    out = artifacts.new_run_dir(recipe.out, f"student-{cfg.targets.value}")
+    group = []
+    for recipe, targets_or_teacher, provenance in students:
+        if first.distill.few_shot:
+            provenance["few_shot_rows"] = example_index.tolist()
+            if isinstance(targets_or_teacher, torch.Tensor):
+                targets_or_teacher = targets_or_teacher[example_index.to(targets_or_teacher.device)]
+        cfg = recipe.distill
+        spec = model_spec(cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden)
+        torch.manual_seed(cfg.seed)
+        group.append(_Student(recipe, build_model(spec).to(device), spec, TargetSource(targets_or_teacher, cfg.t_teacher),
+                              provenance))
+    outs = outs or [r.out for r in recipes]
+    folders = [artifacts.new_run_dir(out, f"student-{s.recipe.distill.targets.value}") for out, s in zip(outs, group)]
 
-    spec = model_spec(cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden)
-    torch.manual_seed(cfg.seed)
-    model = build_model(spec).to(device)
-    train_split, held = data.train, data.heldout
+    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe.distill), _heldout_logger(s.log, data))
+               for s in group]
+    started = time.perf_counter()
+    steps = train_lockstep(members, data.train.labels, first.distill.epochs, first.distill.batch_size, seed,
+                           f"student ({first.distill.targets.value})",
+                           view_batches(data, first.calibrate, seed, [s.source for s in group], device, example_index),
+                           log_every=first.distill.log_every)
+    seconds = time.perf_counter() - started
+    return [_save(s, folder, data, example_index, steps, seconds / len(group), member)
+            for s, folder, member in zip(group, folders, members)]
 
+
+def _kd(cfg: DistillConfig):
     def loss_fn(logits, labels, teacher_probs):
         return kd_loss(logits, labels, teacher_probs, cfg.alpha, cfg.t_teacher, cfg.t_student)
 
-    log: list[dict] = []
+    return loss_fn
+
+
+def _train_spec(cfg: DistillConfig) -> TrainSpec:
+    return TrainSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.seed,
+                     cfg.lr_milestones)
+
+
+def _heldout_logger(log: list, data: Dataset):
+    held = data.heldout
 
     def log_heldout(step: int, net) -> None:
         held_probs = torch.softmax(predict_logits(net, held.inputs), dim=1)
         log.append({"step": step, "heldout_nll": metrics.nll(held_probs, held.labels),
                     "heldout_accuracy": metrics.accuracy(held_probs, held.labels)})
 
-    train_spec = TrainSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay,
-                           cfg.seed, cfg.lr_milestones)
-    started = time.perf_counter()
-    steps = train(model, train_split.inputs, train_split.labels, None, loss_fn, train_spec,
-                  desc=f"student ({cfg.targets.value})", log_every=cfg.log_every, log_fn=log_heldout,
-                  batch_fn=view_batches(recipe, data, targets_or_teacher, device, example_index))
-    seconds = time.perf_counter() - started
-    grad_noise = per_example_grad_sq_norms(model, train_split.inputs, train_split.labels,
-                                           view_zero_targets(targets_or_teacher, data, cfg.t_teacher, example_index),
-                                           loss_fn).mean().item()
+    return log_heldout
 
-    artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
+
+def _save(student: _Student, out: Path, data: Dataset, example_index: torch.Tensor, steps: int, seconds: float,
+          member: Member) -> Path:
+    recipe, cfg = student.recipe, student.recipe.distill
+    train_split = data.train
+    zero_view = view_zero_targets(student.source.targets_or_teacher, data, cfg.t_teacher, example_index)
+    grad_noise = per_example_grad_sq_norms(student.model, train_split.inputs, train_split.labels, zero_view,
+                                           member.loss_fn).mean().item()
+    artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in student.log))
     payload = {
-        "format": artifacts.STUDENT_FORMAT, "version": artifacts.VERSION, "model": spec,
-        "state_dict": model.state_dict(), "config": to_plain(recipe),
+        "format": artifacts.STUDENT_FORMAT, "version": artifacts.VERSION, "model": student.spec,
+        "state_dict": student.model.state_dict(), "config": to_plain(recipe),
         "data": {"fingerprint": data.fingerprint, "config": to_plain(recipe.data)},
-        "targets": {"kind": cfg.targets.value, **provenance}, "log": log,
+        "targets": {"kind": cfg.targets.value, **student.provenance}, "log": student.log,
         "history": {"steps": steps, "seconds": round(seconds, 2), "grad_noise": grad_noise},
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
     artifacts.write_config(out, recipe)
     console.print(f"student ({cfg.targets.value}): {steps} steps in {seconds:.1f}s, final held-out "
-                  f"accuracy {log[-1]['heldout_accuracy']:.4f}, gradient noise {grad_noise:.3g}")
+                  f"accuracy {student.log[-1]['heldout_accuracy']:.4f}, gradient noise {grad_noise:.3g}")
     return path
