@@ -100,6 +100,11 @@ class Targets(str, enum.Enum):
     noisy = "noisy"
 
 
+class Precision(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+
+
 class CacheDtype(str, enum.Enum):
     float32 = "float32"
     float16 = "float16"
@@ -243,6 +248,9 @@ class ExperimentConfig:
 class Recipe:
     out: str = _f("", "output folder (default: runs/<stage>-<time>)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    precision: Precision = _f(Precision.auto, "training arithmetic: auto (bf16 autocast and channels_last on CUDA, "
+                                              "float32 on CPU) or float32 everywhere; caches are always float32")
+    compile: bool = _f(False, "torch.compile the training forward pass (worth it for long GPU runs)")
     data: DataConfig = _f(DataConfig(), "data")
     teacher: TeacherConfig = _f(TeacherConfig(), "train-teacher")
     calibrate: CalibrateConfig = _f(CalibrateConfig(), "calibrate and BCP cache")

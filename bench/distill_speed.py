@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.config import Optimizer, build_recipe
+from bcpkd_cli.config import CalibrateConfig, Optimizer
 from bcpkd_cli.data import Dataset, Split
 from bcpkd_cli.data.views import ViewSampler, apply_views, select_views
 from bcpkd_cli.engine import Member, TrainSpec, make_optimizer, train_lockstep
@@ -149,7 +149,7 @@ def sweep_times(images, labels, cache, args, pair=PAIRS[0]) -> dict[str, list[fl
     """Epoch times of a grid of students: lockstep vs one after another, cached and online targets."""
     split = Split(images, labels, None)
     data = Dataset(split, split, split, N_CLASSES, (3, 32, 32), "bench", 0)
-    calibrate = build_recipe({"calibrate": {"views": args.views}}).calibrate
+    calibrate = CalibrateConfig(views=args.views)
     teacher = DeterministicTeacher(build_model(model_spec(pair[0], (3, 32, 32), N_CLASSES, ())).eval(),
                                    batch_size=args.batch)
     alphas = [0.25 * (k + 1) for k in range(args.grid)]

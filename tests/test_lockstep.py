@@ -82,3 +82,31 @@ def test_a_shared_online_teacher_runs_once_per_batch(teacher, tmp_path, monkeypa
     distill.run_lockstep(recipes, teacher)
     steps = 2 * (300 // 16 + 1)
     assert calls.count(16) + calls.count(300 % 16) == steps  # one teacher call per batch, not three
+
+
+def test_compiled_training_forward_keeps_the_plain_state_dict(teacher, tmp_path, monkeypatch):
+    """compile=true trains through torch.compile of the same parameters (here with the eager backend, the
+    inductor compile takes a minute on 2 cores); the checkpoint keeps the plain parameter names."""
+    import functools
+
+    compiled = []
+    eager_compile = functools.partial(torch.compile, backend="eager")
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or eager_compile(model))
+    plain = torch.load(distill.run(_recipe(tmp_path, "plain", seed=1), teacher), weights_only=True)
+    recipe = build_recipe({**BASE, "out": str(tmp_path / "compiled"), "compile": True,
+                           "distill": {**BASE["distill"], "seed": 1}})
+    with_compile = torch.load(distill.run(recipe, teacher), weights_only=True)
+    assert len(compiled) == 1 and with_compile["state_dict"].keys() == plain["state_dict"].keys()
+    for key, value in plain["state_dict"].items():
+        torch.testing.assert_close(with_compile["state_dict"][key], value, atol=1e-6, rtol=1e-5)
+
+
+def test_cpu_training_runs_in_float32():
+    from bcpkd_cli.config import Precision
+    from bcpkd_cli.engine import prepare_for_device, training_precision
+
+    with training_precision(torch.device("cpu"), Precision.auto):
+        assert not torch.is_autocast_enabled("cpu")
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    model = prepare_for_device(torch.nn.Conv2d(3, 4, 3), torch.device("cpu"), Precision.auto)
+    assert model.weight.is_contiguous()  # channels_last only on CUDA

@@ -54,7 +54,10 @@ class ImageInput(nn.Module):
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x
         mean = torch.tensor(self.MEAN[: x.shape[1]], device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.STD[: x.shape[1]], device=x.device).view(1, -1, 1, 1)
-        return (x - mean) / std
+        x = (x - mean) / std
+        if x.is_cuda:  # the layout bf16 convolutions run fastest in (see engine.prepare_for_device)
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
 
 def _image(name: str, make: Callable[..., nn.Module]):

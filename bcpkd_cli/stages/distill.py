@@ -17,8 +17,8 @@ from bcpkd_cli import artifacts, metrics, targets
 from bcpkd_cli.calibration import cache_expectations, cache_view_ids, ensure_cache
 from bcpkd_cli.config import CalibrateConfig, DistillConfig, Recipe, Targets, to_plain
 from bcpkd_cli.data import Dataset, few_shot_rows, load_dataset, views
-from bcpkd_cli.engine import (Member, TrainSpec, console, per_example_grad_sq_norms, predict_logits, resolve_device,
-                              train_lockstep)
+from bcpkd_cli.engine import (Member, TrainSpec, console, per_example_grad_sq_norms, predict_logits,
+                              prepare_for_device, resolve_device, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec
@@ -183,12 +183,13 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         cfg = recipe.distill
         spec = model_spec(cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden)
         torch.manual_seed(cfg.seed)
-        group.append(_Student(recipe, build_model(spec).to(device), spec, TargetSource(targets_or_teacher, cfg.t_teacher),
+        model = prepare_for_device(build_model(spec), device, recipe.precision)
+        group.append(_Student(recipe, model, spec, TargetSource(targets_or_teacher, cfg.t_teacher),
                               provenance))
     outs = outs or [r.out for r in recipes]
     folders = [artifacts.new_run_dir(out, f"student-{s.recipe.distill.targets.value}") for out, s in zip(outs, group)]
 
-    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe.distill), _heldout_logger(s.log, data))
+    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(s.log, data))
                for s in group]
     started = time.perf_counter()
     steps = train_lockstep(members, data.train.labels, first.distill.epochs, first.distill.batch_size, seed,
@@ -207,9 +208,10 @@ def _kd(cfg: DistillConfig):
     return loss_fn
 
 
-def _train_spec(cfg: DistillConfig) -> TrainSpec:
+def _train_spec(recipe: Recipe) -> TrainSpec:
+    cfg = recipe.distill
     return TrainSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.seed,
-                     cfg.lr_milestones)
+                     cfg.lr_milestones, recipe.precision, recipe.compile)
 
 
 def _heldout_logger(log: list, data: Dataset):

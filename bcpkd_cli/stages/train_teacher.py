@@ -20,7 +20,7 @@ from bcpkd_cli import artifacts, losses, metrics
 from bcpkd_cli.calibration import fit_temperature
 from bcpkd_cli.config import Arch, Bayes, Recipe, TeacherConfig, to_plain
 from bcpkd_cli.data import Dataset, load_dataset, views
-from bcpkd_cli.engine import TrainSpec, console, predict_logits, resolve_device, train
+from bcpkd_cli.engine import TrainSpec, console, predict_logits, prepare_for_device, resolve_device, train
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.teachers import Teacher, teacher_payload
@@ -67,10 +67,11 @@ def _load_deterministic(path: str, option: str, data_fingerprint: str, kinds: tu
     return payload
 
 
-def _train_network(model: nn.Module, data: Dataset, cfg: TeacherConfig, loss_fn, seed: int, desc: str,
+def _train_network(model: nn.Module, data: Dataset, recipe: Recipe, loss_fn, seed: int, desc: str,
                    epochs: int | None = None, lr: float | None = None, batch_fn=None, penalty=None) -> dict:
+    cfg = recipe.teacher
     spec = TrainSpec(epochs or cfg.epochs, cfg.batch_size, cfg.optimizer, lr or cfg.lr, cfg.momentum,
-                     cfg.weight_decay, seed, cfg.lr_milestones)
+                     cfg.weight_decay, seed, cfg.lr_milestones, recipe.precision, recipe.compile)
     started = time.perf_counter()
     steps = train(model, data.train.inputs, data.train.labels, None, loss_fn, spec, desc=desc,
                   batch_fn=batch_fn or plain_or_views(data, cfg, seed), penalty=penalty)
@@ -85,8 +86,9 @@ def class_centroids(model: nn.Module, data: Dataset) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def fine_tune_mcmi(model: nn.Module, data: Dataset, cfg: TeacherConfig) -> dict:
+def fine_tune_mcmi(model: nn.Module, data: Dataset, recipe: Recipe) -> dict:
     """Minimise CE - lambda * KL(p(x) || Q_y) with the class centroids Q recomputed every epoch."""
+    cfg = recipe.teacher
     views_batch = plain_or_views(data, cfg, cfg.seed + 1)
     state: dict = {"epoch": None, "centroids": None}
 
@@ -101,23 +103,24 @@ def fine_tune_mcmi(model: nn.Module, data: Dataset, cfg: TeacherConfig) -> dict:
         cmi = losses.cmi_to_centroids(logits, centroid_probs)
         return F.cross_entropy(logits, labels, reduction="none") - cfg.mcmi.weight * cmi
 
-    return _train_network(model, data, cfg, loss_fn, cfg.seed + 1, "mcmi fine-tuning", epochs=cfg.mcmi.epochs,
+    return _train_network(model, data, recipe, loss_fn, cfg.seed + 1, "mcmi fine-tuning", epochs=cfg.mcmi.epochs,
                           lr=cfg.lr * cfg.mcmi.lr_scale, batch_fn=batch)
 
 
-def train_vi(model: nn.Module, data: Dataset, cfg: TeacherConfig) -> dict:
+def train_vi(model: nn.Module, data: Dataset, recipe: Recipe) -> dict:
     """Cross-entropy + beta(epoch) * KL(q || p) / N: beta is 0 for vi.ml_epochs, then rises linearly to 1."""
-    n_train = len(data.train)
-    return _train_network(model, data, cfg, cross_entropy, cfg.seed, "vi teacher",
+    cfg, n_train = recipe.teacher, len(data.train)
+    return _train_network(model, data, recipe, cross_entropy, cfg.seed, "vi teacher",
                           penalty=lambda epoch: kl_weight(epoch, cfg.vi) * kl_divergence(model) / n_train)
 
 
-def train_ensemble(spec: dict, data: Dataset, cfg: TeacherConfig, device: torch.device) -> tuple[list, dict]:
+def train_ensemble(spec: dict, data: Dataset, recipe: Recipe, device: torch.device) -> tuple[list, dict]:
+    cfg = recipe.teacher
     members, seconds = [], []
     for m in range(cfg.ensemble.members):
         torch.manual_seed(cfg.seed + m)
-        member = build_model(spec).to(device)
-        seconds.append(_train_network(member, data, cfg, cross_entropy, cfg.seed + m,
+        member = prepare_for_device(build_model(spec), device, recipe.precision)
+        seconds.append(_train_network(member, data, recipe, cross_entropy, cfg.seed + m,
                                       f"ensemble member {m + 1}/{cfg.ensemble.members}")["seconds"])
         members.append(member)
     return members, {"seconds": round(sum(seconds), 2), "member_seconds": seconds}
@@ -150,7 +153,7 @@ def run(recipe: Recipe) -> Path:
         cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden,
         dropout=cfg.mc_dropout.rate if kind == Bayes.mc_dropout else 0.0)
     torch.manual_seed(cfg.seed)
-    model = build_model(spec, base["state_dict"] if base else None).to(device)
+    model = prepare_for_device(build_model(spec, base["state_dict"] if base else None), device, recipe.precision)
     if kind == Bayes.laplace:
         check_hessian_size(model, cfg.laplace)  # before spending any time on training
     out = artifacts.new_run_dir(recipe.out, f"teacher-{kind.value}")
@@ -164,18 +167,18 @@ def run(recipe: Recipe) -> Path:
             payloads, history = members
             networks = [build_model(p["model"], p["state_dict"]).to(device) for p in payloads]
         else:
-            networks, history = train_ensemble(spec, data, cfg, device)
+            networks, history = train_ensemble(spec, data, recipe, device)
         teacher = EnsembleTeacher(networks)
     elif kind == Bayes.vi:
-        model = to_bayesian(model, cfg.vi, from_base=base is not None).to(device)
-        history = train_vi(model, data, cfg)
+        model = prepare_for_device(to_bayesian(model, cfg.vi, from_base=base is not None), device, recipe.precision)
+        history = train_vi(model, data, recipe)
         teacher = VITeacher(model, spec, cfg.vi.samples, noise_seed=cfg.seed)
     else:
         if base is None:
             loss_fn = mean_squared_error if kind == Bayes.mse else cross_entropy
-            history = _train_network(model, data, cfg, loss_fn, cfg.seed, f"{kind.value} teacher")
+            history = _train_network(model, data, recipe, loss_fn, cfg.seed, f"{kind.value} teacher")
         if kind == Bayes.mcmi:
-            history["mcmi"] = fine_tune_mcmi(model, data, cfg)
+            history["mcmi"] = fine_tune_mcmi(model, data, recipe)
         if kind == Bayes.laplace:
             teacher = LaplaceTeacher(model, cfg.laplace, noise_seed=cfg.seed)
             teacher.fit(data.train.inputs, data.train.labels)

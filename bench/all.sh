@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Every figure of docs/benchmarks.md with one command (each script prints its own table):
+#   bash bench/all.sh            (PYTHON=... to use another interpreter; about 15 minutes on 2 CPU cores)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+"$PY" bench/cache_cost.py --arch resnet20 --n 1024 --samples 4 --repeats 5
+"$PY" bench/cache_cost.py --arch mlp --n 22500 --samples 4 --repeats 5 --batch 1024
+"$PY" bench/distill_speed.py --n 512 --repeats 3
+"$PY" bench/student_throughput.py
+if [ -d data/cifar10-jpeg ]; then
+  "$PY" bench/data_path.py --root data/cifar10-jpeg
+else
+  echo "bench/data_path.py skipped: unpack CIFAR-10 as ImageFolder JPEGs into data/cifar10-jpeg first"
+fi
