@@ -152,13 +152,14 @@ class _Student:
 
 
 def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None) -> Path:
-    return run_lockstep([recipe], teacher_path, cache, [recipe.out])[0]
+    return run_lockstep([recipe], teacher_path, cache)[0]
 
 
 def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path | None = None,
                  outs: list[str] | None = None) -> list[Path]:
-    """Distill one student per recipe in one pass over the data (same batches and views); returns the
-    student.pt paths. Each student's weights equal a separate run with the same seeds."""
+    """Distill one student per recipe in one pass over the data (same batches and views), into `outs`
+    (default: each recipe's out); returns the student.pt paths. Each student's weights equal a separate
+    run with the same seeds."""
     check_group(recipes)
     first = recipes[0]
     device = resolve_device(first.device)
