@@ -6,6 +6,7 @@ fingerprint, the calibration settings and the teacher temperature T_t. The folde
     bcp.safetensors   probs [N, V, C] (V views per training example) + provenance header
     teacher.pt        the calibrated teacher (parent_sha256 = the original)
     report.json       held-out NLL / ECE / Brier before and after calibration
+    .lock             held while the cache is built: concurrent jobs wait, then use it
 """
 
 from __future__ import annotations
@@ -121,10 +122,17 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
     expect = cache_expectations(teacher_path, data, t_teacher, cfg)
     key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher)
     path = cache_path(teacher_path, key, out).resolve()
-    if path.is_file():
-        artifacts.load_cache(path, expect)  # verifies provenance and rows; refuses a stale or foreign cache
-        return path, False
+    with artifacts.exclusive_lock(path.parent / ".lock", f"waiting for another job building the cache {path}"):
+        if path.is_file():
+            artifacts.load_cache(path, expect)  # verifies provenance and rows; refuses a stale or foreign cache
+            return path, False
+        _build_cache(path, teacher_path, payload, data, cfg, t_teacher, device, n_bins, expect)
+    return path, True
 
+
+def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig,
+                 t_teacher: float, device: torch.device, n_bins: int, expect: dict) -> None:
+    """Calibrate the teacher, then write the calibrated teacher.pt, report.json and bcp.safetensors."""
     bayes = Bayes(payload["bayes"])
     teacher = load_teacher(payload, device)
     console.print(f"calibrating {bayes.value} teacher {teacher_path} on {len(data.heldout)} held-out examples")
@@ -144,4 +152,3 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
                 "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
                 "dtype": cfg.cache_dtype.value, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     artifacts.save_cache(path, probs, metadata)
-    return path, True

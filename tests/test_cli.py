@@ -233,3 +233,19 @@ def test_few_shot_student_uses_k_examples_per_class_of_the_cache(chain, tmp_path
     rows = torch.tensor(payload["targets"]["few_shot_rows"])
     assert len(rows) == 50 and payload["history"]["steps"] == 4  # 5 classes x 10, batch 16
     assert payload["targets"]["cache"] == str(chain["cache"])  # the full cache, rows picked from it
+
+
+def test_concurrent_jobs_build_a_cache_once(tmp_path):
+    """Two jobs asking for the same new cache at once: one builds it, the other waits and uses it."""
+    slow_cache = ["--bayes", "vi", "--samples", "300", "--set", "data.n_train=8000"]  # a build of a few seconds
+    teacher = bcpkd("train-teacher", "--out", str(tmp_path / "t"), *TINY, *slow_cache, cwd=tmp_path).stdout.strip()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    jobs = [subprocess.Popen([sys.executable, "-m", "bcpkd_cli", "calibrate", "--teacher", teacher, *TINY],
+                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    outputs = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0]
+    assert outputs[0][0] == outputs[1][0]  # the same cache path on stdout
+    built = [err.count("calibrating vi teacher") for _, err in outputs]
+    assert sorted(built) == [0, 1]
+    artifacts.load_cache(Path(outputs[0][0].strip()), {})
