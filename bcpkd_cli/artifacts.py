@@ -91,7 +91,13 @@ def sha256_file(path: Path) -> str:
 
 
 def save_checkpoint(path: Path, payload: dict) -> Path:
-    return atomic_write(path, lambda p: torch.save(payload, p))
+    """torch.save through a file object: the archive's inner folder is then always "archive", not the
+    temporary file's name, so equal payloads give byte-equal files (and equal SHA-256)."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            torch.save(payload, handle)
+
+    return atomic_write(path, write)
 
 
 def load_checkpoint(path: str | Path, expected_format: str | tuple[str, ...]) -> dict:
@@ -148,9 +154,10 @@ def map_cache_probs(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=start, shape=tuple(entry["shape"])))
 
 
-def load_cache(path: Path, expect: dict[str, Any], rows_per_check: int = 65_536) -> tuple[torch.Tensor, dict[str, Any]]:
+def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 20) -> tuple[torch.Tensor, dict[str, Any]]:
     """Memory-mapped probs [N, V, C] and metadata; every key of `expect` must match (dealbreakers).
-    Rows are checked to sum to 1 in blocks, so checking does not hold the cache in memory."""
+    Rows are checked to sum to 1 in blocks of about `floats_per_check` numbers (8 MB as float64), so
+    checking never holds more than a block in memory."""
     path = Path(path)
     if not path.is_file():
         raise BcpkdError(f"{path}: no such BCP cache; {FIX_HINT[CACHE_FORMAT]}")
@@ -162,6 +169,7 @@ def load_cache(path: Path, expect: dict[str, Any], rows_per_check: int = 65_536)
     probs = map_cache_probs(path)
     tolerance = 1e-2 if probs.dtype == torch.float16 else 1e-4
     corrupt = probs.ndim != 3
+    rows_per_check = max(1, floats_per_check // max(1, probs[0].numel())) if not corrupt else 1
     for start in range(0, 0 if corrupt else len(probs), rows_per_check):
         row_sums = probs[start:start + rows_per_check].double().sum(dim=-1)
         corrupt = corrupt or not torch.allclose(row_sums, torch.ones_like(row_sums), atol=tolerance)

@@ -73,7 +73,10 @@ def train_teacher(
                                 "teacher.ensemble.checkpoints": [str(m) for m in member] if member else None})
     if samples is not None:  # the samples of the chosen kind
         kind = Bayes(build_recipe(tree, _source(recipe)).teacher.bayes)
-        section = {Bayes.vi: "vi", Bayes.mc_dropout: "mc_dropout"}.get(kind, "laplace")
+        section = {Bayes.vi: "vi", Bayes.mc_dropout: "mc_dropout", Bayes.laplace: "laplace"}.get(kind)
+        if section is None:
+            raise BcpkdError(f"--samples: a {kind.value} teacher draws no samples; use it with --bayes vi, "
+                             f"mc-dropout or laplace (--link mc)")
         set_path(tree, f"teacher.{section}.samples", samples)
     print(stage.run(build_recipe(tree, _source(recipe))))
 

@@ -361,15 +361,21 @@ def parse_set(items: list[str]) -> dict:
 def parse_sweep(items: list[str]) -> list[dict]:
     """`--sweep alpha=0.5,1 --sweep seed=0,1` -> one distill override per point of the product grid,
     in order: [{"alpha": 0.5, "seed": 0}, {"alpha": 0.5, "seed": 1}, ...]."""
-    names = {f.name for f in dataclasses.fields(DistillConfig)}
+    hints = typing.get_type_hints(DistillConfig)
+    names = sorted(name for name, hint in hints.items() if typing.get_origin(hint) is not tuple)
     axes: list[tuple[str, list]] = []
     for item in items:
         key, _, raw = item.partition("=")
         key = key.strip().removeprefix("distill.")
         if key not in names or not raw:
             raise BcpkdError(f"--sweep {item!r}: expected a distill key and its values, e.g. --sweep alpha=0.5,1.0 "
-                             f"(keys: {', '.join(sorted(names))})")
-        axes.append((key, [yaml.safe_load(v) for v in raw.split(",")]))
+                             f"(keys: {', '.join(names)}; list-valued keys cannot be swept)")
+        if key in (k for k, _ in axes):
+            raise BcpkdError(f"--sweep {item!r}: {key} is swept twice; give all its values in one --sweep")
+        try:
+            axes.append((key, [yaml.safe_load(v) for v in raw.split(",")]))
+        except yaml.YAMLError:
+            raise BcpkdError(f"--sweep {item!r}: values must be plain numbers or words separated by commas") from None
     grid: list[dict] = [{}]
     for key, values in axes:
         grid = [{**point, key: v} for point in grid for v in values]
@@ -443,6 +449,9 @@ def _teacher_problems(cfg: TeacherConfig) -> list[str]:
     for key in ("ml_epochs", "anneal_epochs"):
         if getattr(cfg.vi, key) < 0:
             errors.append(f"teacher.vi.{key}: must be 0 or positive, got {getattr(cfg.vi, key)}")
+    if cfg.bayes == Bayes.vi and cfg.epochs <= cfg.vi.ml_epochs:
+        errors.append(f"teacher.vi.ml_epochs: {cfg.vi.ml_epochs} maximum-likelihood epochs leave no epoch of the "
+                      f"{cfg.epochs} for the KL term; lower it or raise teacher.epochs")
     if cfg.vi.moped_delta < 0:
         errors.append(f"teacher.vi.moped_delta: must be 0 or positive, got {cfg.vi.moped_delta}")
     if cfg.ensemble.members < 2:

@@ -247,8 +247,15 @@ def test_cache_is_memory_mapped_not_read_into_memory(tmp_path):
     path = artifacts.save_cache(tmp_path / "bcp.safetensors", probs, {"n_views": 10})
     del probs
     before = anon_mb()
-    mapped, _ = artifacts.load_cache(path, {}, rows_per_check=500)
+    mapped, _ = artifacts.load_cache(path, {})
     rows = mapped[torch.arange(0, 10_000, 7), 3]
     assert anon_mb() - before < 10
     assert torch.allclose(rows.double().sum(1), torch.ones(len(rows), dtype=torch.float64), atol=1e-5)
     assert mapped.shape == (10_000, 10, 100) and mapped.dtype == torch.float32
+
+
+def test_equal_payloads_give_byte_equal_checkpoints(tmp_path):
+    payload = {"format": artifacts.TEACHER_FORMAT, "version": artifacts.VERSION, "w": torch.arange(4.0)}
+    a = artifacts.save_checkpoint(tmp_path / "a" / "teacher.pt", payload)
+    b = artifacts.save_checkpoint(tmp_path / "b" / "teacher.pt", payload)
+    assert artifacts.sha256_file(a) == artifacts.sha256_file(b)

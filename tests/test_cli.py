@@ -237,7 +237,8 @@ def test_few_shot_student_uses_k_examples_per_class_of_the_cache(chain, tmp_path
 
 def test_concurrent_jobs_build_a_cache_once(tmp_path):
     """Two jobs asking for the same new cache at once: one builds it, the other waits and uses it."""
-    slow_cache = ["--bayes", "vi", "--samples", "300", "--set", "data.n_train=8000"]  # a build of a few seconds
+    slow_cache = ["--bayes", "vi", "--samples", "300", "--set", "data.n_train=8000",  # a build of a few seconds
+                  "--set", "teacher.vi.ml_epochs=1"]
     teacher = bcpkd("train-teacher", "--out", str(tmp_path / "t"), *TINY, *slow_cache, cwd=tmp_path).stdout.strip()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     jobs = [subprocess.Popen([sys.executable, "-m", "bcpkd_cli", "calibrate", "--teacher", teacher, *TINY],

@@ -69,19 +69,26 @@ def test_sweep_grid_is_the_product_in_order():
     assert parse_sweep([]) == [{}]
     with pytest.raises(BcpkdError, match="--sweep 'beta=1'"):
         parse_sweep(["beta=1"])
+    with pytest.raises(BcpkdError, match="list-valued keys cannot be swept"):
+        parse_sweep(["hidden=[64,64]"])
+    with pytest.raises(BcpkdError, match="swept twice"):
+        parse_sweep(["alpha=0.5", "alpha=1"])
+    with pytest.raises(BcpkdError, match="plain numbers or words"):
+        parse_sweep(["lr=[1"])
 
 
-def test_a_shared_online_teacher_runs_once_per_batch(teacher, tmp_path, monkeypatch):
+def test_a_shared_online_teacher_runs_once_per_batch_at_every_temperature(teacher, tmp_path, monkeypatch):
     from bcpkd_cli.teachers.deterministic import DeterministicTeacher
 
     calls = []
-    original = DeterministicTeacher.predict_probs
-    monkeypatch.setattr(DeterministicTeacher, "predict_probs",
+    original = DeterministicTeacher.predictive_at
+    monkeypatch.setattr(DeterministicTeacher, "predictive_at",
                         lambda self, *args: calls.append(len(args[0])) or original(self, *args))
-    recipes = [_recipe(tmp_path, f"o{i}", targets="online", seed=i, alpha=a) for i, a in enumerate((0.3, 0.6, 0.9))]
+    recipes = [_recipe(tmp_path, f"o{i}", targets="online", seed=i, alpha=a, t_teacher=t)
+               for i, (a, t) in enumerate(((0.3, 1.0), (0.6, 2.0), (0.9, 4.0)))]
     distill.run_lockstep(recipes, teacher)
     steps = 2 * (300 // 16 + 1)
-    assert calls.count(16) + calls.count(300 % 16) == steps  # one teacher call per batch, not three
+    assert calls.count(16) + calls.count(300 % 16) == steps  # one teacher pass per batch, not three
 
 
 def test_compiled_training_forward_keeps_the_plain_state_dict(teacher, tmp_path, monkeypatch):

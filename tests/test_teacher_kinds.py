@@ -256,6 +256,8 @@ def test_bad_teacher_settings_are_reported_together():
                                   "ensemble": {"members": 1, "checkpoints": ["a.pt", "b.pt"]}, "vi": {"samples": 0}}})
     for fragment in ("teacher.base", "mc_dropout.rate", "ensemble.members", "vi.samples", "only a --bayes ensemble"):
         assert fragment in str(err.value)
+    with pytest.raises(BcpkdError, match="leave no epoch"):
+        build_recipe({"teacher": {"bayes": "vi", "epochs": 20, "vi": {"ml_epochs": 20}}})
 
 
 # ------------------------------------------------------------------------- the whole chain for every kind

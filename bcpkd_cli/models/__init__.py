@@ -55,8 +55,8 @@ class ImageInput(nn.Module):
         mean = torch.tensor(self.MEAN[: x.shape[1]], device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.STD[: x.shape[1]], device=x.device).view(1, -1, 1, 1)
         x = (x - mean) / std
-        if x.is_cuda:  # the layout bf16 convolutions run fastest in (see engine.prepare_for_device)
-            x = x.contiguous(memory_format=torch.channels_last)
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):  # bf16 training: the channels_last layout of
+            x = x.contiguous(memory_format=torch.channels_last)  # the weights (engine.prepare_for_device)
         return x
 
 

@@ -10,6 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -53,10 +54,11 @@ def training_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, c
     if cfg.targets in (Targets.teacher, Targets.online):
         cache, info = _teacher_cache(recipe, data, teacher_path, cache, device)
         if cfg.targets == Targets.online:  # the calibrated teacher that made the cache, run on every batch
-            calibrated = str(cache.parent / "teacher.pt")
-            if calibrated not in online:
-                online[calibrated] = load_teacher(artifacts.load_checkpoint(calibrated, artifacts.TEACHER_FORMAT), device)
-            return online[calibrated], info
+            calibrated = cache.parent / "teacher.pt"
+            key = artifacts.sha256_file(calibrated)  # equal calibrations (say, for other T_t) share one teacher
+            if key not in online:
+                online[key] = load_teacher(artifacts.load_checkpoint(calibrated, artifacts.TEACHER_FORMAT), device)
+            return online[key], info
         expect = cache_expectations(teacher_path, data, cfg.t_teacher, recipe.calibrate)
         probs, _ = artifacts.load_cache(cache, expect)  # memory-mapped; on CUDA copied to the device once
         return (probs if device.type == "cpu" else probs.to(device)), info
@@ -89,7 +91,7 @@ def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sourc
     """group_batch_fn(rows, epoch): each example's view of the epoch (drawn once for all students) and
     every student's exact target for it (design.md sec. 2). `example_index` [N] maps rows to the
     training split's example ids (they seed MC draws); an online teacher shared by several students
-    runs once per batch."""
+    (at any T_t) runs once per batch."""
     view_ids = cache_view_ids(data, calibrate_cfg).to(device)  # [V]
     sampler = views.ViewSampler(len(data.train), len(view_ids), seed)
     train_inputs = data.train.inputs
@@ -98,18 +100,17 @@ def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sourc
         slots = sampler.slots(rows, epoch)  # [B] columns of the [N, V, C] cache
         ids = view_ids[slots]
         inputs = views.apply_views(train_inputs[rows], ids) if data.is_image else train_inputs[rows]
-        online: dict[tuple[int, float], torch.Tensor] = {}
+        predictives: dict[int, Callable[[float], torch.Tensor]] = {}  # one teacher pass per batch, any T_t
         batch_targets = []
         for source in sources:
             if isinstance(source.targets_or_teacher, torch.Tensor):
                 cache = source.targets_or_teacher
                 batch_targets.append(cache[rows, slots if cache.shape[1] > 1 else 0].float())  # a float16 cache too
                 continue
-            key = (id(source.targets_or_teacher), source.t_teacher)
-            if key not in online:
-                online[key] = source.targets_or_teacher.predict_probs(
-                    inputs, views.sample_index(example_index[rows.cpu()], ids), source.t_teacher)
-            batch_targets.append(online[key])
+            teacher = source.targets_or_teacher
+            if id(teacher) not in predictives:
+                predictives[id(teacher)] = teacher.predictive_at(inputs, views.sample_index(example_index[rows.cpu()], ids))
+            batch_targets.append(predictives[id(teacher)](source.t_teacher))
         return inputs, batch_targets
 
     return batch

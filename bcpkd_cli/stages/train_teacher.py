@@ -131,6 +131,9 @@ def _assemble(cfg: TeacherConfig, data_fingerprint: str) -> tuple[list[dict], di
     payloads = [_load_deterministic(p, "teacher.ensemble.checkpoints:", data_fingerprint, SINGLE_NETWORK)
                 for p in cfg.ensemble.checkpoints]
     for path, payload in zip(cfg.ensemble.checkpoints, payloads):
+        if payload["predictive"]["calibration_temperature"] != 1.0:
+            console.print(f"[yellow]warning:[/] {path} carries a calibration temperature; the ensemble averages "
+                          f"its network's softmax at T = 1 (calibrate the ensemble instead)")
         if payload["model"] != payloads[0]["model"]:
             raise BcpkdError(f"teacher.ensemble.checkpoints: {path} is a {payload['model']['arch']} network unlike "
                              f"{cfg.ensemble.checkpoints[0]} ({payloads[0]['model']['arch']}); members must share "

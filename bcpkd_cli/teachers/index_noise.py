@@ -1,6 +1,6 @@
 """Uniform and normal noise that is a pure function of (seed, stream, example index, draw number).
 
-A cache built in any batch layout, on any DDP rank, gets the same Monte Carlo draws for example i.
+A cache built in any batch layout, in any process, gets the same Monte Carlo draws for example i.
 Counter-based: a 32-bit integer hash (lowbias32) feeds Box-Muller; no generator state.
 """
 

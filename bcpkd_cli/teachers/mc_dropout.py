@@ -1,7 +1,7 @@
 """Monte Carlo dropout: the network's dropout layers stay active at prediction, S masks averaged.
 
 The mask of draw s for example i in dropout layer k is a pure function of (noise seed, k, s, i)
-(counter-based uniforms), so a cache does not depend on batch layout or DDP rank.
+(counter-based uniforms), so a cache does not depend on the batch layout or the process.
 """
 
 from __future__ import annotations

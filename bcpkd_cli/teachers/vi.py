@@ -5,8 +5,8 @@ Gaussian layer (`dnn_to_bnn`), so every architecture of the zoo becomes a VI net
 hand-written layers; the KL term of the ELBO is summed here over every weight. Training uses the
 library's layers (a new weight sample per forward pass). The predictive draws weight sample s once,
 mu + softplus(rho) * eps with eps from a generator seeded by (noise seed, s), and runs it as plain
-weights of the deterministic twin network over all chunks: every example, batch and DDP rank sees
-the same S weight samples, and a sample costs one deterministic pass.
+weights of the deterministic twin network over all chunks: every example, batch layout, process
+and device sees the same S weight samples, and a sample costs one deterministic pass.
 """
 
 from __future__ import annotations
@@ -75,14 +75,15 @@ _DETERMINISTIC_NAME = {"weight": "weight", "kernel": "weight", "bias": "bias"}  
 
 
 def sample_weights(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """One posterior draw of every parameter, named as in the deterministic network (plus its buffers)."""
+    """One posterior draw of every parameter, named as in the deterministic network; eps is drawn from
+    the (CPU) `generator` in parameter order and moved to the parameter's device."""
     params = dict(model.named_parameters())
     draw = {}
     for name, param in params.items():
         prefix, _, leaf = name.rpartition(".")
         if leaf.startswith("mu_"):
             sigma = F.softplus(params[f"{prefix}.rho_{leaf[3:]}"])
-            eps = torch.randn(param.shape, generator=generator, device=param.device, dtype=param.dtype)
+            eps = torch.randn(param.shape, generator=generator, dtype=param.dtype).to(param.device)
             draw[f"{prefix}.{_DETERMINISTIC_NAME[leaf[3:]]}"] = param + sigma * eps
         elif not leaf.startswith("rho_"):
             draw[name] = param  # BatchNorm and other deterministic parameters
@@ -102,8 +103,8 @@ class VITeacher(SampledTeacher):
         self.buffers = {name: b for name, b in model.named_buffers() if name in twin_buffers}  # BatchNorm statistics
 
     def draw(self, number: int) -> dict[str, torch.Tensor]:
-        device = next(self.model.parameters()).device
-        generator = torch.Generator(device).manual_seed(draw_seed(self.noise_seed, number))
+        """Weight sample `number`; its noise comes from a CPU generator, so it is the same on every device."""
+        generator = torch.Generator().manual_seed(draw_seed(self.noise_seed, number))
         return {**sample_weights(self.model, generator), **self.buffers}
 
     def all_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
