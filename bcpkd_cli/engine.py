@@ -89,7 +89,7 @@ def train(
     log_every: int = 0,
     log_fn: Callable[[int, nn.Module], None] | None = None,
     batch_fn: BatchFn | None = None,
-    penalty: Callable[[int], torch.Tensor] | None = None,
+    penalty: Callable[[int], "torch.Tensor | float"] | None = None,
 ) -> int:
     """Minimise mean loss_fn (+ penalty(epoch), e.g. a KL term) over seeded shuffled batches.
 
@@ -117,7 +117,7 @@ class Member:
     loss_fn: LossFn
     spec: TrainSpec
     log_fn: Callable[[int, nn.Module], None] | None = None
-    penalty: Callable[[int], torch.Tensor] | None = None
+    penalty: Callable[[int], "torch.Tensor | float"] | None = None
 
 
 # group_batch_fn(rows [B], epoch) -> (inputs [B, ...], one target tensor [B, C] (or None) per member)

@@ -2,7 +2,9 @@
 
     python bench/distill_speed.py [--n 1024] [--batch 128] [--views 8] [--repeats 5]
 
-1. Epoch time of one student, same batches and views, three ways, interleaved inside every repeat:
+1. Epoch time of one student, same batches and views, three ways, interleaved inside every repeat
+   (the order rotates from repeat to repeat),
+   through the library's own training loop and batch builder (`train_lockstep`, `view_batches`):
    plain supervised training (cross-entropy), cached distillation (targets gathered from the
    memory-mapped [N, V, C] BCP cache) and online distillation (the teacher runs on every batch, the
    reference approach). Two teacher/student pairs; the online/cached ratio is printed beside the
@@ -61,47 +63,49 @@ def anon_rss_mb() -> float:
     return float("nan")
 
 
-def epoch_times(pair: tuple[str, str], images, labels, cache, args) -> dict[str, list[float]]:
-    teacher_arch, student_arch = pair
-    teacher = build_model(model_spec(teacher_arch, (3, 32, 32), N_CLASSES, ())).eval()
-    view_ids = select_views(args.views, seed=0)
-    sampler = ViewSampler(len(images), args.views, seed=0)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
-    spec = TrainSpec(1, args.batch, Optimizer.sgd, 0.01, 0.9, 0.0, 0)
-    students = {}
-    for variant in ("plain", "cached", "online"):  # one student per variant, same initialisation
-        torch.manual_seed(0)
-        student = build_model(model_spec(student_arch, (3, 32, 32), N_CLASSES, ())).train()
-        students[variant] = (student, make_optimizer(student.parameters(), spec))
+def bench_dataset(images: torch.Tensor, labels: torch.Tensor) -> Dataset:
+    split = Split(images, labels, None)
+    return Dataset(split, split, split, N_CLASSES, (3, 32, 32), "bench", 0)
 
-    def one_epoch(variant: str, epoch: int) -> float:
-        student, optimizer = students[variant]
+
+def kd(alpha: float):
+    return lambda logits, y, targets: kd_loss(logits, y, targets, alpha, 1.0, 1.0)
+
+
+def epoch_times(pair: tuple[str, str], images, labels, cache, args) -> dict[str, list[float]]:
+    """One epoch per variant through the library's training loop and batch builder (what `distill` runs)."""
+    teacher_arch, student_arch = pair
+    teacher = DeterministicTeacher(build_model(model_spec(teacher_arch, (3, 32, 32), N_CLASSES, ())).eval(),
+                                   batch_size=args.batch)
+    data, calibrate, index = bench_dataset(images, labels), CalibrateConfig(views=args.views), torch.arange(len(images))
+    views_only = view_batches(data, calibrate, 0, [], torch.device("cpu"), index)
+
+    def plain_batches(rows: torch.Tensor, epoch: int):
+        return views_only(rows, epoch)[0], [None]
+
+    batches = {"plain": plain_batches,
+               "cached": view_batches(data, calibrate, 0, [TargetSource(cache, 1.0)], torch.device("cpu"), index),
+               "online": view_batches(data, calibrate, 0, [TargetSource(teacher, 1.0)], torch.device("cpu"), index)}
+    losses = {"plain": lambda logits, y, _targets: F.cross_entropy(logits, y, reduction="none"),
+              "cached": kd(1.0), "online": kd(1.0)}
+    members = {}
+    for variant in batches:  # one student per variant, same initialisation
+        torch.manual_seed(0)
+        student = build_model(model_spec(student_arch, (3, 32, 32), N_CLASSES, ()))
+        members[variant] = Member(student, losses[variant], TrainSpec(1, args.batch, Optimizer.sgd, 0.01, 0.9, 0.0, 0))
+
+    def one_epoch(variant: str) -> float:
         started = time.perf_counter()
-        for start in range(0, len(images), args.batch):
-            rows = order[start:start + args.batch]
-            slots = sampler.slots(rows, epoch)
-            inputs = apply_views(images[rows], view_ids[slots])
-            logits = student(inputs)
-            if variant == "plain":
-                loss = F.cross_entropy(logits, labels[rows])
-            else:
-                if variant == "cached":
-                    targets = cache[rows, slots].float()
-                else:
-                    with torch.no_grad():  # the targets are saved for the student's backward pass
-                        targets = torch.softmax(teacher(inputs), dim=1)
-                loss = kd_loss(logits, labels[rows], targets, 1.0, 1.0, 1.0).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        train_lockstep([members[variant]], labels, 1, args.batch, 0, variant, batches[variant])
         return time.perf_counter() - started
 
-    for variant in students:  # warm-up
-        one_epoch(variant, 0)
-    times: dict[str, list[float]] = {variant: [] for variant in students}
+    for variant in batches:  # warm-up
+        one_epoch(variant)
+    times: dict[str, list[float]] = {variant: [] for variant in batches}
+    order = list(batches)
     for repeat in range(args.repeats):
-        for variant in students:
-            times[variant].append(one_epoch(variant, repeat + 1))
+        for variant in order[repeat % 3:] + order[:repeat % 3]:  # each variant leads in turn
+            times[variant].append(one_epoch(variant))
     return times
 
 
@@ -147,8 +151,7 @@ def memory_by_views(folder: Path, n: int = 50_000) -> list[tuple[int, float, flo
 
 def sweep_times(images, labels, cache, args, pair=PAIRS[0]) -> dict[str, list[float]]:
     """Epoch times of a grid of students: lockstep vs one after another, cached and online targets."""
-    split = Split(images, labels, None)
-    data = Dataset(split, split, split, N_CLASSES, (3, 32, 32), "bench", 0)
+    data = bench_dataset(images, labels)
     calibrate = CalibrateConfig(views=args.views)
     teacher = DeterministicTeacher(build_model(model_spec(pair[0], (3, 32, 32), N_CLASSES, ())).eval(),
                                    batch_size=args.batch)
@@ -160,8 +163,7 @@ def sweep_times(images, labels, cache, args, pair=PAIRS[0]) -> dict[str, list[fl
         for alpha in alphas:
             torch.manual_seed(0)
             student = build_model(model_spec(pair[1], (3, 32, 32), N_CLASSES, ()))
-            out.append(Member(student, lambda logits, y, t, a=alpha: kd_loss(logits, y, t, a, 1.0, 1.0),
-                              TrainSpec(1, args.batch, Optimizer.sgd, 0.01, 0.9, 0.0, 0)))
+            out.append(Member(student, kd(alpha), TrainSpec(1, args.batch, Optimizer.sgd, 0.01, 0.9, 0.0, 0)))
         return out
 
     def epoch(source: TargetSource, lockstep: bool) -> float:

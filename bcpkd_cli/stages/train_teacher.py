@@ -110,8 +110,12 @@ def fine_tune_mcmi(model: nn.Module, data: Dataset, recipe: Recipe) -> dict:
 def train_vi(model: nn.Module, data: Dataset, recipe: Recipe) -> dict:
     """Cross-entropy + beta(epoch) * KL(q || p) / N: beta is 0 for vi.ml_epochs, then rises linearly to 1."""
     cfg, n_train = recipe.teacher, len(data.train)
-    return _train_network(model, data, recipe, cross_entropy, cfg.seed, "vi teacher",
-                          penalty=lambda epoch: kl_weight(epoch, cfg.vi) * kl_divergence(model) / n_train)
+
+    def penalty(epoch: int):
+        weight = kl_weight(epoch, cfg.vi)
+        return weight * kl_divergence(model) / n_train if weight else 0.0  # no KL work in the ML epochs
+
+    return _train_network(model, data, recipe, cross_entropy, cfg.seed, "vi teacher", penalty=penalty)
 
 
 def train_ensemble(spec: dict, data: Dataset, recipe: Recipe, device: torch.device) -> tuple[list, dict]:

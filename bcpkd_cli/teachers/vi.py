@@ -47,7 +47,7 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
 
     Computed here from the layers' parameters: bayesian-torch 0.5's `get_kl_loss` sums each layer's
     *mean* KL per weight, which under-weights the KL term of the ELBO by the layer sizes."""
-    total = torch.zeros(())
+    terms = []
     for layer in model.modules():
         for mu_name, rho_name, prior_mu_name, prior_sigma_name in _GAUSSIANS:
             mu = getattr(layer, mu_name, None)
@@ -56,8 +56,8 @@ def kl_divergence(model: nn.Module) -> torch.Tensor:
             sigma = F.softplus(getattr(layer, rho_name))
             prior_mu, prior_sigma = getattr(layer, prior_mu_name), getattr(layer, prior_sigma_name)
             kl = torch.log(prior_sigma / sigma) + (sigma**2 + (mu - prior_mu) ** 2) / (2 * prior_sigma**2) - 0.5
-            total = total.to(kl.device) + kl.sum()
-    return total
+            terms.append(kl.sum())
+    return torch.stack(terms).sum()
 
 
 def kl_weight(epoch: int, cfg: VIConfig) -> float:
@@ -102,18 +102,22 @@ class VITeacher(SampledTeacher):
         twin_buffers = dict(self.twin.named_buffers())
         self.buffers = {name: b for name, b in model.named_buffers() if name in twin_buffers}  # BatchNorm statistics
 
-    def draw(self, number: int) -> dict[str, torch.Tensor]:
-        """Weight sample `number`; its noise comes from a CPU generator, so it is the same on every device."""
-        generator = torch.Generator().manual_seed(draw_seed(self.noise_seed, number))
-        return {**sample_weights(self.model, generator), **self.buffers}
+        self._draws: list[dict[str, torch.Tensor]] | None = None
+
+    def draws(self) -> list[dict[str, torch.Tensor]]:
+        """The S weight samples, drawn on first use and kept (like an ensemble's S members), so that an online
+        teacher does not redraw them for every batch. Their noise comes from CPU generators seeded by
+        (noise seed, s): the same samples on every device."""
+        if self._draws is None:
+            with torch.no_grad():
+                generators = [torch.Generator().manual_seed(draw_seed(self.noise_seed, s)) for s in range(self.samples)]
+                self._draws = [{**sample_weights(self.model, g), **self.buffers} for g in generators]
+        return self._draws
 
     def all_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        logits = []
-        for number in range(self.samples):  # draw the weights once, then every chunk
-            weights = self.draw(number)
-            logits.append(torch.cat([functional_call(self.twin, weights, (inputs[i:i + self.batch_size],))
-                                     for i in range(0, len(inputs), self.batch_size)]))
-        return torch.stack(logits)  # [S, B, C]
+        return torch.stack([torch.cat([functional_call(self.twin, weights, (inputs[i:i + self.batch_size],))
+                                       for i in range(0, len(inputs), self.batch_size)])
+                            for weights in self.draws()])  # [S, B, C]
 
     def predictive_settings(self) -> dict:
         return {**super().predictive_settings(), "samples": self.samples}
