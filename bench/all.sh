@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Every figure of docs/benchmarks.md with one command (each script prints its own table):
-#   bash bench/all.sh            (PYTHON=... to use another interpreter; about 15 minutes on 2 CPU cores)
+#   bash bench/all.sh            (PYTHON=... to use another interpreter; about 20 minutes on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 "$PY" bench/cache_cost.py --arch resnet20 --n 1024 --samples 4 --repeats 5
 "$PY" bench/cache_cost.py --arch mlp --n 22500 --samples 4 --repeats 5 --batch 1024
-"$PY" bench/distill_speed.py --n 512 --repeats 3
+"$PY" bench/distill_speed.py --n 768 --repeats 6
 "$PY" bench/student_throughput.py --steps 5
 if [ -d data/cifar10-jpeg ]; then
   "$PY" bench/data_path.py --root data/cifar10-jpeg
