@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 "$PY" bench/cache_cost.py --arch resnet20 --n 1024 --samples 4 --repeats 5
-"$PY" bench/cache_cost.py --arch mlp --n 22500 --samples 4 --repeats 5 --batch 1024
+"$PY" bench/cache_cost.py --arch mlp --n 22500 --samples 4 --repeats 15 --batch 1024
 "$PY" bench/distill_speed.py --n 768 --repeats 6
 "$PY" bench/student_throughput.py --steps 5
 if [ -d data/cifar10-jpeg ]; then

@@ -23,7 +23,8 @@ from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.stages import distill, evaluate, train_teacher
 from bcpkd_cli.teachers import load_teacher
-from bcpkd_cli.teachers.index_noise import index_uniform
+from bcpkd_cli.teachers.index_noise import index_bits
+from bcpkd_cli.teachers.mc_dropout import MCDropoutTeacher, mask_pool, mask_rows, mask_stream
 from bcpkd_cli.teachers.vi import draw_seed, kl_divergence, kl_weight, to_bayesian
 
 KINDS = [Bayes.none, Bayes.temperature, Bayes.mse, Bayes.mcmi, Bayes.mc_dropout, Bayes.vi, Bayes.ensemble]
@@ -119,7 +120,8 @@ def test_vi_predictive_averages_softmax_over_seeded_weight_samples(teachers, tin
 
 
 def test_mc_dropout_predictive_by_hand(teachers, tiny_data):
-    """logits_s = head(mask_s * relu(W x + b) / (1 - p)), mask from the index-seeded uniforms."""
+    """logits_s = head(mask_s * relu(W x + b)); mask_s is row (bits s of hash(seed, 1, i) mod 1024) of
+    1024 masks (rand >= p) / (1 - p) drawn from a generator seeded by (seed, stream), stream = 1 + s."""
     payload, teacher = _load(teachers[Bayes.mc_dropout])
     rate = payload["model"]["dropout"]
     x, index = _inputs(tiny_data)
@@ -127,10 +129,28 @@ def test_mc_dropout_predictive_by_hand(teachers, tiny_data):
     hidden = torch.relu(linear(x))
     want = 0
     for draw in range(teacher.samples):
-        keep = index_uniform(teacher.noise_seed, index, hidden.shape[1], stream=1 + draw) >= rate
-        logits = head(hidden * keep / (1 - rate))
+        stream = 1 + draw
+        gen = torch.Generator().manual_seed(teacher.noise_seed * 1_000_003 + stream)
+        pool = (torch.rand(1024, hidden.shape[1], generator=gen) >= rate).float() / (1 - rate)
+        rows = index_bits(teacher.noise_seed, index, teacher.samples, 1)[:, draw] % 1024  # one dropout layer
+        logits = head(hidden * pool[rows])
         want = want + torch.softmax(logits / teacher.calibration_temperature, 1) / teacher.samples
     torch.testing.assert_close(teacher.predict_probs(x, index), want)
+
+
+def test_mc_dropout_masks_of_one_example_are_independent_bernoulli():
+    """Over many draws one example's masks keep each unit with probability 1 - p, independently of
+    the other units and of the previous draw (each draw has its own pool)."""
+    model = build_model(model_spec("mlp", (4,), 3, (64,), dropout=0.25))
+    teacher = MCDropoutTeacher(model, samples=1, noise_seed=7)
+    draws = 4000
+    rows = mask_rows(7, torch.tensor([5]), draws)[0]  # example 5, one dropout layer
+    keep = torch.stack([mask_pool(7, mask_stream(0, s), 64, 0.25)[rows[s]] for s in range(draws)]) > 0  # [draws, 64]
+    assert abs(keep.float().mean().item() - 0.75) < 0.01  # 256,000 Bernoulli(0.75): sd 0.0009
+    lag = (keep[1:] & keep[:-1]).float().mean().item()  # P(kept twice in a row) = 0.75^2 if independent
+    pair = (keep[:, 0] & keep[:, 1]).float().mean().item()
+    assert abs(lag - 0.5625) < 0.01 and abs(pair - 0.5625) < 0.04
+    assert teacher.trunk(torch.ones(2, 4)).shape == (2, 64)  # the layers before the first dropout run once
 
 
 def test_ensemble_predictive_is_the_mean_of_its_members(teachers, tiny_data):

@@ -93,6 +93,11 @@ _IMAGE = {
 
 ARCHITECTURES = {"mlp": _mlp, **{name: _image(name, make) for name, make in _IMAGE.items()}}
 
+def feature_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """What `model.features` takes: MLP.forward flattens its inputs first; image models take them as they are."""
+    return inputs.flatten(1) if isinstance(model, MLP) else inputs
+
+
 HEAD_NAME = "head"  # the name of every model's last linear layer (last-layer Laplace)
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bcpkd_cli import metrics
 from bcpkd_cli.config import Hessian, LaplaceConfig, Link, PriorMethod, Subset
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.models import HEAD_NAME, MLP
+from bcpkd_cli.models import HEAD_NAME, feature_input
 from bcpkd_cli.teachers.index_noise import index_normal
 from bcpkd_cli.teachers.laplace_closed_form import diag_logit_covariance, kron_logit_covariance
 
@@ -121,8 +121,7 @@ class LaplaceTeacher:
     def penultimate(self, inputs: torch.Tensor) -> torch.Tensor:
         """Features phi [N, F] that the head sees, in chunks."""
         self.model.eval()
-        if isinstance(self.model, MLP):  # MLP.forward flattens its inputs before the features
-            inputs = inputs.flatten(1)
+        inputs = feature_input(self.model, inputs)
         return torch.cat([self.model.features(inputs[i:i + self.batch_size])
                           for i in range(0, len(inputs), self.batch_size)])
 
