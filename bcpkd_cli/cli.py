@@ -43,6 +43,15 @@ def _source(recipe: Optional[Path]) -> str:
     return f"recipe {recipe}" if recipe else "options"
 
 
+def _one_process(command: str) -> None:
+    """Only distill trains data-parallel; under torchrun other commands would repeat their work and writes."""
+    from bcpkd_cli.engine import launched_by_torchrun
+
+    if launched_by_torchrun():
+        raise BcpkdError(f"{command} runs in one process: run it without torchrun (only `distill` trains "
+                         f"data-parallel under torchrun)")
+
+
 @app.command("train-teacher")
 def train_teacher(
     recipe: Optional[Path] = RecipeOpt,
@@ -64,6 +73,7 @@ def train_teacher(
 ) -> None:
     """Train a teacher of any kind and save a self-describing teacher.pt (path printed on stdout)."""
     from bcpkd_cli.stages import train_teacher as stage
+    _one_process("train-teacher")
 
     tree = _tree(recipe, set_, {"out": out, "device": device, "teacher.bayes": bayes, "teacher.epochs": epochs,
                                 "teacher.seed": seed, "teacher.base": str(base) if base else None,
@@ -97,6 +107,7 @@ def calibrate(
 ) -> None:
     """Calibrate a teacher on held-out data and cache its BCPs for the training split (path on stdout)."""
     from bcpkd_cli.stages import calibrate as stage
+    _one_process("calibrate")
 
     tree = _tree(recipe, set_, {"out": out, "device": device, "calibrate.prior": prior,
                                 "calibrate.temperature": temperature, "distill.t_teacher": t_teacher})
@@ -121,7 +132,9 @@ def distill(
                                                          "grid); students go to OUT/KEY=V-..., paths one per line"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
 ) -> None:
-    """Train a student against the teacher's cached BCPs; save student.pt (path on stdout)."""
+    """Train a student against the teacher's cached BCPs; save student.pt (path on stdout).
+    Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli distill ..."""
+    from bcpkd_cli.engine import leave_process_group
     from bcpkd_cli.stages import distill as stage
 
     tree = _tree(recipe, set_, {"out": out, "device": device, "distill.targets": targets, "distill.alpha": alpha,
@@ -131,13 +144,13 @@ def distill(
     grid = parse_sweep(sweep or [])
     configs = [_with_teacher_data(merge(tree, {"distill": point}), teacher, _source(recipe)) if teacher
                else build_recipe(merge(tree, {"distill": point}), _source(recipe)) for point in grid]
-    if not sweep:
-        print(stage.run(configs[0], teacher, cache))
-        return
-    stage.check_group(configs)  # before anything is written
-    base = artifacts.new_run_dir(out, "distill-sweep")
-    outs = [str(base / "-".join(f"{k}={v}" for k, v in point.items())) for point in grid]
-    print("\n".join(str(p) for p in stage.run_lockstep(configs, teacher, cache, outs)))
+    try:  # under torchrun: one process per GPU (or CPU share); rank 0 writes and prints
+        paths = stage.run_sweep(configs, grid, teacher, cache, out) if sweep else \
+            [p for p in [stage.run(configs[0], teacher, cache)] if p is not None]
+    finally:
+        leave_process_group()
+    if paths:
+        print("\n".join(str(p) for p in paths))
 
 
 @app.command()
@@ -150,6 +163,7 @@ def evaluate(
 ) -> None:
     """Evaluate checkpoints on the test split; write report.json (path on stdout, or JSON with --json)."""
     from bcpkd_cli.stages import evaluate as stage
+    _one_process("evaluate")
 
     tree = _tree(recipe, set_, {"device": device, "evaluate.grad_targets": grad_targets})
     build_recipe(tree, _source(recipe))  # report every problem before any work
@@ -164,6 +178,7 @@ def run(
 ) -> None:
     """Run every stage of a recipe and print the comparison table (summary.json path on stdout)."""
     from bcpkd_cli import pipeline
+    _one_process("run")
 
     tree = _tree(recipe, set_, {"out": out, "device": device})
     build_recipe(tree, _source(recipe))

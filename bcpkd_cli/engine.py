@@ -1,17 +1,21 @@
-"""Training and inference loops: device choice, seeded batches of in-memory tensors, progress, logging."""
+"""Training and inference loops: device choice, seeded batches of in-memory tensors, progress, logging,
+and data-parallel training across the processes that torchrun starts (DDP: NCCL on CUDA, gloo on CPU)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.parallel import DistributedDataParallel
 
 from bcpkd_cli.config import Optimizer, Precision
 from bcpkd_cli.errors import BcpkdError
@@ -25,12 +29,57 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Ten
 BatchFn = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
 
 
+@dataclass(frozen=True)
+class World:
+    """This process's place among the processes of one job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes artifacts and prints."""
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def world() -> World:
+    if not dist.is_initialized():
+        return World()
+    return World(dist.get_rank(), dist.get_world_size())
+
+
+def join_process_group(device: torch.device) -> World:
+    """Under torchrun, join its process group once (NCCL on CUDA, gloo on CPU); the other ranks go quiet."""
+    if launched_by_torchrun() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                device_id=device if device.type == "cuda" else None)
+        console.quiet = dist.get_rank() != 0
+    return world()
+
+
+def leave_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present; an unavailable CUDA device is a user error."""
+    """`auto` picks CUDA when present; an unavailable CUDA device is a user error. Under torchrun each
+    process takes the GPU of its LOCAL_RANK."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BcpkdError(f"--device {name}: no CUDA device is visible here; use --device cpu or auto")
+    if launched_by_torchrun() and name.startswith("cuda"):
+        if name != "cuda":
+            raise BcpkdError(f"--device {name}: under torchrun each process uses the GPU of its LOCAL_RANK; "
+                             f"use --device cuda or auto (CUDA_VISIBLE_DEVICES chooses the GPUs)")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
     return torch.device(name)
 
 
@@ -124,15 +173,31 @@ class Member:
 GroupBatchFn = Callable[[torch.Tensor, int], "tuple[torch.Tensor, list[torch.Tensor | None]]"]
 
 
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """The module that training steps call: a DDP wrapper across torchrun's processes (BatchNorm
+    synchronised across GPUs; on CPU each process normalises its own share of the batch), else the model."""
+    if world().size == 1:
+        return model
+    if device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # replaces BatchNorm layers in place
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
 def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, batch_size: int, order_seed: int,
                    desc: str, group_batch_fn: GroupBatchFn, log_every: int = 0) -> int:
     """Train several networks on the same batches in one pass over the data: each step builds the batch
     once (rows, views, inputs) and then steps every member with its own loss, targets and optimiser.
-    A member's weights are exactly those of training it alone with the same batch order."""
+    A member's weights are exactly those of training it alone with the same batch order.
+
+    Under torchrun every process draws the same batch order and takes every world-size-th row of each
+    batch; gradients are averaged so that a step is the step of the whole batch (the mean over all its
+    rows), as in one process. Only rank 0 logs."""
+    place = world()
     torch.manual_seed(order_seed)
     order_gen = torch.Generator().manual_seed(order_seed)
     optimizers = [make_optimizer(m.model.parameters(), m.spec) for m in members]
-    forwards = [torch.compile(m.model) if m.spec.compile else m.model for m in members]  # same parameters
+    wrapped = [data_parallel(m.model, labels.device) for m in members]
+    forwards = [torch.compile(w) if m.spec.compile else w for m, w in zip(members, wrapped)]  # same parameters
     schedules = [torch.optim.lr_scheduler.MultiStepLR(o, list(m.spec.lr_milestones), gamma=0.1)
                  for m, o in zip(members, optimizers)]
     n = len(labels)
@@ -141,11 +206,13 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     for m in members:
         m.model.train()
     group = f" x {len(members)} in lockstep" if len(members) > 1 else ""
-    console.print(f"training {desc}{group}: {total} steps ({epochs} epochs of {n} examples, batch {batch_size})")
+    ranks = f" on {place.size} processes" if place.size > 1 else ""
+    console.print(f"training {desc}{group}: {total} steps ({epochs} epochs of {n} examples, batch {batch_size}"
+                  f"{ranks})")
 
     def log_all(at_step: int) -> None:
         for m in members:
-            if m.log_fn is not None:
+            if m.log_fn is not None and place.is_main:
                 m.log_fn(at_step, m.model)
                 m.model.train()
 
@@ -157,11 +224,14 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
                 if log_every and step % log_every == 0:
                     log_all(step)
                 rows = order[start:start + batch_size]
+                share = len(rows) / place.size  # the DDP mean over processes of sum / share = the batch mean
+                rows = rows[place.rank::place.size]
                 batch_inputs, batch_targets = group_batch_fn(rows, epoch)
                 batch_labels = labels[rows]
                 for m, forward, optimizer, targets in zip(members, forwards, optimizers, batch_targets):
                     with training_precision(labels.device, m.spec.precision):
-                        loss = m.loss_fn(forward(batch_inputs).float(), batch_labels, targets).mean()
+                        losses = m.loss_fn(forward(batch_inputs).float(), batch_labels, targets)  # [B / size]
+                        loss = losses.mean() if place.size == 1 else losses.sum() / share
                         if m.penalty is not None:
                             loss = loss + m.penalty(epoch)
                     optimizer.zero_grad(set_to_none=True)

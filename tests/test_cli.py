@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from bcpkd_cli import artifacts
+from cli_helpers import bcpkd, files_under
 
 pytestmark = pytest.mark.slow
 
@@ -20,19 +21,6 @@ TINY = ["--set", "data.n_train=400", "--set", "data.n_heldout=150", "--set", "da
         "--set", "teacher.hidden=[32]", "--set", "teacher.epochs=3", "--set", "distill.hidden=[16]",
         "--set", "distill.epochs=1", "--set", "distill.batch_size=16", "--set", "distill.log_every=5",
         "--set", "teacher.laplace.grid_size=5", "--device", "cpu"]
-
-
-def bcpkd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run([sys.executable, "-m", "bcpkd_cli", *args], cwd=cwd, capture_output=True,
-                            text=True, env=env, timeout=300)
-    if check and result.returncode != 0:
-        raise AssertionError(f"bcpkd {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
-    return result
-
-
-def files_under(folder: Path) -> set[Path]:
-    return {p for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.fixture(scope="module")

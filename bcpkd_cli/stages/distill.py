@@ -18,8 +18,8 @@ from bcpkd_cli import artifacts, metrics, targets
 from bcpkd_cli.calibration import cache_expectations, cache_view_ids, ensure_cache
 from bcpkd_cli.config import CalibrateConfig, DistillConfig, Recipe, Targets, to_plain
 from bcpkd_cli.data import Dataset, few_shot_rows, load_dataset, views
-from bcpkd_cli.engine import (Member, TrainSpec, console, per_example_grad_sq_norms, predict_logits,
-                              prepare_for_device, resolve_device, train_lockstep)
+from bcpkd_cli.engine import (Member, TrainSpec, console, join_process_group, per_example_grad_sq_norms,
+                              predict_logits, prepare_for_device, resolve_device, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec
@@ -152,18 +152,32 @@ class _Student:
     log: list = field(default_factory=list)
 
 
-def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None) -> Path:
-    return run_lockstep([recipe], teacher_path, cache)[0]
+def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None) -> Path | None:
+    """One student; its student.pt (None on the ranks other than 0 under torchrun)."""
+    paths = run_lockstep([recipe], teacher_path, cache)
+    return paths[0] if paths else None
+
+
+def run_sweep(recipes: list[Recipe], grid: list[dict], teacher_path: Path | None, cache: Path | None,
+              out: str) -> list[Path]:
+    """The students of a grid in lockstep, each in OUT/KEY=V-... (a new folder under `out`)."""
+    check_group(recipes)  # before anything is written
+    place = join_process_group(resolve_device(recipes[0].device))
+    base = artifacts.new_run_dir(out, "distill-sweep") if place.is_main else Path(out or ".")
+    outs = [str(base / "-".join(f"{k}={v}" for k, v in point.items())) for point in grid]
+    return run_lockstep(recipes, teacher_path, cache, outs)
 
 
 def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path | None = None,
                  outs: list[str] | None = None) -> list[Path]:
     """Distill one student per recipe in one pass over the data (same batches and views), into `outs`
     (default: each recipe's out); returns the student.pt paths. Each student's weights equal a separate
-    run with the same seeds."""
+    run with the same seeds. Under torchrun the processes share every batch; rank 0 writes the students
+    (the others return no paths)."""
     check_group(recipes)
     first = recipes[0]
     device = resolve_device(first.device)
+    place = join_process_group(device)
     data = load_dataset(first.data).to(device)
     teacher_path = Path(teacher_path) if teacher_path else None
     online: dict[str, Teacher] = {}  # one teacher object per calibrated teacher file, shared by students
@@ -189,7 +203,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         group.append(_Student(recipe, model, spec, TargetSource(targets_or_teacher, cfg.t_teacher),
                               provenance))
     outs = outs or [r.out for r in recipes]
-    folders = [artifacts.new_run_dir(out, f"student-{s.recipe.distill.targets.value}") for out, s in zip(outs, group)]
+    folders = [artifacts.new_run_dir(out, f"student-{s.recipe.distill.targets.value}") if place.is_main else None
+               for out, s in zip(outs, group)]
 
     members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(s.log, data))
                for s in group]
@@ -199,7 +214,9 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
                            view_batches(data, first.calibrate, seed, [s.source for s in group], device, example_index),
                            log_every=first.distill.log_every)
     seconds = time.perf_counter() - started
-    return [_save(s, folder, data, example_index, steps, seconds / len(group), member)
+    if not place.is_main:
+        return []
+    return [_save(s, folder, data, example_index, steps, seconds / len(group), member, place.size)
             for s, folder, member in zip(group, folders, members)]
 
 
@@ -228,7 +245,7 @@ def _heldout_logger(log: list, data: Dataset):
 
 
 def _save(student: _Student, out: Path, data: Dataset, example_index: torch.Tensor, steps: int, seconds: float,
-          member: Member) -> Path:
+          member: Member, processes: int) -> Path:
     recipe, cfg = student.recipe, student.recipe.distill
     train_split = data.train
     zero_view = view_zero_targets(student.source.targets_or_teacher, data, cfg.t_teacher, example_index)
@@ -240,7 +257,7 @@ def _save(student: _Student, out: Path, data: Dataset, example_index: torch.Tens
         "state_dict": student.model.state_dict(), "config": to_plain(recipe),
         "data": {"fingerprint": data.fingerprint, "config": to_plain(recipe.data)},
         "targets": {"kind": cfg.targets.value, **student.provenance}, "log": student.log,
-        "history": {"steps": steps, "seconds": round(seconds, 2), "grad_noise": grad_noise},
+        "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, "grad_noise": grad_noise},
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
     artifacts.write_config(out, recipe)

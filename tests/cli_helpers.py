@@ -1,0 +1,21 @@
+"""Running the real CLI in a subprocess, as a shell script does."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def bcpkd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-m", "bcpkd_cli", *args], cwd=cwd, capture_output=True,
+                            text=True, env=env, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"bcpkd {' '.join(args)} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*") if p.is_file()}

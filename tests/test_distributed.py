@@ -1,0 +1,90 @@
+"""Data-parallel distillation under torchrun (gloo on the CPU): the same students as one process.
+
+Every process draws the same batch order and takes every second row of each batch; gradients are
+averaged into the whole batch's mean, so a few steps give the single-process weights up to float
+summation order. Only rank 0 writes and prints.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcpkd_cli.cli import main
+from cli_helpers import bcpkd, files_under
+
+pytestmark = pytest.mark.slow
+
+# 600 examples in batches of 150: four steps per epoch (longer runs drift apart at float rounding)
+SMALL = ["--set", "data.n_train=600", "--set", "data.n_heldout=100", "--set", "data.n_test=100",
+         "--set", "teacher.hidden=[16]", "--set", "teacher.epochs=2", "--set", "distill.hidden=[16]",
+         "--set", "distill.epochs=1", "--set", "distill.batch_size=150", "--set", "distill.log_every=2",
+         "--device", "cpu"]
+
+
+def torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "bcpkd_cli", *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, f"torchrun bcpkd {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+    return result
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_same_student(one: Path, many: Path) -> None:
+    a, b = weights(one), weights(many)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    assert torch.load(many, weights_only=True)["history"]["processes"] == 2
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("ddp")
+    return work, work / bcpkd("train-teacher", "--out", "t", *SMALL, cwd=work).stdout.strip()
+
+
+def test_two_processes_train_the_single_process_student(teacher):
+    work, teacher_path = teacher
+    one = work / bcpkd("distill", "--teacher", str(teacher_path), "--out", "one", *SMALL, cwd=work).stdout.strip()
+    result = torchrun("distill", "--teacher", str(teacher_path), "--out", "two", *SMALL, cwd=work)
+    assert result.stdout.strip() == "two/student.pt"  # one path, printed by rank 0 only
+    assert {p.name for p in files_under(work / "two")} == {p.name for p in files_under(work / "one")}
+    assert_same_student(one, work / "two" / "student.pt")
+    log_one = torch.load(one, weights_only=True)["log"]
+    log_two = torch.load(work / "two" / "student.pt", weights_only=True)["log"]
+    assert [e["step"] for e in log_two] == [e["step"] for e in log_one] == [0, 2, 4]
+
+
+def test_a_lockstep_sweep_with_an_online_teacher_under_torchrun(teacher):
+    work, teacher_path = teacher
+    sweep = ["distill", "--teacher", str(teacher_path), "--targets", "online", "--sweep", "alpha=0.5,1.0", *SMALL]
+    one = bcpkd(*sweep, "--out", "sweep-one", cwd=work).stdout.split()
+    many = torchrun(*sweep, "--out", "sweep-two", cwd=work).stdout.split()
+    assert [Path(p).relative_to("sweep-two") for p in many] == [Path(p).relative_to("sweep-one") for p in one]
+    for a, b in zip(one, many):
+        assert_same_student(work / a, work / b)
+
+
+@pytest.mark.parametrize("command", [["train-teacher"], ["calibrate", "--teacher", "t.pt"], ["evaluate", "s.pt"],
+                                     ["run", "recipes/synthetic.yaml"]])
+def test_other_commands_refuse_to_run_under_torchrun(tmp_path, monkeypatch, capsys, command):
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["bcpkd", *command])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    stderr = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "without torchrun" in stderr and stderr.count("\n") == 1
+    assert not any(tmp_path.iterdir())
