@@ -7,6 +7,7 @@ summation order. Only rank 0 writes and prints.
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from bcpkd_cli.cli import main
-from cli_helpers import bcpkd, files_under
+from cli_helpers import files_under
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +37,17 @@ def torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedP
     return result
 
 
+def here(*args: str, cwd: Path) -> str:
+    """The CLI in this process (a single-process reference without a new interpreter); its stdout."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        patch.setattr(sys, "argv", ["bcpkd", *args])
+        stdout = io.StringIO()
+        patch.setattr(sys, "stdout", stdout)
+        main()
+    return stdout.getvalue()
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, weights_only=True)["state_dict"]
 
@@ -51,12 +63,12 @@ def assert_same_student(one: Path, many: Path) -> None:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("ddp")
-    return work, work / bcpkd("train-teacher", "--out", "t", *SMALL, cwd=work).stdout.strip()
+    return work, work / here("train-teacher", "--out", "t", *SMALL, cwd=work).strip()
 
 
 def test_two_processes_train_the_single_process_student(teacher):
     work, teacher_path = teacher
-    one = work / bcpkd("distill", "--teacher", str(teacher_path), "--out", "one", *SMALL, cwd=work).stdout.strip()
+    one = work / here("distill", "--teacher", str(teacher_path), "--out", "one", *SMALL, cwd=work).strip()
     result = torchrun("distill", "--teacher", str(teacher_path), "--out", "two", *SMALL, cwd=work)
     assert result.stdout.strip() == "two/student.pt"  # one path, printed by rank 0 only
     assert {p.name for p in files_under(work / "two")} == {p.name for p in files_under(work / "one")}
@@ -69,7 +81,7 @@ def test_two_processes_train_the_single_process_student(teacher):
 def test_a_lockstep_sweep_with_an_online_teacher_under_torchrun(teacher):
     work, teacher_path = teacher
     sweep = ["distill", "--teacher", str(teacher_path), "--targets", "online", "--sweep", "alpha=0.5,1.0", *SMALL]
-    one = bcpkd(*sweep, "--out", "sweep-one", cwd=work).stdout.split()
+    one = here(*sweep, "--out", "sweep-one", cwd=work).split()
     many = torchrun(*sweep, "--out", "sweep-two", cwd=work).stdout.split()
     assert [Path(p).relative_to("sweep-two") for p in many] == [Path(p).relative_to("sweep-one") for p in one]
     for a, b in zip(one, many):
