@@ -29,6 +29,8 @@ VERSION = 1
 TEACHER_FORMAT = "bcpkd.teacher"
 STUDENT_FORMAT = "bcpkd.student"
 CACHE_FORMAT = "bcpkd.bcp-cache"
+TRAINING_FORMAT = "bcpkd.training-state"
+TRAINING_STATE = "train-state.pt"  # a stage's resumable state (train-state-PHASE.pt for several phases)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -37,6 +39,7 @@ FIX_HINT = {
     TEACHER_FORMAT: "make one with: bcpkd train-teacher --out DIR",
     STUDENT_FORMAT: "make one with: bcpkd distill --teacher TEACHER.pt --out DIR",
     CACHE_FORMAT: "make one with: bcpkd calibrate --teacher TEACHER.pt",
+    TRAINING_FORMAT: "it is written at every epoch end of a run; start the run again without --resume",
 }
 
 
@@ -119,6 +122,29 @@ def load_checkpoint(path: str | Path, expected_format: str | tuple[str, ...]) ->
         raise BcpkdError(f"{path}: {payload['format']} version {payload.get('version')} is not {VERSION}; "
                          f"rebuild it with this bcpkd ({hint})")
     return payload
+
+
+def save_training_state(path: Path, state: dict, settings: dict) -> Path:
+    """A training loop's state at an epoch end, with the settings a resumed run must repeat."""
+    return save_checkpoint(path, {"format": TRAINING_FORMAT, "version": VERSION, "settings": settings,
+                                  "state": state})
+
+
+def load_training_state(path: Path, settings: dict) -> dict:
+    """The state an interrupted run saved; refuse one saved with other settings (naming them)."""
+    payload = load_checkpoint(path, TRAINING_FORMAT)
+    differ = sorted(_differing_keys(payload["settings"], settings))
+    if differ:
+        raise BcpkdError(f"--resume: {path} was saved by a run with other settings ({', '.join(differ[:6])}); "
+                         f"resume with the options of the interrupted run, or start afresh in another --out")
+    return payload["state"]
+
+
+def _differing_keys(saved: Any, given: Any, prefix: str = "") -> list[str]:
+    if isinstance(saved, dict) and isinstance(given, dict):
+        return [key for k in saved.keys() | given.keys()
+                for key in _differing_keys(saved.get(k), given.get(k), f"{prefix}{k}.")]
+    return [] if saved == given else [prefix.rstrip(".")]
 
 
 def save_cache(path: Path, probs: torch.Tensor, metadata: dict[str, Any]) -> Path:

@@ -27,6 +27,13 @@ RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe (default: the
 OutOpt = typer.Option("", "--out", "-o", help="output folder (default: runs/<stage>-<time>)")
 DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N")
 SetOpt = typer.Option(None, "--set", "-s", help="override any recipe key: section.key=value (repeatable)")
+ResumeOpt = typer.Option(False, "--resume", help="continue the interrupted run in --out from its last epoch "
+                                                 "(same options; the result equals an uninterrupted run)")
+
+
+def _check_resume(resume: bool, out: str) -> None:
+    if resume and not out:
+        raise BcpkdError("--resume: give --out FOLDER, the folder of the interrupted run")
 
 
 def _tree(recipe: Optional[Path], sets: Optional[list[str]], flags: dict) -> dict:
@@ -70,6 +77,7 @@ def train_teacher(
     member: Optional[list[Path]] = typer.Option(None, help="ensemble: assemble existing teacher.pt files "
                                                           "instead of training (repeat for each member)"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+    resume: bool = ResumeOpt,
 ) -> None:
     """Train a teacher of any kind and save a self-describing teacher.pt (path printed on stdout)."""
     from bcpkd_cli.stages import train_teacher as stage
@@ -88,7 +96,8 @@ def train_teacher(
             raise BcpkdError(f"--samples: a {kind.value} teacher draws no samples; use it with --bayes vi, "
                              f"mc-dropout or laplace (--link mc)")
         set_path(tree, f"teacher.{section}.samples", samples)
-    print(stage.run(build_recipe(tree, _source(recipe))))
+    _check_resume(resume, out)
+    print(stage.run(build_recipe(tree, _source(recipe)), resume))
 
 
 def _with_teacher_data(tree: dict, teacher: Path, source: str):
@@ -131,6 +140,7 @@ def distill(
                                                          "data: KEY=V1,V2 over distill keys (repeat for a product "
                                                          "grid); students go to OUT/KEY=V-..., paths one per line"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+    resume: bool = ResumeOpt,
 ) -> None:
     """Train a student against the teacher's cached BCPs; save student.pt (path on stdout).
     Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli distill ..."""
@@ -144,9 +154,10 @@ def distill(
     grid = parse_sweep(sweep or [])
     configs = [_with_teacher_data(merge(tree, {"distill": point}), teacher, _source(recipe)) if teacher
                else build_recipe(merge(tree, {"distill": point}), _source(recipe)) for point in grid]
+    _check_resume(resume, out)
     try:  # under torchrun: one process per GPU (or CPU share); rank 0 writes and prints
-        paths = stage.run_sweep(configs, grid, teacher, cache, out) if sweep else \
-            [p for p in [stage.run(configs[0], teacher, cache)] if p is not None]
+        paths = stage.run_sweep(configs, grid, teacher, cache, out, resume) if sweep else \
+            [p for p in [stage.run(configs[0], teacher, cache, resume)] if p is not None]
     finally:
         leave_process_group()
     if paths:
@@ -203,5 +214,6 @@ def main() -> None:
         print(f"failed: {err}", file=sys.stderr)
         sys.exit(1)
     except (KeyboardInterrupt, typer.Abort):
-        print("interrupted: finished artifacts are kept, unfinished ones were not written", file=sys.stderr)
+        print("interrupted: finished artifacts are kept, unfinished ones were not written (train-teacher and "
+              "distill continue from their last epoch end with --resume)", file=sys.stderr)
         sys.exit(130)

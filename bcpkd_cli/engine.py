@@ -6,7 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -136,9 +137,10 @@ def train(
     spec: TrainSpec,
     desc: str,
     log_every: int = 0,
-    log_fn: Callable[[int, nn.Module], None] | None = None,
+    log_fn: Callable[[int, nn.Module], dict] | None = None,
     batch_fn: BatchFn | None = None,
     penalty: Callable[[int], "torch.Tensor | float"] | None = None,
+    resume: Resume | None = None,
 ) -> int:
     """Minimise mean loss_fn (+ penalty(epoch), e.g. a KL term) over seeded shuffled batches.
 
@@ -155,18 +157,40 @@ def train(
         return batch_inputs, [batch_targets]
 
     member = Member(model, loss_fn, spec, log_fn, penalty)
-    return train_lockstep([member], labels, spec.epochs, spec.batch_size, spec.seed, desc, group_batch, log_every)
+    return train_lockstep([member], labels, spec.epochs, spec.batch_size, spec.seed, desc, group_batch, log_every,
+                          resume)
 
 
 @dataclass
 class Member:
-    """One network of a lockstep group: its loss, optimiser settings, held-out logger and penalty."""
+    """One network of a lockstep group: its loss, optimiser settings, held-out logger and penalty.
+    `log_fn(step, model)` returns an entry that the loop appends to `log`."""
 
     model: nn.Module
     loss_fn: LossFn
     spec: TrainSpec
-    log_fn: Callable[[int, nn.Module], None] | None = None
+    log_fn: Callable[[int, nn.Module], dict] | None = None
     penalty: Callable[[int], "torch.Tensor | float"] | None = None
+    log: list[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Resumable training: `save(state)` keeps the loop's state at the end of every epoch (rank 0);
+    `start`, a state saved by an interrupted run, continues it from there with the same result as an
+    uninterrupted run (weights, optimiser and schedule, batch-order and torch RNG, logs)."""
+
+    save: Callable[[dict], None]
+    start: dict | None = None
+
+
+def _schedule_state(schedule: torch.optim.lr_scheduler.LRScheduler) -> dict:
+    state = schedule.state_dict()
+    return {**state, "milestones": dict(state["milestones"])}  # a Counter does not load with weights_only
+
+
+def _restore_schedule(schedule: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    schedule.load_state_dict({**state, "milestones": Counter(state["milestones"])})
 
 
 # group_batch_fn(rows [B], epoch) -> (inputs [B, ...], one target tensor [B, C] (or None) per member)
@@ -184,14 +208,14 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, batch_size: int, order_seed: int,
-                   desc: str, group_batch_fn: GroupBatchFn, log_every: int = 0) -> int:
+                   desc: str, group_batch_fn: GroupBatchFn, log_every: int = 0, resume: Resume | None = None) -> int:
     """Train several networks on the same batches in one pass over the data: each step builds the batch
     once (rows, views, inputs) and then steps every member with its own loss, targets and optimiser.
     A member's weights are exactly those of training it alone with the same batch order.
 
     Under torchrun every process draws the same batch order and takes every world-size-th row of each
     batch; gradients are averaged so that a step is the step of the whole batch (the mean over all its
-    rows), as in one process. Only rank 0 logs."""
+    rows), as in one process. Only rank 0 logs and saves the state of `resume`."""
     place = world()
     torch.manual_seed(order_seed)
     order_gen = torch.Generator().manual_seed(order_seed)
@@ -202,7 +226,9 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
                  for m, o in zip(members, optimizers)]
     n = len(labels)
     total = epochs * ((n + batch_size - 1) // batch_size)
-    step = 0
+    step, first_epoch = 0, 0
+    if resume is not None and resume.start is not None:
+        first_epoch, step = _restore(resume.start, members, optimizers, schedules, order_gen, labels.device)
     for m in members:
         m.model.train()
     group = f" x {len(members)} in lockstep" if len(members) > 1 else ""
@@ -213,12 +239,14 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     def log_all(at_step: int) -> None:
         for m in members:
             if m.log_fn is not None and place.is_main:
-                m.log_fn(at_step, m.model)
+                m.log.append(m.log_fn(at_step, m.model))
                 m.model.train()
 
     with progress_bar() as bar:
-        task = bar.add_task(desc, total=total)
-        for epoch in range(epochs):
+        task = bar.add_task(desc, total=total, completed=step)
+        if step:
+            console.print(f"resuming {desc} after epoch {first_epoch} (step {step})")
+        for epoch in range(first_epoch, epochs):
             order = torch.randperm(n, generator=order_gen).to(labels.device)
             for start in range(0, n, batch_size):
                 if log_every and step % log_every == 0:
@@ -242,9 +270,39 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
                     bar.update(task, completed=step)
             for schedule in schedules:
                 schedule.step()
+            if resume is not None and place.is_main:
+                resume.save(_state(epoch + 1, step, members, optimizers, schedules, order_gen, labels.device))
     if log_every:
         log_all(step)
     return step
+
+
+def _state(epochs_done: int, step: int, members: list[Member], optimizers: list, schedules: list,
+           order_gen: torch.Generator, device: torch.device) -> dict:
+    """Everything the next epoch depends on, as tensors and plain values (loads with weights_only)."""
+    return {
+        "epoch": epochs_done, "step": step, "order_rng": order_gen.get_state(), "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "members": [{"model": m.model.state_dict(), "optimizer": o.state_dict(), "schedule": _schedule_state(s),
+                     "log": list(m.log)} for m, o, s in zip(members, optimizers, schedules)],
+    }
+
+
+def _restore(state: dict, members: list[Member], optimizers: list, schedules: list, order_gen: torch.Generator,
+             device: torch.device) -> tuple[int, int]:
+    if len(state["members"]) != len(members):
+        raise BcpkdError(f"the saved training state holds {len(state['members'])} networks, this run trains "
+                         f"{len(members)}; resume with the options of the interrupted run")
+    for m, o, s, saved in zip(members, optimizers, schedules, state["members"]):
+        m.model.load_state_dict(saved["model"])
+        o.load_state_dict(saved["optimizer"])
+        _restore_schedule(s, saved["schedule"])
+        m.log[:] = saved["log"]
+    order_gen.set_state(state["order_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    return state["epoch"], state["step"]
 
 
 @torch.inference_mode()

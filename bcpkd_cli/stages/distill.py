@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +23,7 @@ from bcpkd_cli.engine import (Member, TrainSpec, console, join_process_group, pe
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec
+from bcpkd_cli.resumption import finish, require_saved_state, resumable, settings_of
 from bcpkd_cli.teachers import Teacher, load_teacher
 
 
@@ -149,33 +150,38 @@ class _Student:
     spec: dict
     source: TargetSource
     provenance: dict
-    log: list = field(default_factory=list)
 
 
-def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None) -> Path | None:
+def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None, resume: bool = False) -> Path | None:
     """One student; its student.pt (None on the ranks other than 0 under torchrun)."""
-    paths = run_lockstep([recipe], teacher_path, cache)
+    paths = run_lockstep([recipe], teacher_path, cache, resume=resume)
     return paths[0] if paths else None
 
 
 def run_sweep(recipes: list[Recipe], grid: list[dict], teacher_path: Path | None, cache: Path | None,
-              out: str) -> list[Path]:
-    """The students of a grid in lockstep, each in OUT/KEY=V-... (a new folder under `out`)."""
+              out: str, resume: bool = False) -> list[Path]:
+    """The students of a grid in lockstep, each in OUT/KEY=V-... (a new folder under `out`, which also
+    keeps the group's training state)."""
     check_group(recipes)  # before anything is written
-    place = join_process_group(resolve_device(recipes[0].device))
-    base = artifacts.new_run_dir(out, "distill-sweep") if place.is_main else Path(out or ".")
+    base = artifacts.new_run_dir(out, "distill-sweep")
     outs = [str(base / "-".join(f"{k}={v}" for k, v in point.items())) for point in grid]
-    return run_lockstep(recipes, teacher_path, cache, outs)
+    return run_lockstep(recipes, teacher_path, cache, outs, state_dir=base, resume=resume)
 
 
 def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path | None = None,
-                 outs: list[str] | None = None) -> list[Path]:
+                 outs: list[str] | None = None, state_dir: Path | None = None, resume: bool = False) -> list[Path]:
     """Distill one student per recipe in one pass over the data (same batches and views), into `outs`
     (default: each recipe's out); returns the student.pt paths. Each student's weights equal a separate
     run with the same seeds. Under torchrun the processes share every batch; rank 0 writes the students
-    (the others return no paths)."""
+    (the others return no paths). The group's training state is saved in `state_dir` (default: the
+    first student's folder) at every epoch end; `resume` continues from it."""
     check_group(recipes)
     first = recipes[0]
+    outs = outs or [r.out for r in recipes]
+    folders = [artifacts.new_run_dir(out, f"student-{r.distill.targets.value}") for out, r in zip(outs, recipes)]
+    state_dir = Path(state_dir) if state_dir else folders[0]
+    if resume:
+        require_saved_state(state_dir)
     device = resolve_device(first.device)
     place = join_process_group(device)
     data = load_dataset(first.data).to(device)
@@ -202,22 +208,22 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         model = prepare_for_device(build_model(spec), device, recipe.precision)
         group.append(_Student(recipe, model, spec, TargetSource(targets_or_teacher, cfg.t_teacher),
                               provenance))
-    outs = outs or [r.out for r in recipes]
-    folders = [artifacts.new_run_dir(out, f"student-{s.recipe.distill.targets.value}") if place.is_main else None
-               for out, s in zip(outs, group)]
-
-    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(s.log, data))
-               for s in group]
+    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(data)) for s in group]
+    settings = {"students": [settings_of(r) for r in recipes],
+                "teacher_sha256": artifacts.sha256_file(teacher_path) if teacher_path else None}
     started = time.perf_counter()
     steps = train_lockstep(members, data.train.labels, first.distill.epochs, first.distill.batch_size, seed,
                            f"student ({first.distill.targets.value})",
                            view_batches(data, first.calibrate, seed, [s.source for s in group], device, example_index),
-                           log_every=first.distill.log_every)
+                           log_every=first.distill.log_every,
+                           resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume))
     seconds = time.perf_counter() - started
     if not place.is_main:
         return []
-    return [_save(s, folder, data, example_index, steps, seconds / len(group), member, place.size)
-            for s, folder, member in zip(group, folders, members)]
+    paths = [_save(s, folder, data, example_index, steps, seconds / len(group), member, place.size)
+             for s, folder, member in zip(group, folders, members)]
+    finish(state_dir)
+    return paths
 
 
 def _kd(cfg: DistillConfig):
@@ -233,13 +239,13 @@ def _train_spec(recipe: Recipe) -> TrainSpec:
                      cfg.lr_milestones, recipe.precision, recipe.compile)
 
 
-def _heldout_logger(log: list, data: Dataset):
+def _heldout_logger(data: Dataset):
     held = data.heldout
 
-    def log_heldout(step: int, net) -> None:
+    def log_heldout(step: int, net) -> dict:
         held_probs = torch.softmax(predict_logits(net, held.inputs), dim=1)
-        log.append({"step": step, "heldout_nll": metrics.nll(held_probs, held.labels),
-                    "heldout_accuracy": metrics.accuracy(held_probs, held.labels)})
+        return {"step": step, "heldout_nll": metrics.nll(held_probs, held.labels),
+                "heldout_accuracy": metrics.accuracy(held_probs, held.labels)}
 
     return log_heldout
 
@@ -251,16 +257,16 @@ def _save(student: _Student, out: Path, data: Dataset, example_index: torch.Tens
     zero_view = view_zero_targets(student.source.targets_or_teacher, data, cfg.t_teacher, example_index)
     grad_noise = per_example_grad_sq_norms(student.model, train_split.inputs, train_split.labels, zero_view,
                                            member.loss_fn).mean().item()
-    artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in student.log))
+    artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in member.log))
     payload = {
         "format": artifacts.STUDENT_FORMAT, "version": artifacts.VERSION, "model": student.spec,
         "state_dict": student.model.state_dict(), "config": to_plain(recipe),
         "data": {"fingerprint": data.fingerprint, "config": to_plain(recipe.data)},
-        "targets": {"kind": cfg.targets.value, **student.provenance}, "log": student.log,
+        "targets": {"kind": cfg.targets.value, **student.provenance}, "log": member.log,
         "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, "grad_noise": grad_noise},
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
     artifacts.write_config(out, recipe)
     console.print(f"student ({cfg.targets.value}): {steps} steps in {seconds:.1f}s, final held-out "
-                  f"accuracy {student.log[-1]['heldout_accuracy']:.4f}, gradient noise {grad_noise:.3g}")
+                  f"accuracy {member.log[-1]['heldout_accuracy']:.4f}, gradient noise {grad_noise:.3g}")
     return path

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +21,10 @@ from bcpkd_cli import artifacts, losses, metrics
 from bcpkd_cli.calibration import fit_temperature
 from bcpkd_cli.config import Arch, Bayes, Recipe, TeacherConfig, to_plain
 from bcpkd_cli.data import Dataset, load_dataset, views
-from bcpkd_cli.engine import TrainSpec, console, predict_logits, prepare_for_device, resolve_device, train
+from bcpkd_cli.engine import Resume, TrainSpec, console, predict_logits, prepare_for_device, resolve_device, train
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
+from bcpkd_cli.resumption import finish, require_saved_state, resumable, settings_of
 from bcpkd_cli.teachers import Teacher, teacher_payload
 from bcpkd_cli.teachers.deterministic import DeterministicTeacher
 from bcpkd_cli.teachers.ensemble import EnsembleTeacher
@@ -67,14 +69,14 @@ def _load_deterministic(path: str, option: str, data_fingerprint: str, kinds: tu
     return payload
 
 
-def _train_network(model: nn.Module, data: Dataset, recipe: Recipe, loss_fn, seed: int, desc: str,
+def _train_network(model: nn.Module, data: Dataset, recipe: Recipe, loss_fn, seed: int, desc: str, resume: Resume,
                    epochs: int | None = None, lr: float | None = None, batch_fn=None, penalty=None) -> dict:
     cfg = recipe.teacher
     spec = TrainSpec(epochs or cfg.epochs, cfg.batch_size, cfg.optimizer, lr or cfg.lr, cfg.momentum,
                      cfg.weight_decay, seed, cfg.lr_milestones, recipe.precision, recipe.compile)
     started = time.perf_counter()
     steps = train(model, data.train.inputs, data.train.labels, None, loss_fn, spec, desc=desc,
-                  batch_fn=batch_fn or plain_or_views(data, cfg, seed), penalty=penalty)
+                  batch_fn=batch_fn or plain_or_views(data, cfg, seed), penalty=penalty, resume=resume)
     return {"steps": steps, "seconds": round(time.perf_counter() - started, 2)}
 
 
@@ -86,7 +88,7 @@ def class_centroids(model: nn.Module, data: Dataset) -> torch.Tensor:
     return sums / counts[:, None]
 
 
-def fine_tune_mcmi(model: nn.Module, data: Dataset, recipe: Recipe) -> dict:
+def fine_tune_mcmi(model: nn.Module, data: Dataset, recipe: Recipe, resume: Resume) -> dict:
     """Minimise CE - lambda * KL(p(x) || Q_y) with the class centroids Q recomputed every epoch."""
     cfg = recipe.teacher
     views_batch = plain_or_views(data, cfg, cfg.seed + 1)
@@ -103,11 +105,11 @@ def fine_tune_mcmi(model: nn.Module, data: Dataset, recipe: Recipe) -> dict:
         cmi = losses.cmi_to_centroids(logits, centroid_probs)
         return F.cross_entropy(logits, labels, reduction="none") - cfg.mcmi.weight * cmi
 
-    return _train_network(model, data, recipe, loss_fn, cfg.seed + 1, "mcmi fine-tuning", epochs=cfg.mcmi.epochs,
-                          lr=cfg.lr * cfg.mcmi.lr_scale, batch_fn=batch)
+    return _train_network(model, data, recipe, loss_fn, cfg.seed + 1, "mcmi fine-tuning", resume,
+                          epochs=cfg.mcmi.epochs, lr=cfg.lr * cfg.mcmi.lr_scale, batch_fn=batch)
 
 
-def train_vi(model: nn.Module, data: Dataset, recipe: Recipe) -> dict:
+def train_vi(model: nn.Module, data: Dataset, recipe: Recipe, resume: Resume) -> dict:
     """Cross-entropy + beta(epoch) * KL(q || p) / N: beta is 0 for vi.ml_epochs, then rises linearly to 1."""
     cfg, n_train = recipe.teacher, len(data.train)
 
@@ -115,17 +117,19 @@ def train_vi(model: nn.Module, data: Dataset, recipe: Recipe) -> dict:
         weight = kl_weight(epoch, cfg.vi)
         return weight * kl_divergence(model) / n_train if weight else 0.0  # no KL work in the ML epochs
 
-    return _train_network(model, data, recipe, cross_entropy, cfg.seed, "vi teacher", penalty=penalty)
+    return _train_network(model, data, recipe, cross_entropy, cfg.seed, "vi teacher", resume, penalty=penalty)
 
 
-def train_ensemble(spec: dict, data: Dataset, recipe: Recipe, device: torch.device) -> tuple[list, dict]:
+def train_ensemble(spec: dict, data: Dataset, recipe: Recipe, device: torch.device,
+                   phase: Callable[[str], Resume]) -> tuple[list, dict]:
     cfg = recipe.teacher
     members, seconds = [], []
     for m in range(cfg.ensemble.members):
         torch.manual_seed(cfg.seed + m)
         member = prepare_for_device(build_model(spec), device, recipe.precision)
         seconds.append(_train_network(member, data, recipe, cross_entropy, cfg.seed + m,
-                                      f"ensemble member {m + 1}/{cfg.ensemble.members}")["seconds"])
+                                      f"ensemble member {m + 1}/{cfg.ensemble.members}",
+                                      phase(f"member{m + 1}"))["seconds"])
         members.append(member)
     return members, {"seconds": round(sum(seconds), 2), "member_seconds": seconds}
 
@@ -145,7 +149,9 @@ def _assemble(cfg: TeacherConfig, data_fingerprint: str) -> tuple[list[dict], di
     return payloads, {"members_sha256": [artifacts.sha256_file(Path(p)) for p in cfg.ensemble.checkpoints]}
 
 
-def run(recipe: Recipe) -> Path:
+def run(recipe: Recipe, resume: bool = False) -> Path:
+    """Train (or assemble) the teacher; `resume` continues an interrupted run in recipe.out from the last
+    epoch end of its unfinished training phase."""
     cfg = recipe.teacher
     device = resolve_device(recipe.device)
     data = load_dataset(recipe.data)
@@ -164,6 +170,13 @@ def run(recipe: Recipe) -> Path:
     if kind == Bayes.laplace:
         check_hessian_size(model, cfg.laplace)  # before spending any time on training
     out = artifacts.new_run_dir(recipe.out, f"teacher-{kind.value}")
+    if resume:
+        require_saved_state(out)
+    settings = settings_of(recipe)
+
+    def phase(name: str) -> Resume:  # one state file per training phase (main, ensemble member, fine-tuning)
+        return resumable(out / f"train-state-{name}.pt", settings, resume)
+
     data = data.to(device)
     parent_sha = artifacts.sha256_file(Path(cfg.base)) if base is not None else None
     history: dict = dict(base["history"]) if base is not None else {}
@@ -174,18 +187,19 @@ def run(recipe: Recipe) -> Path:
             payloads, history = members
             networks = [build_model(p["model"], p["state_dict"]).to(device) for p in payloads]
         else:
-            networks, history = train_ensemble(spec, data, recipe, device)
+            networks, history = train_ensemble(spec, data, recipe, device, phase)
         teacher = EnsembleTeacher(networks)
     elif kind == Bayes.vi:
         model = prepare_for_device(to_bayesian(model, cfg.vi, from_base=base is not None), device, recipe.precision)
-        history = train_vi(model, data, recipe)
+        history = train_vi(model, data, recipe, phase("vi"))
         teacher = VITeacher(model, spec, cfg.vi.samples, noise_seed=cfg.seed)
     else:
         if base is None:
             loss_fn = mean_squared_error if kind == Bayes.mse else cross_entropy
-            history = _train_network(model, data, recipe, loss_fn, cfg.seed, f"{kind.value} teacher")
+            history = _train_network(model, data, recipe, loss_fn, cfg.seed, f"{kind.value} teacher",
+                                     phase("teacher"))
         if kind == Bayes.mcmi:
-            history["mcmi"] = fine_tune_mcmi(model, data, recipe)
+            history["mcmi"] = fine_tune_mcmi(model, data, recipe, phase("mcmi"))
         if kind == Bayes.laplace:
             teacher = LaplaceTeacher(model, cfg.laplace, noise_seed=cfg.seed)
             teacher.fit(data.train.inputs, data.train.labels)
@@ -208,6 +222,7 @@ def run(recipe: Recipe) -> Path:
     payload = teacher_payload(teacher, kind, spec, to_plain(recipe), data_info, parent_sha, history)
     path = artifacts.save_checkpoint(out / "teacher.pt", payload)
     artifacts.write_config(out, recipe)
+    finish(out)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items())
     console.print(f"{kind.value} teacher: held-out {summary}")
     return path
