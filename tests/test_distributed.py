@@ -7,7 +7,6 @@ summation order. Only rank 0 writes and prints.
 
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 from bcpkd_cli.cli import main
-from cli_helpers import files_under
+from cli_helpers import files_under, here
 
 pytestmark = pytest.mark.slow
 
@@ -35,17 +34,6 @@ def torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedP
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, f"torchrun bcpkd {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
     return result
-
-
-def here(*args: str, cwd: Path) -> str:
-    """The CLI in this process (a single-process reference without a new interpreter); its stdout."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(cwd)
-        patch.setattr(sys, "argv", ["bcpkd", *args])
-        stdout = io.StringIO()
-        patch.setattr(sys, "stdout", stdout)
-        main()
-    return stdout.getvalue()
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

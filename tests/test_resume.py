@@ -19,7 +19,7 @@ from bcpkd_cli.engine import Member, Resume, TrainSpec, train_lockstep
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.stages import train_teacher
-from cli_helpers import bcpkd
+from cli_helpers import here
 
 
 def _members(seed: int = 0) -> list[Member]:
@@ -103,9 +103,9 @@ TINY = ["--set", "data.n_train=600", "--set", "data.n_heldout=100", "--set", "da
 
 @pytest.mark.slow
 def test_a_killed_distill_resumes_to_the_uninterrupted_student(tmp_path):
-    teacher = bcpkd("train-teacher", "--out", "t", *TINY, cwd=tmp_path).stdout.strip()
+    teacher = here("train-teacher", "--out", "t", *TINY, cwd=tmp_path).strip()
     distill = ["distill", "--teacher", teacher, "--epochs", "3", *TINY]
-    whole = tmp_path / bcpkd(*distill, "--out", "whole", cwd=tmp_path).stdout.strip()
+    whole = tmp_path / here(*distill, "--out", "whole", cwd=tmp_path).strip()
     job = subprocess.Popen([sys.executable, "-m", "bcpkd_cli", *distill, "--out", "cut"], cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -114,8 +114,7 @@ def test_a_killed_distill_resumes_to_the_uninterrupted_student(tmp_path):
     job.send_signal(signal.SIGKILL)  # a preempted job: no clean-up of any kind
     job.wait()
     assert not (tmp_path / "cut" / "student.pt").exists(), "the run ended before it could be killed"
-    result = bcpkd(*distill, "--out", "cut", "--resume", cwd=tmp_path)
-    assert "resuming student" in result.stderr and result.stdout.strip() == "cut/student.pt"
+    assert here(*distill, "--out", "cut", "--resume", cwd=tmp_path).strip() == "cut/student.pt"
     a, b = torch.load(whole, weights_only=True), torch.load(tmp_path / "cut" / "student.pt", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["log"] == b["log"] and a["history"]["grad_noise"] == b["history"]["grad_noise"]
