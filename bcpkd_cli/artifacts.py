@@ -133,17 +133,18 @@ def save_training_state(path: Path, state: dict, settings: dict) -> Path:
 def load_training_state(path: Path, settings: dict) -> dict:
     """The state an interrupted run saved; refuse one saved with other settings (naming them)."""
     payload = load_checkpoint(path, TRAINING_FORMAT)
-    differ = sorted(_differing_keys(payload["settings"], settings))
+    differ = differing_keys(payload["settings"], settings)
     if differ:
         raise BcpkdError(f"--resume: {path} was saved by a run with other settings ({', '.join(differ[:6])}); "
                          f"resume with the options of the interrupted run, or start afresh in another --out")
     return payload["state"]
 
 
-def _differing_keys(saved: Any, given: Any, prefix: str = "") -> list[str]:
+def differing_keys(saved: Any, given: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (sorted)."""
     if isinstance(saved, dict) and isinstance(given, dict):
-        return [key for k in saved.keys() | given.keys()
-                for key in _differing_keys(saved.get(k), given.get(k), f"{prefix}{k}.")]
+        return sorted(key for k in saved.keys() | given.keys()
+                      for key in differing_keys(saved.get(k), given.get(k), f"{prefix}{k}."))
     return [] if saved == given else [prefix.rstrip(".")]
 
 

@@ -186,6 +186,8 @@ def evaluate(
 def run(
     recipe: Path = typer.Argument(..., help="YAML recipe with an `experiment` section"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+    resume: bool = typer.Option(False, "--resume", help="reuse the teachers and students an interrupted run of "
+                                                        "this recipe finished in --out; continue the others"),
 ) -> None:
     """Run every stage of a recipe and print the comparison table (summary.json path on stdout)."""
     from bcpkd_cli import pipeline
@@ -193,7 +195,8 @@ def run(
 
     tree = _tree(recipe, set_, {"out": out, "device": device})
     build_recipe(tree, _source(recipe))
-    print(pipeline.run(tree, str(recipe)))
+    _check_resume(resume, out)
+    print(pipeline.run(tree, str(recipe), resume))
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 The recipe's `experiment` section names teachers (overrides of `teacher`, optionally `base: NAME`
 to fit a posterior around another teacher of the recipe) and students (overrides of `distill`, plus
 `teacher: NAME`, `calibrate:` and `evaluate:` overrides), each trained once per seed. All sub-recipes
-are validated before any training starts.
+are validated before any training starts. With `resume`, the teachers and students an earlier run of
+the recipe finished in `out` are reused and interrupted ones continue from their last epoch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, to_plain
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.engine import console, resolve_device
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
+from bcpkd_cli.resumption import finished_artifact, has_saved_state
 from bcpkd_cli.stages import distill, evaluate, train_teacher
 
 STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll", "convergence_noise_accuracy",
@@ -81,10 +83,19 @@ def _build_caches(jobs: list, teacher_paths: dict[str, Path]) -> None:
                      device, n_bins=recipe.evaluate.ece_bins)
 
 
-def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None) -> tuple[Path, dict]:
+def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, resume: bool) -> tuple[Path, dict]:
     """Distill and evaluate one student (in a worker process when experiment.workers > 1)."""
     console.rule(f"student {name}, seed {seed}")
-    path = distill.run(build_recipe(s_tree, f"experiment.students.{name}"), teacher_path)
+    recipe, folder = build_recipe(s_tree, f"experiment.students.{name}"), Path(s_tree["out"])
+    done = finished_artifact(folder / "student.pt", artifacts.STUDENT_FORMAT, recipe) if resume else None
+    if done is not None and teacher_path is not None and \
+            done["targets"].get("teacher_sha256") != artifacts.sha256_file(teacher_path):
+        done = None  # its teacher was trained again: so is the student
+    if done is not None:
+        console.print(f"reusing {folder / 'student.pt'}")
+        path = folder / "student.pt"
+    else:
+        path = distill.run(recipe, teacher_path, resume=resume and has_saved_state(folder))
     eval_tree = {k: v for k, v in s_tree.items() if k in ("device", "evaluate")}
     return path, evaluate.evaluate_one(path, eval_tree)
 
@@ -136,14 +147,28 @@ def _table(title: str, rows: list[dict], columns: list[str]) -> tuple[Table, str
     return table, "\n".join(md)
 
 
-def run(tree: dict, source: str) -> Path:
+def _teacher(name: str, t_tree: dict, resume: bool) -> Path:
+    """Train one teacher of the recipe, or reuse / continue the one an earlier run left (resume)."""
+    recipe, folder = build_recipe(t_tree, f"experiment.teachers.{name}"), Path(t_tree["out"])
+    cfg = recipe.teacher
+    adopted = ("teacher.arch", "teacher.hidden") if cfg.base or cfg.ensemble.checkpoints else ()  # from the base
+    if resume and finished_artifact(folder / "teacher.pt", artifacts.TEACHER_FORMAT, recipe, adopted) is not None:
+        console.print(f"reusing {folder / 'teacher.pt'}")
+        return folder / "teacher.pt"
+    return train_teacher.run(recipe, resume=resume and has_saved_state(folder))
+
+
+def run(tree: dict, source: str, resume: bool = False) -> Path:
     recipe: Recipe = build_recipe(tree, source)
     out = artifacts.new_run_dir(recipe.out, "run")
+    if resume and not out.is_dir():
+        raise BcpkdError(f"--resume: {out} is not the folder of an earlier run; give its --out, or run without "
+                         f"--resume")
     teacher_trees, jobs = _plan(tree, source, out)
 
     with _executor(recipe.experiment.workers) as pool:
         # Students without a teacher start at once; the others wait for their teacher and its cache.
-        futures = {i: pool.submit(_student_job, name, seed, s_tree, None)
+        futures = {i: pool.submit(_student_job, name, seed, s_tree, None, resume)
                    for i, (name, seed, teacher_name, s_tree) in enumerate(jobs) if teacher_name is None}
         teacher_paths: dict[str, Path] = {}
         for name, t_tree in teacher_trees.items():
@@ -151,11 +176,11 @@ def run(tree: dict, source: str) -> Path:
             if base in teacher_paths:
                 t_tree = merge(t_tree, {"teacher": {"base": str(teacher_paths[base])}})
             console.rule(f"teacher {name}")
-            teacher_paths[name] = train_teacher.run(build_recipe(t_tree, f"experiment.teachers.{name}"))
+            teacher_paths[name] = _teacher(name, t_tree, resume)
         _build_caches(jobs, teacher_paths)
         for i, (name, seed, teacher_name, s_tree) in enumerate(jobs):
             if teacher_name is not None:
-                futures[i] = pool.submit(_student_job, name, seed, s_tree, teacher_paths[teacher_name])
+                futures[i] = pool.submit(_student_job, name, seed, s_tree, teacher_paths[teacher_name], resume)
         try:
             results = [futures[i].result() for i in range(len(jobs))]
         except BrokenProcessPool:

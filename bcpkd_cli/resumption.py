@@ -12,14 +12,16 @@ from bcpkd_cli.errors import BcpkdError
 _FREE = ("out", "device", "evaluate", "experiment")  # may change between the interrupted and the resumed run
 
 
-def settings_of(recipe: Recipe) -> dict:
-    """What decides a run's training (all but where it writes, which device, what it evaluates)."""
-    return {k: v for k, v in to_plain(recipe).items() if k not in _FREE}
+def settings_of(recipe: Recipe | dict) -> dict:
+    """What decides a run's training (all but where it writes, which device, what it evaluates), from
+    a recipe or the plain config an artifact stores."""
+    plain = recipe if isinstance(recipe, dict) else to_plain(recipe)
+    return {k: v for k, v in plain.items() if k not in _FREE}
 
 
 def require_saved_state(folder: Path) -> None:
     """--resume needs a folder that an interrupted run left its state in."""
-    if not any(folder.glob("train-state*.pt")):
+    if not has_saved_state(folder):
         raise BcpkdError(f"--resume: {folder} holds no train-state*.pt of an interrupted run; give the --out "
                          f"folder of that run, or run without --resume")
 
@@ -36,6 +38,24 @@ def resumable(path: Path, settings: dict, resume: bool) -> Resume:
             artifacts.save_training_state(path, state, settings)
 
     return Resume(save, start)
+
+
+def finished_artifact(path: Path, expected_format: str, recipe: Recipe, ignore: tuple[str, ...] = ()) -> dict | None:
+    """For `bcpkd run --resume`: the payload of an artifact an earlier run finished at `path` (None if
+    there is none); one made with other settings than `recipe` (but the dotted keys `ignore`) is refused."""
+    if not path.is_file():
+        return None
+    payload = artifacts.load_checkpoint(path, expected_format)
+    differ = [k for k in artifacts.differing_keys(settings_of(payload["config"]), settings_of(recipe))
+              if k not in ignore]
+    if differ:
+        raise BcpkdError(f"--resume: {path} was made with other settings ({', '.join(differ[:6])}); resume with "
+                         f"the recipe of that run, or start afresh in another --out")
+    return payload
+
+
+def has_saved_state(folder: Path) -> bool:
+    return any(folder.glob("train-state*.pt"))
 
 
 def finish(folder: Path) -> None:

@@ -155,6 +155,16 @@ def test_run_tiny_recipe(tmp_path):
     assert {"deterministic", "laplace", "deterministic -> deterministic_tempscaled (as calibrated)"} <= teachers
     assert (tmp_path / "run" / "summary.md").read_text().startswith("# ")
 
+    # resumed: finished teachers and students are reused, a missing student is trained again, same table
+    (tmp_path / "run" / "students" / "laplace-seed1" / "student.pt").unlink()
+    again = bcpkd("run", str(recipe), "--out", "run", "--resume", *TINY, "--set", "experiment.seeds=[0,1]",
+                  "--set", "experiment.workers=1", cwd=tmp_path)
+    assert again.stderr.count("reusing") == 2 + 13 and "training student" in again.stderr  # 2 teachers, 13 students
+    assert json.loads((tmp_path / again.stdout.strip()).read_text())["students"] == summary["students"]
+    changed = bcpkd("run", str(recipe), "--out", "run", "--resume", *TINY, "--set", "experiment.seeds=[0,1]",
+                    "--set", "teacher.epochs=4", cwd=tmp_path, check=False)
+    assert changed.returncode == 2 and "other settings (teacher.epochs)" in changed.stderr
+
 
 def test_ctrl_c_exits_130_and_writes_nothing(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "bcpkd_cli", "distill", "--targets", "true", "--epochs", "50",
