@@ -28,11 +28,15 @@ from bcpkd_cli.engine import console
 from bcpkd_cli.teachers import Teacher, load_teacher, method_settings, teacher_payload
 
 CACHE_FILE = "bcp.safetensors"
+# Bumped when a teacher kind's predictive changes for the same checkpoint, so caches of the old
+# predictive are neither found nor accepted (2: MC-dropout masks drawn from per-(layer, draw) pools).
+PREDICTIVE_VERSION = 2
 
 
 def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, t_teacher: float) -> str:
     settings = {"teacher": teacher_sha256, "data": data_fingerprint, "t_teacher": t_teacher, "views": cfg.views,
-                "prior": cfg.prior.value, "temperature": cfg.temperature.value, "dtype": cfg.cache_dtype.value}
+                "prior": cfg.prior.value, "temperature": cfg.temperature.value, "dtype": cfg.cache_dtype.value,
+                "predictive_version": PREDICTIVE_VERSION}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -110,7 +114,8 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
 def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> dict:
     """Metadata a cache must carry to serve this teacher, data and T_t (dealbreakers when loading)."""
     return {"teacher_sha256": artifacts.sha256_file(teacher_path), "data_fingerprint": data.fingerprint,
-            "t_teacher": t_teacher, "n_examples": len(data.train), "n_views": cfg.views}
+            "t_teacher": t_teacher, "n_examples": len(data.train), "n_views": cfg.views,
+            "predictive_version": PREDICTIVE_VERSION}
 
 
 def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig, t_teacher: float,
@@ -123,11 +128,12 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
     key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher)
     path = cache_path(teacher_path, key, out).resolve()
     with artifacts.exclusive_lock(path.parent / ".lock", f"waiting for another job building the cache {path}"):
-        if path.is_file():
-            artifacts.load_cache(path, expect)  # verifies provenance and rows; refuses a stale or foreign cache
-            return path, False
-        _build_cache(path, teacher_path, payload, data, cfg, t_teacher, device, n_bins, expect)
-    return path, True
+        built = not path.is_file()
+        if built:
+            _build_cache(path, teacher_path, payload, data, cfg, t_teacher, device, n_bins, expect)
+    if not built:  # outside the lock: jobs (or torchrun processes) check a finished cache side by side
+        artifacts.load_cache(path, expect)  # verifies provenance and rows; refuses a stale or foreign cache
+    return path, built
 
 
 def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig,

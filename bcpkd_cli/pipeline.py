@@ -26,7 +26,7 @@ from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, to_plain
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.engine import console, resolve_device
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
-from bcpkd_cli.resumption import finished_artifact, has_saved_state
+from bcpkd_cli.resumption import STUDENT_SECTIONS, TEACHER_SECTIONS, finished_artifact, has_saved_state
 from bcpkd_cli.stages import distill, evaluate, train_teacher
 
 STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll", "convergence_noise_accuracy",
@@ -87,7 +87,8 @@ def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, 
     """Distill and evaluate one student (in a worker process when experiment.workers > 1)."""
     console.rule(f"student {name}, seed {seed}")
     recipe, folder = build_recipe(s_tree, f"experiment.students.{name}"), Path(s_tree["out"])
-    done = finished_artifact(folder / "student.pt", artifacts.STUDENT_FORMAT, recipe) if resume else None
+    done = finished_artifact(folder / "student.pt", artifacts.STUDENT_FORMAT, recipe, STUDENT_SECTIONS) \
+        if resume else None
     if done is not None and teacher_path is not None and \
             done["targets"].get("teacher_sha256") != artifacts.sha256_file(teacher_path):
         done = None  # its teacher was trained again: so is the student
@@ -152,7 +153,11 @@ def _teacher(name: str, t_tree: dict, resume: bool) -> Path:
     recipe, folder = build_recipe(t_tree, f"experiment.teachers.{name}"), Path(t_tree["out"])
     cfg = recipe.teacher
     adopted = ("teacher.arch", "teacher.hidden") if cfg.base or cfg.ensemble.checkpoints else ()  # from the base
-    if resume and finished_artifact(folder / "teacher.pt", artifacts.TEACHER_FORMAT, recipe, adopted) is not None:
+    done = finished_artifact(folder / "teacher.pt", artifacts.TEACHER_FORMAT, recipe, TEACHER_SECTIONS, adopted) \
+        if resume else None
+    if done is not None and cfg.base and done["parent_sha256"] != artifacts.sha256_file(Path(cfg.base)):
+        done = None  # its base teacher was trained again: so is this one
+    if done is not None:
         console.print(f"reusing {folder / 'teacher.pt'}")
         return folder / "teacher.pt"
     return train_teacher.run(recipe, resume=resume and has_saved_state(folder))

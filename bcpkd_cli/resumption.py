@@ -9,14 +9,15 @@ from bcpkd_cli.config import Recipe, to_plain
 from bcpkd_cli.engine import Resume, console, world
 from bcpkd_cli.errors import BcpkdError
 
-_FREE = ("out", "device", "evaluate", "experiment")  # may change between the interrupted and the resumed run
+TEACHER_SECTIONS = ("data", "teacher", "precision", "compile")  # what decides a teacher's training
+STUDENT_SECTIONS = ("data", "distill", "calibrate", "precision", "compile")  # a student's, and its targets'
 
 
-def settings_of(recipe: Recipe | dict) -> dict:
-    """What decides a run's training (all but where it writes, which device, what it evaluates), from
-    a recipe or the plain config an artifact stores."""
+def settings_of(recipe: Recipe | dict, sections: tuple[str, ...]) -> dict:
+    """The recipe sections that decide a stage's training (not where it writes, its device or what it
+    evaluates), from a recipe or the plain config an artifact stores."""
     plain = recipe if isinstance(recipe, dict) else to_plain(recipe)
-    return {k: v for k, v in plain.items() if k not in _FREE}
+    return {k: plain.get(k) for k in sections}
 
 
 def require_saved_state(folder: Path) -> None:
@@ -40,14 +41,15 @@ def resumable(path: Path, settings: dict, resume: bool) -> Resume:
     return Resume(save, start)
 
 
-def finished_artifact(path: Path, expected_format: str, recipe: Recipe, ignore: tuple[str, ...] = ()) -> dict | None:
+def finished_artifact(path: Path, expected_format: str, recipe: Recipe, sections: tuple[str, ...],
+                      ignore: tuple[str, ...] = ()) -> dict | None:
     """For `bcpkd run --resume`: the payload of an artifact an earlier run finished at `path` (None if
-    there is none); one made with other settings than `recipe` (but the dotted keys `ignore`) is refused."""
+    there is none); one made with other settings in `sections` (but the dotted keys `ignore`) is refused."""
     if not path.is_file():
         return None
     payload = artifacts.load_checkpoint(path, expected_format)
-    differ = [k for k in artifacts.differing_keys(settings_of(payload["config"]), settings_of(recipe))
-              if k not in ignore]
+    differ = [k for k in artifacts.differing_keys(settings_of(payload["config"], sections),
+                                                   settings_of(recipe, sections)) if k not in ignore]
     if differ:
         raise BcpkdError(f"--resume: {path} was made with other settings ({', '.join(differ[:6])}); resume with "
                          f"the recipe of that run, or start afresh in another --out")

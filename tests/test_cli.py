@@ -106,6 +106,22 @@ def test_corrupt_and_foreign_files(tmp_path, chain):
     assert files_under(tmp_path) == {tmp_path / "corrupt.pt", tmp_path / "notes.txt"}
 
 
+def test_a_cache_of_an_older_predictive_is_neither_found_nor_accepted(chain, tmp_path, monkeypatch):
+    """A change of a kind's predictive (PREDICTIVE_VERSION) moves the cache key and refuses old caches."""
+    from bcpkd_cli import calibration
+    from bcpkd_cli.config import CalibrateConfig
+
+    probs, meta = artifacts.load_cache(chain["cache"], {})
+    assert meta["predictive_version"] == calibration.PREDICTIVE_VERSION
+    old = artifacts.save_cache(tmp_path / "old.safetensors", probs.clone(), dict(meta, predictive_version=1))
+    result = bcpkd("distill", "--teacher", str(chain["teacher"]), "--temperature", "fit", "--cache", str(old),
+                   *TINY, cwd=tmp_path, check=False)
+    _assert_bad_input(result, "old.safetensors", "predictive_version", "bcpkd calibrate")
+    key = calibration.cache_key("sha", "data", CalibrateConfig(), 1.0)
+    monkeypatch.setattr(calibration, "PREDICTIVE_VERSION", calibration.PREDICTIVE_VERSION + 1)
+    assert calibration.cache_key("sha", "data", CalibrateConfig(), 1.0) != key
+
+
 def test_cache_for_other_data_is_refused(tmp_path, chain):
     cache = chain["cache"]
     _, meta = artifacts.load_cache(cache, {})

@@ -89,7 +89,8 @@ def test_every_teacher_phase_resumes_and_finished_phases_do_not_train_again(tmp_
         return real_train(*args, **kwargs)
 
     monkeypatch.setattr(train_teacher, "train", train)
-    again = torch.load(train_teacher.run(build_recipe(tree), resume=True), weights_only=True)
+    other_stages = {**tree, "distill": {"alpha": 0.5}, "calibrate": {"batch_size": 7}}  # not the teacher's settings
+    again = torch.load(train_teacher.run(build_recipe(other_stages), resume=True), weights_only=True)
     assert calls == [2, 2]  # both members came back from their final states
     for a, b in zip(first["posterior"]["members"], again["posterior"]["members"]):
         assert all(torch.equal(a[k], b[k]) for k in a)
@@ -102,19 +103,22 @@ TINY = ["--set", "data.n_train=600", "--set", "data.n_heldout=100", "--set", "da
 
 
 @pytest.mark.slow
-def test_a_killed_distill_resumes_to_the_uninterrupted_student(tmp_path):
+def test_a_killed_distill_resumes_to_the_uninterrupted_student(tmp_path, capsys):
     teacher = here("train-teacher", "--out", "t", *TINY, cwd=tmp_path).strip()
-    distill = ["distill", "--teacher", teacher, "--epochs", "3", *TINY]
+    distill = ["distill", "--teacher", teacher, "--epochs", "8", *TINY]  # killed early in a long run
     whole = tmp_path / here(*distill, "--out", "whole", cwd=tmp_path).strip()
     job = subprocess.Popen([sys.executable, "-m", "bcpkd_cli", *distill, "--out", "cut"], cwd=tmp_path,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                           env={**os.environ, "PYTHONWARNINGS": "ignore",  # the threads of this process
+                                "OMP_NUM_THREADS": str(torch.get_num_threads())})
     while not (tmp_path / "cut" / "train-state.pt").exists() and job.poll() is None:
         time.sleep(0.02)
     job.send_signal(signal.SIGKILL)  # a preempted job: no clean-up of any kind
     job.wait()
     assert not (tmp_path / "cut" / "student.pt").exists(), "the run ended before it could be killed"
+    capsys.readouterr()
     assert here(*distill, "--out", "cut", "--resume", cwd=tmp_path).strip() == "cut/student.pt"
+    assert "resuming student (teacher) after epoch" in capsys.readouterr().err  # not trained from scratch
     a, b = torch.load(whole, weights_only=True), torch.load(tmp_path / "cut" / "student.pt", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["log"] == b["log"] and a["history"]["grad_noise"] == b["history"]["grad_noise"]

@@ -23,7 +23,7 @@ from bcpkd_cli.engine import (Member, TrainSpec, console, join_process_group, pe
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec
-from bcpkd_cli.resumption import finish, require_saved_state, resumable, settings_of
+from bcpkd_cli.resumption import STUDENT_SECTIONS, finish, require_saved_state, resumable, settings_of
 from bcpkd_cli.teachers import Teacher, load_teacher
 
 
@@ -98,6 +98,8 @@ def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sourc
     train_inputs = data.train.inputs
 
     def batch(rows: torch.Tensor, epoch: int):
+        if len(rows) == 0:  # a torchrun process's share of a last batch smaller than the process count
+            return train_inputs[rows], [torch.zeros(0, data.n_classes, device=device) for _ in sources]
         slots = sampler.slots(rows, epoch)  # [B] columns of the [N, V, C] cache
         ids = view_ids[slots]
         inputs = views.apply_views(train_inputs[rows], ids) if data.is_image else train_inputs[rows]
@@ -209,8 +211,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         group.append(_Student(recipe, model, spec, TargetSource(targets_or_teacher, cfg.t_teacher),
                               provenance))
     members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(data)) for s in group]
-    settings = {"students": [settings_of(r) for r in recipes],
-                "teacher_sha256": artifacts.sha256_file(teacher_path) if teacher_path else None}
+    settings = {"students": [settings_of(r, STUDENT_SECTIONS) for r in recipes], "processes": place.size,
+                "targets": [{k: p.get(k) for k in ("teacher_sha256", "cache_sha256")} for _, _, p in students]}
     started = time.perf_counter()
     steps = train_lockstep(members, data.train.labels, first.distill.epochs, first.distill.batch_size, seed,
                            f"student ({first.distill.targets.value})",

@@ -24,7 +24,7 @@ from bcpkd_cli.data import Dataset, load_dataset, views
 from bcpkd_cli.engine import Resume, TrainSpec, console, predict_logits, prepare_for_device, resolve_device, train
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
-from bcpkd_cli.resumption import finish, require_saved_state, resumable, settings_of
+from bcpkd_cli.resumption import TEACHER_SECTIONS, finish, require_saved_state, resumable, settings_of
 from bcpkd_cli.teachers import Teacher, teacher_payload
 from bcpkd_cli.teachers.deterministic import DeterministicTeacher
 from bcpkd_cli.teachers.ensemble import EnsembleTeacher
@@ -172,13 +172,13 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
     out = artifacts.new_run_dir(recipe.out, f"teacher-{kind.value}")
     if resume:
         require_saved_state(out)
-    settings = settings_of(recipe)
+    parent_sha = artifacts.sha256_file(Path(cfg.base)) if base is not None else None
+    settings = {**settings_of(recipe, TEACHER_SECTIONS), "base_sha256": parent_sha}
 
     def phase(name: str) -> Resume:  # one state file per training phase (main, ensemble member, fine-tuning)
         return resumable(out / f"train-state-{name}.pt", settings, resume)
 
     data = data.to(device)
-    parent_sha = artifacts.sha256_file(Path(cfg.base)) if base is not None else None
     history: dict = dict(base["history"]) if base is not None else {}
 
     teacher: Teacher
