@@ -51,12 +51,13 @@ def _source(recipe: Optional[Path]) -> str:
 
 
 def _one_process(command: str) -> None:
-    """Only distill trains data-parallel; under torchrun other commands would repeat their work and writes."""
+    """Only train-teacher and distill train data-parallel; under torchrun other commands would repeat
+    their work and writes."""
     from bcpkd_cli.engine import launched_by_torchrun
 
     if launched_by_torchrun():
-        raise BcpkdError(f"{command} runs in one process: run it without torchrun (only `distill` trains "
-                         f"data-parallel under torchrun)")
+        raise BcpkdError(f"{command} runs in one process: run it without torchrun (only `train-teacher` and "
+                         f"`distill` train data-parallel under torchrun)")
 
 
 @app.command("train-teacher")
@@ -79,9 +80,10 @@ def train_teacher(
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
     resume: bool = ResumeOpt,
 ) -> None:
-    """Train a teacher of any kind and save a self-describing teacher.pt (path printed on stdout)."""
+    """Train a teacher of any kind and save a self-describing teacher.pt (path printed on stdout).
+    Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli train-teacher ..."""
+    from bcpkd_cli.engine import leave_process_group
     from bcpkd_cli.stages import train_teacher as stage
-    _one_process("train-teacher")
 
     tree = _tree(recipe, set_, {"out": out, "device": device, "teacher.bayes": bayes, "teacher.epochs": epochs,
                                 "teacher.seed": seed, "teacher.base": str(base) if base else None,
@@ -97,7 +99,12 @@ def train_teacher(
                              f"mc-dropout or laplace (--link mc)")
         set_path(tree, f"teacher.{section}.samples", samples)
     _check_resume(resume, out)
-    print(stage.run(build_recipe(tree, _source(recipe)), resume))
+    try:  # under torchrun: data-parallel training; rank 0 writes and prints
+        path = stage.run(build_recipe(tree, _source(recipe)), resume)
+    finally:
+        leave_process_group()
+    if path is not None:
+        print(path)
 
 
 def _with_teacher_data(tree: dict, teacher: Path, source: str):

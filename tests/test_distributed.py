@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 # 601 examples in batches of 150: five steps per epoch, the last of one row, so that one process has
 # none (longer runs drift apart at float rounding)
 SMALL = ["--set", "data.n_train=601", "--set", "data.n_heldout=100", "--set", "data.n_test=100",
-         "--set", "teacher.hidden=[16]", "--set", "teacher.epochs=2", "--set", "distill.hidden=[16]",
+         "--set", "teacher.hidden=[16]", "--set", "teacher.epochs=2", "--set", "teacher.batch_size=150",
+         "--set", "distill.hidden=[16]",
          "--set", "distill.epochs=1", "--set", "distill.batch_size=150", "--set", "distill.log_every=2",
          "--device", "cpu"]
 
@@ -68,6 +69,16 @@ def test_two_processes_train_the_single_process_student(teacher):
     assert [e["step"] for e in log_two] == [e["step"] for e in log_one] == [0, 2, 4, 5]
 
 
+def test_two_processes_train_the_single_process_teacher(teacher):
+    work, one = teacher
+    result = torchrun("train-teacher", "--out", "t-two", *SMALL, cwd=work)
+    assert result.stdout.strip() == "t-two/teacher.pt"
+    a, b = weights(one), weights(work / "t-two" / "teacher.pt")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
+    assert {p.name for p in files_under(work / "t-two")} == {"teacher.pt", "config.yaml"}
+
+
 def test_a_lockstep_sweep_with_an_online_teacher_under_torchrun(teacher):
     work, teacher_path = teacher
     sweep = ["distill", "--teacher", str(teacher_path), "--targets", "online", "--sweep", "alpha=0.5,1.0", *SMALL]
@@ -78,7 +89,7 @@ def test_a_lockstep_sweep_with_an_online_teacher_under_torchrun(teacher):
         assert_same_student(work / a, work / b)
 
 
-@pytest.mark.parametrize("command", [["train-teacher"], ["calibrate", "--teacher", "t.pt"], ["evaluate", "s.pt"],
+@pytest.mark.parametrize("command", [["calibrate", "--teacher", "t.pt"], ["evaluate", "s.pt"],
                                      ["run", "recipes/synthetic.yaml"]])
 def test_other_commands_refuse_to_run_under_torchrun(tmp_path, monkeypatch, capsys, command):
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():

@@ -66,3 +66,9 @@ def test_select_and_draw_are_seeded():
 def test_out_of_range_view_ids_are_refused(images):
     with pytest.raises(ValueError):
         apply_views(images, torch.tensor([0, 1, 2, N_VIEWS]))
+
+
+def test_an_empty_batch_has_no_views(images):
+    """A torchrun process's share of a short last batch can be empty."""
+    empty = apply_views(images[:0], torch.zeros(0, dtype=torch.long))
+    assert empty.shape == (0, *images.shape[1:]) and empty.dtype == images.dtype

@@ -26,6 +26,8 @@ def view_params(view_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
 
 def apply_views(images: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
     """images [B, C, H, W] (any dtype), view ids [B] -> the views [B, C, H, W], zero padding."""
+    if len(view_ids) == 0:  # an empty share of a batch (torchrun)
+        return images
     if int(view_ids.min()) < 0 or int(view_ids.max()) >= N_VIEWS:
         raise ValueError(f"view ids must lie in [0, {N_VIEWS})")
     b, c, h, w = images.shape

@@ -21,7 +21,8 @@ from bcpkd_cli import artifacts, losses, metrics
 from bcpkd_cli.calibration import fit_temperature
 from bcpkd_cli.config import Arch, Bayes, Recipe, TeacherConfig, to_plain
 from bcpkd_cli.data import Dataset, load_dataset, views
-from bcpkd_cli.engine import Resume, TrainSpec, console, predict_logits, prepare_for_device, resolve_device, train
+from bcpkd_cli.engine import (Resume, TrainSpec, console, join_process_group, predict_logits, prepare_for_device,
+                              resolve_device, train)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.resumption import TEACHER_SECTIONS, finish, require_saved_state, resumable, settings_of
@@ -149,11 +150,13 @@ def _assemble(cfg: TeacherConfig, data_fingerprint: str) -> tuple[list[dict], di
     return payloads, {"members_sha256": [artifacts.sha256_file(Path(p)) for p in cfg.ensemble.checkpoints]}
 
 
-def run(recipe: Recipe, resume: bool = False) -> Path:
+def run(recipe: Recipe, resume: bool = False) -> Path | None:
     """Train (or assemble) the teacher; `resume` continues an interrupted run in recipe.out from the last
-    epoch end of its unfinished training phase."""
+    epoch end of its unfinished training phase. Under torchrun the processes share every batch (DDP)
+    and rank 0 writes the teacher (the others return None)."""
     cfg = recipe.teacher
     device = resolve_device(recipe.device)
+    place = join_process_group(device)
     data = load_dataset(recipe.data)
     kind = cfg.bayes
     members = _assemble(cfg, data.fingerprint) if kind == Bayes.ensemble and cfg.ensemble.checkpoints else None
@@ -173,7 +176,7 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
     if resume:
         require_saved_state(out)
     parent_sha = artifacts.sha256_file(Path(cfg.base)) if base is not None else None
-    settings = {**settings_of(recipe, TEACHER_SECTIONS), "base_sha256": parent_sha}
+    settings = {**settings_of(recipe, TEACHER_SECTIONS), "base_sha256": parent_sha, "processes": place.size}
 
     def phase(name: str) -> Resume:  # one state file per training phase (main, ensemble member, fine-tuning)
         return resumable(out / f"train-state-{name}.pt", settings, resume)
@@ -219,6 +222,9 @@ def run(recipe: Recipe, resume: bool = False) -> Path:
     held_probs = teacher.predict_probs(held.inputs, torch.arange(len(held)))
     history["heldout"] = metrics.classification_report(held_probs, held.labels, held.true_bcp)
     data_info = {"fingerprint": data.fingerprint, "config": to_plain(recipe.data)}
+    if not place.is_main:
+        return None
+    history["processes"] = place.size
     payload = teacher_payload(teacher, kind, spec, to_plain(recipe), data_info, parent_sha, history)
     path = artifacts.save_checkpoint(out / "teacher.pt", payload)
     artifacts.write_config(out, recipe)
