@@ -270,19 +270,42 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
                     bar.update(task, completed=step)
             for schedule in schedules:
                 schedule.step()
-            if resume is not None and place.is_main:
-                resume.save(_state(epoch + 1, step, members, optimizers, schedules, order_gen, labels.device))
+            if resume is not None:
+                rng = _every_process(_rng_state(labels.device))  # each process's dropout/VI noise stream
+                if place.is_main:
+                    resume.save(_state(epoch + 1, step, members, optimizers, schedules, order_gen, rng))
     if log_every:
         log_all(step)
     return step
 
 
+def _rng_state(device: torch.device) -> dict:
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _every_process(value: dict) -> list[dict]:
+    """[value of rank 0, rank 1, ...] (every process calls this at the same point)."""
+    if world().size == 1:
+        return [value]
+    gathered: list = [None] * world().size
+    dist.all_gather_object(gathered, {k: v if v is None else v.cpu() for k, v in value.items()})
+    return gathered
+
+
+def broadcast_buffers(model: nn.Module) -> None:
+    """Give every process rank 0's buffers (BatchNorm statistics), e.g. before an eval-mode pass whose
+    result steers training. Every process must call it at the same point."""
+    if world().size > 1:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def _state(epochs_done: int, step: int, members: list[Member], optimizers: list, schedules: list,
-           order_gen: torch.Generator, device: torch.device) -> dict:
-    """Everything the next epoch depends on, as tensors and plain values (loads with weights_only)."""
+           order_gen: torch.Generator, rng: list[dict]) -> dict:
+    """Everything the next epoch depends on, as tensors and plain values (loads with weights_only);
+    `rng` holds each process's torch (and CUDA) generator state."""
     return {
-        "epoch": epochs_done, "step": step, "order_rng": order_gen.get_state(), "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "epoch": epochs_done, "step": step, "order_rng": order_gen.get_state(), "rng": rng,
         "members": [{"model": m.model.state_dict(), "optimizer": o.state_dict(), "schedule": _schedule_state(s),
                      "log": list(m.log)} for m, o, s in zip(members, optimizers, schedules)],
     }
@@ -299,9 +322,10 @@ def _restore(state: dict, members: list[Member], optimizers: list, schedules: li
         _restore_schedule(s, saved["schedule"])
         m.log[:] = saved["log"]
     order_gen.set_state(state["order_rng"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    rng = state["rng"][world().rank]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
     return state["epoch"], state["step"]
 
 

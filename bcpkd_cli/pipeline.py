@@ -21,7 +21,7 @@ import torch
 from rich.table import Table
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.calibration import ensure_cache
+from bcpkd_cli.calibration import PREDICTIVE_VERSION, ensure_cache
 from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, to_plain
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.engine import console, resolve_device
@@ -89,9 +89,8 @@ def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, 
     recipe, folder = build_recipe(s_tree, f"experiment.students.{name}"), Path(s_tree["out"])
     done = finished_artifact(folder / "student.pt", artifacts.STUDENT_FORMAT, recipe, STUDENT_SECTIONS) \
         if resume else None
-    if done is not None and teacher_path is not None and \
-            done["targets"].get("teacher_sha256") != artifacts.sha256_file(teacher_path):
-        done = None  # its teacher was trained again: so is the student
+    if done is not None and teacher_path is not None and not _targets_current(done["targets"], teacher_path):
+        done = None  # its teacher (or the teacher's predictive) changed: the student is trained again
     if done is not None:
         console.print(f"reusing {folder / 'student.pt'}")
         path = folder / "student.pt"
@@ -148,15 +147,26 @@ def _table(title: str, rows: list[dict], columns: list[str]) -> tuple[Table, str
     return table, "\n".join(md)
 
 
+def _targets_current(provenance: dict, teacher_path: Path) -> bool:
+    """A finished student's targets came from this teacher file, through a cache of the current predictive."""
+    cache = Path(provenance.get("cache", ""))
+    return provenance.get("teacher_sha256") == artifacts.sha256_file(teacher_path) and cache.is_file() and \
+        artifacts.read_cache_metadata(cache).get("predictive_version") == PREDICTIVE_VERSION
+
+
 def _teacher(name: str, t_tree: dict, resume: bool) -> Path:
     """Train one teacher of the recipe, or reuse / continue the one an earlier run left (resume)."""
     recipe, folder = build_recipe(t_tree, f"experiment.teachers.{name}"), Path(t_tree["out"])
     cfg = recipe.teacher
-    adopted = ("teacher.arch", "teacher.hidden") if cfg.base or cfg.ensemble.checkpoints else ()  # from the base
-    done = finished_artifact(folder / "teacher.pt", artifacts.TEACHER_FORMAT, recipe, TEACHER_SECTIONS, adopted) \
-        if resume else None
+    by_file = ("teacher.base", "teacher.ensemble.checkpoints")  # compared by the files' hashes below
+    adopted = ("teacher.arch", "teacher.hidden") if cfg.base or cfg.ensemble.checkpoints else ()  # from those
+    done = finished_artifact(folder / "teacher.pt", artifacts.TEACHER_FORMAT, recipe, TEACHER_SECTIONS,
+                             by_file + adopted) if resume else None
     if done is not None and cfg.base and done["parent_sha256"] != artifacts.sha256_file(Path(cfg.base)):
         done = None  # its base teacher was trained again: so is this one
+    if done is not None and cfg.ensemble.checkpoints and done["history"].get("members_sha256") != \
+            [artifacts.sha256_file(Path(p)) for p in cfg.ensemble.checkpoints]:
+        done = None  # other member files
     if done is not None:
         console.print(f"reusing {folder / 'teacher.pt'}")
         return folder / "teacher.pt"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from bcpkd_cli import artifacts
@@ -13,11 +14,24 @@ TEACHER_SECTIONS = ("data", "teacher", "precision", "compile")  # what decides a
 STUDENT_SECTIONS = ("data", "distill", "calibrate", "precision", "compile")  # a student's, and its targets'
 
 
-def settings_of(recipe: Recipe | dict, sections: tuple[str, ...]) -> dict:
+# Paths, whose files are identified by their hashes or fingerprints instead (a folder spelled another
+# way is the same run), and settings that do not change what is trained.
+BY_CONTENT = ("teacher.base", "teacher.ensemble.checkpoints", "data.root", "data.download", "calibrate.batch_size")
+
+
+def settings_of(recipe: Recipe | dict, sections: tuple[str, ...], without: tuple[str, ...] = BY_CONTENT) -> dict:
     """The recipe sections that decide a stage's training (not where it writes, its device or what it
-    evaluates), from a recipe or the plain config an artifact stores."""
+    evaluates), from a recipe or the plain config an artifact stores, less the dotted keys `without`."""
     plain = recipe if isinstance(recipe, dict) else to_plain(recipe)
-    return {k: plain.get(k) for k in sections}
+    kept = {k: copy.deepcopy(plain.get(k)) for k in sections}
+    for dotted in without:
+        *parents, last = dotted.split(".")
+        node = kept
+        for key in parents:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return kept
 
 
 def require_saved_state(folder: Path) -> None:
@@ -42,14 +56,14 @@ def resumable(path: Path, settings: dict, resume: bool) -> Resume:
 
 
 def finished_artifact(path: Path, expected_format: str, recipe: Recipe, sections: tuple[str, ...],
-                      ignore: tuple[str, ...] = ()) -> dict | None:
+                      without: tuple[str, ...] = ()) -> dict | None:
     """For `bcpkd run --resume`: the payload of an artifact an earlier run finished at `path` (None if
-    there is none); one made with other settings in `sections` (but the dotted keys `ignore`) is refused."""
+    there is none); one made with other settings in `sections` (less the dotted keys `without`) is refused."""
     if not path.is_file():
         return None
     payload = artifacts.load_checkpoint(path, expected_format)
-    differ = [k for k in artifacts.differing_keys(settings_of(payload["config"], sections),
-                                                   settings_of(recipe, sections)) if k not in ignore]
+    differ = artifacts.differing_keys(settings_of(payload["config"], sections, without),
+                                      settings_of(recipe, sections, without))
     if differ:
         raise BcpkdError(f"--resume: {path} was made with other settings ({', '.join(differ[:6])}); resume with "
                          f"the recipe of that run, or start afresh in another --out")

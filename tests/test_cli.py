@@ -173,10 +173,10 @@ def test_run_tiny_recipe(tmp_path):
 
     # resumed: finished teachers and students are reused, a missing student is trained again, same table
     (tmp_path / "run" / "students" / "laplace-seed1" / "student.pt").unlink()
-    again = bcpkd("run", str(recipe), "--out", "run", "--resume", *TINY, "--set", "experiment.seeds=[0,1]",
-                  "--set", "experiment.workers=1", cwd=tmp_path)
+    again = bcpkd("run", str(recipe), "--out", str(tmp_path / "run"), "--resume", *TINY,  # the folder spelled
+                  "--set", "experiment.seeds=[0,1]", "--set", "experiment.workers=1", cwd=tmp_path)  # another way
     assert again.stderr.count("reusing") == 2 + 13 and "training student" in again.stderr  # 2 teachers, 13 students
-    assert json.loads((tmp_path / again.stdout.strip()).read_text())["students"] == summary["students"]
+    assert json.loads(Path(again.stdout.strip()).read_text())["students"] == summary["students"]
     changed = bcpkd("run", str(recipe), "--out", "run", "--resume", *TINY, "--set", "experiment.seeds=[0,1]",
                     "--set", "teacher.epochs=4", cwd=tmp_path, check=False)
     assert changed.returncode == 2 and "other settings (teacher.epochs)" in changed.stderr

@@ -66,6 +66,15 @@ def test_resumed_training_equals_uninterrupted_training(tiny_data, tmp_path):
             assert a.log == b.log and len(a.log) == steps // 5 + 1
 
 
+def test_settings_leave_out_paths_identified_by_content():
+    plain = {"data": {"name": "imagefolder", "root": "a"}, "calibrate": {"batch_size": 7, "views": 8},
+             "teacher": {"base": "x/teacher.pt", "epochs": 3, "ensemble": {"checkpoints": ["m.pt"], "members": 5}}}
+    settings = resumption.settings_of(plain, ("data", "calibrate", "teacher", "precision"))
+    assert settings == {"data": {"name": "imagefolder"}, "calibrate": {"views": 8}, "precision": None,
+                        "teacher": {"epochs": 3, "ensemble": {"members": 5}}}
+    assert plain["teacher"]["base"] == "x/teacher.pt" and plain["data"]["root"] == "a"  # a copy was trimmed
+
+
 def test_a_state_saved_with_other_settings_is_refused(tmp_path):
     path = artifacts.save_training_state(tmp_path / "s.pt", {"epoch": 1}, {"distill": {"alpha": 1.0, "lr": 0.1}})
     with pytest.raises(BcpkdError, match=r"other settings \(distill.alpha\)"):

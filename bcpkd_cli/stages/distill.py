@@ -212,6 +212,7 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
                               provenance))
     members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(data)) for s in group]
     settings = {"students": [settings_of(r, STUDENT_SECTIONS) for r in recipes], "processes": place.size,
+                "data_fingerprint": data.fingerprint,
                 "targets": [{k: p.get(k) for k in ("teacher_sha256", "cache_sha256")} for _, _, p in students]}
     started = time.perf_counter()
     steps = train_lockstep(members, data.train.labels, first.distill.epochs, first.distill.batch_size, seed,

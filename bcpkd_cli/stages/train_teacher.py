@@ -21,8 +21,8 @@ from bcpkd_cli import artifacts, losses, metrics
 from bcpkd_cli.calibration import fit_temperature
 from bcpkd_cli.config import Arch, Bayes, Recipe, TeacherConfig, to_plain
 from bcpkd_cli.data import Dataset, load_dataset, views
-from bcpkd_cli.engine import (Resume, TrainSpec, console, join_process_group, predict_logits, prepare_for_device,
-                              resolve_device, train)
+from bcpkd_cli.engine import (Resume, TrainSpec, broadcast_buffers, console, join_process_group, predict_logits,
+                              prepare_for_device, resolve_device, train)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.resumption import TEACHER_SECTIONS, finish, require_saved_state, resumable, settings_of
@@ -97,6 +97,7 @@ def fine_tune_mcmi(model: nn.Module, data: Dataset, recipe: Recipe, resume: Resu
 
     def batch(rows: torch.Tensor, epoch: int):
         if state["epoch"] != epoch:
+            broadcast_buffers(model)  # under torchrun: every process uses rank 0's BatchNorm statistics
             state["epoch"], state["centroids"] = epoch, class_centroids(model, data)
             model.train()
         inputs = views_batch(rows, epoch)[0] if views_batch else data.train.inputs[rows]
@@ -176,7 +177,8 @@ def run(recipe: Recipe, resume: bool = False) -> Path | None:
     if resume:
         require_saved_state(out)
     parent_sha = artifacts.sha256_file(Path(cfg.base)) if base is not None else None
-    settings = {**settings_of(recipe, TEACHER_SECTIONS), "base_sha256": parent_sha, "processes": place.size}
+    settings = {**settings_of(recipe, TEACHER_SECTIONS), "data_fingerprint": data.fingerprint,
+                "base_sha256": parent_sha, "processes": place.size}
 
     def phase(name: str) -> Resume:  # one state file per training phase (main, ensemble member, fine-tuning)
         return resumable(out / f"train-state-{name}.pt", settings, resume)
