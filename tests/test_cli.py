@@ -208,6 +208,11 @@ def test_explicit_cache_from_calibrate_out(chain, tmp_path):
     student = bcpkd("distill", "--teacher", str(chain["teacher"]), "--cache", cache, "--out", str(tmp_path / "s"),
                     *TINY, cwd=chain["work"]).stdout.strip()
     assert torch.load(student, weights_only=True)["targets"]["cache"] == cache
+    before = chain["teacher"].read_bytes()  # --out at the teacher's own folder would replace its teacher.pt
+    result = bcpkd("calibrate", "--teacher", str(chain["teacher"]), "--out", str(chain["teacher"].parent), *TINY,
+                   cwd=chain["work"], check=False)
+    _assert_bad_input(result, f"--out {chain['teacher'].parent}", "would replace it")
+    assert chain["teacher"].read_bytes() == before
 
 
 def test_cache_of_another_teacher_is_refused(chain, tmp_path):

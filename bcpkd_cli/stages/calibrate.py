@@ -12,9 +12,13 @@ from bcpkd_cli.calibration import ensure_cache
 from bcpkd_cli.config import Recipe
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.engine import console, resolve_device
+from bcpkd_cli.errors import BcpkdError
 
 
 def run(recipe: Recipe, teacher_path: Path) -> Path:
+    if recipe.out and Path(recipe.out).resolve() == Path(teacher_path).resolve().parent:
+        raise BcpkdError(f"--out {recipe.out}: is the folder of {teacher_path}, whose calibrated teacher.pt would "
+                         f"replace it; give another folder (or leave --out out: caches go to <teacher folder>/bcp/)")
     payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT)
     device = resolve_device(recipe.device)
     data = load_dataset(recipe.data).to(device)
