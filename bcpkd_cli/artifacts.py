@@ -181,10 +181,8 @@ def map_cache_probs(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=start, shape=tuple(entry["shape"])))
 
 
-def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 20) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Memory-mapped probs [N, V, C] and metadata; every key of `expect` must match (dealbreakers).
-    Rows are checked to sum to 1 in blocks of about `floats_per_check` numbers (8 MB as float64), so
-    checking never holds more than a block in memory."""
+def check_cache_metadata(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
+    """The cache's metadata, every key of `expect` matching (dealbreakers); its rows are not read."""
     path = Path(path)
     if not path.is_file():
         raise BcpkdError(f"{path}: no such BCP cache; {FIX_HINT[CACHE_FORMAT]}")
@@ -193,6 +191,14 @@ def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 
         if meta.get(key) != want:
             raise BcpkdError(f"{path}: cache {key} is {meta.get(key)!r} but this run needs {want!r}; "
                              f"rebuild it with: bcpkd calibrate --teacher TEACHER.pt")
+    return meta
+
+
+def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 20) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Memory-mapped probs [N, V, C] and metadata; every key of `expect` must match (dealbreakers).
+    Rows are checked to sum to 1 in blocks of about `floats_per_check` numbers (8 MB as float64), so
+    checking never holds more than a block in memory."""
+    meta = check_cache_metadata(path, expect)
     probs = map_cache_probs(path)
     tolerance = 1e-2 if probs.dtype == torch.float16 else 1e-4
     corrupt = probs.ndim != 3

@@ -131,8 +131,8 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
         built = not path.is_file()
         if built:
             _build_cache(path, teacher_path, payload, data, cfg, t_teacher, device, n_bins, expect)
-    if not built:  # outside the lock: jobs (or torchrun processes) check a finished cache side by side
-        artifacts.load_cache(path, expect)  # verifies provenance and rows; refuses a stale or foreign cache
+    if not built:  # refuses a stale or foreign cache; its rows are checked where they are read (load_cache)
+        artifacts.check_cache_metadata(path, expect)
     return path, built
 
 

@@ -7,12 +7,11 @@ from pathlib import Path
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.config import Recipe, to_plain
-from bcpkd_cli.engine import Resume, console, world
+from bcpkd_cli.engine import Resume, console
 from bcpkd_cli.errors import BcpkdError
 
 TEACHER_SECTIONS = ("data", "teacher", "precision", "compile")  # what decides a teacher's training
 STUDENT_SECTIONS = ("data", "distill", "calibrate", "precision", "compile")  # a student's, and its targets'
-
 
 # Paths, whose files are identified by their hashes or fingerprints instead (a folder spelled another
 # way is the same run), and settings that do not change what is trained.
@@ -42,17 +41,14 @@ def require_saved_state(folder: Path) -> None:
 
 
 def resumable(path: Path, settings: dict, resume: bool) -> Resume:
-    """Save the loop's state to `path` at every epoch end (rank 0); with `resume`, continue from it if it exists."""
+    """Save the loop's state to `path` at every epoch end (the loop saves on rank 0 only); with `resume`,
+    continue from it if it exists."""
     start = artifacts.load_training_state(path, settings) if resume and path.is_file() else None
     if not resume and path.is_file():
         console.print(f"[yellow]note:[/] {path.parent} holds an interrupted run; it starts afresh "
                       f"(add --resume to continue it)")
 
-    def save(state: dict) -> None:
-        if world().is_main:
-            artifacts.save_training_state(path, state, settings)
-
-    return Resume(save, start)
+    return Resume(lambda state: artifacts.save_training_state(path, state, settings), start)
 
 
 def finished_artifact(path: Path, expected_format: str, recipe: Recipe, sections: tuple[str, ...],

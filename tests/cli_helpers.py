@@ -29,9 +29,24 @@ def files_under(folder: Path) -> set[Path]:
 def here(*args: str, cwd: Path) -> str:
     """The CLI in this process (no new interpreter: a fast reference run); its stdout."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(cwd)
-        patch.setattr(sys, "argv", ["bcpkd", *args])
-        stdout = io.StringIO()
-        patch.setattr(sys, "stdout", stdout)
+        stdout = _in_process(patch, args, cwd, "stdout")
         main()
     return stdout.getvalue()
+
+
+def refused_here(*args: str, cwd: Path) -> str:
+    """The CLI in this process on bad input: asserts exit code 2 and one line on stderr, which it returns."""
+    with pytest.MonkeyPatch.context() as patch:
+        stderr = _in_process(patch, args, cwd, "stderr")
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    assert exit_info.value.code == 2 and stderr.getvalue().count("\n") == 1, stderr.getvalue()
+    return stderr.getvalue()
+
+
+def _in_process(patch: pytest.MonkeyPatch, args: tuple[str, ...], cwd: Path, captured: str) -> io.StringIO:
+    patch.chdir(cwd)
+    patch.setattr(sys, "argv", ["bcpkd", *args])
+    stream = io.StringIO()
+    patch.setattr(sys, captured, stream)
+    return stream

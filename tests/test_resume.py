@@ -19,7 +19,7 @@ from bcpkd_cli.engine import Member, Resume, TrainSpec, train_lockstep
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.stages import train_teacher
-from cli_helpers import here
+from cli_helpers import here, refused_here
 
 
 def _members(seed: int = 0) -> list[Member]:
@@ -139,13 +139,6 @@ def test_a_killed_distill_resumes_to_the_uninterrupted_student(tmp_path, capsys)
     (["distill", "--targets", "true", "--resume", "--out", "nothing-here"], "holds no train-state"),
     (["train-teacher", "--resume", "--out", "nothing-here"], "holds no train-state"),
 ])
-def test_resume_without_an_interrupted_run_is_refused(tmp_path, monkeypatch, capsys, args, message):
-    from bcpkd_cli.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["bcpkd", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    stderr = capsys.readouterr().err
-    assert exit_info.value.code == 2 and message in stderr and stderr.count("\n") == 1
+def test_resume_without_an_interrupted_run_is_refused(tmp_path, args, message):
+    assert message in refused_here(*args, cwd=tmp_path)
     assert not any(tmp_path.iterdir())

@@ -25,6 +25,7 @@ def run(recipe: Recipe, teacher_path: Path) -> Path:
     path, built = ensure_cache(Path(teacher_path), payload, data, recipe.calibrate, recipe.distill.t_teacher,
                                device, recipe.out, recipe.evaluate.ece_bins)
     if not built:
+        artifacts.load_cache(path, {})  # its rows too (ensure_cache checked the metadata)
         console.print(f"cache for this teacher, data and settings already exists: {path}")
     report = json.loads((path.parent / "report.json").read_text())
     table = Table(title=f"held-out calibration of {teacher_path}")
