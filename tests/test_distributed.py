@@ -18,7 +18,7 @@ import torch
 
 from cli_helpers import files_under, here, refused_here
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]  # the workers run one thread each
 
 # 601 examples in batches of 150: five steps per epoch, the last of one row, so that one process has
 # none (longer runs drift apart at float rounding)
