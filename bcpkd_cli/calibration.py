@@ -13,19 +13,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from bcpkd_cli import artifacts, metrics
-from bcpkd_cli.config import Bayes, CalibrateConfig, PriorMethod, PriorTuning, TemperatureFit, build_recipe, to_plain
+from bcpkd_cli.choices import TemperatureFit
+from bcpkd_cli.config import CalibrateConfig, build_recipe, to_plain
+from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
-from bcpkd_cli.engine import console
-from bcpkd_cli.teachers import Teacher, load_teacher, method_settings, teacher_payload
+from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
+from bcpkd_cli.teachers.temperature import fit_temperature
 
 CACHE_FILE = "bcp.safetensors"
 # Bumped when a teacher kind's predictive changes for the same checkpoint, so caches of the old
@@ -44,41 +44,18 @@ def cache_path(teacher_path: Path, key: str, out: str = "") -> Path:
     return (Path(out) if out else Path(teacher_path).parent / "bcp" / key) / CACHE_FILE
 
 
-def fit_temperature(predictive: Callable[[float], torch.Tensor], labels: torch.Tensor,
-                    lo: float = 0.05, hi: float = 20.0, iters: int = 60) -> float:
-    """Temperature minimising held-out NLL, by golden-section search over log T in [lo, hi]."""
-    def loss(log_t: float) -> float:
-        return metrics.nll(predictive(math.exp(log_t)), labels)
-
-    a, b = math.log(lo), math.log(hi)
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    c, d = b - ratio * (b - a), a + ratio * (b - a)
-    fc, fd = loss(c), loss(d)
-    for _ in range(iters):
-        if fc < fd:
-            b, d, fd = d, c, fc
-            c = b - ratio * (b - a)
-            fc = loss(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + ratio * (b - a)
-            fd = loss(d)
-    return math.exp((a + b) / 2.0)
-
-
 def heldout_report(teacher: Teacher, data: Dataset, n_bins: int) -> dict[str, float]:
     held = data.heldout
     probs = teacher.predict_probs(held.inputs, torch.arange(len(held)))
     return metrics.classification_report(probs, held.labels, held.true_bcp, n_bins)
 
 
-def calibrate(teacher: Teacher, bayes: Bayes, data: Dataset, cfg: CalibrateConfig, n_bins: int = 15) -> dict:
-    """Tune the prior precision (Laplace) and/or a temperature (any teacher) on held-out data, in place."""
+def calibrate(teacher: Teacher, data: Dataset, cfg: CalibrateConfig, n_bins: int = 15) -> dict:
+    """Tune the kind's own settings (Laplace: the prior precision) and/or a temperature (any teacher) on
+    held-out data, in place."""
     held = data.heldout
     report: dict = {"before": heldout_report(teacher, data, n_bins)}
-    if bayes == Bayes.laplace and cfg.prior != PriorTuning.keep:
-        teacher.tune_prior(PriorMethod(cfg.prior.value), held.inputs, held.labels)
-        report["prior_precision"] = teacher.prior_precision
+    report.update(teacher.tune(cfg, held))
     if cfg.temperature == TemperatureFit.fit:
         teacher.calibration_temperature = 1.0
         teacher.calibration_temperature = fit_temperature(
@@ -139,13 +116,13 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
 def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig,
                  t_teacher: float, device: torch.device, n_bins: int, expect: dict) -> None:
     """Calibrate the teacher, then write the calibrated teacher.pt, report.json and bcp.safetensors."""
-    bayes = Bayes(payload["bayes"])
     teacher = load_teacher(payload, device)
-    console.print(f"calibrating {bayes.value} teacher {teacher_path} on {len(data.heldout)} held-out examples")
-    report = calibrate(teacher, bayes, data, cfg, n_bins)
-    calibrated_cfg = replace(build_recipe(payload["config"], "checkpoint config"), calibrate=cfg)
-    calibrated = teacher_payload(teacher, bayes, payload["model"], to_plain(calibrated_cfg), payload["data"],
-                                 parent_sha256=expect["teacher_sha256"], history={"calibration": report})
+    console.print(f"calibrating {teacher.kind.value} teacher {teacher_path} on {len(data.heldout)} held-out examples")
+    report = calibrate(teacher, data, cfg, n_bins)
+    teacher_recipe = build_recipe(payload["config"], "checkpoint config")
+    calibrated = teacher_payload(teacher, payload["model"], to_plain(replace(teacher_recipe, calibrate=cfg)),
+                                 payload["data"], parent_sha256=expect["teacher_sha256"],
+                                 history={"calibration": report})
     artifacts.save_checkpoint(path.parent / "teacher.pt", calibrated)
     artifacts.write_json(path.parent / "report.json", report)
 
@@ -153,8 +130,8 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
     metadata = {**expect, "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
                 "split": "train",
                 "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": "pad-4 crop x flip" if data.is_image
-                          else "none"}, "bayes": bayes.value,
-                "method": method_settings(build_recipe(payload["config"], "checkpoint config").teacher),
+                          else "none"}, "bayes": teacher.kind.value,
+                "method": teacher.method_settings(teacher_recipe.teacher),
                 "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
                 "dtype": cfg.cache_dtype.value, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     artifacts.save_cache(path, probs, metadata)

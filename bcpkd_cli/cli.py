@@ -6,6 +6,7 @@ stderr. Exit codes: 0 success, 2 bad input, 1 failure, 130 interrupted.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -15,17 +16,41 @@ from typing import Optional
 import typer
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.config import (Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets, TemperatureFit,
-                              build_recipe, merge, parse_set, parse_sweep, read_recipe, recipe_for_checkpoint,
-                              set_path)
+from bcpkd_cli.choices import Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets, TemperatureFit
+from bcpkd_cli.config import (Recipe, build_recipe, config_field, merge, parse_set, parse_sweep, read_recipe,
+                              recipe_for_checkpoint, set_path)
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
+from bcpkd_cli.teachers import TEACHER_KINDS, recipe_problems
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Knowledge distillation from Bayesian teachers through cached Bayes class probabilities.")
 
+
+
+def field_help(dotted: str) -> str:
+    """The help of a typed flag: the config field's own one-line help and its default (config.py is the source)."""
+    f = config_field(dotted)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    if hasattr(default, "value"):
+        default = default.value
+    elif isinstance(default, tuple):
+        default = ",".join(str(v) for v in default) or "none"
+    return f"{f.metadata['help']} [default: {default}]" if default != "" else f.metadata["help"]
+
+
+def config_option(dotted: str, *names: str) -> typer.models.OptionInfo:
+    """A typed flag for the recipe key `dotted`: unset (None) unless given, its help from config.py."""
+    return typer.Option(None, *names, help=field_help(dotted))
+
+
+def checked(tree: dict, source: str) -> Recipe:
+    """The recipe of a command line, with every problem (the teacher kind's own rules too) reported at once."""
+    return build_recipe(tree, source, checks=(recipe_problems,))
+
+
 RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe (default: the embedded synthetic benchmark)")
-OutOpt = typer.Option("", "--out", "-o", help="output folder (default: runs/<stage>-<time>)")
-DeviceOpt = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N")
+OutOpt = typer.Option("", "--out", "-o", help=config_field("out").metadata["help"])
+DeviceOpt = config_option("device", "--device")
 SetOpt = typer.Option(None, "--set", "-s", help="override any recipe key: section.key=value (repeatable)")
 ResumeOpt = typer.Option(False, "--resume", help="continue the interrupted run in --out from its last epoch "
                                                  "(same options; the result equals an uninterrupted run)")
@@ -63,18 +88,17 @@ def _one_process(command: str) -> None:
 @app.command("train-teacher")
 def train_teacher(
     recipe: Optional[Path] = RecipeOpt,
-    bayes: Optional[Bayes] = typer.Option(None, help="teacher kind [default: none]"),
-    epochs: Optional[int] = typer.Option(None, help="training epochs"),
-    seed: Optional[int] = typer.Option(None, help="seed of initialisation and batch order"),
-    base: Optional[Path] = typer.Option(None, help="start from this deterministic teacher.pt (laplace, vi, mcmi, "
-                                                   "temperature) instead of training"),
-    subset: Optional[Subset] = typer.Option(None, help="Laplace: weights under the posterior [default: last_layer]"),
-    hessian: Optional[Hessian] = typer.Option(None, help="Laplace: Hessian structure [default: kron]"),
-    prior: Optional[PriorMethod] = typer.Option(None, help="Laplace: prior precision method [default: marglik]"),
-    link: Optional[Link] = typer.Option(None, help="Laplace: predictive link [default: probit]"),
+    bayes: Optional[Bayes] = config_option("teacher.bayes"),
+    epochs: Optional[int] = config_option("teacher.epochs"),
+    seed: Optional[int] = config_option("teacher.seed"),
+    base: Optional[Path] = config_option("teacher.base"),
+    subset: Optional[Subset] = config_option("teacher.laplace.subset"),
+    hessian: Optional[Hessian] = config_option("teacher.laplace.hessian"),
+    prior: Optional[PriorMethod] = config_option("teacher.laplace.prior"),
+    link: Optional[Link] = config_option("teacher.laplace.link"),
     samples: Optional[int] = typer.Option(None, help="Monte Carlo samples S of the predictive (vi, mc-dropout; "
                                                      "laplace with --link mc)"),
-    members: Optional[int] = typer.Option(None, help="ensemble: members M trained with consecutive seeds"),
+    members: Optional[int] = config_option("teacher.ensemble.members"),
     member: Optional[list[Path]] = typer.Option(None, help="ensemble: assemble existing teacher.pt files "
                                                           "instead of training (repeat for each member)"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
@@ -92,15 +116,15 @@ def train_teacher(
                                 "teacher.ensemble.members": members,
                                 "teacher.ensemble.checkpoints": [str(m) for m in member] if member else None})
     if samples is not None:  # the samples of the chosen kind
-        kind = Bayes(build_recipe(tree, _source(recipe)).teacher.bayes)
-        section = {Bayes.vi: "vi", Bayes.mc_dropout: "mc_dropout", Bayes.laplace: "laplace"}.get(kind)
-        if section is None:
+        kind = build_recipe(tree, _source(recipe)).teacher.bayes
+        key = TEACHER_KINDS[kind].samples_key
+        if key is None:
             raise BcpkdError(f"--samples: a {kind.value} teacher draws no samples; use it with --bayes vi, "
                              f"mc-dropout or laplace (--link mc)")
-        set_path(tree, f"teacher.{section}.samples", samples)
+        set_path(tree, f"teacher.{key}", samples)
     _check_resume(resume, out)
     try:  # under torchrun: data-parallel training; rank 0 writes and prints
-        path = stage.run(build_recipe(tree, _source(recipe)), resume)
+        path = stage.run(checked(tree, _source(recipe)), resume)
     finally:
         leave_process_group()
     if path is not None:
@@ -108,16 +132,17 @@ def train_teacher(
 
 
 def _with_teacher_data(tree: dict, teacher: Path, source: str):
-    return recipe_for_checkpoint(tree, artifacts.load_checkpoint(teacher, artifacts.TEACHER_FORMAT), source)
+    payload = artifacts.load_checkpoint(teacher, artifacts.TEACHER_FORMAT)
+    return recipe_for_checkpoint(tree, payload, source, checks=(recipe_problems,))
 
 
 @app.command()
 def calibrate(
     teacher: Path = typer.Option(..., help="teacher.pt from train-teacher"),
     recipe: Optional[Path] = RecipeOpt,
-    prior: Optional[PriorTuning] = typer.Option(None, help="Laplace prior precision on held-out data [default: gridsearch]"),
-    temperature: Optional[TemperatureFit] = typer.Option(None, help="fit a temperature on held-out NLL [default: none]"),
-    t_teacher: Optional[float] = typer.Option(None, help="teacher temperature T_t of the cached BCPs"),
+    prior: Optional[PriorTuning] = config_option("calibrate.prior"),
+    temperature: Optional[TemperatureFit] = config_option("calibrate.temperature"),
+    t_teacher: Optional[float] = config_option("distill.t_teacher"),
     out: str = typer.Option("", "--out", "-o", help="cache folder (default: <teacher folder>/bcp/<key>)"),
     device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
 ) -> None:
@@ -135,14 +160,14 @@ def distill(
     teacher: Optional[Path] = typer.Option(None, help="teacher.pt (its cached BCPs are found or built)"),
     cache: Optional[Path] = typer.Option(None, help="bcp.safetensors from `calibrate --out` (default: found by key)"),
     recipe: Optional[Path] = RecipeOpt,
-    targets: Optional[Targets] = typer.Option(None, help="training targets [default: teacher]"),
-    alpha: Optional[float] = typer.Option(None, help="weight of the KD term (1: pure KD, 0: one-hot)"),
-    t_teacher: Optional[float] = typer.Option(None, help="teacher temperature T_t"),
-    t_student: Optional[float] = typer.Option(None, help="student temperature T_s"),
-    dirichlet_alpha: Optional[float] = typer.Option(None, help="--targets noisy: Dirichlet concentration"),
-    epochs: Optional[int] = typer.Option(None, help="training epochs"),
-    seed: Optional[int] = typer.Option(None, help="seed of initialisation, batch order and noisy targets"),
-    temperature: Optional[TemperatureFit] = typer.Option(None, help="calibrate the teacher's temperature first"),
+    targets: Optional[Targets] = config_option("distill.targets"),
+    alpha: Optional[float] = config_option("distill.alpha"),
+    t_teacher: Optional[float] = config_option("distill.t_teacher"),
+    t_student: Optional[float] = config_option("distill.t_student"),
+    dirichlet_alpha: Optional[float] = config_option("distill.dirichlet_alpha"),
+    epochs: Optional[int] = config_option("distill.epochs"),
+    seed: Optional[int] = config_option("distill.seed"),
+    temperature: Optional[TemperatureFit] = config_option("calibrate.temperature"),
     sweep: Optional[list[str]] = typer.Option(None, help="train a grid of students in lockstep, one pass over the "
                                                          "data: KEY=V1,V2 over distill keys (repeat for a product "
                                                          "grid); students go to OUT/KEY=V-..., paths one per line"),
@@ -160,7 +185,7 @@ def distill(
                                 "distill.seed": seed, "calibrate.temperature": temperature})
     grid = parse_sweep(sweep or [])
     configs = [_with_teacher_data(merge(tree, {"distill": point}), teacher, _source(recipe)) if teacher
-               else build_recipe(merge(tree, {"distill": point}), _source(recipe)) for point in grid]
+               else checked(merge(tree, {"distill": point}), _source(recipe)) for point in grid]
     _check_resume(resume, out)
     try:  # under torchrun: one process per GPU (or CPU share); rank 0 writes and prints
         paths = stage.run_sweep(configs, grid, teacher, cache, out, resume) if sweep else \
@@ -176,7 +201,7 @@ def evaluate(
     checkpoints: list[Path] = typer.Argument(..., help="teacher.pt or student.pt files"),
     recipe: Optional[Path] = RecipeOpt,
     as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
-    grad_targets: Optional[str] = typer.Option(None, help="also gradient noise vs onehot,true,noisy:ALPHA"),
+    grad_targets: Optional[str] = config_option("evaluate.grad_targets"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
 ) -> None:
     """Evaluate checkpoints on the test split; write report.json (path on stdout, or JSON with --json)."""
@@ -184,7 +209,7 @@ def evaluate(
     _one_process("evaluate")
 
     tree = _tree(recipe, set_, {"device": device, "evaluate.grad_targets": grad_targets})
-    build_recipe(tree, _source(recipe))  # report every problem before any work
+    checked(tree, _source(recipe))  # report every problem before any work
     path, reports = stage.run(tree, checkpoints, out)
     print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) if as_json else path)
 
@@ -201,7 +226,7 @@ def run(
     _one_process("run")
 
     tree = _tree(recipe, set_, {"out": out, "device": device})
-    build_recipe(tree, _source(recipe))
+    checked(tree, _source(recipe))
     _check_resume(resume, out)
     print(pipeline.run(tree, str(recipe), resume))
 

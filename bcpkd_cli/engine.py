@@ -5,24 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.distributed as dist
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.parallel import DistributedDataParallel
 
-from bcpkd_cli.config import Optimizer, Precision
+from bcpkd_cli.choices import Optimizer, Precision
+from bcpkd_cli.console import console, progress_bar
 from bcpkd_cli.errors import BcpkdError
-
-# Human output goes to stderr; logs of batch jobs get wide tables instead of rich's 80-column default.
-console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+from bcpkd_cli.resumption import Resume
 
 # loss_fn(logits [B, C], labels [B], target_probs [B, C] | None) -> per-example losses [B]
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
@@ -123,11 +119,6 @@ def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
 
 
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True, disable=not console.is_terminal)
-
-
 def train(
     model: nn.Module,
     inputs: torch.Tensor,
@@ -172,16 +163,6 @@ class Member:
     log_fn: Callable[[int, nn.Module], dict] | None = None
     penalty: Callable[[int], "torch.Tensor | float"] | None = None
     log: list[dict] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class Resume:
-    """Resumable training: `save(state)` keeps the loop's state at the end of every epoch (rank 0);
-    `start`, a state saved by an interrupted run, continues it from there with the same result as an
-    uninterrupted run (weights, optimiser and schedule, batch-order and torch RNG, logs)."""
-
-    save: Callable[[dict], None]
-    start: dict | None = None
 
 
 def _schedule_state(schedule: torch.optim.lr_scheduler.LRScheduler) -> dict:
@@ -327,13 +308,6 @@ def _restore(state: dict, members: list[Member], optimizers: list, schedules: li
     if rng["cuda"] is not None and device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], device)
     return state["epoch"], state["step"]
-
-
-@torch.inference_mode()
-def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """Logits [N, C] of an eval-mode model, computed in chunks."""
-    model.eval()
-    return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
 
 
 def per_example_grad_sq_norms(

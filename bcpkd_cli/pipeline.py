@@ -24,10 +24,12 @@ from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import PREDICTIVE_VERSION, ensure_cache
 from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, to_plain
 from bcpkd_cli.data import load_dataset
-from bcpkd_cli.engine import console, resolve_device
+from bcpkd_cli.console import console
+from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 from bcpkd_cli.resumption import STUDENT_SECTIONS, TEACHER_SECTIONS, finished_artifact, has_saved_state
 from bcpkd_cli.stages import distill, evaluate, train_teacher
+from bcpkd_cli.teachers import recipe_problems
 
 STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll", "convergence_noise_accuracy",
                    "grad_noise"]
@@ -62,7 +64,7 @@ def _plan(tree: dict, source: str, out: Path) -> tuple[dict[str, dict], list[tup
     for label, sub_tree in [(f"experiment.teachers.{n}", t) for n, t in teacher_trees.items()] + \
                            [(f"experiment.students.{n}", t) for n, s, _, t in jobs if s == recipe.experiment.seeds[0]]:
         try:
-            build_recipe(sub_tree, label)
+            build_recipe(sub_tree, label, checks=(recipe_problems,))
         except BcpkdError as err:
             errors.append(str(err))
     if errors:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.config import Recipe, to_plain
-from bcpkd_cli.engine import Resume, console
+from bcpkd_cli.console import console
 from bcpkd_cli.errors import BcpkdError
 
 TEACHER_SECTIONS = ("data", "teacher", "precision", "compile")  # what decides a teacher's training
@@ -16,6 +18,16 @@ STUDENT_SECTIONS = ("data", "distill", "calibrate", "precision", "compile")  # a
 # Paths, whose files are identified by their hashes or fingerprints instead (a folder spelled another
 # way is the same run), and settings that do not change what is trained.
 BY_CONTENT = ("teacher.base", "teacher.ensemble.checkpoints", "data.root", "data.download", "calibrate.batch_size")
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Resumable training: `save(state)` keeps the loop's state at the end of every epoch (rank 0);
+    `start`, a state saved by an interrupted run, continues it from there with the same result as an
+    uninterrupted run (weights, optimiser and schedule, batch-order and torch RNG, logs)."""
+
+    save: Callable[[dict], None]
+    start: dict | None = None
 
 
 def settings_of(recipe: Recipe | dict, sections: tuple[str, ...], without: tuple[str, ...] = BY_CONTENT) -> dict:

@@ -1,8 +1,30 @@
-"""Training targets other than a teacher's: one-hot labels, exact BCPs, Dirichlet-noised BCPs."""
+"""What a student trains against, in one place: `student_targets` picks the source from distill.targets.
+
+- teacher: the teacher's cached BCPs [N, V, C] (found, given with --cache, or built now), one row per
+  example and view;
+- online: the calibrated teacher that made that cache, run on every batch at T_t;
+- onehot: the labels; true: the exact BCPs (synthetic data); noisy: one Dirichlet(alpha P) draw of them.
+
+Every source answers the same two questions: the targets [B, C] of a batch (each example's drawn view),
+and the targets [N, C] of every unaugmented example (view 0, for the gradient noise).
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable
+
 import torch
+
+from bcpkd_cli import artifacts
+from bcpkd_cli.calibration import cache_expectations, cache_view_ids, ensure_cache
+from bcpkd_cli.choices import Targets
+from bcpkd_cli.config import CalibrateConfig, Recipe
+from bcpkd_cli.console import console
+from bcpkd_cli.data import Dataset, views
+from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.teachers import Teacher, load_teacher
 
 
 def onehot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -26,3 +48,132 @@ def dirichlet_noised(bcp: torch.Tensor, alpha: float, seed: int) -> torch.Tensor
         torch.manual_seed(seed)
         concentration = (alpha * bcp.double()).clamp_min(1e-8)
         return torch.distributions.Dirichlet(concentration).sample().float()
+
+
+# One teacher pass per batch for every student of a lockstep group: teacher id -> (T -> probabilities [B, C])
+Predictives = dict[int, Callable[[float], torch.Tensor]]
+
+
+class TargetSource(ABC):
+    """A student's targets; `provenance` goes into its checkpoint."""
+
+    provenance: dict
+
+    @abstractmethod
+    def batch(self, rows: torch.Tensor, slots: torch.Tensor, inputs: torch.Tensor,
+              sample_index: Callable[[], torch.Tensor], predictives: Predictives) -> torch.Tensor:
+        """Targets [B, C] of training rows [B] seen in view slots [B] (the batch `inputs`, whose Monte Carlo
+        draws are seeded by `sample_index()` [B]); `predictives` is shared by the students of one batch."""
+
+    @abstractmethod
+    def view_zero(self, inputs: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
+        """Targets [N, C] of every unaugmented training example (inputs [N, ...])."""
+
+    def subset(self, rows: torch.Tensor) -> TargetSource:
+        """The source for the training rows `rows` only (few-shot students)."""
+        return self
+
+
+class TableTargets(TargetSource):
+    """Fixed rows probs [N, V, C] (V = 1 unless cached per view): a cache, kept memory-mapped on the CPU in its
+    stored dtype (copied to a GPU once), or one-hot, true or noisy BCPs."""
+
+    def __init__(self, probs: torch.Tensor, provenance: dict | None = None):
+        self.probs = probs
+        self.provenance = provenance or {}
+
+    def batch(self, rows, slots, inputs, sample_index, predictives) -> torch.Tensor:
+        return self.probs[rows, slots if self.probs.shape[1] > 1 else 0].float()  # a float16 cache too
+
+    def view_zero(self, inputs, sample_index) -> torch.Tensor:
+        return self.probs[:, 0].float()
+
+    def subset(self, rows: torch.Tensor) -> TargetSource:
+        return TableTargets(self.probs[rows.to(self.probs.device)], self.provenance)
+
+
+class OnlineTargets(TargetSource):
+    """The calibrated teacher run on every batch at T_t (the reference the cache is compared with)."""
+
+    def __init__(self, teacher: Teacher, t_teacher: float, provenance: dict):
+        self.teacher, self.t_teacher, self.provenance = teacher, t_teacher, provenance
+
+    def batch(self, rows, slots, inputs, sample_index, predictives) -> torch.Tensor:
+        key = id(self.teacher)
+        if key not in predictives:
+            predictives[key] = self.teacher.predictive_at(inputs, sample_index())
+        return predictives[key](self.t_teacher)
+
+    def view_zero(self, inputs, sample_index) -> torch.Tensor:
+        return self.teacher.predict_probs(inputs, sample_index, self.t_teacher)
+
+
+def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cache: Path | None,
+                   device: torch.device) -> tuple[Path, dict]:
+    """The BCP cache for this teacher (found, given, or built now) and the teacher's provenance."""
+    if teacher_path is None:
+        raise BcpkdError(f"distill --targets {recipe.distill.targets.value} needs --teacher TEACHER.pt "
+                         f"(or choose --targets onehot|true|noisy)")
+    payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT)
+    if payload["data"]["fingerprint"] != data.fingerprint:
+        console.print(f"[yellow]warning:[/] {teacher_path} was trained on data {payload['data']['fingerprint']}, "
+                      f"the student trains on {data.fingerprint}")
+    if cache is None:
+        cache, built = ensure_cache(teacher_path, payload, data, recipe.calibrate, recipe.distill.t_teacher, device,
+                                    n_bins=recipe.evaluate.ece_bins)
+        console.print(f"{'built' if built else 'using'} BCP cache {cache}")
+    info = {"teacher_sha256": artifacts.sha256_file(teacher_path), "cache": str(Path(cache).resolve()),
+            "cache_sha256": artifacts.sha256_file(cache)}
+    return Path(cache), info
+
+
+def student_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, cache: Path | None,
+                    device: torch.device, online: dict[str, Teacher]) -> TargetSource:
+    """The source of a student's targets at T_t for the training split. `online` keeps one teacher object
+    per calibrated teacher file, shared by the students of a group."""
+    cfg, train_split = recipe.distill, data.train
+    if cfg.targets in (Targets.teacher, Targets.online):
+        cache, info = _teacher_cache(recipe, data, teacher_path, cache, device)
+        if cfg.targets == Targets.online:  # the calibrated teacher that made the cache, run on every batch
+            calibrated = cache.parent / "teacher.pt"
+            key = artifacts.sha256_file(calibrated)  # equal calibrations (say, for other T_t) share one teacher
+            if key not in online:
+                online[key] = load_teacher(artifacts.load_checkpoint(calibrated, artifacts.TEACHER_FORMAT), device)
+            return OnlineTargets(online[key], cfg.t_teacher, info)
+        expect = cache_expectations(teacher_path, data, cfg.t_teacher, recipe.calibrate)
+        probs, _ = artifacts.load_cache(cache, expect)  # memory-mapped; on CUDA copied to the device once
+        return TableTargets(probs if device.type == "cpu" else probs.to(device), info)
+    if cfg.targets == Targets.onehot:
+        return TableTargets(onehot(train_split.labels, data.n_classes)[:, None, :])
+    if train_split.true_bcp is None:
+        raise BcpkdError(f"--targets {cfg.targets.value}: dataset {recipe.data.name.value} has no true BCPs; "
+                         f"use --targets teacher or onehot")
+    if cfg.targets == Targets.true:
+        return TableTargets(temper(train_split.true_bcp, cfg.t_teacher)[:, None, :])
+    noisy = dirichlet_noised(train_split.true_bcp.cpu(), cfg.dirichlet_alpha, cfg.seed).to(device)
+    return TableTargets(temper(noisy, cfg.t_teacher)[:, None, :], {"dirichlet_alpha": cfg.dirichlet_alpha})
+
+
+def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sources: list[TargetSource],
+                 device: torch.device, example_index: torch.Tensor):
+    """group_batch_fn(rows, epoch): each example's view of the epoch (drawn once for all students) and
+    every student's exact target for it (design.md sec. 2). `example_index` [N] maps rows to the
+    training split's example ids (they seed MC draws); an online teacher shared by several students
+    (at any T_t) runs once per batch."""
+    view_ids = cache_view_ids(data, calibrate_cfg).to(device)  # [V]
+    sampler = views.ViewSampler(len(data.train), len(view_ids), seed)
+    train_inputs = data.train.inputs
+
+    def batch(rows: torch.Tensor, epoch: int):
+        if len(rows) == 0:  # a torchrun process's share of a last batch smaller than the process count
+            return train_inputs[rows], [torch.zeros(0, data.n_classes, device=device) for _ in sources]
+        slots = sampler.slots(rows, epoch)  # [B] columns of the [N, V, C] cache
+        ids = view_ids[slots]
+        inputs = views.apply_views(train_inputs[rows], ids) if data.is_image else train_inputs[rows]
+        def sample_index() -> torch.Tensor:  # only online teachers need it (it reads the view ids on the CPU)
+            return views.sample_index(example_index[rows.cpu()], ids)
+
+        predictives: Predictives = {}
+        return inputs, [source.batch(rows, slots, inputs, sample_index, predictives) for source in sources]
+
+    return batch

@@ -34,7 +34,7 @@ from bcpkd_cli.config import CalibrateConfig, Optimizer
 from bcpkd_cli.data import Dataset, Split
 from bcpkd_cli.data.views import ViewSampler, apply_views, select_views
 from bcpkd_cli.engine import Member, TrainSpec, make_optimizer, train_lockstep
-from bcpkd_cli.stages.distill import TargetSource, view_batches
+from bcpkd_cli.targets import OnlineTargets, TableTargets, view_batches
 from bcpkd_cli.teachers.deterministic import DeterministicTeacher
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec
@@ -84,8 +84,8 @@ def epoch_times(pair: tuple[str, str], images, labels, cache, args) -> dict[str,
         return views_only(rows, epoch)[0], [None]
 
     batches = {"plain": plain_batches,
-               "cached": view_batches(data, calibrate, 0, [TargetSource(cache, 1.0)], torch.device("cpu"), index),
-               "online": view_batches(data, calibrate, 0, [TargetSource(teacher, 1.0)], torch.device("cpu"), index)}
+               "cached": view_batches(data, calibrate, 0, [TableTargets(cache)], torch.device("cpu"), index),
+               "online": view_batches(data, calibrate, 0, [OnlineTargets(teacher, 1.0, {})], torch.device("cpu"), index)}
     losses = {"plain": lambda logits, y, _targets: F.cross_entropy(logits, y, reduction="none"),
               "cached": kd(1.0), "online": kd(1.0)}
     members = {}
@@ -166,7 +166,7 @@ def sweep_times(images, labels, cache, args, pair=PAIRS[0]) -> dict[str, list[fl
             out.append(Member(student, kd(alpha), TrainSpec(1, args.batch, Optimizer.sgd, 0.01, 0.9, 0.0, 0)))
         return out
 
-    def epoch(source: TargetSource, lockstep: bool) -> float:
+    def epoch(source: TableTargets | OnlineTargets, lockstep: bool) -> float:
         group = members()
         started = time.perf_counter()
         for chunk in ([group] if lockstep else [[m] for m in group]):
@@ -174,7 +174,7 @@ def sweep_times(images, labels, cache, args, pair=PAIRS[0]) -> dict[str, list[fl
             train_lockstep(chunk, labels, 1, args.batch, 0, "sweep", batches)
         return time.perf_counter() - started
 
-    sources = {"cached": TargetSource(cache, 1.0), "online": TargetSource(teacher, 1.0)}
+    sources = {"cached": TableTargets(cache), "online": OnlineTargets(teacher, 1.0, {})}
     times: dict[str, list[float]] = {f"{kind} {way}": [] for kind in sources for way in ("lockstep", "separate")}
     for _ in range(args.repeats):
         for kind, source in sources.items():

@@ -22,7 +22,7 @@ from bcpkd_cli.data import Dataset, Split
 from bcpkd_cli.engine import Member, TrainSpec, prepare_for_device, train_lockstep
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec
-from bcpkd_cli.stages.distill import TargetSource, view_batches
+from bcpkd_cli.targets import TableTargets, view_batches
 
 
 def images_per_second(arch: str, precision: Precision, compile_model: bool, args, device: torch.device) -> float:
@@ -32,7 +32,7 @@ def images_per_second(arch: str, precision: Precision, compile_model: bool, args
                   torch.randint(0, 100, (n,), generator=gen).to(device), None)
     data = Dataset(split, split, split, 100, (3, 32, 32), "bench", 0)
     cache = torch.softmax(torch.randn(n, 8, 100, generator=gen), dim=2).to(device)
-    batches = view_batches(data, CalibrateConfig(views=8), 0, [TargetSource(cache, 1.0)], device, torch.arange(n))
+    batches = view_batches(data, CalibrateConfig(views=8), 0, [TableTargets(cache)], device, torch.arange(n))
     model = prepare_for_device(build_model(model_spec(arch, (3, 32, 32), 100, ())), device, precision)
     spec = TrainSpec(1, args.batch, Optimizer.sgd, 0.01, 0.9, 5e-4, 0, (), precision, compile_model)
     member = Member(model, lambda logits, y, t: kd_loss(logits, y, t, 1.0, 1.0, 1.0), spec)

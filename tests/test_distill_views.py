@@ -10,7 +10,7 @@ from bcpkd_cli.config import build_recipe
 from bcpkd_cli.data import Dataset, Split
 from bcpkd_cli.data.views import apply_views
 from bcpkd_cli.models import build_model, model_spec
-from bcpkd_cli.stages.distill import TargetSource, view_batches
+from bcpkd_cli.targets import OnlineTargets, TableTargets, view_batches
 from bcpkd_cli.teachers.deterministic import DeterministicTeacher
 
 
@@ -31,8 +31,9 @@ def teacher():
 
 def batches(r, data, targets_or_teacher):
     """The single-student batch function: (inputs, targets) of a group of one."""
-    group = view_batches(data, r.calibrate, r.distill.seed, [TargetSource(targets_or_teacher, r.distill.t_teacher)],
-                         torch.device("cpu"), torch.arange(12))
+    source = TableTargets(targets_or_teacher) if isinstance(targets_or_teacher, torch.Tensor) else \
+        OnlineTargets(targets_or_teacher, r.distill.t_teacher, {})
+    group = view_batches(data, r.calibrate, r.distill.seed, [source], torch.device("cpu"), torch.arange(12))
 
     def batch(rows, epoch):
         inputs, targets = group(rows, epoch)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from bcpkd_cli import targets
-from bcpkd_cli.calibration import fit_temperature
 from bcpkd_cli.config import Optimizer
-from bcpkd_cli.engine import TrainSpec, per_example_grad_sq_norms, predict_logits, train
+from bcpkd_cli.engine import TrainSpec, per_example_grad_sq_norms, train
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model
+from bcpkd_cli.models import build_model, predict_logits
+from bcpkd_cli.teachers.temperature import fit_temperature
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

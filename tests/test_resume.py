@@ -15,7 +15,9 @@ import torch.nn.functional as F
 
 from bcpkd_cli import artifacts, resumption
 from bcpkd_cli.config import Optimizer, build_recipe
-from bcpkd_cli.engine import Member, Resume, TrainSpec, train_lockstep
+from bcpkd_cli.engine import Member, TrainSpec, train_lockstep
+from bcpkd_cli.resumption import Resume
+from bcpkd_cli.teachers import training as teacher_training
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.stages import train_teacher
@@ -91,13 +93,13 @@ def test_every_teacher_phase_resumes_and_finished_phases_do_not_train_again(tmp_
                                                                              "train-state-member2.pt"]
     (tmp_path / "t" / "teacher.pt").unlink()
     monkeypatch.setattr(train_teacher, "finish", resumption.finish)
-    calls, real_train = [], train_teacher.train
+    calls, real_train = [], teacher_training.train
 
     def train(*args, **kwargs):
         calls.append(kwargs["resume"].start["epoch"])
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(train_teacher, "train", train)
+    monkeypatch.setattr(teacher_training, "train", train)
     other_stages = {**tree, "distill": {"alpha": 0.5}, "calibrate": {"batch_size": 7}}  # not the teacher's settings
     again = torch.load(train_teacher.run(build_recipe(other_stages), resume=True), weights_only=True)
     assert calls == [2, 2]  # both members came back from their final states

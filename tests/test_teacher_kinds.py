@@ -17,14 +17,15 @@ import torch
 import torch.nn.functional as F
 
 from bcpkd_cli import artifacts, losses
-from bcpkd_cli.calibration import fit_temperature
 from bcpkd_cli.config import Bayes, VIConfig, build_recipe
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.stages import distill, evaluate, train_teacher
-from bcpkd_cli.teachers import load_teacher
+from bcpkd_cli.teachers import load_teacher, recipe_problems
 from bcpkd_cli.teachers.index_noise import index_bits
 from bcpkd_cli.teachers.mc_dropout import MCDropoutTeacher, mask_pool, mask_rows, mask_stream
+from bcpkd_cli.teachers.mcmi import class_centroids
+from bcpkd_cli.teachers.temperature import fit_temperature
 from bcpkd_cli.teachers.vi import draw_seed, kl_divergence, kl_weight, to_bayesian
 
 KINDS = [Bayes.none, Bayes.temperature, Bayes.mse, Bayes.mcmi, Bayes.mc_dropout, Bayes.vi, Bayes.ensemble]
@@ -200,7 +201,7 @@ def test_mcmi_weight_sign_raises_or_lowers_the_cmi(single_thread, tmp_path, tiny
         path = train_teacher.run(build_recipe(_tree(Bayes.mcmi, tmp_path / str(weight), base=str(base),
                                                     mcmi={"weight": weight, "epochs": 5})))
         _, teacher = _load(path)
-        centroids = train_teacher.class_centroids(teacher.model, tiny_data)
+        centroids = class_centroids(teacher.model, tiny_data)
         with torch.no_grad():
             logits = teacher.model(tiny_data.train.inputs)
         cmi[weight] = float(losses.cmi_to_centroids(logits, centroids[tiny_data.train.labels]).mean())
@@ -273,11 +274,12 @@ def test_ensemble_of_other_architectures_or_kinds_is_refused(teachers, tmp_path)
 def test_bad_teacher_settings_are_reported_together():
     with pytest.raises(BcpkdError) as err:
         build_recipe({"teacher": {"bayes": "mse", "base": "t.pt", "mc_dropout": {"rate": 1.5},
-                                  "ensemble": {"members": 1, "checkpoints": ["a.pt", "b.pt"]}, "vi": {"samples": 0}}})
+                                  "ensemble": {"members": 1, "checkpoints": ["a.pt", "b.pt"]}, "vi": {"samples": 0}}},
+                     checks=(recipe_problems,))
     for fragment in ("teacher.base", "mc_dropout.rate", "ensemble.members", "vi.samples", "only a --bayes ensemble"):
         assert fragment in str(err.value)
     with pytest.raises(BcpkdError, match="leave no epoch"):
-        build_recipe({"teacher": {"bayes": "vi", "epochs": 20, "vi": {"ml_epochs": 20}}})
+        build_recipe({"teacher": {"bayes": "vi", "epochs": 20, "vi": {"ml_epochs": 20}}}, checks=(recipe_problems,))
 
 
 # ------------------------------------------------------------------------- the whole chain for every kind

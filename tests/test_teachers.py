@@ -17,9 +17,9 @@ from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.config import (
     Bayes, DataConfig, Hessian, LaplaceConfig, Link, Optimizer, PriorMethod, Recipe, Subset, TeacherConfig, to_plain,
 )
-from bcpkd_cli.engine import TrainSpec, predict_logits, train
+from bcpkd_cli.engine import TrainSpec, train
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.models import build_model
+from bcpkd_cli.models import build_model, predict_logits
 from bcpkd_cli.teachers import load_teacher, teacher_payload
 from bcpkd_cli.teachers.deterministic import DeterministicTeacher
 from bcpkd_cli.teachers.index_noise import hash32, index_normal
@@ -245,7 +245,7 @@ torch.save(out, sys.argv[2])
 def _save_teacher(path, teacher, hidden=(16,)):
     recipe = Recipe(teacher=TeacherConfig(bayes=Bayes.laplace, hidden=hidden, laplace=teacher.cfg),
                     data=DataConfig(n_train=300, n_heldout=100, n_test=100))
-    payload = teacher_payload(teacher, Bayes.laplace, SPEC, to_plain(recipe),
+    payload = teacher_payload(teacher, SPEC, to_plain(recipe),
                               {"fingerprint": "0" * 16, "config": to_plain(recipe.data)}, None, {})
     return artifacts.save_checkpoint(path, payload)
 
@@ -351,7 +351,7 @@ def test_deterministic_teacher_divides_logits_by_both_temperatures(trained_state
 def test_deterministic_teacher_checkpoint_round_trip(trained_state, tiny_data, tmp_path):
     teacher = DeterministicTeacher(fresh_model(trained_state), calibration_temperature=0.9)
     recipe = Recipe(teacher=TeacherConfig(hidden=(16,)))
-    payload = teacher_payload(teacher, Bayes.none, SPEC, to_plain(recipe), {"fingerprint": "0" * 16}, None, {})
+    payload = teacher_payload(teacher, SPEC, to_plain(recipe), {"fingerprint": "0" * 16}, None, {})
     path = artifacts.save_checkpoint(tmp_path / "teacher.pt", payload)
     loaded = load_teacher(artifacts.load_checkpoint(path, artifacts.TEACHER_FORMAT), torch.device("cpu"))
     x, index = heldout(tiny_data)

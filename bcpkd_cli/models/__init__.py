@@ -93,6 +93,7 @@ _IMAGE = {
 
 ARCHITECTURES = {"mlp": _mlp, **{name: _image(name, make) for name, make in _IMAGE.items()}}
 
+
 def feature_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """What `model.features` takes: MLP.forward flattens its inputs first; image models take them as they are."""
     return inputs.flatten(1) if isinstance(model, MLP) else inputs
@@ -127,3 +128,10 @@ def build_model(spec: dict, state_dict: dict | None = None) -> nn.Module:
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    """Logits [N, C] of an eval-mode model, computed in chunks."""
+    model.eval()
+    return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])

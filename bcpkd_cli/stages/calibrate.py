@@ -11,7 +11,8 @@ from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import ensure_cache
 from bcpkd_cli.config import Recipe
 from bcpkd_cli.data import load_dataset
-from bcpkd_cli.engine import console, resolve_device
+from bcpkd_cli.console import console
+from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError
 
 

@@ -10,122 +10,26 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from bcpkd_cli import artifacts, metrics, targets
-from bcpkd_cli.calibration import cache_expectations, cache_view_ids, ensure_cache
-from bcpkd_cli.config import CalibrateConfig, DistillConfig, Recipe, Targets, to_plain
+from bcpkd_cli import artifacts, metrics
+from bcpkd_cli.config import DistillConfig, Recipe, to_plain
+from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, few_shot_rows, load_dataset, views
-from bcpkd_cli.engine import (Member, TrainSpec, console, join_process_group, per_example_grad_sq_norms,
-                              predict_logits, prepare_for_device, resolve_device, train_lockstep)
+from bcpkd_cli.engine import (Member, TrainSpec, join_process_group, per_example_grad_sq_norms, prepare_for_device,
+                              resolve_device, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model, model_spec
+from bcpkd_cli.models import build_model, model_spec, predict_logits
 from bcpkd_cli.resumption import STUDENT_SECTIONS, finish, require_saved_state, resumable, settings_of
-from bcpkd_cli.teachers import Teacher, load_teacher
-
-
-def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cache: Path | None,
-                   device: torch.device) -> tuple[Path, dict]:
-    """The BCP cache for this teacher (found, given, or built now) and the teacher's provenance."""
-    if teacher_path is None:
-        raise BcpkdError(f"distill --targets {recipe.distill.targets.value} needs --teacher TEACHER.pt "
-                         f"(or choose --targets onehot|true|noisy)")
-    payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT)
-    if payload["data"]["fingerprint"] != data.fingerprint:
-        console.print(f"[yellow]warning:[/] {teacher_path} was trained on data {payload['data']['fingerprint']}, "
-                      f"the student trains on {data.fingerprint}")
-    if cache is None:
-        cache, built = ensure_cache(teacher_path, payload, data, recipe.calibrate, recipe.distill.t_teacher, device,
-                                    n_bins=recipe.evaluate.ece_bins)
-        console.print(f"{'built' if built else 'using'} BCP cache {cache}")
-    info = {"teacher_sha256": artifacts.sha256_file(teacher_path), "cache": str(Path(cache).resolve()),
-            "cache_sha256": artifacts.sha256_file(cache)}
-    return Path(cache), info
-
-
-def training_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, cache: Path | None,
-                     device: torch.device, online: dict[str, Teacher]) -> tuple[torch.Tensor | Teacher, dict]:
-    """Target probabilities [N, V, C] at T_t for the training split (V = 1 unless cached per view; a cache
-    stays memory-mapped on the CPU, in its stored dtype), or for --targets online the calibrated teacher
-    itself; and their provenance."""
-    cfg, train_split = recipe.distill, data.train
-    if cfg.targets in (Targets.teacher, Targets.online):
-        cache, info = _teacher_cache(recipe, data, teacher_path, cache, device)
-        if cfg.targets == Targets.online:  # the calibrated teacher that made the cache, run on every batch
-            calibrated = cache.parent / "teacher.pt"
-            key = artifacts.sha256_file(calibrated)  # equal calibrations (say, for other T_t) share one teacher
-            if key not in online:
-                online[key] = load_teacher(artifacts.load_checkpoint(calibrated, artifacts.TEACHER_FORMAT), device)
-            return online[key], info
-        expect = cache_expectations(teacher_path, data, cfg.t_teacher, recipe.calibrate)
-        probs, _ = artifacts.load_cache(cache, expect)  # memory-mapped; on CUDA copied to the device once
-        return (probs if device.type == "cpu" else probs.to(device)), info
-    if cfg.targets == Targets.onehot:
-        return targets.onehot(train_split.labels, data.n_classes)[:, None, :], {}
-    if train_split.true_bcp is None:
-        raise BcpkdError(f"--targets {cfg.targets.value}: dataset {recipe.data.name.value} has no true BCPs; "
-                         f"use --targets teacher or onehot")
-    if cfg.targets == Targets.true:
-        return targets.temper(train_split.true_bcp, cfg.t_teacher)[:, None, :], {}
-    noisy = targets.dirichlet_noised(train_split.true_bcp.cpu(), cfg.dirichlet_alpha, cfg.seed).to(device)
-    return targets.temper(noisy, cfg.t_teacher)[:, None, :], {"dirichlet_alpha": cfg.dirichlet_alpha}
+from bcpkd_cli.targets import TargetSource, student_targets, view_batches
+from bcpkd_cli.teachers import Teacher
 
 
 def data_seed(cfg: DistillConfig) -> int:
     """The seed of batch order, view draws and the few-shot subset (distill.seed unless data_seed is set)."""
     return cfg.data_seed if cfg.data_seed >= 0 else cfg.seed
-
-
-@dataclass(frozen=True)
-class TargetSource:
-    """Where a student's batch targets come from: cached rows [N, V, C] or a teacher run at T_t."""
-
-    targets_or_teacher: torch.Tensor | Teacher
-    t_teacher: float
-
-
-def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sources: list[TargetSource],
-                 device: torch.device, example_index: torch.Tensor):
-    """group_batch_fn(rows, epoch): each example's view of the epoch (drawn once for all students) and
-    every student's exact target for it (design.md sec. 2). `example_index` [N] maps rows to the
-    training split's example ids (they seed MC draws); an online teacher shared by several students
-    (at any T_t) runs once per batch."""
-    view_ids = cache_view_ids(data, calibrate_cfg).to(device)  # [V]
-    sampler = views.ViewSampler(len(data.train), len(view_ids), seed)
-    train_inputs = data.train.inputs
-
-    def batch(rows: torch.Tensor, epoch: int):
-        if len(rows) == 0:  # a torchrun process's share of a last batch smaller than the process count
-            return train_inputs[rows], [torch.zeros(0, data.n_classes, device=device) for _ in sources]
-        slots = sampler.slots(rows, epoch)  # [B] columns of the [N, V, C] cache
-        ids = view_ids[slots]
-        inputs = views.apply_views(train_inputs[rows], ids) if data.is_image else train_inputs[rows]
-        predictives: dict[int, Callable[[float], torch.Tensor]] = {}  # one teacher pass per batch, any T_t
-        batch_targets = []
-        for source in sources:
-            if isinstance(source.targets_or_teacher, torch.Tensor):
-                cache = source.targets_or_teacher
-                batch_targets.append(cache[rows, slots if cache.shape[1] > 1 else 0].float())  # a float16 cache too
-                continue
-            teacher = source.targets_or_teacher
-            if id(teacher) not in predictives:
-                predictives[id(teacher)] = teacher.predictive_at(inputs, views.sample_index(example_index[rows.cpu()], ids))
-            batch_targets.append(predictives[id(teacher)](source.t_teacher))
-        return inputs, batch_targets
-
-    return batch
-
-
-def view_zero_targets(targets_or_teacher: torch.Tensor | Teacher, data: Dataset, t_teacher: float,
-                      example_index: torch.Tensor) -> torch.Tensor:
-    """Targets [N, C] of every unaugmented training example (view 0), for the gradient noise."""
-    if isinstance(targets_or_teacher, torch.Tensor):
-        return targets_or_teacher[:, 0].float()
-    return targets_or_teacher.predict_probs(data.train.inputs, views.sample_index(example_index, 0 * example_index),
-                                            t_teacher)
 
 
 SHARED_KEYS = ("epochs", "batch_size", "few_shot", "log_every")  # a lockstep group shares these (and the data)
@@ -189,31 +93,27 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     data = load_dataset(first.data).to(device)
     teacher_path = Path(teacher_path) if teacher_path else None
     online: dict[str, Teacher] = {}  # one teacher object per calibrated teacher file, shared by students
-    students = []
-    for recipe in recipes:
-        targets_or_teacher, provenance = training_targets(recipe, data, teacher_path, cache, device, online)
-        students.append((recipe, targets_or_teacher, provenance))
+    sources = [student_targets(recipe, data, teacher_path, cache, device, online) for recipe in recipes]
     seed = data_seed(first.distill)
     example_index = torch.arange(len(data.train))
     if first.distill.few_shot:  # the students see K examples per class; the teacher's cache covers them all
         example_index = few_shot_rows(data.train.labels, first.distill.few_shot, seed)
         data = replace(data, train=data.train.subset(example_index))
+        sources = [source.subset(example_index) for source in sources]
     group = []
-    for recipe, targets_or_teacher, provenance in students:
+    for recipe, source in zip(recipes, sources):
+        provenance = dict(source.provenance)
         if first.distill.few_shot:
             provenance["few_shot_rows"] = example_index.tolist()
-            if isinstance(targets_or_teacher, torch.Tensor):
-                targets_or_teacher = targets_or_teacher[example_index.to(targets_or_teacher.device)]
         cfg = recipe.distill
         spec = model_spec(cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden)
         torch.manual_seed(cfg.seed)
         model = prepare_for_device(build_model(spec), device, recipe.precision)
-        group.append(_Student(recipe, model, spec, TargetSource(targets_or_teacher, cfg.t_teacher),
-                              provenance))
+        group.append(_Student(recipe, model, spec, source, provenance))
     members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(data)) for s in group]
     settings = {"students": [settings_of(r, STUDENT_SECTIONS) for r in recipes], "processes": place.size,
                 "data_fingerprint": data.fingerprint,
-                "targets": [{k: p.get(k) for k in ("teacher_sha256", "cache_sha256")} for _, _, p in students]}
+                "targets": [{k: s.provenance.get(k) for k in ("teacher_sha256", "cache_sha256")} for s in sources]}
     started = time.perf_counter()
     steps = train_lockstep(members, data.train.labels, first.distill.epochs, first.distill.batch_size, seed,
                            f"student ({first.distill.targets.value})",
@@ -257,7 +157,7 @@ def _save(student: _Student, out: Path, data: Dataset, example_index: torch.Tens
           member: Member, processes: int) -> Path:
     recipe, cfg = student.recipe, student.recipe.distill
     train_split = data.train
-    zero_view = view_zero_targets(student.source.targets_or_teacher, data, cfg.t_teacher, example_index)
+    zero_view = student.source.view_zero(train_split.inputs, views.sample_index(example_index, 0 * example_index))
     grad_noise = per_example_grad_sq_norms(student.model, train_split.inputs, train_split.labels, zero_view,
                                            member.loss_fn).mean().item()
     artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in member.log))

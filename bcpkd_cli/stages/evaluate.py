@@ -11,10 +11,11 @@ from rich.table import Table
 from bcpkd_cli import artifacts, metrics, targets
 from bcpkd_cli.config import Recipe, recipe_for_checkpoint, to_plain
 from bcpkd_cli.data import Dataset, load_dataset
-from bcpkd_cli.engine import console, per_example_grad_sq_norms, predict_logits, resolve_device
+from bcpkd_cli.console import console
+from bcpkd_cli.engine import per_example_grad_sq_norms, resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model
+from bcpkd_cli.models import build_model, predict_logits
 from bcpkd_cli.teachers import load_teacher
 
 CHECKPOINT_FORMATS = (artifacts.STUDENT_FORMAT, artifacts.TEACHER_FORMAT)

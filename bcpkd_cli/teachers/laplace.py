@@ -19,11 +19,15 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from bcpkd_cli import metrics
-from bcpkd_cli.config import Hessian, LaplaceConfig, Link, PriorMethod, Subset
+from bcpkd_cli.choices import Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset
+from bcpkd_cli.config import CalibrateConfig, LaplaceConfig, TeacherConfig
+from bcpkd_cli.data import Split
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.models import HEAD_NAME, feature_input
+from bcpkd_cli.models import HEAD_NAME, build_model, feature_input
+from bcpkd_cli.teachers.base import Teacher
 from bcpkd_cli.teachers.index_noise import index_normal
 from bcpkd_cli.teachers.laplace_closed_form import diag_logit_covariance, kron_logit_covariance
+from bcpkd_cli.teachers.training import TrainingRun, cross_entropy
 
 FULL_HESSIAN_MAX_PARAMS = 20_000
 
@@ -56,22 +60,52 @@ def _to_device(obj, device: torch.device):
     return obj
 
 
-class LaplaceTeacher:
+class LaplaceTeacher(Teacher):
     """Predictive of a Laplace posterior around a trained network."""
+
+    kind = Bayes.laplace
+    section = "laplace"
+    samples_key = "laplace.samples"
+    takes_base = True
 
     def __init__(self, model: nn.Module, cfg: LaplaceConfig, calibration_temperature: float = 1.0,
                  noise_seed: int = 0, batch_size: int = 1024):
         check_hessian_size(model, cfg)
-        self.model = model.eval()
+        super().__init__(model.eval(), calibration_temperature, noise_seed, batch_size)
         self.cfg = cfg
-        self.calibration_temperature = calibration_temperature
-        self.noise_seed = noise_seed
-        self.batch_size = batch_size
         from laplace import Laplace  # imported here: it costs seconds at start-up, and only Laplace teachers need it
 
         kwargs = {"last_layer_name": HEAD_NAME} if cfg.subset == Subset.last_layer else {}
         self.la = Laplace(model, "classification", subset_of_weights=cfg.subset.value,
                           hessian_structure=cfg.hessian.value, **kwargs)
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> tuple[Teacher, dict]:
+        """Cross-entropy training (or teacher.base), then laplace-torch's fit and prior precision."""
+        cfg, held = run.recipe.teacher, run.data.heldout
+        model = run.network()
+        check_hessian_size(model, cfg.laplace)  # before spending any time on training
+        history = run.fit_unless_base(model, cross_entropy, f"{cls.kind.value} teacher")
+        teacher = cls(model, cfg.laplace, noise_seed=cfg.seed)
+        teacher.fit(run.data.train.inputs, run.data.train.labels)
+        teacher.tune_prior(cfg.laplace.prior, held.inputs, held.labels)
+        history["prior_precision"] = teacher.prior_precision
+        return teacher, history
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict, cfg: TeacherConfig, device: torch.device) -> Teacher:
+        settings = payload["predictive"]
+        model = build_model(payload["model"], payload["state_dict"]).to(device).eval()
+        teacher = cls(model, cfg.laplace, settings["calibration_temperature"], settings["noise_seed"])
+        teacher.load_posterior_state(payload["posterior"])
+        return teacher
+
+    def tune(self, cfg: CalibrateConfig, held: Split) -> dict:
+        """The prior precision on held-out data (calibrate.prior), unless it is kept."""
+        if cfg.prior == PriorTuning.keep:
+            return {}
+        self.tune_prior(PriorMethod(cfg.prior.value), held.inputs, held.labels)
+        return {"prior_precision": self.prior_precision}
 
     def fit(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> None:
         self.la.fit(DataLoader(TensorDataset(inputs, labels), batch_size=batch_size))
@@ -175,10 +209,6 @@ class LaplaceTeacher:
             return torch.softmax(samples / t, dim=2).mean(dim=1).to(f_mu.dtype)
 
         return monte_carlo
-
-    def predict_probs(self, inputs: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """inputs [B, ...], example indices [B] -> probabilities [B, C]."""
-        return self.predictive_at(inputs, index)(temperature)
 
     def posterior_state(self) -> dict:
         return _plain_state(self.la.state_dict())

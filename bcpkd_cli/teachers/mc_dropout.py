@@ -14,9 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bcpkd_cli.models import feature_input
+from bcpkd_cli.choices import Bayes
+from bcpkd_cli.config import TeacherConfig
+from bcpkd_cli.models import build_model, feature_input
+from bcpkd_cli.teachers.base import Teacher
 from bcpkd_cli.teachers.index_noise import index_bits
 from bcpkd_cli.teachers.sampled import SampledTeacher
+from bcpkd_cli.teachers.training import TrainingRun, cross_entropy
 
 POOL_SIZE = 1024  # masks per (dropout layer, draw); a power of two, so r = hash mod POOL_SIZE is uniform
 ROW_STREAM = 1  # the counter-hash stream of the row choices (pools come from their own generators)
@@ -43,6 +47,10 @@ def mask_rows(noise_seed: int, index: torch.Tensor, count: int) -> torch.Tensor:
 class MCDropoutTeacher(SampledTeacher):
     """Average over S index-seeded dropout masks of a network trained with dropout."""
 
+    kind = Bayes.mc_dropout
+    section = "mc_dropout"
+    samples_key = "mc_dropout.samples"
+
     def __init__(self, model: nn.Module, samples: int, calibration_temperature: float = 1.0, noise_seed: int = 0,
                  batch_size: int = 1024):
         super().__init__(model, calibration_temperature, noise_seed, batch_size)
@@ -54,6 +62,22 @@ class MCDropoutTeacher(SampledTeacher):
         self.trunk, self.tail = model.features[:first], layers[first:]  # shared by all draws; per draw
         self.n_dropout = sum(isinstance(m, nn.Dropout) for m in self.tail)
         self._pools: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+
+    @classmethod
+    def dropout(cls, cfg: TeacherConfig) -> float:
+        return cfg.mc_dropout.rate
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> tuple[Teacher, dict]:
+        model = run.network()
+        history = run.fit(model, cross_entropy, "teacher", f"{cls.kind.value} teacher")
+        return cls(model, run.recipe.teacher.mc_dropout.samples, noise_seed=run.recipe.teacher.seed), history
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict, cfg: TeacherConfig, device: torch.device) -> Teacher:
+        settings = payload["predictive"]
+        model = build_model(payload["model"], payload["state_dict"]).to(device)
+        return cls(model, settings["samples"], settings["calibration_temperature"], settings["noise_seed"])
 
     def _pool(self, stream: int, width: int, rate: float, like: torch.Tensor) -> torch.Tensor:
         key = (stream, like.device, like.dtype)

@@ -11,16 +11,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bcpkd_cli.teachers.base import Teacher
 
-class SampledTeacher:
+
+class SampledTeacher(Teacher):
     """Base of the averaging kinds: subclasses implement `sample_logits(inputs, index) -> [S, B, C]`."""
 
     def __init__(self, model: nn.Module, calibration_temperature: float = 1.0, noise_seed: int = 0,
                  batch_size: int = 1024):
-        self.model = model.eval()
-        self.calibration_temperature = calibration_temperature
-        self.noise_seed = noise_seed
-        self.batch_size = batch_size
+        super().__init__(model.eval(), calibration_temperature, noise_seed, batch_size)
 
     def sample_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """inputs [B, ...] (one chunk), example indices [B] -> logits of the S networks [S, B, C]."""
@@ -40,13 +39,6 @@ class SampledTeacher:
             return torch.softmax(logits / (self.calibration_temperature * temperature), dim=2).mean(dim=0)
 
         return average
-
-    def predict_probs(self, inputs: torch.Tensor, index: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        """inputs [B, ...], example indices [B] -> probabilities [B, C]."""
-        return self.predictive_at(inputs, index)(temperature)
-
-    def posterior_state(self) -> dict | None:
-        return None
 
     def predictive_settings(self) -> dict:
         return {"calibration_temperature": self.calibration_temperature, "noise_seed": self.noise_seed}

@@ -16,10 +16,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from bcpkd_cli.config import VIConfig
+from bcpkd_cli.choices import Bayes
+from bcpkd_cli.config import TeacherConfig, VIConfig
+from bcpkd_cli.engine import prepare_for_device
 from bcpkd_cli.models import build_model
+from bcpkd_cli.teachers.base import Teacher
 from bcpkd_cli.teachers.index_noise import hash32
 from bcpkd_cli.teachers.sampled import SampledTeacher
+from bcpkd_cli.teachers.training import TrainingRun, cross_entropy
 
 
 def to_bayesian(model: nn.Module, cfg: VIConfig, from_base: bool) -> nn.Module:
@@ -93,6 +97,11 @@ def sample_weights(model: nn.Module, generator: torch.Generator) -> dict[str, to
 class VITeacher(SampledTeacher):
     """Average of S weight samples of a variational posterior, each run as a plain network."""
 
+    kind = Bayes.vi
+    section = "vi"
+    samples_key = "vi.samples"
+    takes_base = True
+
     def __init__(self, model: nn.Module, spec: dict, samples: int, calibration_temperature: float = 1.0,
                  noise_seed: int = 0, batch_size: int = 1024):
         super().__init__(model, calibration_temperature, noise_seed, batch_size)
@@ -103,6 +112,36 @@ class VITeacher(SampledTeacher):
         self.buffers = {name: b for name, b in model.named_buffers() if name in twin_buffers}  # BatchNorm statistics
 
         self._draws: list[dict[str, torch.Tensor]] | None = None
+
+    @classmethod
+    def problems(cls, cfg: TeacherConfig) -> list[str]:
+        errors = super().problems(cfg)
+        if cfg.epochs <= cfg.vi.ml_epochs:
+            errors.append(f"teacher.vi.ml_epochs: {cfg.vi.ml_epochs} maximum-likelihood epochs leave no epoch of "
+                          f"the {cfg.epochs} for the KL term; lower it or raise teacher.epochs")
+        return errors
+
+    @classmethod
+    def train(cls, run: TrainingRun) -> tuple[Teacher, dict]:
+        """Cross-entropy + beta(epoch) * KL(q || p) / N: beta is 0 for vi.ml_epochs, then rises linearly to 1."""
+        cfg, n_train = run.recipe.teacher, len(run.data.train)
+        model = to_bayesian(run.network(), cfg.vi, from_base=run.base is not None)
+        model = prepare_for_device(model, run.device, run.recipe.precision)
+
+        def penalty(epoch: int):
+            weight = kl_weight(epoch, cfg.vi)
+            return weight * kl_divergence(model) / n_train if weight else 0.0  # no KL work in the ML epochs
+
+        history = run.fit(model, cross_entropy, "vi", "vi teacher", penalty=penalty)
+        return cls(model, run.spec, cfg.vi.samples, noise_seed=cfg.seed), history
+
+    @classmethod
+    def from_checkpoint(cls, payload: dict, cfg: TeacherConfig, device: torch.device) -> Teacher:
+        settings = payload["predictive"]
+        model = to_bayesian(build_model(payload["model"]), cfg.vi, from_base=False)
+        model.load_state_dict(payload["state_dict"])
+        return cls(model.to(device), payload["model"], settings["samples"], settings["calibration_temperature"],
+                   settings["noise_seed"])
 
     def draws(self) -> list[dict[str, torch.Tensor]]:
         """The S weight samples, drawn on first use and kept (like an ensemble's S members), so that an online

@@ -1,0 +1,96 @@
+"""The choices of the configuration: str-Enums, so that `--help` and error messages list them."""
+
+from __future__ import annotations
+
+import enum
+
+
+class DatasetName(str, enum.Enum):
+    synthetic = "synthetic"
+    cifar10 = "cifar10"
+    cifar100 = "cifar100"
+    imagefolder = "imagefolder"
+
+
+class Arch(str, enum.Enum):
+    mlp = "mlp"
+    resnet18 = "resnet18"
+    resnet34 = "resnet34"
+    resnet50 = "resnet50"
+    resnet20 = "resnet20"
+    resnet56 = "resnet56"
+    resnet8x4 = "resnet8x4"
+    resnet32x4 = "resnet32x4"
+    wrn_16_1 = "wrn_16_1"
+    wrn_16_2 = "wrn_16_2"
+    wrn_40_1 = "wrn_40_1"
+    wrn_40_2 = "wrn_40_2"
+    vgg8 = "vgg8"
+    vgg13 = "vgg13"
+    mobilenetv2 = "mobilenetv2"
+
+
+class Bayes(str, enum.Enum):
+    none = "none"
+    laplace = "laplace"
+    vi = "vi"
+    mc_dropout = "mc-dropout"
+    ensemble = "ensemble"
+    temperature = "temperature"
+    mse = "mse"
+    mcmi = "mcmi"
+
+
+class Subset(str, enum.Enum):
+    last_layer = "last_layer"
+    all = "all"
+
+
+class Hessian(str, enum.Enum):
+    diag = "diag"
+    kron = "kron"
+    full = "full"
+
+
+class PriorMethod(str, enum.Enum):
+    marglik = "marglik"
+    gridsearch = "gridsearch"
+
+
+class PriorTuning(str, enum.Enum):
+    keep = "keep"
+    marglik = "marglik"
+    gridsearch = "gridsearch"
+
+
+class Link(str, enum.Enum):
+    probit = "probit"
+    mc = "mc"
+
+
+class TemperatureFit(str, enum.Enum):
+    none = "none"
+    fit = "fit"
+
+
+class Optimizer(str, enum.Enum):
+    sgd = "sgd"
+    adam = "adam"
+
+
+class Targets(str, enum.Enum):
+    teacher = "teacher"
+    online = "online"
+    onehot = "onehot"
+    true = "true"
+    noisy = "noisy"
+
+
+class Precision(str, enum.Enum):
+    auto = "auto"
+    float32 = "float32"
+
+
+class CacheDtype(str, enum.Enum):
+    float32 = "float32"
+    float16 = "float16"

@@ -1,0 +1,100 @@
+"""What a teacher kind trains with: the `TrainingRun` a stage prepares, and the losses and batches of it.
+
+A run holds the recipe, the data (on the training device), the network's spec, the teacher.pt files
+it starts from (`teacher.base`, or ensemble members) and one resumable state per training phase.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bcpkd_cli import artifacts
+from bcpkd_cli.choices import Bayes
+from bcpkd_cli.config import Recipe
+from bcpkd_cli.console import console
+from bcpkd_cli.data import Dataset, views
+from bcpkd_cli.engine import BatchFn, LossFn, TrainSpec, prepare_for_device, train
+from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.models import build_model
+from bcpkd_cli.resumption import Resume
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _targets) -> torch.Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def random_views(data: Dataset, seed: int) -> BatchFn:
+    """Batches of a random pad-4 crop x flip view (of all 162) of every image, drawn anew every epoch."""
+    sampler = views.ViewSampler(len(data.train), views.N_VIEWS, seed)
+
+    def batch(rows: torch.Tensor, epoch: int):
+        return views.apply_views(data.train.inputs[rows], sampler.slots(rows, epoch)), None
+
+    return batch
+
+
+def load_single_network(path: str, option: str, data_fingerprint: str, kinds: tuple[Bayes, ...]) -> dict:
+    """The checkpoint of an existing single-network teacher (a base, or an ensemble member)."""
+    payload = artifacts.load_checkpoint(path, artifacts.TEACHER_FORMAT)
+    if Bayes(payload["bayes"]) not in kinds:
+        raise BcpkdError(f"{option} {path}: is a {payload['bayes']} teacher; give a teacher.pt of kind "
+                         f"{' or '.join(k.value for k in kinds)}")
+    if payload["data"]["fingerprint"] != data_fingerprint:
+        console.print(f"[yellow]warning:[/] {path} was trained on other data "
+                      f"({payload['data']['fingerprint']}); using it on {data_fingerprint}")
+    return payload
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """Everything a kind's `train` needs. `starts` are the payloads of the teacher.pt files the kind
+    starts from (teacher.base, or an ensemble's members); `phase(name)` is the resumable state of one
+    training phase (the network, an ensemble member, MCMI fine-tuning)."""
+
+    recipe: Recipe
+    data: Dataset
+    device: torch.device
+    spec: dict
+    starts: tuple[dict, ...]
+    phase: Callable[[str], Resume]
+
+    @property
+    def base(self) -> dict | None:
+        """The payload of teacher.base, if the recipe names one."""
+        return self.starts[0] if self.recipe.teacher.base else None
+
+    def network(self, seed: int | None = None, state_dict: dict | None = None) -> nn.Module:
+        """A fresh network of the run's spec (seeded; teacher.base's weights when there is a base), on the device."""
+        torch.manual_seed(self.recipe.teacher.seed if seed is None else seed)
+        if state_dict is None and self.base is not None:
+            state_dict = self.base["state_dict"]
+        return prepare_for_device(build_model(self.spec, state_dict), self.device, self.recipe.precision)
+
+    def augmented(self, seed: int) -> BatchFn | None:
+        """Random views of images when teacher.augment is on (None: the plain training rows)."""
+        return random_views(self.data, seed) if self.data.is_image and self.recipe.teacher.augment else None
+
+    def fit(self, model: nn.Module, loss_fn: LossFn, phase: str, desc: str, seed: int | None = None,
+            epochs: int | None = None, lr: float | None = None, batch_fn: BatchFn | None = None,
+            penalty: Callable[[int], "torch.Tensor | float"] | None = None) -> dict:
+        """Train `model` in place with the teacher section's optimiser settings; steps and seconds."""
+        cfg = self.recipe.teacher
+        seed = cfg.seed if seed is None else seed
+        spec = TrainSpec(epochs or cfg.epochs, cfg.batch_size, cfg.optimizer, lr or cfg.lr, cfg.momentum,
+                         cfg.weight_decay, seed, cfg.lr_milestones, self.recipe.precision, self.recipe.compile)
+        started = time.perf_counter()
+        steps = train(model, self.data.train.inputs, self.data.train.labels, None, loss_fn, spec, desc=desc,
+                      batch_fn=batch_fn or self.augmented(seed), penalty=penalty, resume=self.phase(phase))
+        return {"steps": steps, "seconds": round(time.perf_counter() - started, 2)}
+
+    def fit_unless_base(self, model: nn.Module, loss_fn: LossFn, desc: str) -> dict:
+        """Train the network, or keep teacher.base's weights (and its history) when there is a base."""
+        if self.base is not None:
+            return dict(self.base["history"])
+        return self.fit(model, loss_fn, "teacher", desc)
