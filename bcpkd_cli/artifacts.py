@@ -22,7 +22,6 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from bcpkd_cli.config import Recipe, to_plain
 from bcpkd_cli.errors import BcpkdError
 
 VERSION = 1
@@ -101,6 +100,35 @@ def save_checkpoint(path: Path, payload: dict) -> Path:
             torch.save(payload, handle)
 
     return atomic_write(path, write)
+
+
+ARTIFACT_NAMES = {TEACHER_FORMAT: "teacher.pt", STUDENT_FORMAT: "student.pt"}
+
+
+def resolve_checkpoint(path: str | Path, expected_format: str | tuple[str, ...], option: str) -> Path:
+    """The checkpoint a user means by `path`: a run folder stands for the teacher.pt or student.pt in it;
+    a BCP cache or a folder without one is refused with what to pass instead."""
+    path = Path(path)
+    formats = (expected_format,) if isinstance(expected_format, str) else expected_format
+    names = [ARTIFACT_NAMES[f] for f in formats if f in ARTIFACT_NAMES]
+    if path.is_dir():
+        found = [path / name for name in names if (path / name).is_file()]
+        if len(found) == 1:
+            return found[0]
+        inside = sorted(str(p) for name in names for p in path.glob(f"*/{name}"))[:3]
+        hint = f"; did you mean {' or '.join(inside)}?" if inside else f"; {FIX_HINT[formats[0]]}"
+        raise BcpkdError(f"{option} {path}: is a folder without {' or '.join(names)}{hint}")
+    if path.is_file() and _is_cache(path):
+        raise BcpkdError(f"{option} {path}: is a BCP cache, not a checkpoint; pass it with --cache {path} (and its "
+                         f"teacher with --teacher TEACHER.pt)")
+    return path
+
+
+def _is_cache(path: Path) -> bool:
+    """A safetensors file (an 8-byte header length, then a JSON header)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
 
 
 def load_checkpoint(path: str | Path, expected_format: str | tuple[str, ...]) -> dict:
@@ -212,9 +240,9 @@ def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 
     return probs, meta
 
 
-def write_config(folder: Path, recipe: Recipe) -> Path:
-    """The fully resolved recipe next to an artifact, as YAML that `--recipe` accepts."""
-    return write_text(Path(folder) / "config.yaml", yaml.safe_dump(to_plain(recipe), sort_keys=False))
+def write_config(folder: Path, record: dict) -> Path:
+    """An artifact's resolved config (`config.recipe_record`) next to it, as YAML that `--recipe` accepts."""
+    return write_text(Path(folder) / "config.yaml", yaml.safe_dump(record, sort_keys=False))
 
 
 def new_run_dir(out: str, prefix: str) -> Path:

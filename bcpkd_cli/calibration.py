@@ -21,9 +21,10 @@ import torch
 
 from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.choices import TemperatureFit
-from bcpkd_cli.config import CalibrateConfig, build_recipe, to_plain
+from bcpkd_cli.config import TEACHER_RECORD, CalibrateConfig, build_recipe, recipe_record, to_plain
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
+from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
 from bcpkd_cli.teachers.temperature import fit_temperature
 
@@ -31,6 +32,20 @@ CACHE_FILE = "bcp.safetensors"
 # Bumped when a teacher kind's predictive changes for the same checkpoint, so caches of the old
 # predictive are neither found nor accepted (2: MC-dropout masks drawn from per-(layer, draw) pools).
 PREDICTIVE_VERSION = 2
+
+
+def refuse_calibrated(teacher_path: Path, payload: dict) -> None:
+    """A calibrated teacher (the teacher.pt that calibrate writes next to a cache) where the original teacher is
+    expected would be calibrated a second time: say so, and name the original."""
+    if "calibration" not in payload.get("history", {}):
+        return
+    teacher_path = Path(teacher_path)
+    original = teacher_path.resolve().parent.parent.parent / "teacher.pt"
+    named = f" ({original})" if original.is_file() and artifacts.sha256_file(original) == payload["parent_sha256"] \
+        else ""
+    raise BcpkdError(f"--teacher {teacher_path}: is a teacher that calibrate already calibrated; pass the original "
+                     f"teacher{named} with --teacher (its cache is found again), or the cache next to it with "
+                     f"--cache {teacher_path.parent / CACHE_FILE}")
 
 
 def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, t_teacher: float) -> str:
@@ -54,7 +69,7 @@ def calibrate(teacher: Teacher, data: Dataset, cfg: CalibrateConfig, n_bins: int
     """Tune the kind's own settings (Laplace: the prior precision) and/or a temperature (any teacher) on
     held-out data, in place."""
     held = data.heldout
-    report: dict = {"before": heldout_report(teacher, data, n_bins)}
+    report: dict = {"heldout_examples": len(held), "before": heldout_report(teacher, data, n_bins)}
     report.update(teacher.tune(cfg, held))
     if cfg.temperature == TemperatureFit.fit:
         teacher.calibration_temperature = 1.0
@@ -63,6 +78,20 @@ def calibrate(teacher: Teacher, data: Dataset, cfg: CalibrateConfig, n_bins: int
         report["temperature"] = teacher.calibration_temperature
     report["after"] = heldout_report(teacher, data, n_bins)
     return report
+
+
+def describe_tuning(report: dict) -> str | None:
+    """What calibration tuned, as a sentence (None when nothing was tuned)."""
+    tuned = []
+    if "prior_precision" in report:
+        how = "marginal likelihood" if report.get("prior_method") == "marglik" else "held-out NLL over a grid " \
+            f"{report['prior_grid'][0]:.3g} .. {report['prior_grid'][1]:.3g}"
+        tuned.append(f"prior precision {report['prior_precision']:.4g} (by {how})")
+    if "temperature" in report:
+        tuned.append(f"temperature {report['temperature']:.4g} (by held-out NLL)")
+    if not tuned:
+        return None
+    return f"tuned on {report.get('heldout_examples', '?')} held-out examples: {' and '.join(tuned)}"
 
 
 def cache_view_ids(data: Dataset, cfg: CalibrateConfig) -> torch.Tensor:
@@ -96,8 +125,9 @@ def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg:
 
 
 def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig, t_teacher: float,
-                 device: torch.device, out: str = "", n_bins: int = 15) -> tuple[Path, bool]:
-    """Find the cache made for this teacher, data and settings, or calibrate and build it.
+                 device: torch.device, out: str = "", n_bins: int = 15, force: bool = False) -> tuple[Path, bool]:
+    """Find the cache made for this teacher, data and settings, or calibrate and build it (`force`: build it
+    again even if it exists).
 
     `data` is on `device`. Returns (absolute path of bcp.safetensors, whether it was built now).
     """
@@ -105,7 +135,7 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
     key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher)
     path = cache_path(teacher_path, key, out).resolve()
     with artifacts.exclusive_lock(path.parent / ".lock", f"waiting for another job building the cache {path}"):
-        built = not path.is_file()
+        built = force or not path.is_file()
         if built:
             _build_cache(path, teacher_path, payload, data, cfg, t_teacher, device, n_bins, expect)
     if not built:  # refuses a stale or foreign cache; its rows are checked where they are read (load_cache)
@@ -120,9 +150,9 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
     console.print(f"calibrating {teacher.kind.value} teacher {teacher_path} on {len(data.heldout)} held-out examples")
     report = calibrate(teacher, data, cfg, n_bins)
     teacher_recipe = build_recipe(payload["config"], "checkpoint config")
-    calibrated = teacher_payload(teacher, payload["model"], to_plain(replace(teacher_recipe, calibrate=cfg)),
-                                 payload["data"], parent_sha256=expect["teacher_sha256"],
-                                 history={"calibration": report})
+    record = recipe_record(replace(teacher_recipe, calibrate=cfg), (*TEACHER_RECORD, "calibrate"))
+    calibrated = teacher_payload(teacher, payload["model"], record, payload["data"],
+                                 parent_sha256=expect["teacher_sha256"], history={"calibration": report})
     artifacts.save_checkpoint(path.parent / "teacher.pt", calibrated)
     artifacts.write_json(path.parent / "report.json", report)
 

@@ -10,21 +10,39 @@ import dataclasses
 import json
 import sys
 import warnings
+from importlib.metadata import version
 from pathlib import Path
 from typing import Optional
 
 import typer
+import yaml
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.choices import Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets, TemperatureFit
-from bcpkd_cli.config import (Recipe, build_recipe, config_field, merge, parse_set, parse_sweep, read_recipe,
-                              recipe_for_checkpoint, set_path)
+from bcpkd_cli.calibration import refuse_calibrated
+from bcpkd_cli.choices import (Arch, Bayes, DatasetName, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets,
+                               TemperatureFit)
+from bcpkd_cli.config import (RUN_KEYS, STUDENT_RECORD, TEACHER_RECORD, Recipe, build_recipe, config_field, merge,
+                              parse_set, parse_sweep, read_recipe, recipe_for_checkpoint, recipe_record, set_path,
+                              to_plain)
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 from bcpkd_cli.teachers import TEACHER_KINDS, recipe_problems
 
-app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Knowledge distillation from Bayesian teachers through cached Bayes class probabilities.")
+app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+                  help="Knowledge distillation from Bayesian teachers through cached Bayes class probabilities. "
+                       "Stages chain through files: train-teacher -> calibrate (optional) -> distill -> evaluate; "
+                       "`run RECIPE` runs them all. Every stage prints its artifact's path on stdout.")
 
+
+def _version(show: bool) -> None:
+    if show:
+        print(f"bcpkd {version('bcpkd')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="print the version and exit")) -> None:
+    """Knowledge distillation from Bayesian teachers."""
 
 
 def field_help(dotted: str) -> str:
@@ -48,17 +66,31 @@ def checked(tree: dict, source: str) -> Recipe:
     return build_recipe(tree, source, checks=(recipe_problems,))
 
 
-RecipeOpt = typer.Option(None, "--recipe", "-r", help="YAML recipe (default: the embedded synthetic benchmark)")
-OutOpt = typer.Option("", "--out", "-o", help=config_field("out").metadata["help"])
-DeviceOpt = config_option("device", "--device")
-SetOpt = typer.Option(None, "--set", "-s", help="override any recipe key: section.key=value (repeatable)")
+RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="RECIPE.yaml",
+                         help="YAML recipe (default: the embedded synthetic benchmark)")
+OutOpt = typer.Option("", "--out", "-o", metavar="DIR", help=config_field("out").metadata["help"])
+DeviceOpt = typer.Option(None, "--device", metavar="auto|cpu|cuda[:N]", help=field_help("device"))
+DataOpt = config_option("data.name", "--data")
+DataRootOpt = typer.Option(None, "--data-root", metavar="DIR", help=field_help("data.root"))
+SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
+                      help="override any recipe key, e.g. --set teacher.hidden=[512,512] (repeatable)")
 ResumeOpt = typer.Option(False, "--resume", help="continue the interrupted run in --out from its last epoch "
                                                  "(same options; the result equals an uninterrupted run)")
+ForceOpt = typer.Option(False, "--force", help="replace what --out already holds (a finished or interrupted run)")
+PrintConfigOpt = typer.Option(False, "--print-config", help="print the resolved config as YAML and exit "
+                                                            "(nothing is run)")
 
 
-def _check_resume(resume: bool, out: str) -> None:
+def _check_resume(resume: bool, force: bool, out: str) -> None:
     if resume and not out:
         raise BcpkdError("--resume: give --out FOLDER, the folder of the interrupted run")
+    if resume and force:
+        raise BcpkdError("--resume and --force: choose one (continue the run in --out, or replace it)")
+
+
+def _print_config(recipe: Recipe, sections: tuple[str, ...]) -> None:
+    """--print-config: the resolved config of the keys a command reads, as YAML a --recipe accepts."""
+    print(yaml.safe_dump(recipe_record(recipe, sections), sort_keys=False), end="")
 
 
 def _tree(recipe: Optional[Path], sets: Optional[list[str]], flags: dict) -> dict:
@@ -67,8 +99,17 @@ def _tree(recipe: Optional[Path], sets: Optional[list[str]], flags: dict) -> dic
     for dotted, value in flags.items():
         if value is None or value == "":
             continue
-        set_path(typed, dotted, value.value if hasattr(value, "value") else value)
+        value = value.value if hasattr(value, "value") else value
+        set_path(typed, dotted, str(value) if isinstance(value, Path) else value)
     return merge(merge(read_recipe(recipe), typed), parse_set(sets or []))
+
+
+def _teacher_checkpoint(teacher: Path) -> tuple[Path, dict]:
+    """--teacher: the teacher.pt a user means (a run folder stands for the one in it), not a calibrated one."""
+    path = artifacts.resolve_checkpoint(teacher, artifacts.TEACHER_FORMAT, "--teacher")
+    payload = artifacts.load_checkpoint(path, artifacts.TEACHER_FORMAT)
+    refuse_calibrated(path, payload)
+    return path, payload
 
 
 def _source(recipe: Optional[Path]) -> str:
@@ -89,31 +130,37 @@ def _one_process(command: str) -> None:
 def train_teacher(
     recipe: Optional[Path] = RecipeOpt,
     bayes: Optional[Bayes] = config_option("teacher.bayes"),
+    arch: Optional[Arch] = config_option("teacher.arch"),
     epochs: Optional[int] = config_option("teacher.epochs"),
+    lr: Optional[float] = config_option("teacher.lr"),
+    batch_size: Optional[int] = config_option("teacher.batch_size"),
     seed: Optional[int] = config_option("teacher.seed"),
-    base: Optional[Path] = config_option("teacher.base"),
+    data: Optional[DatasetName] = DataOpt, data_root: Optional[Path] = DataRootOpt,
+    base: Optional[Path] = typer.Option(None, metavar="TEACHER.pt", help=field_help("teacher.base")),
     subset: Optional[Subset] = config_option("teacher.laplace.subset"),
     hessian: Optional[Hessian] = config_option("teacher.laplace.hessian"),
     prior: Optional[PriorMethod] = config_option("teacher.laplace.prior"),
     link: Optional[Link] = config_option("teacher.laplace.link"),
     samples: Optional[int] = typer.Option(None, help="Monte Carlo samples S of the predictive (vi, mc-dropout; "
-                                                     "laplace with --link mc)"),
+                                                     "laplace with --link mc) [default: 20; laplace 100]"),
     members: Optional[int] = config_option("teacher.ensemble.members"),
-    member: Optional[list[Path]] = typer.Option(None, help="ensemble: assemble existing teacher.pt files "
-                                                          "instead of training (repeat for each member)"),
+    member: Optional[list[Path]] = typer.Option(None, metavar="TEACHER.pt",
+                                                help="ensemble: assemble existing teacher.pt files instead of "
+                                                     "training (repeat for each member)"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
-    resume: bool = ResumeOpt,
+    resume: bool = ResumeOpt, force: bool = ForceOpt, print_config: bool = PrintConfigOpt,
 ) -> None:
     """Train a teacher of any kind and save a self-describing teacher.pt (path printed on stdout).
     Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli train-teacher ..."""
     from bcpkd_cli.engine import leave_process_group
     from bcpkd_cli.stages import train_teacher as stage
 
-    tree = _tree(recipe, set_, {"out": out, "device": device, "teacher.bayes": bayes, "teacher.epochs": epochs,
-                                "teacher.seed": seed, "teacher.base": str(base) if base else None,
-                                "teacher.laplace.subset": subset, "teacher.laplace.hessian": hessian,
-                                "teacher.laplace.prior": prior, "teacher.laplace.link": link,
-                                "teacher.ensemble.members": members,
+    tree = _tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
+                                "teacher.bayes": bayes, "teacher.arch": arch, "teacher.epochs": epochs,
+                                "teacher.lr": lr, "teacher.batch_size": batch_size, "teacher.seed": seed,
+                                "teacher.base": base, "teacher.laplace.subset": subset,
+                                "teacher.laplace.hessian": hessian, "teacher.laplace.prior": prior,
+                                "teacher.laplace.link": link, "teacher.ensemble.members": members,
                                 "teacher.ensemble.checkpoints": [str(m) for m in member] if member else None})
     if samples is not None:  # the samples of the chosen kind
         kind = build_recipe(tree, _source(recipe)).teacher.bayes
@@ -122,74 +169,102 @@ def train_teacher(
             raise BcpkdError(f"--samples: a {kind.value} teacher draws no samples; use it with --bayes vi, "
                              f"mc-dropout or laplace (--link mc)")
         set_path(tree, f"teacher.{key}", samples)
-    _check_resume(resume, out)
+    config = checked(tree, _source(recipe))
+    if print_config:
+        return _print_config(config, TEACHER_RECORD)
+    _check_resume(resume, force, out)
     try:  # under torchrun: data-parallel training; rank 0 writes and prints
-        path = stage.run(checked(tree, _source(recipe)), resume)
+        path = stage.run(config, resume, force)
     finally:
         leave_process_group()
     if path is not None:
         print(path)
 
 
-def _with_teacher_data(tree: dict, teacher: Path, source: str):
-    payload = artifacts.load_checkpoint(teacher, artifacts.TEACHER_FORMAT)
+def _with_teacher_data(tree: dict, payload: dict, source: str) -> Recipe:
     return recipe_for_checkpoint(tree, payload, source, checks=(recipe_problems,))
 
 
 @app.command()
 def calibrate(
-    teacher: Path = typer.Option(..., help="teacher.pt from train-teacher"),
+    teacher: Path = typer.Option(..., metavar="TEACHER.pt", help="teacher.pt from train-teacher (or its folder)"),
     recipe: Optional[Path] = RecipeOpt,
     prior: Optional[PriorTuning] = config_option("calibrate.prior"),
     temperature: Optional[TemperatureFit] = config_option("calibrate.temperature"),
     t_teacher: Optional[float] = config_option("distill.t_teacher"),
-    out: str = typer.Option("", "--out", "-o", help="cache folder (default: <teacher folder>/bcp/<key>)"),
+    views: Optional[int] = config_option("calibrate.views"),
+    data: Optional[DatasetName] = DataOpt, data_root: Optional[Path] = DataRootOpt,
+    out: str = typer.Option("", "--out", "-o", metavar="DIR", help="cache folder (default: <teacher folder>/bcp/<key>)"),
     device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+    force: bool = typer.Option(False, "--force", help="build the cache again even where one exists"),
+    print_config: bool = PrintConfigOpt,
 ) -> None:
-    """Calibrate a teacher on held-out data and cache its BCPs for the training split (path on stdout)."""
+    """Calibrate a teacher on held-out data and cache its BCPs for the training split (path on stdout).
+    Data default to the teacher's own."""
     from bcpkd_cli.stages import calibrate as stage
     _one_process("calibrate")
 
-    tree = _tree(recipe, set_, {"out": out, "device": device, "calibrate.prior": prior,
-                                "calibrate.temperature": temperature, "distill.t_teacher": t_teacher})
-    print(stage.run(_with_teacher_data(tree, teacher, _source(recipe)), teacher))
+    tree = _tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
+                                "calibrate.prior": prior, "calibrate.temperature": temperature,
+                                "calibrate.views": views, "distill.t_teacher": t_teacher})
+    teacher, payload = _teacher_checkpoint(teacher)
+    config = _with_teacher_data(tree, payload, _source(recipe))
+    if print_config:
+        return _print_config(config, (*RUN_KEYS, "data", "calibrate", "distill"))
+    print(stage.run(config, teacher, force))
 
 
 @app.command()
 def distill(
-    teacher: Optional[Path] = typer.Option(None, help="teacher.pt (its cached BCPs are found or built)"),
-    cache: Optional[Path] = typer.Option(None, help="bcp.safetensors from `calibrate --out` (default: found by key)"),
+    teacher: Optional[Path] = typer.Option(None, metavar="TEACHER.pt",
+                                           help="teacher.pt or its folder (its cached BCPs are found or built)"),
+    cache: Optional[Path] = typer.Option(None, metavar="BCP.safetensors",
+                                         help="bcp.safetensors from `calibrate --out` (default: found by key)"),
     recipe: Optional[Path] = RecipeOpt,
     targets: Optional[Targets] = config_option("distill.targets"),
+    arch: Optional[Arch] = config_option("distill.arch"),
     alpha: Optional[float] = config_option("distill.alpha"),
     t_teacher: Optional[float] = config_option("distill.t_teacher"),
     t_student: Optional[float] = config_option("distill.t_student"),
     dirichlet_alpha: Optional[float] = config_option("distill.dirichlet_alpha"),
     epochs: Optional[int] = config_option("distill.epochs"),
+    lr: Optional[float] = config_option("distill.lr"),
+    batch_size: Optional[int] = config_option("distill.batch_size"),
     seed: Optional[int] = config_option("distill.seed"),
     temperature: Optional[TemperatureFit] = config_option("calibrate.temperature"),
-    sweep: Optional[list[str]] = typer.Option(None, help="train a grid of students in lockstep, one pass over the "
-                                                         "data: KEY=V1,V2 over distill keys (repeat for a product "
-                                                         "grid); students go to OUT/KEY=V-..., paths one per line"),
+    data: Optional[DatasetName] = DataOpt, data_root: Optional[Path] = DataRootOpt,
+    sweep: Optional[list[str]] = typer.Option(None, metavar="KEY=V1,V2",
+                                              help="train a grid of students in lockstep, one pass over the data, "
+                                                   "over distill keys (repeat for a product grid); students go to "
+                                                   "OUT/KEY=V-..., paths one per line"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
-    resume: bool = ResumeOpt,
+    resume: bool = ResumeOpt, force: bool = ForceOpt, print_config: bool = PrintConfigOpt,
 ) -> None:
     """Train a student against the teacher's cached BCPs; save student.pt (path on stdout).
+    Data default to the teacher's own.
     Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli distill ..."""
     from bcpkd_cli.engine import leave_process_group
     from bcpkd_cli.stages import distill as stage
 
-    tree = _tree(recipe, set_, {"out": out, "device": device, "distill.targets": targets, "distill.alpha": alpha,
+    tree = _tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
+                                "distill.targets": targets, "distill.arch": arch, "distill.alpha": alpha,
                                 "distill.t_teacher": t_teacher, "distill.t_student": t_student,
                                 "distill.dirichlet_alpha": dirichlet_alpha, "distill.epochs": epochs,
-                                "distill.seed": seed, "calibrate.temperature": temperature})
+                                "distill.lr": lr, "distill.batch_size": batch_size, "distill.seed": seed,
+                                "calibrate.temperature": temperature})
     grid = parse_sweep(sweep or [])
-    configs = [_with_teacher_data(merge(tree, {"distill": point}), teacher, _source(recipe)) if teacher
+    payload = None
+    if teacher is not None:
+        teacher, payload = _teacher_checkpoint(teacher)
+    configs = [_with_teacher_data(merge(tree, {"distill": point}), payload, _source(recipe)) if payload
                else checked(merge(tree, {"distill": point}), _source(recipe)) for point in grid]
-    _check_resume(resume, out)
+    if print_config:
+        with_cache = configs[0].distill.targets in (Targets.teacher, Targets.online)
+        return _print_config(configs[0], (*STUDENT_RECORD, "calibrate") if with_cache else STUDENT_RECORD)
+    _check_resume(resume, force, out)
     try:  # under torchrun: one process per GPU (or CPU share); rank 0 writes and prints
-        paths = stage.run_sweep(configs, grid, teacher, cache, out, resume) if sweep else \
-            [p for p in [stage.run(configs[0], teacher, cache, resume)] if p is not None]
+        paths = stage.run_sweep(configs, grid, teacher, cache, out, resume, force) if sweep else \
+            [p for p in [stage.run(configs[0], teacher, cache, resume, force)] if p is not None]
     finally:
         leave_process_group()
     if paths:
@@ -198,42 +273,74 @@ def distill(
 
 @app.command()
 def evaluate(
-    checkpoints: list[Path] = typer.Argument(..., help="teacher.pt or student.pt files"),
+    checkpoints: list[Path] = typer.Argument(..., metavar="CHECKPOINT...",
+                                             help="teacher.pt or student.pt files (or their run folders)"),
     recipe: Optional[Path] = RecipeOpt,
-    as_json: bool = typer.Option(False, "--json", help="print the report as JSON on stdout"),
-    grad_targets: Optional[str] = config_option("evaluate.grad_targets"),
-    out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
+    as_json: bool = typer.Option(False, "--json", help="print the reports on stdout as JSON: a list with one "
+                                                       "object per checkpoint"),
+    grad_targets: Optional[str] = typer.Option(None, metavar="onehot,true,noisy:ALPHA",
+                                               help=field_help("evaluate.grad_targets")),
+    data: Optional[DatasetName] = DataOpt, data_root: Optional[Path] = DataRootOpt,
+    out: str = typer.Option("", "--out", "-o", metavar="DIR",
+                            help="write DIR/report.json and print its path (default: write nothing)"),
+    device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
+    print_config: bool = PrintConfigOpt,
 ) -> None:
-    """Evaluate checkpoints on the test split; write report.json (path on stdout, or JSON with --json)."""
+    """Evaluate checkpoints on the test split of the data each was made from: a table on stderr, the JSON
+    reports with --json, report.json with --out."""
     from bcpkd_cli.stages import evaluate as stage
     _one_process("evaluate")
 
-    tree = _tree(recipe, set_, {"device": device, "evaluate.grad_targets": grad_targets})
-    checked(tree, _source(recipe))  # report every problem before any work
-    path, reports = stage.run(tree, checkpoints, out)
-    print(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2) if as_json else path)
+    tree = _tree(recipe, set_, {"device": device, "data.name": data, "data.root": data_root,
+                                "evaluate.grad_targets": grad_targets})
+    config = checked(tree, _source(recipe))  # report every problem before any work
+    if print_config:
+        return _print_config(config, ("device", "evaluate"))
+    paths = [artifacts.resolve_checkpoint(p, stage.CHECKPOINT_FORMATS, "evaluate") for p in checkpoints]
+    path, reports = stage.run(tree, paths, out, force)
+    if as_json:
+        print(json.dumps(reports, indent=2))
+    elif path is not None:
+        print(path)
 
 
 @app.command()
 def run(
-    recipe: Path = typer.Argument(..., help="YAML recipe with an `experiment` section"),
+    recipe: Path = typer.Argument(..., metavar="RECIPE.yaml", help="YAML recipe with an `experiment` section"),
+    data_root: Optional[Path] = DataRootOpt,
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
     resume: bool = typer.Option(False, "--resume", help="reuse the teachers and students an interrupted run of "
                                                         "this recipe finished in --out; continue the others"),
+    force: bool = typer.Option(False, "--force", help="train every teacher and student again over what --out "
+                                                      "holds"),
+    print_config: bool = PrintConfigOpt,
 ) -> None:
     """Run every stage of a recipe and print the comparison table (summary.json path on stdout)."""
     from bcpkd_cli import pipeline
     _one_process("run")
 
-    tree = _tree(recipe, set_, {"out": out, "device": device})
-    checked(tree, _source(recipe))
-    _check_resume(resume, out)
-    print(pipeline.run(tree, str(recipe), resume))
+    tree = _tree(recipe, set_, {"out": out, "device": device, "data.root": data_root})
+    config = checked(tree, _source(recipe))
+    if print_config:
+        print(yaml.safe_dump(to_plain(config), sort_keys=False), end="")
+        return
+    _check_resume(resume, force, out)
+    print(pipeline.run(tree, str(recipe), resume, force))
+
+
+def _set_with_a_space(argv: list[str]) -> None:
+    """`--set key value` (a space instead of =): the same message as other --set mistakes, before Typer reads
+    `value` as a stray argument."""
+    for flag, item, following in zip(argv, argv[1:], argv[2:] + [""]):
+        if flag in ("--set", "-s") and "=" not in item:
+            example = f"{item}={following}" if following and not following.startswith("-") else f"{item}=VALUE"
+            raise BcpkdError(f"--set {item!r}: expected section.key=value, e.g. --set {example}")
 
 
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
+        _set_with_a_space(sys.argv[1:])
         code = app(standalone_mode=False)  # typer returns 130 after a Ctrl-C inside a command
         if code == 130:
             raise KeyboardInterrupt

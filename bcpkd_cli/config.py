@@ -156,6 +156,14 @@ class ExperimentConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = _f(False, "write training curves and final metrics for TensorBoard under <run folder>/"
+                                  "tensorboard (needs the tensorboard extra)")
+    line_seconds: float = _f(60.0, "batch jobs (stderr not a terminal): a progress line at least this often, "
+                                   "besides one per epoch")
+
+
+@dataclass(frozen=True)
 class Recipe:
     out: str = _f("", "output folder (default: runs/<stage>-<time>)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -168,13 +176,14 @@ class Recipe:
     distill: DistillConfig = _f(DistillConfig(), "distill")
     evaluate: EvaluateConfig = _f(EvaluateConfig(), "evaluate")
     experiment: ExperimentConfig = _f(ExperimentConfig(), "bcpkd run only")
+    log: LogConfig = _f(LogConfig(), "progress lines and TensorBoard")
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
 _POSITIVE = {"n_classes", "dim", "epochs", "batch_size", "prior_sigma", "lr_scale",
              "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
-             "t_teacher", "t_student", "workers", "hidden"}
+             "t_teacher", "t_student", "workers", "hidden", "line_seconds"}
 
 
 def _convert(value: Any, typ: Any, where: str, errors: list[str]) -> Any:
@@ -385,6 +394,31 @@ def config_field(dotted: str) -> dataclasses.Field:
     for name in sections:
         cls = typing.get_type_hints(cls)[name]
     return next(f for f in dataclasses.fields(cls) if f.name == leaf)
+
+
+SYNTHETIC_ONLY = ("n_classes", "dim", "noise_var", "mean_choices")  # data keys that only the synthetic set reads
+IMAGES_ONLY = ("root", "download")
+
+
+def plain_data(cfg: DataConfig) -> dict:
+    """The data section as plain values, without the keys its dataset does not read (an image folder's
+    config does not claim `n_classes: 5`)."""
+    unused = IMAGES_ONLY if cfg.name == DatasetName.synthetic else SYNTHETIC_ONLY
+    return {k: v for k, v in to_plain(cfg).items() if k not in unused}
+
+
+# What an artifact's stored config holds: the sections that made it (and `calibrate` for a calibrated teacher
+# and for a student of a teacher).
+RUN_KEYS = ("out", "device", "precision", "compile")
+TEACHER_RECORD = (*RUN_KEYS, "data", "teacher", "log")
+STUDENT_RECORD = (*RUN_KEYS, "data", "distill", "log")
+
+
+def recipe_record(recipe: Recipe, sections: typing.Iterable[str]) -> dict:
+    """The plain config an artifact stores: only the top-level keys and sections that made it (its data
+    section without the keys its dataset does not read); a valid recipe for `--recipe`."""
+    plain = to_plain(recipe)
+    return {k: plain_data(recipe.data) if k == "data" else plain[k] for k in sections}
 
 
 def to_plain(obj: Any) -> Any:

@@ -1,19 +1,120 @@
-"""Human output on stderr: the rich console and the progress bar (a terminal only).
+"""Human output on stderr: the rich console, and what a training loop reports while it runs.
 
-Kept apart from the training loop so that every layer can print without importing it.
+Kept apart from the training loop: the loop calls a `TrainingReport`, which shows a progress bar on a
+terminal and prints plain lines in batch jobs (stderr not a terminal), and optionally writes TensorBoard
+scalars.
 """
 
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from bcpkd_cli.errors import BcpkdError
 
 # Logs of batch jobs get wide tables instead of rich's 80-column default.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 
-def progress_bar() -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    console=console, transient=True, disable=not console.is_terminal)
+def duration(seconds: float) -> str:
+    """1h02m, 3m05s or 42s."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def line(text: str) -> None:
+    """One whole line on stderr in one write, so that the lines of parallel jobs never interleave mid-line."""
+    if not console.quiet:
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+class TrainingReport:
+    """Progress of one training loop (a group of `names` networks trained in lockstep).
+
+    On a terminal: a rich progress bar. Otherwise (batch jobs): a line at every epoch end, and one at
+    least every `line_seconds` within long epochs: epoch, mean training loss, held-out accuracy and
+    NLL, examples per second and the time left. `tensorboard` folders (one per network) receive the
+    same numbers per epoch."""
+
+    def __init__(self, desc: str, names: list[str] | None = None, line_seconds: float = 60.0,
+                 tensorboard: list[Path] | None = None):
+        self.desc, self.names, self.line_seconds = desc, names or [""], line_seconds
+        self.lines = not console.is_terminal
+        self.writers = [open_tensorboard(folder) for folder in tensorboard or []]
+        self.bar: Progress | None = None
+
+    @property
+    def wants_heldout(self) -> bool:
+        """Whether epoch ends should measure the held-out metrics (for lines or TensorBoard)."""
+        return self.lines or bool(self.writers)
+
+    def start(self, total_steps: int, step: int, epochs: int, first_epoch: int, n_examples: int, batch_size: int,
+              processes: int) -> None:
+        self.total, self.epochs, self.n_examples = total_steps, epochs, n_examples
+        self.started, self.start_step, self.last_line = time.perf_counter(), step, time.perf_counter()
+        group = f" x {len(self.names)} in lockstep" if len(self.names) > 1 else ""
+        ranks = f" on {processes} processes" if processes > 1 else ""
+        console.print(f"training {self.desc}{group}: {total_steps} steps ({epochs} epochs of {n_examples} examples, "
+                      f"batch {batch_size}{ranks})")
+        if step:
+            console.print(f"resuming {self.desc} after epoch {first_epoch} (step {step})")
+        if not self.lines:
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeRemainingColumn(), console=console, transient=True)
+            self.bar.start()
+            self.task = self.bar.add_task(self.desc, total=total_steps, completed=step)
+
+    def _pace(self, step: int) -> str:
+        elapsed = time.perf_counter() - self.started
+        done = step - self.start_step
+        if done <= 0 or elapsed <= 0:
+            return ""
+        rate = done * self.n_examples * self.epochs / self.total / elapsed  # examples per second
+        return f", {rate:,.0f} ex/s, ETA {duration((self.total - step) * elapsed / done)}"
+
+    def step(self, step: int, epoch: int, running_loss) -> None:
+        """After each step; `running_loss()` -> this epoch's mean loss per network so far (read when printed)."""
+        if self.bar is not None and (step % 200 == 0 or step == self.total):
+            self.bar.update(self.task, completed=step)
+        elif self.lines and time.perf_counter() - self.last_line >= self.line_seconds:
+            for name, loss in zip(self.names, running_loss()):
+                self._print(f"epoch {epoch + 1}/{self.epochs} step {step}/{self.total}", name, {"loss": loss}, step)
+
+    def epoch_end(self, epoch: int, step: int, stats: list[dict]) -> None:
+        """stats: per network {"loss": mean training loss, "heldout_accuracy": ..., "heldout_nll": ...}."""
+        for name, values, writer in zip(self.names, stats, self.writers or [None] * len(stats)):
+            if writer is not None:
+                for key, value in values.items():
+                    writer.add_scalar(f"train/{key}", value, epoch + 1)
+                writer.flush()
+            if self.lines:
+                self._print(f"epoch {epoch + 1}/{self.epochs}", name, values, step)
+
+    def _print(self, where: str, name: str, values: dict, step: int) -> None:
+        label = f" [{name}]" if name else ""
+        shown = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in values.items())
+        line(f"{self.desc}{label} {where}: {shown}{self._pace(step)}")
+        self.last_line = time.perf_counter()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+        for writer in self.writers:
+            writer.close()
+
+
+def open_tensorboard(folder: Path):
+    """A TensorBoard SummaryWriter on `folder` (the optional `tensorboard` extra)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise BcpkdError("log.tensorboard=true needs the tensorboard package: pip install -e '.[tensorboard]' "
+                         "(or set log.tensorboard=false)") from None
+    return SummaryWriter(str(folder))

@@ -15,9 +15,11 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 from torch.nn.parallel import DistributedDataParallel
 
+from bcpkd_cli import metrics
 from bcpkd_cli.choices import Optimizer, Precision
-from bcpkd_cli.console import console, progress_bar
+from bcpkd_cli.console import TrainingReport, console
 from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.models import predict_logits
 from bcpkd_cli.resumption import Resume
 
 # loss_fn(logits [B, C], labels [B], target_probs [B, C] | None) -> per-example losses [B]
@@ -132,6 +134,8 @@ def train(
     batch_fn: BatchFn | None = None,
     penalty: Callable[[int], "torch.Tensor | float"] | None = None,
     resume: Resume | None = None,
+    heldout_fn: Callable[[nn.Module], dict] | None = None,
+    report: TrainingReport | None = None,
 ) -> int:
     """Minimise mean loss_fn (+ penalty(epoch), e.g. a KL term) over seeded shuffled batches.
 
@@ -147,15 +151,16 @@ def train(
         batch_inputs, batch_targets = batch_fn(rows, epoch)
         return batch_inputs, [batch_targets]
 
-    member = Member(model, loss_fn, spec, log_fn, penalty)
+    member = Member(model, loss_fn, spec, log_fn, penalty, heldout_fn=heldout_fn)
     return train_lockstep([member], labels, spec.epochs, spec.batch_size, spec.seed, desc, group_batch, log_every,
-                          resume)
+                          resume, report)
 
 
 @dataclass
 class Member:
     """One network of a lockstep group: its loss, optimiser settings, held-out logger and penalty.
-    `log_fn(step, model)` returns an entry that the loop appends to `log`."""
+    `log_fn(step, model)` returns an entry that the loop appends to `log`; `heldout_fn(model)` the held-out
+    metrics that the progress report shows at epoch ends (when it asks for them)."""
 
     model: nn.Module
     loss_fn: LossFn
@@ -163,6 +168,7 @@ class Member:
     log_fn: Callable[[int, nn.Module], dict] | None = None
     penalty: Callable[[int], "torch.Tensor | float"] | None = None
     log: list[dict] = field(default_factory=list)
+    heldout_fn: Callable[[nn.Module], dict] | None = None
 
 
 def _schedule_state(schedule: torch.optim.lr_scheduler.LRScheduler) -> dict:
@@ -189,14 +195,16 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
 
 
 def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, batch_size: int, order_seed: int,
-                   desc: str, group_batch_fn: GroupBatchFn, log_every: int = 0, resume: Resume | None = None) -> int:
+                   desc: str, group_batch_fn: GroupBatchFn, log_every: int = 0, resume: Resume | None = None,
+                   report: TrainingReport | None = None) -> int:
     """Train several networks on the same batches in one pass over the data: each step builds the batch
     once (rows, views, inputs) and then steps every member with its own loss, targets and optimiser.
     A member's weights are exactly those of training it alone with the same batch order.
 
     Under torchrun every process draws the same batch order and takes every world-size-th row of each
     batch; gradients are averaged so that a step is the step of the whole batch (the mean over all its
-    rows), as in one process. Only rank 0 logs and saves the state of `resume`."""
+    rows), as in one process. Only rank 0 logs and saves the state of `resume`. `report` shows the progress
+    (default: a progress bar on a terminal, a line per epoch in batch jobs)."""
     place = world()
     torch.manual_seed(order_seed)
     order_gen = torch.Generator().manual_seed(order_seed)
@@ -212,10 +220,13 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
         first_epoch, step = _restore(resume.start, members, optimizers, schedules, order_gen, labels.device)
     for m in members:
         m.model.train()
-    group = f" x {len(members)} in lockstep" if len(members) > 1 else ""
-    ranks = f" on {place.size} processes" if place.size > 1 else ""
-    console.print(f"training {desc}{group}: {total} steps ({epochs} epochs of {n} examples, batch {batch_size}"
-                  f"{ranks})")
+    report = report or TrainingReport(desc, [""] * len(members))
+    report.start(total, step, epochs, first_epoch, n, batch_size, place.size)
+    loss_sums = [torch.zeros((), device=labels.device) for _ in members]  # this epoch's, summed over steps
+    epoch_steps = 0
+
+    def mean_losses() -> list[float]:
+        return [float(s) / max(1, epoch_steps) for s in loss_sums]
 
     def log_all(at_step: int) -> None:
         for m in members:
@@ -223,12 +234,12 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
                 m.log.append(m.log_fn(at_step, m.model))
                 m.model.train()
 
-    with progress_bar() as bar:
-        task = bar.add_task(desc, total=total, completed=step)
-        if step:
-            console.print(f"resuming {desc} after epoch {first_epoch} (step {step})")
+    try:
         for epoch in range(first_epoch, epochs):
             order = torch.randperm(n, generator=order_gen).to(labels.device)
+            epoch_steps = 0
+            for loss_sum in loss_sums:
+                loss_sum.zero_()
             for start in range(0, n, batch_size):
                 if log_every and step % log_every == 0:
                     log_all(step)
@@ -237,7 +248,8 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
                 rows = rows[place.rank::place.size]
                 batch_inputs, batch_targets = group_batch_fn(rows, epoch)
                 batch_labels = labels[rows]
-                for m, forward, optimizer, targets in zip(members, forwards, optimizers, batch_targets):
+                for m, forward, optimizer, targets, loss_sum in zip(members, forwards, optimizers, batch_targets,
+                                                                    loss_sums):
                     with training_precision(labels.device, m.spec.precision):
                         losses = m.loss_fn(forward(batch_inputs).float(), batch_labels, targets)  # [B / size]
                         loss = losses.mean() if place.size == 1 else losses.sum() / share
@@ -246,18 +258,52 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
+                    loss_sum.add_(loss.detach())
                 step += 1
-                if step % 200 == 0 or step == total:
-                    bar.update(task, completed=step)
+                epoch_steps += 1
+                report.step(step, epoch, mean_losses)
             for schedule in schedules:
                 schedule.step()
+            if place.is_main:
+                report.epoch_end(epoch, step, [{"loss": loss, **_heldout(m, report, labels.device)}
+                                               for m, loss in zip(members, mean_losses())])
             if resume is not None:
                 rng = _every_process(_rng_state(labels.device))  # each process's dropout/VI noise stream
                 if place.is_main:
                     resume.save(_state(epoch + 1, step, members, optimizers, schedules, order_gen, rng))
+    finally:
+        report.close()
     if log_every:
         log_all(step)
     return step
+
+
+HELDOUT_LINE_EXAMPLES = 2048  # held-out examples measured at each epoch end for the progress report
+
+
+def heldout_metrics(inputs: torch.Tensor, labels: torch.Tensor,
+                    limit: int = HELDOUT_LINE_EXAMPLES) -> Callable[[nn.Module], dict] | None:
+    """model -> held-out accuracy and NLL on the first `limit` held-out examples (None without held-out data)."""
+    if len(labels) == 0:
+        return None
+    inputs, labels = inputs[:limit], labels[:limit]
+
+    def measure(model: nn.Module) -> dict:
+        probs = torch.softmax(predict_logits(model, inputs, 1024).float(), dim=1)
+        return {"heldout_accuracy": metrics.accuracy(probs, labels), "heldout_nll": metrics.nll(probs, labels)}
+
+    return measure
+
+
+def _heldout(member: Member, report: TrainingReport, device: torch.device) -> dict:
+    """The member's held-out metrics for the progress report, measured without touching the training's RNG
+    streams (a run with the report equals one without), or none."""
+    if member.heldout_fn is None or not report.wants_heldout:
+        return {}
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        values = member.heldout_fn(member.model)
+    member.model.train()
+    return values
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -23,7 +23,7 @@ from rich.table import Table
 from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import PREDICTIVE_VERSION, ensure_cache
 from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, to_plain
-from bcpkd_cli.data import load_dataset
+from bcpkd_cli.data import check_sizes, load_dataset
 from bcpkd_cli.console import console
 from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
@@ -85,7 +85,8 @@ def _build_caches(jobs: list, teacher_paths: dict[str, Path]) -> None:
                      device, n_bins=recipe.evaluate.ece_bins)
 
 
-def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, resume: bool) -> tuple[Path, dict]:
+def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, resume: bool,
+                 force: bool) -> tuple[Path, dict]:
     """Distill and evaluate one student (in a worker process when experiment.workers > 1)."""
     console.rule(f"student {name}, seed {seed}")
     recipe, folder = build_recipe(s_tree, f"experiment.students.{name}"), Path(s_tree["out"])
@@ -97,7 +98,9 @@ def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, 
         console.print(f"reusing {folder / 'student.pt'}")
         path = folder / "student.pt"
     else:
-        path = distill.run(recipe, teacher_path, resume=resume and has_saved_state(folder))
+        again = resume and (folder / "student.pt").is_file()  # made from an older teacher: replaced
+        path = distill.run(recipe, teacher_path, resume=resume and has_saved_state(folder), force=force or again,
+                           label=f"{name} seed={seed}")
     eval_tree = {k: v for k, v in s_tree.items() if k in ("device", "evaluate")}
     return path, evaluate.evaluate_one(path, eval_tree)
 
@@ -136,14 +139,17 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _table(title: str, rows: list[dict], columns: list[str]) -> tuple[Table, str]:
-    """A rich table and the same as Markdown; cells are mean ± std over seeds."""
+    """A rich table and the same as Markdown; cells are mean ± std over seeds (the value alone for one seed);
+    columns without a value in any row are left out."""
+    columns = [c for c in columns if any(c in row for row in rows)]
     table = Table(title=title)
     table.add_column("name")
     for c in columns:
         table.add_column(c, justify="right")
     md = ["| name | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
-        cells = [f"{row[c][0]:.4g} ± {row[c][1]:.2g}" if c in row else "-" for c in columns]
+        cells = [("-" if c not in row else f"{row[c][0]:.4g}" if row.get("seeds", 1) == 1 else
+                  f"{row[c][0]:.4g} ± {row[c][1]:.2g}") for c in columns]
         table.add_row(row["name"], *cells)
         md.append(f"| {row['name']} | " + " | ".join(cells) + " |")
     return table, "\n".join(md)
@@ -156,7 +162,7 @@ def _targets_current(provenance: dict, teacher_path: Path) -> bool:
         artifacts.read_cache_metadata(cache).get("predictive_version") == PREDICTIVE_VERSION
 
 
-def _teacher(name: str, t_tree: dict, resume: bool) -> Path:
+def _teacher(name: str, t_tree: dict, resume: bool, force: bool) -> Path:
     """Train one teacher of the recipe, or reuse / continue the one an earlier run left (resume)."""
     recipe, folder = build_recipe(t_tree, f"experiment.teachers.{name}"), Path(t_tree["out"])
     cfg = recipe.teacher
@@ -172,20 +178,37 @@ def _teacher(name: str, t_tree: dict, resume: bool) -> Path:
     if done is not None:
         console.print(f"reusing {folder / 'teacher.pt'}")
         return folder / "teacher.pt"
-    return train_teacher.run(recipe, resume=resume and has_saved_state(folder))
+    again = resume and (folder / "teacher.pt").is_file()  # around an older base, or of other members: replaced
+    return train_teacher.run(recipe, resume=resume and has_saved_state(folder), force=force or again)
 
 
-def run(tree: dict, source: str, resume: bool = False) -> Path:
-    recipe: Recipe = build_recipe(tree, source)
-    out = artifacts.new_run_dir(recipe.out, "run")
+def _claim(out: Path, resume: bool, force: bool) -> None:
+    """Refuse to replace a finished run, or to train over an interrupted one, unless told which."""
     if resume and not out.is_dir():
         raise BcpkdError(f"--resume: {out} is not the folder of an earlier run; give its --out, or run without "
                          f"--resume")
+    if resume or force:
+        return
+    if (out / "summary.json").is_file():
+        raise BcpkdError(f"{out / 'summary.json'}: a finished run is there already; give another --out, add "
+                         f"--resume to reuse its teachers and students, or --force to train them again")
+    if any((out / part).exists() for part in ("teachers", "students")):
+        raise BcpkdError(f"--out {out}: holds an interrupted run; add --resume to continue it, or --force to "
+                         f"start afresh")
+
+
+def run(tree: dict, source: str, resume: bool = False, force: bool = False) -> Path:
+    """Every teacher and student of a recipe into its out folder; `resume` reuses and continues what an
+    earlier run left there, `force` trains everything again over it."""
+    recipe: Recipe = build_recipe(tree, source, checks=(recipe_problems,))
+    out = artifacts.new_run_dir(recipe.out, "run")
+    _claim(out, resume, force)
     teacher_trees, jobs = _plan(tree, source, out)
+    check_sizes(recipe.data)  # images that cannot fill the splits: said now, not after the first teacher
 
     with _executor(recipe.experiment.workers) as pool:
         # Students without a teacher start at once; the others wait for their teacher and its cache.
-        futures = {i: pool.submit(_student_job, name, seed, s_tree, None, resume)
+        futures = {i: pool.submit(_student_job, name, seed, s_tree, None, resume, force)
                    for i, (name, seed, teacher_name, s_tree) in enumerate(jobs) if teacher_name is None}
         teacher_paths: dict[str, Path] = {}
         for name, t_tree in teacher_trees.items():
@@ -193,11 +216,11 @@ def run(tree: dict, source: str, resume: bool = False) -> Path:
             if base in teacher_paths:
                 t_tree = merge(t_tree, {"teacher": {"base": str(teacher_paths[base])}})
             console.rule(f"teacher {name}")
-            teacher_paths[name] = _teacher(name, t_tree, resume)
+            teacher_paths[name] = _teacher(name, t_tree, resume, force)
         _build_caches(jobs, teacher_paths)
         for i, (name, seed, teacher_name, s_tree) in enumerate(jobs):
             if teacher_name is not None:
-                futures[i] = pool.submit(_student_job, name, seed, s_tree, teacher_paths[teacher_name], resume)
+                futures[i] = pool.submit(_student_job, name, seed, s_tree, teacher_paths[teacher_name], resume, force)
         try:
             results = [futures[i].result() for i in range(len(jobs))]
         except BrokenProcessPool:
@@ -221,15 +244,17 @@ def run(tree: dict, source: str, resume: bool = False) -> Path:
                        [(f"{n} (as calibrated)", p) for n, p in calibrated.items()]:
         report = evaluate.evaluate_one(path, {"device": recipe.device, "evaluate": tree.get("evaluate", {})})
         teacher_rows.append({"name": label, "checkpoint": str(path),
-                             **{k: (v, 0.0) for k, v in report.items() if isinstance(v, float)}})
+                             **{k: (v, 0.0) for k, v in report["metrics"].items() if isinstance(v, float)}})
     student_rows = []
     for name, reports in student_reports.items():
-        keys = [k for k, v in reports[0].items() if all(isinstance(r.get(k), float) for r in reports)]
+        keys = [k for k in reports[0]["metrics"] if all(isinstance(r["metrics"].get(k), float) for r in reports)]
         student_rows.append({"name": name, "seeds": len(reports),
-                             **{k: _mean_std([r[k] for r in reports]) for k in keys}})
+                             **{k: _mean_std([r["metrics"][k] for r in reports]) for k in keys}})
     t_table, t_md = _table("teachers (test split)", teacher_rows, TEACHER_COLUMNS)
     extra = sorted({k for r in student_rows for k in r if k.startswith("grad_noise_")})
-    s_table, s_md = _table(f"students (test split; mean ± std over {len(recipe.experiment.seeds)} seeds)",
+    seeds = len(recipe.experiment.seeds)
+    s_table, s_md = _table(f"students (test split; mean ± std over {seeds} seeds)" if seeds > 1 else
+                           "students (test split; one seed)",
                            student_rows, STUDENT_COLUMNS + extra)
     console.print(t_table)
     console.print(s_table)

@@ -8,8 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.config import Recipe, to_plain
-from bcpkd_cli.console import console
+from bcpkd_cli.config import Recipe, recipe_record
 from bcpkd_cli.errors import BcpkdError
 
 TEACHER_SECTIONS = ("data", "teacher", "precision", "compile")  # what decides a teacher's training
@@ -33,7 +32,7 @@ class Resume:
 def settings_of(recipe: Recipe | dict, sections: tuple[str, ...], without: tuple[str, ...] = BY_CONTENT) -> dict:
     """The recipe sections that decide a stage's training (not where it writes, its device or what it
     evaluates), from a recipe or the plain config an artifact stores, less the dotted keys `without`."""
-    plain = recipe if isinstance(recipe, dict) else to_plain(recipe)
+    plain = recipe if isinstance(recipe, dict) else recipe_record(recipe, sections)
     kept = {k: copy.deepcopy(plain.get(k)) for k in sections}
     for dotted in without:
         *parents, last = dotted.split(".")
@@ -52,14 +51,26 @@ def require_saved_state(folder: Path) -> None:
                          f"folder of that run, or run without --resume")
 
 
+def claim_folder(folder: Path, artifacts_made: list[Path], resume: bool, force: bool) -> None:
+    """Before any work: refuse to replace a finished artifact, or to restart an interrupted run in `folder`
+    silently; `force` replaces both (the interrupted run's states are deleted now, so that a later
+    --resume cannot mix them with the new run's)."""
+    done = [path for path in artifacts_made if path.is_file()]
+    if done and not force:
+        again = "; --resume continues only an unfinished run" if resume else ""
+        raise BcpkdError(f"{done[0]}: a finished run is there already; give another --out, or add --force to "
+                         f"replace it{again}")
+    if has_saved_state(folder) and not resume:
+        if not force:
+            raise BcpkdError(f"--out {folder}: holds an interrupted run (train-state*.pt, no finished artifact); "
+                             f"add --resume to continue it, or --force to start afresh")
+        finish(folder)
+
+
 def resumable(path: Path, settings: dict, resume: bool) -> Resume:
     """Save the loop's state to `path` at every epoch end (the loop saves on rank 0 only); with `resume`,
     continue from it if it exists."""
     start = artifacts.load_training_state(path, settings) if resume and path.is_file() else None
-    if not resume and path.is_file():
-        console.print(f"[yellow]note:[/] {path.parent} holds an interrupted run; it starts afresh "
-                      f"(add --resume to continue it)")
-
     return Resume(lambda state: artifacts.save_training_state(path, state, settings), start)
 
 
@@ -70,6 +81,7 @@ def finished_artifact(path: Path, expected_format: str, recipe: Recipe, sections
     if not path.is_file():
         return None
     payload = artifacts.load_checkpoint(path, expected_format)
+    sections = tuple(s for s in sections if s in payload["config"])  # it stores the sections that made it
     differ = artifacts.differing_keys(settings_of(payload["config"], sections, without),
                                       settings_of(recipe, sections, without))
     if differ:

@@ -11,6 +11,7 @@ and the targets [N, C] of every unaugmented example (view 0, for the gradient no
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
@@ -122,8 +123,12 @@ def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cac
         cache, built = ensure_cache(teacher_path, payload, data, recipe.calibrate, recipe.distill.t_teacher, device,
                                     n_bins=recipe.evaluate.ece_bins)
         console.print(f"{'built' if built else 'using'} BCP cache {cache}")
-    info = {"teacher_sha256": artifacts.sha256_file(teacher_path), "cache": str(Path(cache).resolve()),
-            "cache_sha256": artifacts.sha256_file(cache)}
+    report = Path(cache).parent / "report.json"  # what calibration tuned, next to a cache that calibrate built
+    tuned = json.loads(report.read_text()) if report.is_file() else {}
+    info = {"teacher": str(Path(teacher_path).resolve()), "teacher_kind": payload["bayes"],
+            "teacher_sha256": artifacts.sha256_file(teacher_path), "cache": str(Path(cache).resolve()),
+            "cache_sha256": artifacts.sha256_file(cache),
+            "calibration": {k: tuned[k] for k in ("prior_precision", "temperature") if k in tuned}}
     return Path(cache), info
 
 

@@ -67,10 +67,11 @@ def test_student_log_and_config(chain):
 
 
 def test_evaluate_json(chain):
-    student_report, teacher_report = chain["report"]
+    student, teacher = chain["report"]
+    student_report, teacher_report = student["metrics"], teacher["metrics"]
     for key in ("accuracy", "nll", "ece", "brier", "kl_to_bcp", "tv_to_bcp"):
         assert 0.0 <= student_report[key] and 0.0 <= teacher_report[key]
-    assert student_report["kind"] == "student" and teacher_report["kind"] == "teacher"
+    assert student["kind"] == "student" and teacher["kind"] == "teacher"
     assert student_report["grad_noise_onehot"] > student_report["grad_noise_true"] > 0
     assert student_report["convergence_noise_nll"] >= 0
 
@@ -233,7 +234,7 @@ def test_image_folder_chain(image_folder, tmp_path):
     student = bcpkd("distill", "--teacher", teacher, "--out", "s", *data, cwd=tmp_path).stdout.strip()
     report = json.loads(bcpkd("evaluate", student, teacher, "--json", *data, cwd=tmp_path).stdout)
     assert [r["kind"] for r in report] == ["student", "teacher"]
-    assert all("kl_to_bcp" not in r and 0 <= r["accuracy"] <= 1 for r in report)
+    assert all("kl_to_bcp" not in r["metrics"] and 0 <= r["metrics"]["accuracy"] <= 1 for r in report)
     probs, meta = artifacts.load_cache(Path(torch.load(tmp_path / student, weights_only=True)["targets"]["cache"]), {})
     assert probs.shape == (75, 4, 3)  # 90 training images - 15 held out, 4 views each
     assert meta["views"]["ids"][0] == 0 and len(set(meta["views"]["ids"])) == 4

@@ -59,8 +59,8 @@ def test_all_problems_are_reported_in_one_error():
     message = str(info.value)
     assert message.startswith("my.yaml: 10 problem(s): ")
     fragments = [
-        "bogus: unknown key (valid: calibrate, compile, data, device, distill, evaluate, experiment, out, precision, "
-        "teacher)",
+        "bogus: unknown key (valid: calibrate, compile, data, device, distill, evaluate, experiment, log, out, "
+        "precision, teacher)",
         "data.n_trian: unknown key (valid: dim, download, mean_choices, n_classes, n_heldout, n_test, n_train, "
         "name, noise_var, root, seed)",
         "data.n_test: expected int, got 'many'",

@@ -290,8 +290,8 @@ def _chain(teacher_path, tree, tmp_path) -> tuple[dict, dict]:
     cache = artifacts.Path(payload["targets"]["cache"])
     probs, meta = artifacts.load_cache(cache, {})
     assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:2]), atol=1e-5)
-    report = evaluate.evaluate_one(student, {"device": "cpu"})
-    teacher_report = evaluate.evaluate_one(cache.parent / "teacher.pt", {"device": "cpu"})
+    report = evaluate.evaluate_one(student, {"device": "cpu"})["metrics"]
+    teacher_report = evaluate.evaluate_one(cache.parent / "teacher.pt", {"device": "cpu"})["metrics"]
     return meta, {"student": report, "teacher": teacher_report}
 
 

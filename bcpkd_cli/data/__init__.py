@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bcpkd_cli.config import DataConfig, DatasetName
+from bcpkd_cli.config import DataConfig, DatasetName, plain_data
 from bcpkd_cli.data import images, synthetic
 from bcpkd_cli.errors import BcpkdError
 
@@ -42,6 +42,7 @@ class Dataset:
     input_shape: tuple[int, ...]
     fingerprint: str
     seed: int
+    config: DataConfig | None = None  # what it was loaded from
 
     @property
     def is_image(self) -> bool:
@@ -49,6 +50,13 @@ class Dataset:
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "heldout": self.heldout, "test": self.test}[name]
+
+    def info(self) -> dict:
+        """What an artifact records of the data it was made from: the fingerprint, the config (without the
+        keys its dataset does not read), the class count and the split sizes."""
+        return {"fingerprint": self.fingerprint, "config": plain_data(self.config) if self.config else {},
+                "n_classes": self.n_classes, "input_shape": list(self.input_shape),
+                "sizes": {name: len(self.split(name)) for name in ("train", "heldout", "test")}}
 
     def to(self, device: torch.device) -> "Dataset":
         """The same dataset with every split's tensors on `device` (fingerprint unchanged)."""
@@ -92,7 +100,7 @@ def _synthetic(cfg: DataConfig) -> Dataset:
     splits = [Split(*synthetic.sample_split(n, means, cfg.noise_var, _generator(cfg.seed, name)))
               for name, n in zip(("train", "heldout", "test"), sizes)]
     return Dataset(*splits, n_classes=cfg.n_classes, input_shape=(cfg.dim,), fingerprint=fingerprint(splits),
-                   seed=cfg.seed)
+                   seed=cfg.seed, config=cfg)
 
 
 def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -107,13 +115,38 @@ def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tenso
     return pixels, labels, 10 if cfg.name == DatasetName.cifar10 else 100
 
 
+CIFAR_SIZES = (50_000, 10_000)  # training and test images of the python batches
+
+
+def image_counts(cfg: DataConfig) -> tuple[int, int]:
+    """The number of training and test images a config's folder holds, without decoding any."""
+    if cfg.name == DatasetName.synthetic:
+        raise ValueError("the synthetic dataset has no files")
+    if cfg.name == DatasetName.imagefolder:
+        return tuple(len(images.list_image_folder(Path(cfg.root) / split)[0]) for split in ("train", "test"))
+    return CIFAR_SIZES
+
+
+def check_sizes(cfg: DataConfig, counts: tuple[int, int] | None = None) -> int:
+    """Refuse split sizes the images cannot fill (before any work); the held-out size it uses."""
+    if cfg.name == DatasetName.synthetic:
+        return cfg.n_heldout or SYNTHETIC_SIZES[1]
+    n_files, n_test_files = counts or image_counts(cfg)
+    n_heldout = cfg.n_heldout or min(IMAGE_HELDOUT, n_files // 10)
+    fix = "lower them with --set data.n_train=N --set data.n_heldout=N --set data.n_test=N (0: all that is there)"
+    if n_heldout + max(cfg.n_train, 1) > n_files:
+        raise BcpkdError(f"data.n_train={cfg.n_train} + data.n_heldout={n_heldout}: {cfg.root} holds only {n_files} "
+                         f"training images; {fix}")
+    if cfg.n_test > n_test_files:
+        raise BcpkdError(f"data.n_test={cfg.n_test}: {cfg.root} holds only {n_test_files} test images; {fix}")
+    return n_heldout
+
+
 def _images(cfg: DataConfig) -> Dataset:
     """Train / held-out from the training files (seeded split), test from the test files."""
     train_pixels, train_labels, n_classes = _image_split(cfg, "train")
     test_pixels, test_labels, _ = _image_split(cfg, "test")
-    n_heldout = cfg.n_heldout or min(IMAGE_HELDOUT, len(train_labels) // 10)
-    if n_heldout >= len(train_labels):
-        raise BcpkdError(f"data.n_heldout={n_heldout}: {cfg.root} has only {len(train_labels)} training images")
+    n_heldout = check_sizes(cfg, (len(train_labels), len(test_labels)))
     order = torch.randperm(len(train_labels), generator=_generator(cfg.seed, "heldout"))
     heldout_rows = order[:n_heldout].sort().values
     train_rows = order[n_heldout:][: cfg.n_train or None].sort().values
@@ -122,7 +155,7 @@ def _images(cfg: DataConfig) -> Dataset:
               Split(train_pixels[heldout_rows], train_labels[heldout_rows], None),
               Split(test_pixels[test_rows], test_labels[test_rows], None)]
     return Dataset(*splits, n_classes=n_classes, input_shape=tuple(train_pixels.shape[1:]),
-                   fingerprint=fingerprint(splits), seed=cfg.seed)
+                   fingerprint=fingerprint(splits), seed=cfg.seed, config=cfg)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

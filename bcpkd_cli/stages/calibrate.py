@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.table import Table
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.calibration import ensure_cache
+from bcpkd_cli.calibration import describe_tuning, ensure_cache
 from bcpkd_cli.config import Recipe
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.console import console
@@ -16,7 +16,9 @@ from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError
 
 
-def run(recipe: Recipe, teacher_path: Path) -> Path:
+def run(recipe: Recipe, teacher_path: Path, force: bool = False) -> Path:
+    """Find or build the cache for this teacher, data and settings (`force`: build it again); show the
+    held-out calibration."""
     if recipe.out and Path(recipe.out).resolve() == Path(teacher_path).resolve().parent:
         raise BcpkdError(f"--out {recipe.out}: is the folder of {teacher_path}, whose calibrated teacher.pt would "
                          f"replace it; give another folder (or leave --out out: caches go to <teacher folder>/bcp/)")
@@ -24,7 +26,7 @@ def run(recipe: Recipe, teacher_path: Path) -> Path:
     device = resolve_device(recipe.device)
     data = load_dataset(recipe.data).to(device)
     path, built = ensure_cache(Path(teacher_path), payload, data, recipe.calibrate, recipe.distill.t_teacher,
-                               device, recipe.out, recipe.evaluate.ece_bins)
+                               device, recipe.out, recipe.evaluate.ece_bins, force)
     if not built:
         artifacts.load_cache(path, {})  # its rows too (ensure_cache checked the metadata)
         console.print(f"cache for this teacher, data and settings already exists: {path}")
@@ -36,7 +38,7 @@ def run(recipe: Recipe, teacher_path: Path) -> Path:
     for when in ("before", "after"):
         table.add_row(when, *(f"{v:.4f}" for v in report[when].values()))
     console.print(table)
-    tuned = {k: round(v, 6) for k, v in report.items() if k in ("prior_precision", "temperature")}
+    tuned = describe_tuning(report)
     if tuned:
-        console.print(f"tuned: {tuned}")
+        console.print(tuned)
     return path

@@ -14,15 +14,17 @@ from pathlib import Path
 import torch
 
 from bcpkd_cli import artifacts, metrics
-from bcpkd_cli.config import DistillConfig, Recipe, to_plain
-from bcpkd_cli.console import console
+from bcpkd_cli.choices import Targets
+from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_record
+from bcpkd_cli.console import TrainingReport, line
 from bcpkd_cli.data import Dataset, few_shot_rows, load_dataset, views
-from bcpkd_cli.engine import (Member, TrainSpec, join_process_group, per_example_grad_sq_norms, prepare_for_device,
-                              resolve_device, train_lockstep)
+from bcpkd_cli.engine import (Member, TrainSpec, heldout_metrics, join_process_group, per_example_grad_sq_norms,
+                              prepare_for_device, resolve_device, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec, predict_logits
-from bcpkd_cli.resumption import STUDENT_SECTIONS, finish, require_saved_state, resumable, settings_of
+from bcpkd_cli.resumption import (STUDENT_SECTIONS, claim_folder, finish, require_saved_state, resumable,
+                                  settings_of)
 from bcpkd_cli.targets import TargetSource, student_targets, view_batches
 from bcpkd_cli.teachers import Teacher
 
@@ -58,34 +60,41 @@ class _Student:
     provenance: dict
 
 
-def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None, resume: bool = False) -> Path | None:
-    """One student; its student.pt (None on the ranks other than 0 under torchrun)."""
-    paths = run_lockstep([recipe], teacher_path, cache, resume=resume)
+def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None, resume: bool = False,
+        force: bool = False, label: str = "") -> Path | None:
+    """One student; its student.pt (None on the ranks other than 0 under torchrun). `label` names the job in
+    progress and finish lines (e.g. `laplace seed=1`)."""
+    paths = run_lockstep([recipe], teacher_path, cache, resume=resume, force=force, names=[label])
     return paths[0] if paths else None
 
 
 def run_sweep(recipes: list[Recipe], grid: list[dict], teacher_path: Path | None, cache: Path | None,
-              out: str, resume: bool = False) -> list[Path]:
+              out: str, resume: bool = False, force: bool = False) -> list[Path]:
     """The students of a grid in lockstep, each in OUT/KEY=V-... (a new folder under `out`, which also
     keeps the group's training state)."""
     check_group(recipes)  # before anything is written
     base = artifacts.new_run_dir(out, "distill-sweep")
     outs = [str(base / "-".join(f"{k}={v}" for k, v in point.items())) for point in grid]
-    return run_lockstep(recipes, teacher_path, cache, outs, state_dir=base, resume=resume)
+    names = [" ".join(f"{k}={v}" for k, v in point.items()) for point in grid]
+    return run_lockstep(recipes, teacher_path, cache, outs, state_dir=base, resume=resume, force=force, names=names)
 
 
 def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path | None = None,
-                 outs: list[str] | None = None, state_dir: Path | None = None, resume: bool = False) -> list[Path]:
+                 outs: list[str] | None = None, state_dir: Path | None = None, resume: bool = False,
+                 force: bool = False, names: list[str] | None = None) -> list[Path]:
     """Distill one student per recipe in one pass over the data (same batches and views), into `outs`
     (default: each recipe's out); returns the student.pt paths. Each student's weights equal a separate
     run with the same seeds. Under torchrun the processes share every batch; rank 0 writes the students
     (the others return no paths). The group's training state is saved in `state_dir` (default: the
-    first student's folder) at every epoch end; `resume` continues from it."""
+    first student's folder) at every epoch end; `resume` continues from it; `force` replaces finished
+    students. `names` label the students in progress and finish lines."""
     check_group(recipes)
     first = recipes[0]
+    names = names or [""] * len(recipes)
     outs = outs or [r.out for r in recipes]
     folders = [artifacts.new_run_dir(out, f"student-{r.distill.targets.value}") for out, r in zip(outs, recipes)]
     state_dir = Path(state_dir) if state_dir else folders[0]
+    claim_folder(state_dir, [folder / "student.pt" for folder in folders], resume, force)
     if resume:
         require_saved_state(state_dir)
     device = resolve_device(first.device)
@@ -110,7 +119,12 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         torch.manual_seed(cfg.seed)
         model = prepare_for_device(build_model(spec), device, recipe.precision)
         group.append(_Student(recipe, model, spec, source, provenance))
-    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(data)) for s in group]
+    held = data.heldout
+    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(data),
+                      heldout_fn=heldout_metrics(held.inputs, held.labels)) for s in group]
+    log = first.log
+    report = TrainingReport(f"student ({first.distill.targets.value})", names, log.line_seconds,
+                            [folder / "tensorboard" for folder in folders] if log.tensorboard else None)
     settings = {"students": [settings_of(r, STUDENT_SECTIONS) for r in recipes], "processes": place.size,
                 "data_fingerprint": data.fingerprint,
                 "targets": [{k: s.provenance.get(k) for k in ("teacher_sha256", "cache_sha256")} for s in sources]}
@@ -119,12 +133,12 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
                            f"student ({first.distill.targets.value})",
                            view_batches(data, first.calibrate, seed, [s.source for s in group], device, example_index),
                            log_every=first.distill.log_every,
-                           resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume))
+                           resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume), report=report)
     seconds = time.perf_counter() - started
     if not place.is_main:
         return []
-    paths = [_save(s, folder, data, example_index, steps, seconds / len(group), member, place.size)
-             for s, folder, member in zip(group, folders, members)]
+    paths = [_save(s, folder, data, example_index, steps, seconds / len(group), member, place.size, name)
+             for s, folder, member, name in zip(group, folders, members, names)]
     finish(state_dir)
     return paths
 
@@ -154,22 +168,24 @@ def _heldout_logger(data: Dataset):
 
 
 def _save(student: _Student, out: Path, data: Dataset, example_index: torch.Tensor, steps: int, seconds: float,
-          member: Member, processes: int) -> Path:
+          member: Member, processes: int, name: str) -> Path:
     recipe, cfg = student.recipe, student.recipe.distill
     train_split = data.train
     zero_view = student.source.view_zero(train_split.inputs, views.sample_index(example_index, 0 * example_index))
     grad_noise = per_example_grad_sq_norms(student.model, train_split.inputs, train_split.labels, zero_view,
                                            member.loss_fn).mean().item()
     artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in member.log))
+    with_cache = cfg.targets in (Targets.teacher, Targets.online)  # the calibration settings made its targets
+    record = recipe_record(recipe, (*STUDENT_RECORD, "calibrate") if with_cache else STUDENT_RECORD)
     payload = {
         "format": artifacts.STUDENT_FORMAT, "version": artifacts.VERSION, "model": student.spec,
-        "state_dict": student.model.state_dict(), "config": to_plain(recipe),
-        "data": {"fingerprint": data.fingerprint, "config": to_plain(recipe.data)},
+        "state_dict": student.model.state_dict(), "config": record, "data": data.info(),
         "targets": {"kind": cfg.targets.value, **student.provenance}, "log": member.log,
         "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, "grad_noise": grad_noise},
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
-    artifacts.write_config(out, recipe)
-    console.print(f"student ({cfg.targets.value}): {steps} steps in {seconds:.1f}s, final held-out "
-                  f"accuracy {member.log[-1]['heldout_accuracy']:.4f}, gradient noise {grad_noise:.3g}")
+    artifacts.write_config(out, record)
+    label = f" [{name}]" if name else ""
+    line(f"student ({cfg.targets.value}){label}: {steps} steps in {seconds:.1f}s, final held-out accuracy "
+         f"{member.log[-1]['heldout_accuracy']:.4f}, gradient noise {grad_noise:.3g} -> {path}")
     return path

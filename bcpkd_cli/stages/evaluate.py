@@ -61,34 +61,61 @@ def evaluate_teacher(payload: dict, recipe: Recipe, data: Dataset, device: torch
     return metrics.classification_report(probs, test.labels, test.true_bcp, recipe.evaluate.ece_bins)
 
 
+def describe(path: Path, payload: dict, data: Dataset) -> dict:
+    """What a script filters reports on: the checkpoint, its kind and architecture, and for a student its targets,
+    KD settings and teacher; for a teacher its kind and whether calibrate made it."""
+    config, is_student = payload["config"], payload["format"] == artifacts.STUDENT_FORMAT
+    head = {"checkpoint": str(path), "sha256": artifacts.sha256_file(path),
+            "kind": "student" if is_student else "teacher", "arch": payload["model"]["arch"]}
+    if is_student:
+        distill, provenance = config["distill"], payload["targets"]
+        head.update({"targets": provenance["kind"], "alpha": distill["alpha"], "t_teacher": distill["t_teacher"],
+                     "t_student": distill["t_student"], "teacher": provenance.get("teacher"),
+                     "teacher_sha256": provenance.get("teacher_sha256"), "teacher_kind": provenance.get("teacher_kind"),
+                     "calibrated": bool(provenance.get("calibration"))})
+    else:
+        head.update({"teacher_kind": payload["bayes"], "calibrated": "calibration" in payload["history"]})
+    return {**head, "split": "test", "n_examples": len(data.test)}
+
+
 def evaluate_one(path: Path, tree: dict) -> dict:
+    """The report of one checkpoint: `describe`, then its metrics, the config and data it was made with (its own,
+    as stored), and the settings of this evaluation."""
     payload = artifacts.load_checkpoint(path, CHECKPOINT_FORMATS)
     recipe = recipe_for_checkpoint(tree, payload)
     device = resolve_device(recipe.device)
     data = load_dataset(recipe.data).to(device)
-    is_student = payload["format"] == artifacts.STUDENT_FORMAT
-    measure = evaluate_student if is_student else evaluate_teacher
-    return {"checkpoint": str(path), "kind": "student" if is_student else "teacher",
-            **measure(payload, recipe, data, device), "config": to_plain(recipe)}
+    measure = evaluate_student if payload["format"] == artifacts.STUDENT_FORMAT else evaluate_teacher
+    return {**describe(path, payload, data), "metrics": measure(payload, recipe, data, device),
+            "config": payload["config"], "data": payload["data"],
+            "evaluate": {"device": str(device), "data_fingerprint": data.fingerprint, "noise_seed": recipe.distill.seed,
+                         **to_plain(recipe.evaluate)}}
 
 
 def print_table(reports: list[dict]) -> None:
     keys: list[str] = []
     for r in reports:
-        keys += [k for k, v in r.items() if k not in keys and isinstance(v, float)]
-    table = Table(title="test-split evaluation")
+        keys += [k for k, v in r["metrics"].items() if k not in keys and v is not None]
+    table = Table(title=f"test-split evaluation ({reports[0]['n_examples']} examples)")
     table.add_column("checkpoint")
     for key in keys:
         table.add_column(key, justify="right")
     for r in reports:
-        table.add_row(r["checkpoint"], *(f"{r[k]:.4g}" if r.get(k) is not None else "-" for k in keys))
+        table.add_row(r["checkpoint"], *(f"{r['metrics'][k]:.4g}" if r["metrics"].get(k) is not None else "-"
+                                         for k in keys))
     console.print(table)
 
 
-def run(tree: dict, paths: list[Path], out: str) -> tuple[Path, list[dict]]:
-    for p in paths:  # every checkpoint is checked before any is evaluated
+def run(tree: dict, paths: list[Path], out: str, force: bool = False) -> tuple[Path | None, list[dict]]:
+    """Evaluate every checkpoint (all are checked before any is evaluated); with `out`, write out/report.json
+    (a list of reports), refusing to replace one unless `force`."""
+    report_path = Path(out) / "report.json" if out else None
+    if report_path is not None and report_path.is_file() and not force:
+        raise BcpkdError(f"{report_path}: a report is there already; give another --out, or add --force to replace it")
+    for p in paths:
         artifacts.load_checkpoint(p, CHECKPOINT_FORMATS)
     reports = [evaluate_one(Path(p), tree) for p in paths]
     print_table(reports)
-    report_path = artifacts.write_json(artifacts.new_run_dir(out, "eval") / "report.json", reports)
+    if report_path is not None:
+        artifacts.write_json(report_path, reports)
     return report_path, reports

@@ -13,21 +13,22 @@ import torch
 
 from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.choices import Arch
-from bcpkd_cli.config import Recipe, to_plain
+from bcpkd_cli.config import TEACHER_RECORD, Recipe, recipe_record
 from bcpkd_cli.console import console
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import model_spec
-from bcpkd_cli.resumption import TEACHER_SECTIONS, finish, require_saved_state, resumable, settings_of
+from bcpkd_cli.resumption import (TEACHER_SECTIONS, claim_folder, finish, require_saved_state, resumable,
+                                  settings_of)
 from bcpkd_cli.teachers import TEACHER_KINDS, teacher_payload
 from bcpkd_cli.teachers.training import TrainingRun
 
 
-def run(recipe: Recipe, resume: bool = False) -> Path | None:
+def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | None:
     """Train (or assemble) the teacher; `resume` continues an interrupted run in recipe.out from the last
-    epoch end of its unfinished training phase. Under torchrun the processes share every batch (DDP)
-    and rank 0 writes the teacher (the others return None)."""
+    epoch end of its unfinished training phase, `force` replaces a finished or interrupted one. Under
+    torchrun the processes share every batch (DDP) and rank 0 writes the teacher (the others return None)."""
     kind = TEACHER_KINDS[recipe.teacher.bayes]
     problems = kind.problems(recipe.teacher)
     if problems:
@@ -41,6 +42,7 @@ def run(recipe: Recipe, resume: bool = False) -> Path | None:
         recipe = replace(recipe, teacher=replace(recipe.teacher, arch=Arch(used["arch"]), hidden=tuple(used["hidden"])))
     cfg = recipe.teacher
     out = artifacts.new_run_dir(recipe.out, f"teacher-{cfg.bayes.value}")
+    claim_folder(out, [out / "teacher.pt"], resume, force)
     if resume:
         require_saved_state(out)
     parent_sha = artifacts.sha256_file(Path(cfg.base)) if cfg.base else None
@@ -51,7 +53,7 @@ def run(recipe: Recipe, resume: bool = False) -> Path | None:
     data = data.to(device)
     teacher, history = kind.train(TrainingRun(  # one resumable state file per training phase
         recipe, data, device, spec, tuple(starts),
-        phase=lambda name: resumable(out / f"train-state-{name}.pt", settings, resume)))
+        phase=lambda name: resumable(out / f"train-state-{name}.pt", settings, resume), folder=out))
 
     held = data.heldout
     history["heldout"] = metrics.classification_report(teacher.predict_probs(held.inputs, torch.arange(len(held))),
@@ -59,10 +61,10 @@ def run(recipe: Recipe, resume: bool = False) -> Path | None:
     if not place.is_main:
         return None
     history["processes"] = place.size
-    data_info = {"fingerprint": data.fingerprint, "config": to_plain(recipe.data)}
-    path = artifacts.save_checkpoint(out / "teacher.pt", teacher_payload(teacher, spec, to_plain(recipe), data_info,
-                                                                         parent_sha, history))
-    artifacts.write_config(out, recipe)
+    record = recipe_record(recipe, TEACHER_RECORD)
+    path = artifacts.save_checkpoint(out / "teacher.pt", teacher_payload(teacher, spec, record, data.info(), parent_sha,
+                                                                         history))
+    artifacts.write_config(out, record)
     finish(out)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items())
     console.print(f"{cfg.bayes.value} teacher: held-out {summary}")

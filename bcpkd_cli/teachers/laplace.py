@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from bcpkd_cli import metrics
 from bcpkd_cli.choices import Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset
 from bcpkd_cli.config import CalibrateConfig, LaplaceConfig, TeacherConfig
+from bcpkd_cli.console import console
 from bcpkd_cli.data import Split
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import HEAD_NAME, build_model, feature_input
@@ -60,6 +61,34 @@ def _to_device(obj, device: torch.device):
     return obj
 
 
+MAX_WIDENINGS = 4  # a grid whose optimum stays at an edge is moved by its own span at most this often
+
+
+def grid_search(score: Callable[[float], float], lo: float, hi: float, size: int, what: str) -> tuple[float, list]:
+    """The value in a log grid (torch.logspace(lo, hi, size)) with the least score. An optimum at an edge of the
+    grid is not trusted: the grid moves by its span in that direction (same spacing), with a warning, until
+    the optimum lies inside or MAX_WIDENINGS moves are made. Returns it and the range searched."""
+    values = torch.logspace(lo, hi, size).tolist()
+    scores = [score(v) for v in values]
+    span = hi - lo
+    for _ in range(MAX_WIDENINGS if size >= 3 else 0):
+        best = min(range(len(values)), key=scores.__getitem__)
+        if 0 < best < len(values) - 1:
+            break
+        top = best == len(values) - 1
+        lo, hi = (hi + span / (size - 1), hi + span) if top else (lo - span, lo - span / (size - 1))
+        new = torch.logspace(lo, hi, size - 1).tolist()
+        console.print(f"[yellow]warning:[/] the best {what} lies at the {'top' if top else 'bottom'} of the grid "
+                      f"({values[best]:.3g}); searching {new[0]:.3g} .. {new[-1]:.3g} too")
+        new_scores = [score(v) for v in new]
+        values, scores = (values + new, scores + new_scores) if top else (new + values, new_scores + scores)
+    best = min(range(len(values)), key=scores.__getitem__)
+    if best in (0, len(values) - 1) and size >= 3:
+        console.print(f"[yellow]warning:[/] the best {what} is still at the edge of the searched range "
+                      f"({values[best]:.3g}); set teacher.laplace.grid_min/grid_max (log10) to search further")
+    return values[best], [values[0], values[-1]]
+
+
 class LaplaceTeacher(Teacher):
     """Predictive of a Laplace posterior around a trained network."""
 
@@ -73,6 +102,7 @@ class LaplaceTeacher(Teacher):
         check_hessian_size(model, cfg)
         super().__init__(model.eval(), calibration_temperature, noise_seed, batch_size)
         self.cfg = cfg
+        self.searched: list[float] = []  # the prior precisions the last grid search covered
         from laplace import Laplace  # imported here: it costs seconds at start-up, and only Laplace teachers need it
 
         kwargs = {"last_layer_name": HEAD_NAME} if cfg.subset == Subset.last_layer else {}
@@ -105,7 +135,8 @@ class LaplaceTeacher(Teacher):
         if cfg.prior == PriorTuning.keep:
             return {}
         self.tune_prior(PriorMethod(cfg.prior.value), held.inputs, held.labels)
-        return {"prior_precision": self.prior_precision}
+        searched = {"prior_grid": self.searched} if cfg.prior == PriorTuning.gridsearch else {}
+        return {"prior_precision": self.prior_precision, "prior_method": cfg.prior.value, **searched}
 
     def fit(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> None:
         self.la.fit(DataLoader(TensorDataset(inputs, labels), batch_size=batch_size))
@@ -132,18 +163,22 @@ class LaplaceTeacher(Teacher):
             return
         index = torch.arange(len(heldout_labels))
         features = self.penultimate(heldout_inputs) if self.closed_form else None
-        scores = []
-        for prior_precision in self.grid():
-            self.la.prior_precision = prior_precision.reshape(1)
+
+        def score(prior_precision: float) -> float:
+            self.la.prior_precision = torch.tensor([prior_precision])
             try:
                 moments = self.moments_from_features(features) if self.closed_form else \
                     self.logit_moments(heldout_inputs)
-                scores.append(metrics.nll(self.link(*moments, index)(1.0), heldout_labels))
+                return metrics.nll(self.link(*moments, index)(1.0), heldout_labels)
             except torch.linalg.LinAlgError:  # posterior precision not positive definite at this prior
-                scores.append(math.inf)
-        self.la.prior_precision = self.grid()[int(torch.tensor(scores).argmin())].reshape(1)
+                return math.inf
+
+        best, self.searched = grid_search(score, self.cfg.grid_min, self.cfg.grid_max, self.cfg.grid_size,
+                                          "prior precision")
+        self.la.prior_precision = torch.tensor([best])
 
     def grid(self) -> torch.Tensor:
+        """The configured grid of prior precisions (before any widening)."""
         return torch.logspace(self.cfg.grid_min, self.cfg.grid_max, self.cfg.grid_size)
 
     @property

@@ -9,6 +9,7 @@ import torch
 
 from bcpkd_cli import metrics
 from bcpkd_cli.choices import Bayes
+from bcpkd_cli.console import console
 from bcpkd_cli.teachers.base import Teacher
 from bcpkd_cli.teachers.deterministic import DeterministicTeacher
 from bcpkd_cli.teachers.training import TrainingRun
@@ -16,7 +17,25 @@ from bcpkd_cli.teachers.training import TrainingRun
 
 def fit_temperature(predictive: Callable[[float], torch.Tensor], labels: torch.Tensor,
                     lo: float = 0.05, hi: float = 20.0, iters: int = 60) -> float:
-    """Temperature minimising held-out NLL, by golden-section search over log T in [lo, hi]."""
+    """Temperature minimising held-out NLL, by golden-section search over log T in [lo, hi]. An optimum at an
+    edge of the interval is not trusted: the interval widens on that side (with a warning) and the search
+    runs again, at most 4 times."""
+    for _ in range(4):
+        t = _golden_section(predictive, labels, lo, hi, iters)
+        edge = 0.01 * math.log(hi / lo)  # within 1% of the interval's length from an end
+        if math.log(hi / t) < edge:
+            lo, hi = lo, hi * hi / lo
+        elif math.log(t / lo) < edge:
+            lo, hi = lo * lo / hi, hi
+        else:
+            return t
+        console.print(f"[yellow]warning:[/] the best temperature lies at an edge of the search ({t:.3g}); "
+                      f"searching {lo:.3g} .. {hi:.3g}")
+    return _golden_section(predictive, labels, lo, hi, iters)
+
+
+def _golden_section(predictive: Callable[[float], torch.Tensor], labels: torch.Tensor, lo: float, hi: float,
+                    iters: int) -> float:
     def loss(log_t: float) -> float:
         return metrics.nll(predictive(math.exp(log_t)), labels)
 

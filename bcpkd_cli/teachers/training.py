@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -19,7 +20,8 @@ from bcpkd_cli.choices import Bayes
 from bcpkd_cli.config import Recipe
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
-from bcpkd_cli.engine import BatchFn, LossFn, TrainSpec, prepare_for_device, train
+from bcpkd_cli.console import TrainingReport
+from bcpkd_cli.engine import BatchFn, LossFn, TrainSpec, heldout_metrics, prepare_for_device, train
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model
 from bcpkd_cli.resumption import Resume
@@ -63,6 +65,7 @@ class TrainingRun:
     spec: dict
     starts: tuple[dict, ...]
     phase: Callable[[str], Resume]
+    folder: Path  # the teacher's run folder (TensorBoard logs go to folder/tensorboard/<phase>)
 
     @property
     def base(self) -> dict | None:
@@ -89,8 +92,13 @@ class TrainingRun:
         spec = TrainSpec(epochs or cfg.epochs, cfg.batch_size, cfg.optimizer, lr or cfg.lr, cfg.momentum,
                          cfg.weight_decay, seed, cfg.lr_milestones, self.recipe.precision, self.recipe.compile)
         started = time.perf_counter()
+        log = self.recipe.log
+        report = TrainingReport(desc, line_seconds=log.line_seconds,
+                                tensorboard=[self.folder / "tensorboard" / phase] if log.tensorboard else None)
+        held = self.data.heldout
         steps = train(model, self.data.train.inputs, self.data.train.labels, None, loss_fn, spec, desc=desc,
-                      batch_fn=batch_fn or self.augmented(seed), penalty=penalty, resume=self.phase(phase))
+                      batch_fn=batch_fn or self.augmented(seed), penalty=penalty, resume=self.phase(phase),
+                      heldout_fn=heldout_metrics(held.inputs, held.labels), report=report)
         return {"steps": steps, "seconds": round(time.perf_counter() - started, 2)}
 
     def fit_unless_base(self, model: nn.Module, loss_fn: LossFn, desc: str) -> dict:
