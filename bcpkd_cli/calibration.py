@@ -147,7 +147,8 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
                  t_teacher: float, device: torch.device, n_bins: int, expect: dict) -> None:
     """Calibrate the teacher, then write the calibrated teacher.pt, report.json and bcp.safetensors."""
     teacher = load_teacher(payload, device)
-    console.print(f"calibrating {teacher.kind.value} teacher {teacher_path} on {len(data.heldout)} held-out examples")
+    console.print(f"calibrating {teacher.kind.value} teacher {teacher_path} on {len(data.heldout)} held-out examples "
+                  f"(prior {cfg.prior.value}, temperature {cfg.temperature.value}) for a cache at T_t = {t_teacher}")
     report = calibrate(teacher, data, cfg, n_bins)
     teacher_recipe = build_recipe(payload["config"], "checkpoint config")
     record = recipe_record(replace(teacher_recipe, calibrate=cfg), (*TEACHER_RECORD, "calibrate"))

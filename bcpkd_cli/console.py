@@ -16,6 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bcpkd_cli.errors import BcpkdError
 
+HELDOUT_LINE_EXAMPLES = 2048  # held-out examples measured at each epoch end for the lines of batch jobs
+_EXPLAINED = False  # what the lines of batch jobs show is said once per process
+
 # Logs of batch jobs get wide tables instead of rich's 80-column default.
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
@@ -59,10 +62,16 @@ class TrainingReport:
               processes: int) -> None:
         self.total, self.epochs, self.n_examples = total_steps, epochs, n_examples
         self.started, self.start_step, self.last_line = time.perf_counter(), step, time.perf_counter()
-        group = f" x {len(self.names)} in lockstep" if len(self.names) > 1 else ""
+        group = f" x {len(self.names)} in lockstep" if len(self.names) > 1 else \
+            (f" [{self.names[0]}]" if self.names[0] else "")
         ranks = f" on {processes} processes" if processes > 1 else ""
         console.print(f"training {self.desc}{group}: {total_steps} steps ({epochs} epochs of {n_examples} examples, "
                       f"batch {batch_size}{ranks})")
+        global _EXPLAINED
+        if self.lines and not _EXPLAINED:
+            _EXPLAINED = True
+            console.print(f"a line per epoch: mean training loss, the network's held-out accuracy and NLL (on up to "
+                          f"{HELDOUT_LINE_EXAMPLES:,} held-out examples), examples/s, time left")
         if step:
             console.print(f"resuming {self.desc} after epoch {first_epoch} (step {step})")
         if not self.lines:
@@ -99,7 +108,8 @@ class TrainingReport:
 
     def _print(self, where: str, name: str, values: dict, step: int) -> None:
         label = f" [{name}]" if name else ""
-        shown = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in values.items())
+        shown = ", ".join(f"{key.replace('heldout_', 'held-out ').replace('_', ' ')} {value:.4f}"
+                          for key, value in values.items())
         line(f"{self.desc}{label} {where}: {shown}{self._pace(step)}")
         self.last_line = time.perf_counter()
 

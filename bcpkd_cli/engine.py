@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bcpkd_cli import metrics
 from bcpkd_cli.choices import Optimizer, Precision
-from bcpkd_cli.console import TrainingReport, console
+from bcpkd_cli.console import HELDOUT_LINE_EXAMPLES, TrainingReport, console
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import predict_logits
 from bcpkd_cli.resumption import Resume
@@ -276,9 +276,6 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     if log_every:
         log_all(step)
     return step
-
-
-HELDOUT_LINE_EXAMPLES = 2048  # held-out examples measured at each epoch end for the progress report
 
 
 def heldout_metrics(inputs: torch.Tensor, labels: torch.Tensor,

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.calibration import cache_expectations, cache_view_ids, ensure_cache
+from bcpkd_cli.calibration import cache_expectations, cache_view_ids, describe_tuning, ensure_cache
 from bcpkd_cli.choices import Targets
 from bcpkd_cli.config import CalibrateConfig, Recipe
 from bcpkd_cli.console import console
@@ -123,6 +123,9 @@ def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cac
         cache, built = ensure_cache(teacher_path, payload, data, recipe.calibrate, recipe.distill.t_teacher, device,
                                     n_bins=recipe.evaluate.ece_bins)
         console.print(f"{'built' if built else 'using'} BCP cache {cache}")
+        tuned = describe_tuning(json.loads((cache.parent / "report.json").read_text())) if built else None
+        if tuned:
+            console.print(tuned)
     report = Path(cache).parent / "report.json"  # what calibration tuned, next to a cache that calibrate built
     tuned = json.loads(report.read_text()) if report.is_file() else {}
     info = {"teacher": str(Path(teacher_path).resolve()), "teacher_kind": payload["bayes"],
