@@ -116,7 +116,8 @@ def resolve_checkpoint(path: str | Path, expected_format: str | tuple[str, ...],
         if len(found) == 1:
             return found[0]
         inside = sorted(str(p) for name in names for p in path.glob(f"*/{name}"))[:3]
-        hint = f"; did you mean {' or '.join(inside)}?" if inside else f"; {FIX_HINT[formats[0]]}"
+        hint = f"; did you mean {' or '.join(inside)}?" if inside else \
+            " (it holds an evaluate report.json)" if (path / "report.json").is_file() else f"; {FIX_HINT[formats[0]]}"
         raise BcpkdError(f"{option} {path}: is a folder without {' or '.join(names)}{hint}")
     if path.is_file() and _is_cache(path):
         raise BcpkdError(f"{option} {path}: is a BCP cache, not a checkpoint; pass it with --cache {path} (and its "
