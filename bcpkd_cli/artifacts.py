@@ -153,6 +153,36 @@ def load_checkpoint(path: str | Path, expected_format: str | tuple[str, ...]) ->
     return payload
 
 
+def read_weights(path: str | Path, option: str) -> tuple[str, dict]:
+    """A trained network's state dict from `.safetensors` or a `.pt`/`.pth` file read with weights_only=True: a
+    nested `state_dict` or `model` entry is unwrapped and DDP's `module.` prefix removed. (name, state dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BcpkdError(f"{option} {path}: no such file; give a state dict saved with torch.save(model.state_dict(), "
+                         f"PATH) or safetensors")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch and safetensors raise many types for foreign files
+        raise BcpkdError(f"{option} {path}: not a readable state dict ({str(err).strip()[:100]}); save one with "
+                         f"torch.save(model.state_dict(), PATH)") from None
+    while isinstance(state, dict) and len(state) and not all(isinstance(v, torch.Tensor) for v in state.values()):
+        inner = state.get("state_dict", state.get("model"))
+        if not isinstance(inner, dict):
+            raise BcpkdError(f"{option} {path}: holds no tensors at the top level nor a 'state_dict' or 'model' "
+                             f"entry; save model.state_dict()")
+        state = inner
+    if not isinstance(state, dict) or not state:
+        raise BcpkdError(f"{option} {path}: is not a state dict; save model.state_dict()")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return str(path), state
+
+
 def save_training_state(path: Path, state: dict, settings: dict) -> Path:
     """A training loop's state at an epoch end, with the settings a resumed run must repeat."""
     return save_checkpoint(path, {"format": TRAINING_FORMAT, "version": VERSION, "settings": settings,

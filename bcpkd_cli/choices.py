@@ -10,6 +10,7 @@ class DatasetName(str, enum.Enum):
     cifar10 = "cifar10"
     cifar100 = "cifar100"
     imagefolder = "imagefolder"
+    arrays = "arrays"
 
 
 class Arch(str, enum.Enum):

@@ -19,12 +19,13 @@ import yaml
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import refuse_calibrated
-from bcpkd_cli.choices import (Arch, Bayes, DatasetName, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets,
+from bcpkd_cli.choices import (Bayes, DatasetName, Hessian, Link, PriorMethod, PriorTuning, Subset, Targets,
                                TemperatureFit)
 from bcpkd_cli.config import (RUN_KEYS, STUDENT_RECORD, TEACHER_RECORD, Recipe, build_recipe, config_field, merge,
                               parse_set, parse_sweep, read_recipe, recipe_for_checkpoint, recipe_record, set_path,
                               to_plain)
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
+from bcpkd_cli.models.foreign import reset_trust, trust
 from bcpkd_cli.teachers import TEACHER_KINDS, recipe_problems
 
 app = typer.Typer(add_completion=True, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
@@ -61,9 +62,14 @@ def config_option(dotted: str, *names: str) -> typer.models.OptionInfo:
     return typer.Option(None, *names, help=field_help(dotted))
 
 
-def checked(tree: dict, source: str) -> Recipe:
-    """The recipe of a command line, with every problem (the teacher kind's own rules too) reported at once."""
-    return build_recipe(tree, source, checks=(recipe_problems,))
+def checked(tree: dict, source: str, checkpoint: dict | None = None) -> Recipe:
+    """The recipe of a command line (with the data of `checkpoint`, a teacher's payload, by default), every
+    problem (the teacher kind's own rules too) reported at once. The architectures it names are the user's
+    choice: user code there may be imported (models.foreign.trust)."""
+    recipe = recipe_for_checkpoint(tree, checkpoint, source, checks=(recipe_problems,)) if checkpoint else \
+        build_recipe(tree, source, checks=(recipe_problems,))
+    trust([recipe.teacher.arch, recipe.distill.arch])
+    return recipe
 
 
 RecipeOpt = typer.Option(None, "--recipe", "-r", metavar="RECIPE.yaml",
@@ -77,6 +83,8 @@ SetOpt = typer.Option(None, "--set", "-s", metavar="KEY=VALUE",
 ResumeOpt = typer.Option(False, "--resume", help="continue the interrupted run in --out from its last epoch "
                                                  "(same options; the result equals an uninterrupted run)")
 ForceOpt = typer.Option(False, "--force", help="replace what --out already holds (a finished or interrupted run)")
+TrustOpt = typer.Option(False, "--trust-code", help="build networks that checkpoints name by your own module or "
+                                                      "file (module:callable): that code runs")
 PrintConfigOpt = typer.Option(False, "--print-config", help="print the resolved config as YAML and exit "
                                                             "(nothing is run)")
 
@@ -130,7 +138,8 @@ def _one_process(command: str) -> None:
 def train_teacher(
     recipe: Optional[Path] = RecipeOpt,
     bayes: Optional[Bayes] = config_option("teacher.bayes"),
-    arch: Optional[Arch] = config_option("teacher.arch"),
+    arch: Optional[str] = typer.Option(None, metavar="ARCH", help=field_help("teacher.arch")),
+    init: Optional[Path] = typer.Option(None, metavar="WEIGHTS", help=field_help("teacher.init")),
     epochs: Optional[int] = config_option("teacher.epochs"),
     lr: Optional[float] = config_option("teacher.lr"),
     batch_size: Optional[int] = config_option("teacher.batch_size"),
@@ -149,14 +158,17 @@ def train_teacher(
                                                      "training (repeat for each member)"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
     resume: bool = ResumeOpt, force: bool = ForceOpt, print_config: bool = PrintConfigOpt,
+    trust_code: bool = TrustOpt,
 ) -> None:
     """Train a teacher of any kind and save a self-describing teacher.pt (path printed on stdout).
     Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli train-teacher ..."""
     from bcpkd_cli.engine import leave_process_group
     from bcpkd_cli.stages import train_teacher as stage
 
+    trust(everything=trust_code)
     tree = _tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
-                                "teacher.bayes": bayes, "teacher.arch": arch, "teacher.epochs": epochs,
+                                "teacher.bayes": bayes, "teacher.arch": arch, "teacher.init": init,
+                                "teacher.epochs": epochs,
                                 "teacher.lr": lr, "teacher.batch_size": batch_size, "teacher.seed": seed,
                                 "teacher.base": base, "teacher.laplace.subset": subset,
                                 "teacher.laplace.hessian": hessian, "teacher.laplace.prior": prior,
@@ -181,10 +193,6 @@ def train_teacher(
         print(path)
 
 
-def _with_teacher_data(tree: dict, payload: dict, source: str) -> Recipe:
-    return recipe_for_checkpoint(tree, payload, source, checks=(recipe_problems,))
-
-
 @app.command()
 def calibrate(
     teacher: Path = typer.Option(..., metavar="TEACHER.pt", help="teacher.pt from train-teacher (or its folder)"),
@@ -197,18 +205,19 @@ def calibrate(
     out: str = typer.Option("", "--out", "-o", metavar="DIR", help="cache folder (default: <teacher folder>/bcp/<key>)"),
     device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
     force: bool = typer.Option(False, "--force", help="build the cache again even where one exists"),
-    print_config: bool = PrintConfigOpt,
+    print_config: bool = PrintConfigOpt, trust_code: bool = TrustOpt,
 ) -> None:
     """Calibrate a teacher on held-out data and cache its BCPs for the training split (path on stdout).
     Data default to the teacher's own."""
     from bcpkd_cli.stages import calibrate as stage
     _one_process("calibrate")
+    trust(everything=trust_code)
 
     tree = _tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
                                 "calibrate.prior": prior, "calibrate.temperature": temperature,
                                 "calibrate.views": views, "distill.t_teacher": t_teacher})
     teacher, payload = _teacher_checkpoint(teacher)
-    config = _with_teacher_data(tree, payload, _source(recipe))
+    config = checked(tree, _source(recipe), payload)
     if print_config:
         return _print_config(config, (*RUN_KEYS, "data", "calibrate", "distill"))
     print(stage.run(config, teacher, force))
@@ -222,7 +231,8 @@ def distill(
                                          help="bcp.safetensors from `calibrate --out` (default: found by key)"),
     recipe: Optional[Path] = RecipeOpt,
     targets: Optional[Targets] = config_option("distill.targets"),
-    arch: Optional[Arch] = config_option("distill.arch"),
+    arch: Optional[str] = typer.Option(None, metavar="ARCH", help=field_help("distill.arch")),
+    init: Optional[Path] = typer.Option(None, metavar="WEIGHTS", help=field_help("distill.init")),
     alpha: Optional[float] = config_option("distill.alpha"),
     t_teacher: Optional[float] = config_option("distill.t_teacher"),
     t_student: Optional[float] = config_option("distill.t_student"),
@@ -239,6 +249,7 @@ def distill(
                                                    "OUT/KEY=V-..., paths one per line"),
     out: str = OutOpt, device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt,
     resume: bool = ResumeOpt, force: bool = ForceOpt, print_config: bool = PrintConfigOpt,
+    trust_code: bool = TrustOpt,
 ) -> None:
     """Train a student against the teacher's cached BCPs; save student.pt (path on stdout).
     Data default to the teacher's own.
@@ -246,8 +257,10 @@ def distill(
     from bcpkd_cli.engine import leave_process_group
     from bcpkd_cli.stages import distill as stage
 
+    trust(everything=trust_code)
     tree = _tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
-                                "distill.targets": targets, "distill.arch": arch, "distill.alpha": alpha,
+                                "distill.targets": targets, "distill.arch": arch, "distill.init": init,
+                                "distill.alpha": alpha,
                                 "distill.t_teacher": t_teacher, "distill.t_student": t_student,
                                 "distill.dirichlet_alpha": dirichlet_alpha, "distill.epochs": epochs,
                                 "distill.lr": lr, "distill.batch_size": batch_size, "distill.seed": seed,
@@ -256,8 +269,7 @@ def distill(
     payload = None
     if teacher is not None:
         teacher, payload = _teacher_checkpoint(teacher)
-    configs = [_with_teacher_data(merge(tree, {"distill": point}), payload, _source(recipe)) if payload
-               else checked(merge(tree, {"distill": point}), _source(recipe)) for point in grid]
+    configs = [checked(merge(tree, {"distill": point}), _source(recipe), payload) for point in grid]
     if print_config:
         with_cache = configs[0].distill.targets in (Targets.teacher, Targets.online)
         return _print_config(configs[0], (*STUDENT_RECORD, "calibrate") if with_cache else STUDENT_RECORD)
@@ -284,12 +296,13 @@ def evaluate(
     out: str = typer.Option("", "--out", "-o", metavar="DIR",
                             help="write DIR/report.json and print its path (default: write nothing)"),
     device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt, force: bool = ForceOpt,
-    print_config: bool = PrintConfigOpt,
+    print_config: bool = PrintConfigOpt, trust_code: bool = TrustOpt,
 ) -> None:
     """Evaluate checkpoints on the test split of the data each was made from: a table on stderr, the JSON
     reports with --json, report.json with --out."""
     from bcpkd_cli.stages import evaluate as stage
     _one_process("evaluate")
+    trust(everything=trust_code)
 
     tree = _tree(recipe, set_, {"device": device, "data.name": data, "data.root": data_root,
                                 "evaluate.grad_targets": grad_targets})
@@ -313,11 +326,12 @@ def run(
                                                         "this recipe finished in --out; continue the others"),
     force: bool = typer.Option(False, "--force", help="train every teacher and student again over what --out "
                                                       "holds"),
-    print_config: bool = PrintConfigOpt,
+    print_config: bool = PrintConfigOpt, trust_code: bool = TrustOpt,
 ) -> None:
     """Run every stage of a recipe and print the comparison table (summary.json path on stdout)."""
     from bcpkd_cli import pipeline
     _one_process("run")
+    trust(everything=trust_code)
 
     tree = _tree(recipe, set_, {"out": out, "device": device, "data.root": data_root})
     config = checked(tree, _source(recipe))
@@ -340,6 +354,7 @@ def _set_with_a_space(argv: list[str]) -> None:
 def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     try:
+        reset_trust()
         _set_with_a_space(sys.argv[1:])
         code = app(standalone_mode=False)  # typer returns 130 after a Ctrl-C inside a command
         if code == 130:

@@ -31,7 +31,11 @@ def _f(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class DataConfig:
     name: DatasetName = _f(DatasetName.synthetic, "dataset")
-    root: str = _f("", "image data: imagefolder: a folder with train/ and test/ class trees; cifar: the batches' folder")
+    root: str = _f("", "imagefolder: a folder with train/ and test/ class trees; cifar: the batches' folder; "
+                       "arrays: a .npz, .safetensors or .csv file")
+    image_size: int = _f(0, "images: decode every image once at S x S (shorter side resized to S, centre crop); "
+                            "0: keep their size (all must share one)")
+    label_column: str = _f("label", "arrays from a .csv: the column holding the integer class label")
     download: bool = _f(False, "cifar10/100: download into root first (connected machines only)")
     n_train: int = _f(0, "training examples; 0: the default (synthetic 22,500; images: all left after held-out)")
     n_heldout: int = _f(0, "held-out examples (images: carved from the training data, seeded); 0: 2,500 / 5,000")
@@ -88,7 +92,12 @@ class MCMIConfig:
 @dataclass(frozen=True)
 class TeacherConfig:
     bayes: Bayes = _f(Bayes.none, "teacher kind")
-    arch: Arch = _f(Arch.mlp, "architecture")
+    arch: str = _f("mlp", "architecture: a built-in name (mlp, resnet20, wrn_16_2, ...), torchvision:NAME, "
+                          "timm:NAME, or your factory MODULE:CALLABLE or path/to/FILE.py:CALLABLE")
+    arch_kwargs: dict = _f({}, "keyword arguments for the architecture's builder (besides num_classes)")
+    normalize: bool = _f(True, "images: normalise inputs with the training data's channel statistics (false: "
+                               "the network normalises itself)")
+    init: str = _f("", "start from this trained network's weights (.safetensors, .pt or .pth state dict)")
     hidden: tuple[int, ...] = _f((256, 256), "hidden layer widths")
     epochs: int = _f(60, "training epochs")
     batch_size: int = _f(128, "training batch size")
@@ -118,7 +127,12 @@ class CalibrateConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    arch: Arch = _f(Arch.mlp, "student architecture")
+    arch: str = _f("mlp", "student architecture: a built-in name, torchvision:NAME, timm:NAME, or your factory "
+                          "MODULE:CALLABLE or path/to/FILE.py:CALLABLE")
+    arch_kwargs: dict = _f({}, "keyword arguments for the student architecture's builder (besides num_classes)")
+    normalize: bool = _f(True, "images: normalise the student's inputs with the training data's channel "
+                               "statistics (false: the network normalises itself)")
+    init: str = _f("", "start the student from this trained network's weights (.safetensors, .pt or .pth)")
     hidden: tuple[int, ...] = _f((128, 128), "student hidden layer widths")
     targets: Targets = _f(Targets.teacher, "cached teacher BCPs, the teacher on every batch (online), onehot, "
                                            "true or noisy BCPs")
@@ -180,8 +194,10 @@ class Recipe:
 
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_FOREIGN = re.compile(r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")  # torchvision:NAME, timm:NAME, MODULE:CALLABLE, FILE.py:...
+BUILT_IN = tuple(a.value for a in Arch)
 _GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
-_POSITIVE = {"n_classes", "dim", "epochs", "batch_size", "prior_sigma", "lr_scale",
+_POSITIVE = {"n_classes", "dim", "batch_size", "prior_sigma", "lr_scale",
              "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
              "t_teacher", "t_student", "workers", "hidden", "line_seconds"}
 
@@ -352,10 +368,22 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         if getattr(recipe.data, key) < 0:
             errors.append(f"data.{key}: must be 0 (the default) or positive, got {getattr(recipe.data, key)}")
     if recipe.data.name != DatasetName.synthetic and not recipe.data.root:
-        errors.append(f"data.root: dataset {recipe.data.name.value} needs a folder, e.g. --set data.root=/data/cifar")
+        errors.append(f"data.root: dataset {recipe.data.name.value} needs a folder or file, e.g. --data-root /data/cifar")
+    images = recipe.data.name not in (DatasetName.synthetic, DatasetName.arrays)
     for where, arch in (("teacher.arch", recipe.teacher.arch), ("distill.arch", recipe.distill.arch)):
-        if recipe.data.name == DatasetName.synthetic and arch != Arch.mlp:
-            errors.append(f"{where}: {arch.value} needs image data; the synthetic dataset takes mlp")
+        if not (arch in BUILT_IN or _FOREIGN.match(arch)):
+            errors.append(f"{where}: {arch!r} is not a built-in architecture ({', '.join(BUILT_IN)}) nor "
+                          f"torchvision:NAME, timm:NAME, MODULE:CALLABLE or FILE.py:CALLABLE")
+        elif not images and (arch in BUILT_IN and arch != "mlp" or arch.startswith("torchvision:")):
+            errors.append(f"{where}: {arch} needs image data; {recipe.data.name.value} data takes mlp or your own "
+                          f"factory")
+    for where, epochs in (("teacher.epochs", recipe.teacher.epochs), ("distill.epochs", recipe.distill.epochs),
+                          ("teacher.mcmi.epochs", recipe.teacher.mcmi.epochs)):
+        if epochs < 0 or (epochs == 0 and where == "teacher.mcmi.epochs"):
+            errors.append(f"{where}: must be {'positive' if 'mcmi' in where else '0 (train nothing) or positive'}, "
+                          f"got {epochs}")
+    if recipe.data.image_size < 0:
+        errors.append(f"data.image_size: must be 0 (keep the size) or positive, got {recipe.data.image_size}")
     for item in recipe.evaluate.grad_targets:
         if not _GRAD_TARGET.match(item):
             errors.append(f"evaluate.grad_targets: {item!r} is not one of: onehot, true, noisy:ALPHA")
@@ -397,13 +425,19 @@ def config_field(dotted: str) -> dataclasses.Field:
 
 
 SYNTHETIC_ONLY = ("n_classes", "dim", "noise_var", "mean_choices")  # data keys that only the synthetic set reads
-IMAGES_ONLY = ("root", "download")
+UNUSED_DATA_KEYS = {
+    DatasetName.synthetic: ("root", "download", "image_size", "label_column"),
+    DatasetName.arrays: (*SYNTHETIC_ONLY, "download", "image_size"),
+    DatasetName.imagefolder: (*SYNTHETIC_ONLY, "label_column", "download"),
+    DatasetName.cifar10: (*SYNTHETIC_ONLY, "label_column"),
+    DatasetName.cifar100: (*SYNTHETIC_ONLY, "label_column"),
+}
 
 
 def plain_data(cfg: DataConfig) -> dict:
     """The data section as plain values, without the keys its dataset does not read (an image folder's
     config does not claim `n_classes: 5`)."""
-    unused = IMAGES_ONLY if cfg.name == DatasetName.synthetic else SYNTHETIC_ONLY
+    unused = UNUSED_DATA_KEYS[cfg.name]
     return {k: v for k, v in to_plain(cfg).items() if k not in unused}
 
 

@@ -64,6 +64,9 @@ class TrainingReport:
         self.started, self.start_step, self.last_line = time.perf_counter(), step, time.perf_counter()
         group = f" x {len(self.names)} in lockstep" if len(self.names) > 1 else \
             (f" [{self.names[0]}]" if self.names[0] else "")
+        if total_steps == 0:
+            console.print(f"{self.desc}{group}: 0 epochs, nothing to train")
+            return
         ranks = f" on {processes} processes" if processes > 1 else ""
         console.print(f"training {self.desc}{group}: {total_steps} steps ({epochs} epochs of {n_examples} examples, "
                       f"batch {batch_size}{ranks})")

@@ -29,6 +29,7 @@ from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 from bcpkd_cli.resumption import STUDENT_SECTIONS, TEACHER_SECTIONS, finished_artifact, has_saved_state
 from bcpkd_cli.stages import distill, evaluate, train_teacher
+from bcpkd_cli.models.foreign import trust, trusted
 from bcpkd_cli.teachers import recipe_problems
 
 STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll", "convergence_noise_accuracy",
@@ -64,7 +65,8 @@ def _plan(tree: dict, source: str, out: Path) -> tuple[dict[str, dict], list[tup
     for label, sub_tree in [(f"experiment.teachers.{n}", t) for n, t in teacher_trees.items()] + \
                            [(f"experiment.students.{n}", t) for n, s, _, t in jobs if s == recipe.experiment.seeds[0]]:
         try:
-            build_recipe(sub_tree, label, checks=(recipe_problems,))
+            sub_recipe = build_recipe(sub_tree, label, checks=(recipe_problems,))
+            trust([sub_recipe.teacher.arch, sub_recipe.distill.arch])  # the recipe names them
         except BcpkdError as err:
             errors.append(str(err))
     if errors:
@@ -105,8 +107,10 @@ def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, 
     return path, evaluate.evaluate_one(path, eval_tree)
 
 
-def _one_thread() -> None:
+def _worker_start(trusted_arches: list[str], trust_all: bool) -> None:
+    """A student worker: one CPU thread, and the user code this run may import."""
     torch.set_num_threads(1)
+    trust(trusted_arches, trust_all)
 
 
 class _InlineExecutor:
@@ -128,7 +132,7 @@ def _executor(workers: int):
     torch.set_num_threads(1)
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_one_thread) as pool:
+                                 initializer=_worker_start, initargs=trusted()) as pool:
             yield pool
     finally:
         torch.set_num_threads(threads)

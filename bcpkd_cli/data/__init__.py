@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bcpkd_cli.config import DataConfig, DatasetName, plain_data
-from bcpkd_cli.data import images, synthetic
+from bcpkd_cli.data import arrays, images, synthetic
 from bcpkd_cli.errors import BcpkdError
 
 
@@ -43,6 +43,7 @@ class Dataset:
     fingerprint: str
     seed: int
     config: DataConfig | None = None  # what it was loaded from
+    stats: dict | None = None  # images: the training files' channel mean and std ({"mean": [C], "std": [C]})
 
     @property
     def is_image(self) -> bool:
@@ -55,7 +56,7 @@ class Dataset:
         """What an artifact records of the data it was made from: the fingerprint, the config (without the
         keys its dataset does not read), the class count and the split sizes."""
         return {"fingerprint": self.fingerprint, "config": plain_data(self.config) if self.config else {},
-                "n_classes": self.n_classes, "input_shape": list(self.input_shape),
+                "n_classes": self.n_classes, "input_shape": list(self.input_shape), "stats": self.stats,
                 "sizes": {name: len(self.split(name)) for name in ("train", "heldout", "test")}}
 
     def to(self, device: torch.device) -> "Dataset":
@@ -103,16 +104,19 @@ def _synthetic(cfg: DataConfig) -> Dataset:
                    seed=cfg.seed, config=cfg)
 
 
-def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """uint8 images [N, 3, H, W], labels [N] and the class count of one stored split."""
+def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
+    """uint8 images [N, 3, H, W], labels [N], the class count and the channel statistics of one stored split."""
     root = Path(cfg.root)
     if cfg.name == DatasetName.imagefolder:
         paths, labels, classes = images.list_image_folder(root / split)
-        pixels, labels, _ = images.load_or_decode(root / split, split, paths,
-                                                  lambda: (images.decode_images(paths), torch.tensor(labels)))
-        return pixels, labels, len(classes)
+        pixels, labels, _, stats = images.load_or_decode(
+            root / split, split, paths, lambda: (images.decode_images(paths, cfg.image_size), torch.tensor(labels)),
+            size=cfg.image_size)
+        return pixels, labels, len(classes), stats
     pixels, labels = images.read_cifar(root, cfg.name.value, split, cfg.download)
-    return pixels, labels, 10 if cfg.name == DatasetName.cifar10 else 100
+    if cfg.image_size and cfg.image_size != pixels.shape[-1]:
+        pixels = torch.stack([images.square(image, cfg.image_size) for image in pixels])
+    return pixels, labels, 10 if cfg.name == DatasetName.cifar10 else 100, images.channel_stats(pixels)
 
 
 CIFAR_SIZES = (50_000, 10_000)  # training and test images of the python batches
@@ -128,15 +132,17 @@ def image_counts(cfg: DataConfig) -> tuple[int, int]:
 
 
 def check_sizes(cfg: DataConfig, counts: tuple[int, int] | None = None) -> int:
-    """Refuse split sizes the images cannot fill (before any work); the held-out size it uses."""
+    """Refuse split sizes the images (or rows) cannot fill, before any work; the held-out size it uses."""
     if cfg.name == DatasetName.synthetic:
         return cfg.n_heldout or SYNTHETIC_SIZES[1]
+    if counts is None and cfg.name == DatasetName.arrays:
+        return 0  # checked when the file is read
     n_files, n_test_files = counts or image_counts(cfg)
     n_heldout = cfg.n_heldout or min(IMAGE_HELDOUT, n_files // 10)
     fix = "lower them with --set data.n_train=N --set data.n_heldout=N --set data.n_test=N (0: all that is there)"
     if n_heldout + max(cfg.n_train, 1) > n_files:
         raise BcpkdError(f"data.n_train={cfg.n_train} + data.n_heldout={n_heldout}: {cfg.root} holds only {n_files} "
-                         f"training images; {fix}")
+                         f"training {'rows' if cfg.name == DatasetName.arrays else 'images'}; {fix}")
     if cfg.n_test > n_test_files:
         raise BcpkdError(f"data.n_test={cfg.n_test}: {cfg.root} holds only {n_test_files} test images; {fix}")
     return n_heldout
@@ -144,8 +150,8 @@ def check_sizes(cfg: DataConfig, counts: tuple[int, int] | None = None) -> int:
 
 def _images(cfg: DataConfig) -> Dataset:
     """Train / held-out from the training files (seeded split), test from the test files."""
-    train_pixels, train_labels, n_classes = _image_split(cfg, "train")
-    test_pixels, test_labels, _ = _image_split(cfg, "test")
+    train_pixels, train_labels, n_classes, stats = _image_split(cfg, "train")
+    test_pixels, test_labels, _, _ = _image_split(cfg, "test")
     n_heldout = check_sizes(cfg, (len(train_labels), len(test_labels)))
     order = torch.randperm(len(train_labels), generator=_generator(cfg.seed, "heldout"))
     heldout_rows = order[:n_heldout].sort().values
@@ -155,9 +161,32 @@ def _images(cfg: DataConfig) -> Dataset:
               Split(train_pixels[heldout_rows], train_labels[heldout_rows], None),
               Split(test_pixels[test_rows], test_labels[test_rows], None)]
     return Dataset(*splits, n_classes=n_classes, input_shape=tuple(train_pixels.shape[1:]),
-                   fingerprint=fingerprint(splits), seed=cfg.seed, config=cfg)
+                   fingerprint=fingerprint(splits), seed=cfg.seed, config=cfg, stats=stats)
+
+
+def _arrays(cfg: DataConfig) -> Dataset:
+    """Train / held-out from the file's training rows (seeded split); test from its x_test, y_test, or else a
+    seeded fifth of its rows (data.n_test of them, if set)."""
+    x, y, test = arrays.read_arrays(Path(cfg.root), cfg.label_column)
+    if test is None:
+        order = torch.randperm(len(y), generator=_generator(cfg.seed, "test"))
+        n_test = cfg.n_test or max(1, len(y) // 5)
+        if n_test >= len(y):
+            raise BcpkdError(f"data.n_test={n_test}: {cfg.root} holds only {len(y)} rows")
+        test_rows, rest = order[:n_test].sort().values, order[n_test:].sort().values
+        test, x, y = (x[test_rows], y[test_rows]), x[rest], y[rest]
+    n_heldout = check_sizes(cfg, (len(y), len(test[1])))
+    order = torch.randperm(len(y), generator=_generator(cfg.seed, "heldout"))
+    heldout_rows = order[:n_heldout].sort().values
+    train_rows = order[n_heldout:][: cfg.n_train or None].sort().values
+    splits = [Split(x[train_rows], y[train_rows], None), Split(x[heldout_rows], y[heldout_rows], None),
+              Split(test[0][: cfg.n_test or None], test[1][: cfg.n_test or None], None)]
+    return Dataset(*splits, n_classes=int(y.max()) + 1, input_shape=(x.shape[1],), fingerprint=fingerprint(splits),
+                   seed=cfg.seed, config=cfg)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Build the dataset a config names; the class means / held-out carving and each split come from cfg.seed."""
-    return _synthetic(cfg) if cfg.name == DatasetName.synthetic else _images(cfg)
+    if cfg.name == DatasetName.synthetic:
+        return _synthetic(cfg)
+    return _arrays(cfg) if cfg.name == DatasetName.arrays else _images(cfg)

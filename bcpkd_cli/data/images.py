@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import pickle
 import warnings
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from bcpkd_cli.artifacts import atomic_write
@@ -90,18 +92,46 @@ def list_image_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
     return paths, labels, classes
 
 
-def decode_images(paths: list[Path]) -> torch.Tensor:
-    """Decode image files to RGB uint8 [N, 3, H, W] (all images must share one size)."""
+def square(image: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [C, H, W] -> uint8 [C, size, size]: the shorter side resized to `size` (antialiased), centre crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(TF.resize(image, [size], antialias=True), [size, size])
+
+
+def decode_images(paths: list[Path], size: int = 0) -> torch.Tensor:
+    """Decode image files to RGB uint8 [N, 3, H, W] (grayscale, palette and RGBA images become RGB); with `size`,
+    each at size x size (`square`), else all must share one size."""
     with warnings.catch_warnings():  # torchvision 0.29 marks its decoders deprecated in favour of torchcodec
         warnings.simplefilter("ignore", DeprecationWarning)
         from torchvision.io import ImageReadMode, decode_image, read_file
 
-        images = [decode_image(read_file(str(p)), mode=ImageReadMode.RGB) for p in paths]
+        images = []
+        for p in paths:
+            try:
+                image = decode_image(read_file(str(p)), mode=ImageReadMode.RGB)
+            except RuntimeError as err:
+                raise BcpkdError(f"{p}: not a readable image ({str(err)[:80]}); remove it or replace it") from None
+            images.append(square(image, size) if size else image)
     shapes = {tuple(im.shape) for im in images}
     if len(shapes) != 1:
-        raise BcpkdError(f"{paths[0].parent.parent}: images have different sizes {sorted(shapes)[:3]}; "
-                         f"resize them to one size first")
+        raise BcpkdError(f"{paths[0].parent.parent}: images have different sizes {sorted(shapes)[:3]}; set "
+                         f"--set data.image_size=S to decode them all at S x S (shorter side resized, centre crop)")
     return torch.stack(images)
+
+
+def channel_stats(images: torch.Tensor, rows_per_block: int = 4096) -> dict:
+    """Per-channel mean and standard deviation of uint8 images [N, C, H, W] in [0, 1] units, in blocks."""
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    squares = torch.zeros_like(total)
+    for start in range(0, len(images), rows_per_block):
+        block = images[start:start + rows_per_block].double().div_(255.0)
+        total += block.sum(dim=(0, 2, 3))
+        squares += block.square().sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+    return {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()]}
 
 
 def source_fingerprint(root: Path, paths: list[Path]) -> str:
@@ -120,15 +150,21 @@ def store_folder(root: Path) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bcpkd" / "store"
 
 
-def load_or_decode(root: Path, split: str, paths: list[Path], decode,
-                   store: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """The split's (images, labels) from the store (default: store_folder(root)), or decoded now and
-    stored. Returns (images, labels, whether it decoded now)."""
+def load_or_decode(root: Path, split: str, paths: list[Path], decode, store: Path | None = None,
+                   size: int = 0) -> tuple[torch.Tensor, torch.Tensor, bool, dict]:
+    """The split's (images, labels) from the store (default: store_folder(root)), or decoded now (at `size`, if
+    given) and stored with its channel statistics in the metadata. Returns (images, labels, whether it
+    decoded now, channel statistics)."""
     key = source_fingerprint(root, paths)
-    path = (store or store_folder(root)) / f"{Path(root).name}-{split}-{key}.safetensors"
+    at = f"-{size}px" if size else ""
+    path = (store or store_folder(root)) / f"{Path(root).name}-{split}-{key}{at}.safetensors"
     if path.is_file():
         tensors = load_file(str(path))
-        return tensors["images"], tensors["labels"], False
+        with safe_open(str(path), framework="pt") as f:
+            stats = json.loads((f.metadata() or {}).get("stats", "null"))
+        return tensors["images"], tensors["labels"], False, stats or channel_stats(tensors["images"])
     images, labels = decode()
-    atomic_write(path, lambda p: save_file({"images": images.contiguous(), "labels": labels}, str(p)))
-    return images, labels, True
+    stats = channel_stats(images)
+    atomic_write(path, lambda p: save_file({"images": images.contiguous(), "labels": labels}, str(p),
+                                           metadata={"stats": json.dumps(stats)}))
+    return images, labels, True, stats

@@ -3,7 +3,9 @@
 For 32x32 images the view space is CIFAR's usual pad-4 random crop x horizontal flip: 9 x 9 crop
 offsets x 2 flips = 162 views. View id v encodes flip = v % 2 and offset o = v // 2 with
 row offset (o // 9 + 4) % 9 and column offset (o % 9 + 4) % 9 into the zero-padded image, so view 0
-is the image itself. Views are applied to a whole batch with one gather: no per-image Python work.
+is the image itself. Larger images of side S are padded by S / 8 and the 9 offsets per axis are spread
+over that padding (steps of S / 32 pixels): the same 162 views at every size. Views are applied to a
+whole batch with one gather: no per-image Python work.
 """
 
 from __future__ import annotations
@@ -31,8 +33,12 @@ def apply_views(images: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
     if int(view_ids.min()) < 0 or int(view_ids.max()) >= N_VIEWS:
         raise ValueError(f"view ids must lie in [0, {N_VIEWS})")
     b, c, h, w = images.shape
-    padded = F.pad(images, (PAD, PAD, PAD, PAD))  # [B, C, H + 8, W + 8]
+    pad = max(PAD, round(min(h, w) / 8))  # 4 up to 32 pixels, S / 8 beyond
+    padded = F.pad(images, (pad, pad, pad, pad))  # [B, C, H + 2 pad, W + 2 pad]
     row_off, col_off, flip = view_params(view_ids.to(images.device))
+    if pad != PAD:  # the 9 offsets per axis spread over the padding: pad + (k - 4) * pad / 4
+        row_off = pad + torch.round((row_off - PAD) * (pad / PAD)).long()
+        col_off = pad + torch.round((col_off - PAD) * (pad / PAD)).long()
     ar_h = torch.arange(h, device=images.device)
     ar_w = torch.arange(w, device=images.device)
     rows = row_off[:, None] + ar_h  # [B, H]

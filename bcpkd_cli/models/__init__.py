@@ -7,7 +7,9 @@ features [B, F] with `features` and to logits [B, n_classes] with the final `hea
 
 Families: `resnet` (kuangliu/pytorch-cifar ResNet-18/34/50), `resnet_cifar` (RepDistiller
 resnet20/56, resnet8x4/32x4), `wrn` (RepDistiller WRN-16/40-1/2), `vgg` (RepDistiller vgg8/13
-with BN), `mobilenetv2` (RepDistiller `mobile_half`).
+with BN), `mobilenetv2` (RepDistiller `mobile_half`). Any other network comes by name
+(`torchvision:NAME`, `timm:NAME`, `module:callable`, `file.py:callable`; models/foreign.py) and is
+split into the same `features` and `head`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import mobilenetv2, resnet, resnet_cifar, vgg, wrn
+from bcpkd_cli.models.base import FeaturesHead
+from bcpkd_cli.models.foreign import build_foreign, split_head
 
 
 class MLP(nn.Module):
@@ -44,17 +49,26 @@ def _mlp(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...]) 
     return MLP(in_dim, n_classes, tuple(hidden))
 
 
-class ImageInput(nn.Module):
-    """uint8 images [B, C, H, W] (or floats in [0, 1]) -> normalised floats, so models take the raw store."""
+CIFAR10_STATS = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}  # checkpoints from before
+# the statistics of their data were stored
 
-    MEAN = (0.4914, 0.4822, 0.4465)  # CIFAR-10 channel statistics, a fair default for natural images
-    STD = (0.2470, 0.2435, 0.2616)
+
+class ImageInput(nn.Module):
+    """uint8 images [B, C, H, W] (or floats in [0, 1]) -> floats normalised with the training data's channel
+    statistics (`stats`: {"mean": [C], "std": [C]}; None: scaled to [0, 1] only, for networks that normalise
+    themselves), so models take the raw store."""
+
+    def __init__(self, stats: dict | None = CIFAR10_STATS):
+        super().__init__()
+        self.normalise = stats is not None
+        if stats is not None:
+            self.register_buffer("mean", torch.tensor(stats["mean"]).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(stats["std"]).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x
-        mean = torch.tensor(self.MEAN[: x.shape[1]], device=x.device).view(1, -1, 1, 1)
-        std = torch.tensor(self.STD[: x.shape[1]], device=x.device).view(1, -1, 1, 1)
-        x = (x - mean) / std
+        if self.normalise:
+            x = (x - self.mean) / self.std
         if x.is_cuda and torch.is_autocast_enabled("cuda"):  # bf16 training: the channels_last layout of
             x = x.contiguous(memory_format=torch.channels_last)  # the weights (engine.prepare_for_device)
         return x
@@ -63,11 +77,12 @@ class ImageInput(nn.Module):
 def _image(name: str, make: Callable[..., nn.Module]):
     """Adapt `make(n_classes, in_channels)` to the (input_shape, n_classes, hidden) signature."""
 
-    def build(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...] = ()) -> nn.Module:
+    def build(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...] = (),
+              stats: dict | None = CIFAR10_STATS) -> nn.Module:
         if len(input_shape) != 3:
             raise ValueError(f"{name} needs image inputs (C, H, W), got input_shape {tuple(input_shape)}")
         model = make(n_classes, in_channels=input_shape[0])
-        model.features = nn.Sequential(ImageInput(), model.features)
+        model.features = nn.Sequential(ImageInput(stats), model.features)
         return model
 
     build.__name__ = build.__qualname__ = f"_{name}"
@@ -94,6 +109,15 @@ _IMAGE = {
 ARCHITECTURES = {"mlp": _mlp, **{name: _image(name, make) for name, make in _IMAGE.items()}}
 
 
+class SplitModel(FeaturesHead):
+    """A network from outside the zoo, split by models.foreign.split_head: features (image inputs normalised
+    first) and its last linear layer as head."""
+
+    def __init__(self, features: nn.Module, head: nn.Linear):
+        super().__init__()
+        self.features, self.head = features, head
+
+
 def feature_input(model: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """What `model.features` takes: MLP.forward flattens its inputs first; image models take them as they are."""
     return inputs.flatten(1) if isinstance(model, MLP) else inputs
@@ -103,10 +127,13 @@ HEAD_NAME = "head"  # the name of every model's last linear layer (last-layer La
 
 
 def model_spec(arch: str, input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...],
-               dropout: float = 0.0) -> dict:
-    """The plain-value description of an architecture that checkpoints store."""
-    return {"arch": arch, "input_shape": list(input_shape), "n_classes": n_classes, "hidden": list(hidden),
-            "dropout": dropout}
+               dropout: float = 0.0, arch_kwargs: dict | None = None, stats: dict | None = CIFAR10_STATS) -> dict:
+    """The plain-value description of an architecture that checkpoints store: the architecture string and its
+    keyword arguments (never code), and for image data the channel statistics its input is normalised with
+    (None: the network normalises itself)."""
+    return {"arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "input_shape": list(input_shape),
+            "n_classes": n_classes, "hidden": list(hidden), "dropout": dropout,
+            "stats": stats if len(input_shape) == 3 else None}
 
 
 def add_dropout(model: nn.Module, rate: float) -> None:
@@ -120,14 +147,45 @@ def add_dropout(model: nn.Module, rate: float) -> None:
         model.features = nn.Sequential(model.features, nn.Dropout(rate))
 
 
-def build_model(spec: dict, state_dict: dict | None = None) -> nn.Module:
-    """Build from a model_spec, optionally loading weights."""
-    model = ARCHITECTURES[spec["arch"]](tuple(spec["input_shape"]), spec["n_classes"], tuple(spec["hidden"]))
+def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dict] | None = None) -> nn.Module:
+    """Build from a model_spec, optionally loading the weights of a bcpkd checkpoint (`state_dict`), or importing
+    a trained network's (`init`: (file name, state dict) in the network's own key names)."""
+    arch, input_shape = spec["arch"], tuple(spec["input_shape"])
+    stats = spec.get("stats", CIFAR10_STATS)
+    if arch in ARCHITECTURES:
+        extra = {"stats": stats} if arch != "mlp" else {}
+        model = ARCHITECTURES[arch](input_shape, spec["n_classes"], tuple(spec["hidden"]), **extra)
+        if init is not None:
+            load_weights(model, *init)
+    else:
+        net = build_foreign(arch, spec["n_classes"], spec.get("arch_kwargs", {}))
+        if init is not None:
+            load_weights(net, *init)
+        example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0))
+        features, head = split_head(net, example, arch)
+        model = SplitModel(nn.Sequential(ImageInput(stats), features) if len(input_shape) == 3 else features, head)
     if spec.get("dropout", 0.0) > 0.0:
         add_dropout(model, spec["dropout"])
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+def load_weights(network: nn.Module, source: str, state: dict) -> None:
+    """Load a trained network's weights, all or nothing: missing or unexpected keys and shape mismatches are
+    listed and refused."""
+    own = network.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = [f"{label}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
+                for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
+                if keys]
+    if problems:
+        raise BcpkdError(f"--init {source}: does not fit this network ({'; '.join(problems)}); give the state dict "
+                         f"of the same architecture and class count (and arch_kwargs)")
+    network.load_state_dict(state)
 
 
 @torch.inference_mode()

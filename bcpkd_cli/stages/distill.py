@@ -115,9 +115,13 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         if first.distill.few_shot:
             provenance["few_shot_rows"] = example_index.tolist()
         cfg = recipe.distill
-        spec = model_spec(cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden)
+        spec = model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden, arch_kwargs=cfg.arch_kwargs,
+                          stats=data.stats if cfg.normalize else None)
+        init = artifacts.read_weights(cfg.init, "distill.init") if cfg.init else None
+        if init is not None:
+            provenance["init_sha256"] = artifacts.sha256_file(Path(cfg.init))
         torch.manual_seed(cfg.seed)
-        model = prepare_for_device(build_model(spec), device, recipe.precision)
+        model = prepare_for_device(build_model(spec, init=init), device, recipe.precision)
         group.append(_Student(recipe, model, spec, source, provenance))
     held = data.heldout
     members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(data),

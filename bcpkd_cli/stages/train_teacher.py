@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from bcpkd_cli import artifacts, metrics
-from bcpkd_cli.choices import Arch
 from bcpkd_cli.config import TEACHER_RECORD, Recipe, recipe_record
 from bcpkd_cli.console import console
 from bcpkd_cli.data import load_dataset
@@ -39,7 +38,8 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     starts = kind.starting_points(recipe.teacher, data.fingerprint)
     if starts:  # the stored config describes the network actually used
         used = starts[0]["model"]
-        recipe = replace(recipe, teacher=replace(recipe.teacher, arch=Arch(used["arch"]), hidden=tuple(used["hidden"])))
+        recipe = replace(recipe, teacher=replace(recipe.teacher, arch=used["arch"], hidden=tuple(used["hidden"]),
+                                                 arch_kwargs=dict(used.get("arch_kwargs", {}))))
     cfg = recipe.teacher
     out = artifacts.new_run_dir(recipe.out, f"teacher-{cfg.bayes.value}")
     claim_folder(out, [out / "teacher.pt"], resume, force)
@@ -47,13 +47,18 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
         require_saved_state(out)
     parent_sha = artifacts.sha256_file(Path(cfg.base)) if cfg.base else None
     settings = {**settings_of(recipe, TEACHER_SECTIONS), "data_fingerprint": data.fingerprint,
-                "base_sha256": parent_sha, "processes": place.size}
-    spec = starts[0]["model"] if starts else model_spec(cfg.arch.value, data.input_shape, data.n_classes, cfg.hidden,
-                                                        dropout=kind.dropout(cfg))
+                "base_sha256": parent_sha, "processes": place.size,
+                "init_sha256": artifacts.sha256_file(Path(cfg.init)) if cfg.init else None}
+    spec = starts[0]["model"] if starts else model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden,
+                                                        kind.dropout(cfg), cfg.arch_kwargs,
+                                                        data.stats if cfg.normalize else None)
+    init = artifacts.read_weights(cfg.init, "teacher.init") if cfg.init else None
     data = data.to(device)
     teacher, history = kind.train(TrainingRun(  # one resumable state file per training phase
         recipe, data, device, spec, tuple(starts),
-        phase=lambda name: resumable(out / f"train-state-{name}.pt", settings, resume), folder=out))
+        phase=lambda name: resumable(out / f"train-state-{name}.pt", settings, resume), folder=out, init=init))
+    if init is not None:
+        history["init_sha256"] = artifacts.sha256_file(Path(cfg.init))
 
     held = data.heldout
     history["heldout"] = metrics.classification_report(teacher.predict_probs(held.inputs, torch.arange(len(held))),

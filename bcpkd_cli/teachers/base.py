@@ -51,6 +51,8 @@ class Teacher(ABC):
         if cfg.base and not cls.takes_base:
             errors.append(f"teacher.base: a {cls.kind.value} teacher is trained from scratch; base works with "
                           f"bayes laplace, vi, mcmi or temperature")
+        if cfg.base and cfg.init:
+            errors.append("teacher.init: a teacher starts from teacher.base or from teacher.init, not both")
         if cfg.ensemble.checkpoints and not cls.assembles:
             errors.append(f"teacher.ensemble.checkpoints (--member): only a --bayes ensemble teacher is assembled "
                           f"from checkpoints, not a {cls.kind.value} one")

@@ -38,6 +38,9 @@ class EnsembleTeacher(SampledTeacher):
         errors = super().problems(cfg)
         if cfg.ensemble.checkpoints and len(cfg.ensemble.checkpoints) < 2:
             errors.append("teacher.ensemble.checkpoints: an ensemble needs at least 2 teacher.pt files")
+        if cfg.init:
+            errors.append("teacher.init: ensemble members from one set of weights would be one network; assemble "
+                          "trained teachers with --member a.pt --member b.pt instead")
         return errors
 
     @classmethod

@@ -66,18 +66,19 @@ class TrainingRun:
     starts: tuple[dict, ...]
     phase: Callable[[str], Resume]
     folder: Path  # the teacher's run folder (TensorBoard logs go to folder/tensorboard/<phase>)
+    init: tuple[str, dict] | None = None  # teacher.init: (file name, a trained network's state dict)
 
     @property
     def base(self) -> dict | None:
         """The payload of teacher.base, if the recipe names one."""
         return self.starts[0] if self.recipe.teacher.base else None
 
-    def network(self, seed: int | None = None, state_dict: dict | None = None) -> nn.Module:
-        """A fresh network of the run's spec (seeded; teacher.base's weights when there is a base), on the device."""
+    def network(self, seed: int | None = None) -> nn.Module:
+        """A network of the run's spec on the device: seeded, with teacher.base's weights when there is a base, or
+        the imported network's (teacher.init)."""
         torch.manual_seed(self.recipe.teacher.seed if seed is None else seed)
-        if state_dict is None and self.base is not None:
-            state_dict = self.base["state_dict"]
-        return prepare_for_device(build_model(self.spec, state_dict), self.device, self.recipe.precision)
+        state = self.base["state_dict"] if self.base is not None else None
+        return prepare_for_device(build_model(self.spec, state, self.init), self.device, self.recipe.precision)
 
     def augmented(self, seed: int) -> BatchFn | None:
         """Random views of images when teacher.augment is on (None: the plain training rows)."""
@@ -89,8 +90,9 @@ class TrainingRun:
         """Train `model` in place with the teacher section's optimiser settings; steps and seconds."""
         cfg = self.recipe.teacher
         seed = cfg.seed if seed is None else seed
-        spec = TrainSpec(epochs or cfg.epochs, cfg.batch_size, cfg.optimizer, lr or cfg.lr, cfg.momentum,
-                         cfg.weight_decay, seed, cfg.lr_milestones, self.recipe.precision, self.recipe.compile)
+        spec = TrainSpec(cfg.epochs if epochs is None else epochs, cfg.batch_size, cfg.optimizer,
+                         cfg.lr if lr is None else lr, cfg.momentum, cfg.weight_decay, seed, cfg.lr_milestones,
+                         self.recipe.precision, self.recipe.compile)
         started = time.perf_counter()
         log = self.recipe.log
         report = TrainingReport(desc, line_seconds=log.line_seconds,

@@ -125,7 +125,8 @@ class VITeacher(SampledTeacher):
     def train(cls, run: TrainingRun) -> tuple[Teacher, dict]:
         """Cross-entropy + beta(epoch) * KL(q || p) / N: beta is 0 for vi.ml_epochs, then rises linearly to 1."""
         cfg, n_train = run.recipe.teacher, len(run.data.train)
-        model = to_bayesian(run.network(), cfg.vi, from_base=run.base is not None)
+        trained = run.base is not None or run.init is not None  # posterior means start at trained weights (MOPED)
+        model = to_bayesian(run.network(), cfg.vi, from_base=trained)
         model = prepare_for_device(model, run.device, run.recipe.precision)
 
         def penalty(epoch: int):
