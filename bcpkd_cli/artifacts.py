@@ -227,17 +227,28 @@ def read_cache_metadata(path: Path) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
 
 
-def map_cache_probs(path: Path) -> torch.Tensor:
-    """probs [N, V, C] as a copy-on-write memory map of the safetensors file: nothing is read until a
-    row is indexed, and rows read stay in the page cache, not in the process's own memory."""
+MAPPED_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I64": np.int64}
+
+
+def map_tensor(path: Path, name: str) -> torch.Tensor:
+    """Tensor `name` of a safetensors file as a copy-on-write memory map: nothing is read until a row is
+    indexed, and rows read stay in the page cache, not in the process's own memory."""
     with open(path, "rb") as f:
         header_size = int.from_bytes(f.read(8), "little")
-        entry = json.loads(f.read(header_size))["probs"]
-    dtype = {"F32": np.float32, "F16": np.float16}.get(entry["dtype"])
+        entry = json.loads(f.read(header_size))[name]
+    dtype = MAPPED_DTYPES.get(entry["dtype"])
     if dtype is None:
-        raise BcpkdError(f"{path}: cache dtype {entry['dtype']} is not float32 or float16; {FIX_HINT[CACHE_FORMAT]}")
+        raise BcpkdError(f"{path}: {name} has dtype {entry['dtype']}, not one of {', '.join(MAPPED_DTYPES)}")
     start = 8 + header_size + entry["data_offsets"][0]
     return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=start, shape=tuple(entry["shape"])))
+
+
+def map_cache_probs(path: Path) -> torch.Tensor:
+    """probs [N, V, C] of a cache, memory-mapped (`map_tensor`)."""
+    probs = map_tensor(path, "probs")
+    if probs.dtype not in (torch.float32, torch.float16):
+        raise BcpkdError(f"{path}: cache dtype {probs.dtype} is not float32 or float16; {FIX_HINT[CACHE_FORMAT]}")
+    return probs
 
 
 def check_cache_metadata(path: Path, expect: dict[str, Any]) -> dict[str, Any]:

@@ -242,6 +242,7 @@ def distill(
     batch_size: Optional[int] = config_option("distill.batch_size"),
     seed: Optional[int] = config_option("distill.seed"),
     temperature: Optional[TemperatureFit] = config_option("calibrate.temperature"),
+    views: Optional[int] = config_option("calibrate.views"),
     data: Optional[DatasetName] = DataOpt, data_root: Optional[Path] = DataRootOpt,
     sweep: Optional[list[str]] = typer.Option(None, metavar="KEY=V1,V2",
                                               help="train a grid of students in lockstep, one pass over the data, "
@@ -264,7 +265,7 @@ def distill(
                                 "distill.t_teacher": t_teacher, "distill.t_student": t_student,
                                 "distill.dirichlet_alpha": dirichlet_alpha, "distill.epochs": epochs,
                                 "distill.lr": lr, "distill.batch_size": batch_size, "distill.seed": seed,
-                                "calibrate.temperature": temperature})
+                                "calibrate.temperature": temperature, "calibrate.views": views})
     grid = parse_sweep(sweep or [])
     payload = None
     if teacher is not None:

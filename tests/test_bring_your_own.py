@@ -232,3 +232,25 @@ def test_the_own_model_recipe_runs(single_thread, mixed_folder, tmp_path):
                    cwd=tmp_path).strip()
     students = {row["name"] for row in json.loads(Path(summary).read_text())["students"]}
     assert students == {"onehot", "from_resnet18", "from_laplace"}
+
+
+@pytest.mark.slow
+def test_a_store_larger_than_memory_allows_is_read_from_disk_with_equal_results(single_thread, image_folder,
+                                                                                  tmp_path, monkeypatch):
+    """A store over the in-memory limit is memory-mapped: splits read their rows from disk as indexed, and the
+    teacher, its cache and the student are exactly those of the in-memory run."""
+    from bcpkd_cli.data.mapped import MappedRows
+
+    run = ["--bayes", "laplace", "--arch", "resnet8x4", "--epochs", "1", *_images(image_folder)]
+    in_memory = here("train-teacher", *run, "--out", "mem", cwd=tmp_path).strip()
+    monkeypatch.setattr(image_data, "in_memory_limit", lambda: 0)
+    data = load_dataset(DataConfig(name="imagefolder", root=str(image_folder), n_heldout=15))
+    assert isinstance(data.train.inputs, MappedRows) and isinstance(data.test.inputs, MappedRows)
+    on_disk = here("train-teacher", *run, "--out", "disk", cwd=tmp_path).strip()
+    a, b = (torch.load(tmp_path / p, weights_only=True) for p in (in_memory, on_disk))
+    assert a["data"]["fingerprint"] == b["data"]["fingerprint"]
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
+    students = [here("distill", "--teacher", t, "--arch", "wrn_16_1", "--epochs", "1", "--views", "2", "--out", f"s{i}",
+                     *IMAGES, cwd=tmp_path).strip() for i, t in enumerate((in_memory, on_disk))]
+    a, b = (torch.load(tmp_path / p, weights_only=True)["state_dict"] for p in students)
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -95,3 +95,15 @@ def test_other_commands_refuse_to_run_under_torchrun(tmp_path, monkeypatch, comm
         monkeypatch.setenv(name, value)
     assert "without torchrun" in refused_here(*command, cwd=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_user_factory_trains_data_parallel(teacher, tmp_path):
+    """Your own network under torchrun: every process builds it from the name its command line gives."""
+    work, teacher_path = teacher
+    (tmp_path / "mine.py").write_text("from torch import nn\n\n\ndef make(num_classes, width=8):\n"
+                                      "    return nn.Sequential(nn.Linear(30, width), nn.ReLU(), "
+                                      "nn.Linear(width, num_classes))\n")
+    args = ["distill", "--teacher", str(teacher_path), "--arch", "mine.py:make", *SMALL]
+    one = tmp_path / here(*args, "--out", "one", cwd=tmp_path).strip()
+    many = tmp_path / torchrun(*args, "--out", "many", cwd=tmp_path).stdout.strip()
+    assert_same_student(one, many)

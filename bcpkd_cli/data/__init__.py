@@ -10,6 +10,7 @@ import torch
 
 from bcpkd_cli.config import DataConfig, DatasetName, plain_data
 from bcpkd_cli.data import arrays, images, synthetic
+from bcpkd_cli.data.mapped import MappedRows
 from bcpkd_cli.errors import BcpkdError
 
 
@@ -17,7 +18,7 @@ from bcpkd_cli.errors import BcpkdError
 class Split:
     """One split: inputs [N, ...], labels [N], and exact BCPs [N, C] where the dataset knows them."""
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | MappedRows  # MappedRows: images read from a store on disk as they are indexed
     labels: torch.Tensor
     true_bcp: torch.Tensor | None
 
@@ -26,7 +27,8 @@ class Split:
 
     def subset(self, rows: torch.Tensor) -> "Split":
         rows = rows.to(self.labels.device)
-        return Split(self.inputs[rows], self.labels[rows], None if self.true_bcp is None else self.true_bcp[rows])
+        inputs = self.inputs.subset(rows) if isinstance(self.inputs, MappedRows) else self.inputs[rows]
+        return Split(inputs, self.labels[rows], None if self.true_bcp is None else self.true_bcp[rows])
 
     def to(self, device: torch.device) -> "Split":
         bcp = None if self.true_bcp is None else self.true_bcp.to(device)
@@ -64,11 +66,12 @@ class Dataset:
         return replace(self, train=self.train.to(device), heldout=self.heldout.to(device), test=self.test.to(device))
 
 
-def fingerprint(splits: list[Split]) -> str:
-    """SHA-256 (first 16 hex digits) over the bytes of every split's inputs and labels."""
+def fingerprint(splits: list[Split], rows_per_block: int = 4096) -> str:
+    """SHA-256 (first 16 hex digits) over the bytes of every split's inputs and labels (read in blocks)."""
     digest = hashlib.sha256()
     for s in splits:
-        digest.update(s.inputs.contiguous().numpy().tobytes())
+        for start in range(0, len(s.inputs), rows_per_block):
+            digest.update(s.inputs[start:start + rows_per_block].contiguous().numpy().tobytes())
         digest.update(s.labels.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -157,9 +160,13 @@ def _images(cfg: DataConfig) -> Dataset:
     heldout_rows = order[:n_heldout].sort().values
     train_rows = order[n_heldout:][: cfg.n_train or None].sort().values
     test_rows = torch.arange(len(test_labels))[: cfg.n_test or None]
-    splits = [Split(train_pixels[train_rows], train_labels[train_rows], None),
-              Split(train_pixels[heldout_rows], train_labels[heldout_rows], None),
-              Split(test_pixels[test_rows], test_labels[test_rows], None)]
+
+    def rows_of(pixels: torch.Tensor | MappedRows, rows: torch.Tensor):  # a store on disk stays there
+        return pixels.subset(rows) if isinstance(pixels, MappedRows) else pixels[rows]
+
+    splits = [Split(rows_of(train_pixels, train_rows), train_labels[train_rows], None),
+              Split(rows_of(train_pixels, heldout_rows), train_labels[heldout_rows], None),
+              Split(rows_of(test_pixels, test_rows), test_labels[test_rows], None)]
     return Dataset(*splits, n_classes=n_classes, input_shape=tuple(train_pixels.shape[1:]),
                    fingerprint=fingerprint(splits), seed=cfg.seed, config=cfg, stats=stats)
 

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from bcpkd_cli.artifacts import atomic_write
+from bcpkd_cli.artifacts import atomic_write, map_tensor
+from bcpkd_cli.data.mapped import MappedRows
 from bcpkd_cli.errors import BcpkdError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -151,20 +152,33 @@ def store_folder(root: Path) -> Path:
 
 
 def load_or_decode(root: Path, split: str, paths: list[Path], decode, store: Path | None = None,
-                   size: int = 0) -> tuple[torch.Tensor, torch.Tensor, bool, dict]:
+                   size: int = 0) -> tuple[torch.Tensor | MappedRows, torch.Tensor, bool, dict]:
     """The split's (images, labels) from the store (default: store_folder(root)), or decoded now (at `size`, if
-    given) and stored with its channel statistics in the metadata. Returns (images, labels, whether it
-    decoded now, channel statistics)."""
+    given) and stored with its channel statistics in the metadata. A store larger than `in_memory_limit` is
+    read from disk as it is indexed (MappedRows). Returns (images, labels, whether it decoded now, channel
+    statistics)."""
     key = source_fingerprint(root, paths)
     at = f"-{size}px" if size else ""
     path = (store or store_folder(root)) / f"{Path(root).name}-{split}-{key}{at}.safetensors"
-    if path.is_file():
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            stats = json.loads((f.metadata() or {}).get("stats", "null"))
-        return tensors["images"], tensors["labels"], False, stats or channel_stats(tensors["images"])
-    images, labels = decode()
-    stats = channel_stats(images)
-    atomic_write(path, lambda p: save_file({"images": images.contiguous(), "labels": labels}, str(p),
-                                           metadata={"stats": json.dumps(stats)}))
-    return images, labels, True, stats
+    decoded = not path.is_file()
+    if decoded:
+        images, labels = decode()
+        stats = channel_stats(images)
+        atomic_write(path, lambda p: save_file({"images": images.contiguous(), "labels": labels}, str(p),
+                                               metadata={"stats": json.dumps(stats)}))
+        del images  # read back below: from memory, or mapped from disk when it is large
+    with safe_open(str(path), framework="pt") as f:
+        stats = json.loads((f.metadata() or {}).get("stats", "null"))
+        labels = f.get_tensor("labels")
+        if path.stat().st_size > in_memory_limit():
+            mapped = map_tensor(path, "images")
+            images = MappedRows(mapped, torch.arange(len(mapped)))
+        else:
+            images = f.get_tensor("images")
+    return images, labels, decoded, stats or channel_stats(images)
+
+
+def in_memory_limit() -> int:
+    """Stores larger than this many bytes (a quarter of the machine's memory) are read from disk as needed."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+
