@@ -45,6 +45,7 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     claim_folder(out, [out / "teacher.pt"], resume, force)
     if resume:
         require_saved_state(out)
+    init = artifacts.read_weights(cfg.init, "teacher.init") if cfg.init else None  # a missing file: said first
     parent_sha = artifacts.sha256_file(Path(cfg.base)) if cfg.base else None
     settings = {**settings_of(recipe, TEACHER_SECTIONS), "data_fingerprint": data.fingerprint,
                 "base_sha256": parent_sha, "processes": place.size,
@@ -52,7 +53,6 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     spec = starts[0]["model"] if starts else model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden,
                                                         kind.dropout(cfg), cfg.arch_kwargs,
                                                         data.stats if cfg.normalize else None)
-    init = artifacts.read_weights(cfg.init, "teacher.init") if cfg.init else None
     data = data.to(device)
     teacher, history = kind.train(TrainingRun(  # one resumable state file per training phase
         recipe, data, device, spec, tuple(starts),
