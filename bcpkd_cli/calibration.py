@@ -16,11 +16,12 @@ import json
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from bcpkd_cli import artifacts, metrics
-from bcpkd_cli.choices import TemperatureFit
+from bcpkd_cli.choices import Temper, TemperatureFit
 from bcpkd_cli.config import TEACHER_RECORD, CalibrateConfig, build_recipe, recipe_record, to_plain
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
@@ -48,10 +49,25 @@ def refuse_calibrated(teacher_path: Path, payload: dict) -> None:
                      f"--cache {teacher_path.parent / CACHE_FILE}")
 
 
+def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(log p / T) = p^(1/T) renormalised: the distribution whose logits are log p, at temperature T."""
+    if temperature == 1.0:
+        return probs
+    return torch.softmax(probs.clamp_min(1e-30).log() / temperature, dim=-1)
+
+
+def at_temperature(predictive: Callable[[float], torch.Tensor], t_teacher: float, mode: Temper) -> torch.Tensor:
+    """A teacher's targets at T_t: `logits` divides each logit draw (or the logit distribution) by T_t inside the
+    predictive; `predictive` tempers the predictive at T = 1 (average, then temper)."""
+    return predictive(t_teacher) if mode == Temper.logits else temper(predictive(1.0), t_teacher)
+
+
 def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, t_teacher: float) -> str:
     settings = {"teacher": teacher_sha256, "data": data_fingerprint, "t_teacher": t_teacher, "views": cfg.views,
                 "prior": cfg.prior.value, "temperature": cfg.temperature.value, "dtype": cfg.cache_dtype.value,
                 "predictive_version": PREDICTIVE_VERSION}
+    if cfg.temper != Temper.logits:  # the default leaves the keys of caches made before the setting unchanged
+        settings["temper"] = cfg.temper.value
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -112,15 +128,17 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
             inputs = train.inputs[index.to(train.inputs.device)]
             if data.is_image:
                 inputs = views.apply_views(inputs, ids)
-            chunks.append(teacher.predict_probs(inputs, views.sample_index(index, ids), t_teacher))
+            predictive = teacher.predictive_at(inputs, views.sample_index(index, ids))
+            chunks.append(at_temperature(predictive, t_teacher, cfg.temper))
         slots.append(torch.cat(chunks).cpu())
     return torch.stack(slots, dim=1).to(getattr(torch, cfg.cache_dtype.value))
 
 
 def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> dict:
     """Metadata a cache must carry to serve this teacher, data and T_t (dealbreakers when loading)."""
+    tempered = {"temper": cfg.temper.value} if cfg.temper != Temper.logits else {}  # older caches: logits
     return {"teacher_sha256": artifacts.sha256_file(teacher_path), "data_fingerprint": data.fingerprint,
-            "t_teacher": t_teacher, "n_examples": len(data.train), "n_views": cfg.views,
+            "t_teacher": t_teacher, **tempered, "n_examples": len(data.train), "n_views": cfg.views,
             "predictive_version": PREDICTIVE_VERSION}
 
 
@@ -148,7 +166,8 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
     """Calibrate the teacher, then write the calibrated teacher.pt, report.json and bcp.safetensors."""
     teacher = load_teacher(payload, device)
     console.print(f"calibrating {teacher.kind.value} teacher {teacher_path} on {len(data.heldout)} held-out examples "
-                  f"(prior {cfg.prior.value}, temperature {cfg.temperature.value}) for a cache at T_t = {t_teacher}")
+                  f"(prior {cfg.prior.value}, temperature {cfg.temperature.value}) for a cache at T_t = {t_teacher} "
+                  f"(tempering the {cfg.temper.value})")
     report = calibrate(teacher, data, cfg, n_bins)
     teacher_recipe = build_recipe(payload["config"], "checkpoint config")
     record = recipe_record(replace(teacher_recipe, calibrate=cfg), (*TEACHER_RECORD, "calibrate"))

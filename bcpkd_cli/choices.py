@@ -95,3 +95,8 @@ class Precision(str, enum.Enum):
 class CacheDtype(str, enum.Enum):
     float32 = "float32"
     float16 = "float16"
+
+
+class Temper(str, enum.Enum):
+    logits = "logits"
+    predictive = "predictive"

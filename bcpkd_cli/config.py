@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from bcpkd_cli.choices import (Arch, Bayes, CacheDtype, DatasetName, Hessian, Link, Optimizer, Precision, PriorMethod,
-                               PriorTuning, Subset, Targets, TemperatureFit)
+                               PriorTuning, Subset, Targets, Temper, TemperatureFit)
 from bcpkd_cli.errors import BcpkdError
 
 
@@ -120,6 +120,9 @@ class TeacherConfig:
 class CalibrateConfig:
     prior: PriorTuning = _f(PriorTuning.gridsearch, "Laplace prior precision on held-out data: keep, marglik or gridsearch")
     temperature: TemperatureFit = _f(TemperatureFit.none, "fit a temperature on held-out NLL (any teacher)")
+    temper: Temper = _f(Temper.logits, "how T_t tempers the targets: logits (each logit draw, or the logit "
+                                       "distribution, divided by T_t; bcpkd's default) or predictive (the "
+                                       "predictive p, then p^(1/T_t) renormalised; the authors' code)")
     cache_dtype: CacheDtype = _f(CacheDtype.float32, "dtype of the cached BCPs")
     views: int = _f(1, "augmentation views V cached per training image (1: no augmentation; at most 162)")
     batch_size: int = _f(1024, "inference batch size")

@@ -19,8 +19,9 @@ from typing import Callable
 import torch
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.calibration import cache_expectations, cache_view_ids, describe_tuning, ensure_cache
-from bcpkd_cli.choices import Targets
+from bcpkd_cli.calibration import (at_temperature, cache_expectations, cache_view_ids, describe_tuning,
+                                   ensure_cache, temper)
+from bcpkd_cli.choices import Targets, Temper
 from bcpkd_cli.config import CalibrateConfig, Recipe
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
@@ -31,13 +32,6 @@ from bcpkd_cli.teachers import Teacher, load_teacher
 def onehot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """labels [N] -> one-hot probabilities [N, C]."""
     return torch.nn.functional.one_hot(labels, n_classes).float()
-
-
-def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """softmax(log p / T): the distribution whose logits are log p, at temperature T."""
-    if temperature == 1.0:
-        return probs
-    return torch.softmax(probs.clamp_min(1e-30).log() / temperature, dim=1)
 
 
 def dirichlet_noised(bcp: torch.Tensor, alpha: float, seed: int) -> torch.Tensor:
@@ -96,17 +90,17 @@ class TableTargets(TargetSource):
 class OnlineTargets(TargetSource):
     """The calibrated teacher run on every batch at T_t (the reference the cache is compared with)."""
 
-    def __init__(self, teacher: Teacher, t_teacher: float, provenance: dict):
-        self.teacher, self.t_teacher, self.provenance = teacher, t_teacher, provenance
+    def __init__(self, teacher: Teacher, t_teacher: float, provenance: dict, mode: Temper = Temper.logits):
+        self.teacher, self.t_teacher, self.provenance, self.mode = teacher, t_teacher, provenance, mode
 
     def batch(self, rows, slots, inputs, sample_index, predictives) -> torch.Tensor:
         key = id(self.teacher)
         if key not in predictives:
             predictives[key] = self.teacher.predictive_at(inputs, sample_index())
-        return predictives[key](self.t_teacher)
+        return at_temperature(predictives[key], self.t_teacher, self.mode)
 
     def view_zero(self, inputs, sample_index) -> torch.Tensor:
-        return self.teacher.predict_probs(inputs, sample_index, self.t_teacher)
+        return at_temperature(self.teacher.predictive_at(inputs, sample_index), self.t_teacher, self.mode)
 
 
 def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cache: Path | None,
@@ -147,7 +141,7 @@ def student_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, ca
             key = artifacts.sha256_file(calibrated)  # equal calibrations (say, for other T_t) share one teacher
             if key not in online:
                 online[key] = load_teacher(artifacts.load_checkpoint(calibrated, artifacts.TEACHER_FORMAT), device)
-            return OnlineTargets(online[key], cfg.t_teacher, info)
+            return OnlineTargets(online[key], cfg.t_teacher, info, recipe.calibrate.temper)
         expect = cache_expectations(teacher_path, data, cfg.t_teacher, recipe.calibrate)
         probs, _ = artifacts.load_cache(cache, expect)  # memory-mapped; on CUDA copied to the device once
         return TableTargets(probs if device.type == "cpu" else probs.to(device), info)

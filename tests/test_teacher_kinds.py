@@ -315,3 +315,20 @@ def test_every_kind_on_a_tiny_image_folder(single_thread, image_folder, kind, tm
     meta, reports = _chain(teacher, tree, tmp_path)
     assert meta["n_views"] == 2 and len(meta["views"]["ids"]) == 2
     assert "kl_to_bcp" not in reports["teacher"] and 0.0 <= reports["teacher"]["accuracy"] <= 1.0
+
+
+def test_sampled_kinds_temper_each_draw_or_the_average(teachers, tiny_data):
+    """calibrate.temper: logits averages softmax(z_s / T) over draws; predictive tempers the average."""
+    from bcpkd_cli.calibration import at_temperature
+    from bcpkd_cli.choices import Temper
+
+    _, teacher = _load(teachers[Bayes.ensemble])
+    x, index = _inputs(tiny_data)
+    with torch.no_grad():
+        logits = torch.stack([member(x) for member in teacher.members])  # [M, B, C]
+    t = 2.0 * teacher.calibration_temperature
+    each = torch.softmax(logits / t, dim=2).mean(0)
+    average = torch.softmax(torch.softmax(logits / teacher.calibration_temperature, dim=2).mean(0).log() / 2.0, dim=1)
+    predictive = teacher.predictive_at(x, index)
+    torch.testing.assert_close(at_temperature(predictive, 2.0, Temper.logits), each, atol=1e-6, rtol=0)
+    torch.testing.assert_close(at_temperature(predictive, 2.0, Temper.predictive), average, atol=1e-6, rtol=0)

@@ -383,3 +383,23 @@ def test_last_layer_laplace_on_a_batchnorm_network(tiny_data):
     assert probs.shape == (24, 3)
     torch.testing.assert_close(probs.sum(1), torch.ones(24))
     torch.testing.assert_close(probs, teacher.la(images, pred_type="glm", link_approx="probit"), atol=1e-6, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- tempering
+
+def test_the_two_temperings_of_the_laplace_probit_predictive(fitted, tiny_data):
+    """logits: softmax(mu / sqrt(T^2 + pi/8 var)); predictive (the authors'): softmax(mu / (T sqrt(1 + pi/8 var)))."""
+    from bcpkd_cli.calibration import at_temperature
+    from bcpkd_cli.choices import Temper
+
+    teacher = fitted(Subset.last_layer, Hessian.kron)
+    x = tiny_data.heldout.inputs[:50]
+    f_mu, f_var = teacher.logit_moments(x)
+    predictive = teacher.predictive_at(x, torch.arange(50))
+    t = 2.0
+    logits_way = torch.softmax(f_mu / torch.sqrt(t**2 + math.pi / 8 * f_var), dim=1)
+    authors_way = torch.softmax(f_mu / (t * torch.sqrt(1 + math.pi / 8 * f_var)), dim=1)
+    torch.testing.assert_close(at_temperature(predictive, t, Temper.logits), logits_way, atol=1e-6, rtol=0)
+    torch.testing.assert_close(at_temperature(predictive, t, Temper.predictive), authors_way, atol=1e-6, rtol=0)
+    assert (logits_way - authors_way).abs().max() > 1e-3  # they differ visibly at T_t = 2
+    assert torch.equal(at_temperature(predictive, 1.0, Temper.predictive), predictive(1.0))
