@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from bcpkd_cli import artifacts, metrics
-from bcpkd_cli.choices import Temper, TemperatureFit
+from bcpkd_cli.choices import PriorTuning, Temper, TemperatureFit
 from bcpkd_cli.config import TEACHER_RECORD, CalibrateConfig, build_recipe, recipe_record, to_plain
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
@@ -77,6 +77,8 @@ def cache_path(teacher_path: Path, key: str, out: str = "") -> Path:
 
 def heldout_report(teacher: Teacher, data: Dataset, n_bins: int) -> dict[str, float]:
     held = data.heldout
+    if len(held) == 0:
+        return {}
     probs = teacher.predict_probs(held.inputs, torch.arange(len(held)))
     return metrics.classification_report(probs, held.labels, held.true_bcp, n_bins)
 
@@ -149,6 +151,10 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
 
     `data` is on `device`. Returns (absolute path of bcp.safetensors, whether it was built now).
     """
+    if len(data.heldout) == 0 and (cfg.prior == PriorTuning.gridsearch or cfg.temperature == TemperatureFit.fit):
+        raise BcpkdError("data.n_heldout=0: calibrate tunes on held-out data (calibrate.prior=gridsearch or "
+                         "calibrate.temperature=fit); keep a held-out split, or --set calibrate.prior=keep "
+                         "(or marglik) and calibrate.temperature=none")
     expect = cache_expectations(teacher_path, data, t_teacher, cfg)
     key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher)
     path = cache_path(teacher_path, key, out).resolve()

@@ -36,9 +36,12 @@ class DataConfig:
     image_size: int = _f(0, "images: decode every image once at S x S (shorter side resized to S, centre crop); "
                             "0: keep their size (all must share one)")
     label_column: str = _f("label", "arrays from a .csv: the column holding the integer class label")
+    standardize: bool = _f(True, "vector data (synthetic, arrays): models standardise every feature with the "
+                                 "training split's mean and std (kept in each checkpoint)")
     download: bool = _f(False, "cifar10/100: download into root first (connected machines only)")
     n_train: int = _f(0, "training examples; 0: the default (synthetic 22,500; images: all left after held-out)")
-    n_heldout: int = _f(0, "held-out examples (images: carved from the training data, seeded); 0: 2,500 / 5,000")
+    n_heldout: int = _f(-1, "held-out examples (carved from the training data, seeded); -1: the default (synthetic "
+                            "2,500; files a tenth, at most 5,000); 0: none, when nothing is tuned on them")
     n_test: int = _f(0, "test examples; 0: the default (synthetic 10,000; images: the whole test split)")
     n_classes: int = _f(5, "synthetic: number of classes")
     dim: int = _f(30, "synthetic: input dimension")
@@ -367,7 +370,9 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         errors.append("calibrate.views: the synthetic dataset has no augmentation views; use 1")
     if recipe.distill.few_shot < 0:
         errors.append(f"distill.few_shot: must be 0 (all) or positive, got {recipe.distill.few_shot}")
-    for key in ("n_train", "n_heldout", "n_test"):
+    if recipe.data.n_heldout < -1:
+        errors.append(f"data.n_heldout: must be -1 (the default), 0 (none) or positive, got {recipe.data.n_heldout}")
+    for key in ("n_train", "n_test"):
         if getattr(recipe.data, key) < 0:
             errors.append(f"data.{key}: must be 0 (the default) or positive, got {getattr(recipe.data, key)}")
     if recipe.data.name != DatasetName.synthetic and not recipe.data.root:
@@ -431,9 +436,9 @@ SYNTHETIC_ONLY = ("n_classes", "dim", "noise_var", "mean_choices")  # data keys 
 UNUSED_DATA_KEYS = {
     DatasetName.synthetic: ("root", "download", "image_size", "label_column"),
     DatasetName.arrays: (*SYNTHETIC_ONLY, "download", "image_size"),
-    DatasetName.imagefolder: (*SYNTHETIC_ONLY, "label_column", "download"),
-    DatasetName.cifar10: (*SYNTHETIC_ONLY, "label_column"),
-    DatasetName.cifar100: (*SYNTHETIC_ONLY, "label_column"),
+    DatasetName.imagefolder: (*SYNTHETIC_ONLY, "label_column", "download", "standardize"),
+    DatasetName.cifar10: (*SYNTHETIC_ONLY, "label_column", "standardize"),
+    DatasetName.cifar100: (*SYNTHETIC_ONLY, "label_column", "standardize"),
 }
 
 

@@ -254,3 +254,18 @@ def test_a_store_larger_than_memory_allows_is_read_from_disk_with_equal_results(
                      *IMAGES, cwd=tmp_path).strip() for i, t in enumerate((in_memory, on_disk))]
     a, b = (torch.load(tmp_path / p, weights_only=True)["state_dict"] for p in students)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_vector_data_is_standardised_inside_the_model_with_the_training_splits_statistics(tiny_config):
+    from dataclasses import replace
+
+    data = load_dataset(tiny_config)
+    x = data.train.inputs.double()
+    torch.testing.assert_close(torch.tensor(data.stats["mean"], dtype=torch.float64), x.mean(0))
+    torch.testing.assert_close(torch.tensor(data.stats["std"], dtype=torch.float64), x.std(0, unbiased=False))
+    model = build_model(model_spec("mlp", (30,), 5, (8,), stats=data.stats))
+    z = model.features[0](data.heldout.inputs)
+    torch.testing.assert_close(z, ((data.heldout.inputs.double() - x.mean(0)) / x.std(0, unbiased=False)).float())
+    assert load_dataset(replace(tiny_config, standardize=False)).stats is None
+    assert build_model(model_spec("mlp", (30,), 5, (8,), stats=data.stats, normalize=False)).features[0].__class__ \
+        is torch.nn.Linear

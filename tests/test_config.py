@@ -20,7 +20,7 @@ def test_build_recipe_defaults():
     recipe = build_recipe({})
     assert recipe == Recipe()
     assert recipe.device == "auto" and recipe.out == ""
-    assert recipe.data.n_train == 0 and recipe.data.n_heldout == 0 and recipe.data.n_test == 0  # dataset defaults
+    assert recipe.data.n_train == 0 and recipe.data.n_heldout == -1 and recipe.data.n_test == 0  # dataset defaults
     assert recipe.data.n_classes == 5 and recipe.data.dim == 30 and recipe.data.noise_var == 2.5
     assert recipe.data.mean_choices == (4.0, 5.0, 6.0)
     assert recipe.teacher.bayes is Bayes.none and recipe.teacher.hidden == (256, 256)
@@ -62,7 +62,7 @@ def test_all_problems_are_reported_in_one_error():
         "bogus: unknown key (valid: calibrate, compile, data, device, distill, evaluate, experiment, log, out, "
         "precision, teacher)",
         "data.n_trian: unknown key (valid: dim, download, image_size, label_column, mean_choices, n_classes, "
-        "n_heldout, n_test, n_train, name, noise_var, root, seed)",
+        "n_heldout, n_test, n_train, name, noise_var, root, seed, standardize)",
         "data.n_test: expected int, got 'many'",
         "data.noise_var: must be positive, got 0.0",
         "teacher.bayes: 'gaussian' is not one of: none, laplace",

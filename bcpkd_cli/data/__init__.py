@@ -45,7 +45,8 @@ class Dataset:
     fingerprint: str
     seed: int
     config: DataConfig | None = None  # what it was loaded from
-    stats: dict | None = None  # images: the training files' channel mean and std ({"mean": [C], "std": [C]})
+    stats: dict | None = None  # images: the training files' channel mean and std ({"mean": [C], "std": [C]});
+    # vectors: the training split's per-feature mean and std ([D] each), unless data.standardize is off
 
     @property
     def is_image(self) -> bool:
@@ -98,13 +99,19 @@ SYNTHETIC_SIZES = (22500, 2500, 10000)  # train, held-out, test when the config 
 IMAGE_HELDOUT = 5000
 
 
+def feature_stats(features: torch.Tensor) -> dict:
+    """Per-feature mean and standard deviation of the training split's vectors [N, D] (a constant feature: 1)."""
+    std = features.double().std(dim=0, unbiased=False)
+    return {"mean": features.double().mean(dim=0).tolist(), "std": torch.where(std > 0, std, 1.0).tolist()}
+
+
 def _synthetic(cfg: DataConfig) -> Dataset:
     means = synthetic_means(cfg)
-    sizes = [n or default for n, default in zip((cfg.n_train, cfg.n_heldout, cfg.n_test), SYNTHETIC_SIZES)]
+    sizes = [cfg.n_train or SYNTHETIC_SIZES[0], check_sizes(cfg), cfg.n_test or SYNTHETIC_SIZES[2]]
     splits = [Split(*synthetic.sample_split(n, means, cfg.noise_var, _generator(cfg.seed, name)))
               for name, n in zip(("train", "heldout", "test"), sizes)]
     return Dataset(*splits, n_classes=cfg.n_classes, input_shape=(cfg.dim,), fingerprint=fingerprint(splits),
-                   seed=cfg.seed, config=cfg)
+                   seed=cfg.seed, config=cfg, stats=feature_stats(splits[0].inputs) if cfg.standardize else None)
 
 
 def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
@@ -137,11 +144,11 @@ def image_counts(cfg: DataConfig) -> tuple[int, int]:
 def check_sizes(cfg: DataConfig, counts: tuple[int, int] | None = None) -> int:
     """Refuse split sizes the images (or rows) cannot fill, before any work; the held-out size it uses."""
     if cfg.name == DatasetName.synthetic:
-        return cfg.n_heldout or SYNTHETIC_SIZES[1]
+        return SYNTHETIC_SIZES[1] if cfg.n_heldout < 0 else cfg.n_heldout
     if counts is None and cfg.name == DatasetName.arrays:
         return 0  # checked when the file is read
     n_files, n_test_files = counts or image_counts(cfg)
-    n_heldout = cfg.n_heldout or min(IMAGE_HELDOUT, n_files // 10)
+    n_heldout = min(IMAGE_HELDOUT, n_files // 10) if cfg.n_heldout < 0 else cfg.n_heldout
     fix = "lower them with --set data.n_train=N --set data.n_heldout=N --set data.n_test=N (0: all that is there)"
     if n_heldout + max(cfg.n_train, 1) > n_files:
         raise BcpkdError(f"data.n_train={cfg.n_train} + data.n_heldout={n_heldout}: {cfg.root} holds only {n_files} "
@@ -189,7 +196,7 @@ def _arrays(cfg: DataConfig) -> Dataset:
     splits = [Split(x[train_rows], y[train_rows], None), Split(x[heldout_rows], y[heldout_rows], None),
               Split(test[0][: cfg.n_test or None], test[1][: cfg.n_test or None], None)]
     return Dataset(*splits, n_classes=int(y.max()) + 1, input_shape=(x.shape[1],), fingerprint=fingerprint(splits),
-                   seed=cfg.seed, config=cfg)
+                   seed=cfg.seed, config=cfg, stats=feature_stats(splits[0].inputs) if cfg.standardize else None)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

@@ -25,12 +25,26 @@ from bcpkd_cli.models.base import FeaturesHead
 from bcpkd_cli.models.foreign import build_foreign, split_head
 
 
-class MLP(nn.Module):
-    """ReLU multilayer perceptron: features (all hidden layers) then a linear head."""
+class VectorInput(nn.Module):
+    """Feature vectors [B, D] -> standardised with the training split's per-feature mean and std (`stats`), so
+    every stage feeds a model the raw data and the model applies the same statistics."""
 
-    def __init__(self, in_dim: int, n_classes: int, hidden: tuple[int, ...]):
+    def __init__(self, stats: dict):
         super().__init__()
-        layers: list[nn.Module] = []
+        self.register_buffer("mean", torch.tensor(stats["mean"]), persistent=False)
+        self.register_buffer("std", torch.tensor(stats["std"]), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class MLP(nn.Module):
+    """ReLU multilayer perceptron: features (input standardisation when `stats` are given, then all hidden
+    layers) and a linear head."""
+
+    def __init__(self, in_dim: int, n_classes: int, hidden: tuple[int, ...], stats: dict | None = None):
+        super().__init__()
+        layers: list[nn.Module] = [VectorInput(stats)] if stats is not None else []
         width = in_dim
         for h in hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
@@ -42,11 +56,12 @@ class MLP(nn.Module):
         return self.head(self.features(x.flatten(1)))
 
 
-def _mlp(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...]) -> nn.Module:
+def _mlp(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...],
+         stats: dict | None = None) -> nn.Module:
     in_dim = 1
     for d in input_shape:
         in_dim *= d
-    return MLP(in_dim, n_classes, tuple(hidden))
+    return MLP(in_dim, n_classes, tuple(hidden), stats)
 
 
 CIFAR10_STATS = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}  # checkpoints from before
@@ -127,13 +142,16 @@ HEAD_NAME = "head"  # the name of every model's last linear layer (last-layer La
 
 
 def model_spec(arch: str, input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...],
-               dropout: float = 0.0, arch_kwargs: dict | None = None, stats: dict | None = CIFAR10_STATS) -> dict:
+               dropout: float = 0.0, arch_kwargs: dict | None = None, stats: dict | None = None,
+               normalize: bool = True) -> dict:
     """The plain-value description of an architecture that checkpoints store: the architecture string and its
-    keyword arguments (never code), and for image data the channel statistics its input is normalised with
-    (None: the network normalises itself)."""
+    keyword arguments (never code), and the statistics its inputs are normalised with: the data's channel
+    statistics for images (CIFAR-10's when none are given), per-feature ones for vectors (none: raw inputs);
+    `normalize=False`: none, the network normalises itself."""
+    if len(input_shape) == 3 and normalize:
+        stats = stats or CIFAR10_STATS
     return {"arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "input_shape": list(input_shape),
-            "n_classes": n_classes, "hidden": list(hidden), "dropout": dropout,
-            "stats": stats if len(input_shape) == 3 else None}
+            "n_classes": n_classes, "hidden": list(hidden), "dropout": dropout, "stats": stats if normalize else None}
 
 
 def add_dropout(model: nn.Module, rate: float) -> None:
@@ -151,10 +169,10 @@ def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dic
     """Build from a model_spec, optionally loading the weights of a bcpkd checkpoint (`state_dict`), or importing
     a trained network's (`init`: (file name, state dict) in the network's own key names)."""
     arch, input_shape = spec["arch"], tuple(spec["input_shape"])
-    stats = spec.get("stats", CIFAR10_STATS)
+    # images of checkpoints that predate stored statistics were normalised with CIFAR-10's; vectors not at all
+    stats = spec.get("stats", CIFAR10_STATS if len(input_shape) == 3 else None)
     if arch in ARCHITECTURES:
-        extra = {"stats": stats} if arch != "mlp" else {}
-        model = ARCHITECTURES[arch](input_shape, spec["n_classes"], tuple(spec["hidden"]), **extra)
+        model = ARCHITECTURES[arch](input_shape, spec["n_classes"], tuple(spec["hidden"]), stats=stats)
         if init is not None:
             load_weights(model, *init)
     else:
@@ -163,7 +181,11 @@ def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dic
             load_weights(net, *init)
         example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0))
         features, head = split_head(net, example, arch)
-        model = SplitModel(nn.Sequential(ImageInput(stats), features) if len(input_shape) == 3 else features, head)
+        if len(input_shape) == 3:
+            features = nn.Sequential(ImageInput(stats), features)
+        elif stats is not None:
+            features = nn.Sequential(VectorInput(stats), features)
+        model = SplitModel(features, head)
     if spec.get("dropout", 0.0) > 0.0:
         add_dropout(model, spec["dropout"])
     if state_dict is not None:

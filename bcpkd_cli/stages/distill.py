@@ -116,7 +116,7 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
             provenance["few_shot_rows"] = example_index.tolist()
         cfg = recipe.distill
         spec = model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden, arch_kwargs=cfg.arch_kwargs,
-                          stats=data.stats if cfg.normalize else None)
+                          stats=data.stats, normalize=cfg.normalize)
         init = artifacts.read_weights(cfg.init, "distill.init") if cfg.init else None
         if init is not None:
             provenance["init_sha256"] = artifacts.sha256_file(Path(cfg.init))
@@ -164,6 +164,8 @@ def _heldout_logger(data: Dataset):
     held = data.heldout
 
     def log_heldout(step: int, net) -> dict:
+        if len(held) == 0:  # data.n_heldout=0: no held-out curve
+            return {"step": step}
         held_probs = torch.softmax(predict_logits(net, held.inputs), dim=1)
         return {"step": step, "heldout_nll": metrics.nll(held_probs, held.labels),
                 "heldout_accuracy": metrics.accuracy(held_probs, held.labels)}
@@ -190,6 +192,8 @@ def _save(student: _Student, out: Path, data: Dataset, example_index: torch.Tens
     path = artifacts.save_checkpoint(out / "student.pt", payload)
     artifacts.write_config(out, record)
     label = f" [{name}]" if name else ""
-    line(f"student ({cfg.targets.value}){label}: {steps} steps in {seconds:.1f}s, final held-out accuracy "
-         f"{member.log[-1]['heldout_accuracy']:.4f}, gradient noise {grad_noise:.3g} -> {path}")
+    final = member.log[-1].get("heldout_accuracy") if member.log else None
+    held = f"final held-out accuracy {final:.4f}, " if final is not None else ""
+    line(f"student ({cfg.targets.value}){label}: {steps} steps in {seconds:.1f}s, {held}gradient noise {grad_noise:.3g} "
+         f"-> {path}")
     return path

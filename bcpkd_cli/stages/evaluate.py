@@ -46,7 +46,8 @@ def evaluate_student(payload: dict, recipe: Recipe, data: Dataset, device: torch
     probs = torch.softmax(predict_logits(model, test.inputs, recipe.evaluate.batch_size), dim=1)
     report = metrics.classification_report(probs, test.labels, test.true_bcp, recipe.evaluate.ece_bins)
     for key in ("nll", "accuracy"):
-        noise = metrics.convergence_noise([entry[f"heldout_{key}"] for entry in payload["log"]])
+        noise = metrics.convergence_noise([entry[f"heldout_{key}"] for entry in payload["log"]
+                                           if f"heldout_{key}" in entry])
         report[f"convergence_noise_{key}"] = None if math.isnan(noise) else noise  # null: log too short
     report["grad_noise"] = payload["history"]["grad_noise"]
     for which in recipe.evaluate.grad_targets:

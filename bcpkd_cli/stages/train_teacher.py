@@ -35,6 +35,10 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     device = resolve_device(recipe.device)
     place = join_process_group(device)
     data = load_dataset(recipe.data)
+    if len(data.heldout) == 0 and kind.needs_heldout(recipe.teacher):
+        raise BcpkdError(f"data.n_heldout=0: a {recipe.teacher.bayes.value} teacher tunes on held-out data "
+                         f"(teacher.laplace.prior=gridsearch or bayes=temperature); keep a held-out split or use "
+                         f"--set teacher.laplace.prior=marglik")
     starts = kind.starting_points(recipe.teacher, data.fingerprint)
     if starts:  # the stored config describes the network actually used
         used = starts[0]["model"]
@@ -51,8 +55,7 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
                 "base_sha256": parent_sha, "processes": place.size,
                 "init_sha256": artifacts.sha256_file(Path(cfg.init)) if cfg.init else None}
     spec = starts[0]["model"] if starts else model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden,
-                                                        kind.dropout(cfg), cfg.arch_kwargs,
-                                                        data.stats if cfg.normalize else None)
+                                                        kind.dropout(cfg), cfg.arch_kwargs, data.stats, cfg.normalize)
     data = data.to(device)
     teacher, history = kind.train(TrainingRun(  # one resumable state file per training phase
         recipe, data, device, spec, tuple(starts),
@@ -62,7 +65,7 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
 
     held = data.heldout
     history["heldout"] = metrics.classification_report(teacher.predict_probs(held.inputs, torch.arange(len(held))),
-                                                       held.labels, held.true_bcp)
+                                                       held.labels, held.true_bcp) if len(held) else {}
     if not place.is_main:
         return None
     history["processes"] = place.size
@@ -71,6 +74,6 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
                                                                          history))
     artifacts.write_config(out, record)
     finish(out)
-    summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items())
+    summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items()) or "none (data.n_heldout=0)"
     console.print(f"{cfg.bayes.value} teacher: held-out {summary}")
     return path

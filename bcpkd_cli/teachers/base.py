@@ -67,6 +67,11 @@ class Teacher(ABC):
         return [load_single_network(cfg.base, "teacher.base", data_fingerprint, (Bayes.none,))]
 
     @classmethod
+    def needs_heldout(cls, cfg: TeacherConfig) -> bool:
+        """Whether training tunes something on held-out data (then data.n_heldout must not be 0)."""
+        return False
+
+    @classmethod
     def dropout(cls, cfg: TeacherConfig) -> float:
         """Dropout rate the network is built with (0: none)."""
         return 0.0

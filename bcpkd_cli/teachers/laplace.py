@@ -110,6 +110,10 @@ class LaplaceTeacher(Teacher):
                           hessian_structure=cfg.hessian.value, **kwargs)
 
     @classmethod
+    def needs_heldout(cls, cfg: TeacherConfig) -> bool:
+        return cfg.laplace.prior == PriorMethod.gridsearch
+
+    @classmethod
     def train(cls, run: TrainingRun) -> tuple[Teacher, dict]:
         """Cross-entropy training (or teacher.base), then laplace-torch's fit and prior precision."""
         cfg, held = run.recipe.teacher, run.data.heldout

@@ -9,6 +9,7 @@ import torch
 
 from bcpkd_cli import metrics
 from bcpkd_cli.choices import Bayes
+from bcpkd_cli.config import TeacherConfig
 from bcpkd_cli.console import console
 from bcpkd_cli.teachers.base import Teacher
 from bcpkd_cli.teachers.deterministic import DeterministicTeacher
@@ -60,6 +61,10 @@ class TemperatureTeacher(DeterministicTeacher):
 
     kind = Bayes.temperature
     takes_base = True
+
+    @classmethod
+    def needs_heldout(cls, cfg: TeacherConfig) -> bool:
+        return True
 
     @classmethod
     def train(cls, run: TrainingRun) -> tuple[Teacher, dict]:
