@@ -62,12 +62,15 @@ def at_temperature(predictive: Callable[[float], torch.Tensor], t_teacher: float
     return predictive(t_teacher) if mode == Temper.logits else temper(predictive(1.0), t_teacher)
 
 
-def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, t_teacher: float) -> str:
+def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, t_teacher: float,
+              view_padding: str = "zeros") -> str:
     settings = {"teacher": teacher_sha256, "data": data_fingerprint, "t_teacher": t_teacher, "views": cfg.views,
                 "prior": cfg.prior.value, "temperature": cfg.temperature.value, "dtype": cfg.cache_dtype.value,
                 "predictive_version": PREDICTIVE_VERSION}
-    if cfg.temper != Temper.logits:  # the default leaves the keys of caches made before the setting unchanged
+    if cfg.temper != Temper.logits:  # the defaults leave the keys of caches made before these settings unchanged
         settings["temper"] = cfg.temper.value
+    if view_padding != "zeros" and cfg.views > 1:
+        settings["view_padding"] = view_padding
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -129,7 +132,7 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
             ids = torch.full_like(index, view_id)
             inputs = train.inputs[index.to(train.inputs.device)]
             if data.is_image:
-                inputs = views.apply_views(inputs, ids)
+                inputs = views.apply_views(inputs, ids, data.view_padding)
             predictive = teacher.predictive_at(inputs, views.sample_index(index, ids))
             chunks.append(at_temperature(predictive, t_teacher, cfg.temper))
         slots.append(torch.cat(chunks).cpu())
@@ -139,6 +142,8 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
 def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> dict:
     """Metadata a cache must carry to serve this teacher, data and T_t (dealbreakers when loading)."""
     tempered = {"temper": cfg.temper.value} if cfg.temper != Temper.logits else {}  # older caches: logits
+    if data.view_padding != "zeros" and cfg.views > 1:  # older caches: zeros
+        tempered["view_padding"] = data.view_padding
     return {"teacher_sha256": artifacts.sha256_file(teacher_path), "data_fingerprint": data.fingerprint,
             "t_teacher": t_teacher, **tempered, "n_examples": len(data.train), "n_views": cfg.views,
             "predictive_version": PREDICTIVE_VERSION}
@@ -156,7 +161,7 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
                          "calibrate.temperature=fit); keep a held-out split, or --set calibrate.prior=keep "
                          "(or marglik) and calibrate.temperature=none")
     expect = cache_expectations(teacher_path, data, t_teacher, cfg)
-    key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher)
+    key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher, data.view_padding)
     path = cache_path(teacher_path, key, out).resolve()
     with artifacts.exclusive_lock(path.parent / ".lock", f"waiting for another job building the cache {path}"):
         built = force or not path.is_file()
@@ -183,10 +188,10 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
     artifacts.write_json(path.parent / "report.json", report)
 
     probs = build_cache_probs(teacher, data, t_teacher, cfg)
+    augmentation = f"pad crop ({data.view_padding} padding) x flip" if data.is_image else "none"
     metadata = {**expect, "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
-                "split": "train",
-                "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": "pad-4 crop x flip" if data.is_image
-                          else "none"}, "bayes": teacher.kind.value,
+                "split": "train", "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": augmentation},
+                "bayes": teacher.kind.value,
                 "method": teacher.method_settings(teacher_recipe.teacher),
                 "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
                 "dtype": cfg.cache_dtype.value, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}

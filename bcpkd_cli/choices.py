@@ -100,3 +100,13 @@ class CacheDtype(str, enum.Enum):
 class Temper(str, enum.Enum):
     logits = "logits"
     predictive = "predictive"
+
+
+class ViewPadding(str, enum.Enum):
+    zeros = "zeros"
+    reflect = "reflect"
+
+
+class Centroids(str, enum.Enum):
+    epoch = "epoch"
+    once = "once"

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from bcpkd_cli.choices import (Arch, Bayes, CacheDtype, DatasetName, Hessian, Link, Optimizer, Precision, PriorMethod,
-                               PriorTuning, Subset, Targets, Temper, TemperatureFit)
+                               PriorTuning, Subset, Targets, Temper, TemperatureFit, ViewPadding, Centroids)
 from bcpkd_cli.errors import BcpkdError
 
 
@@ -36,6 +36,8 @@ class DataConfig:
     image_size: int = _f(0, "images: decode every image once at S x S (shorter side resized to S, centre crop); "
                             "0: keep their size (all must share one)")
     label_column: str = _f("label", "arrays from a .csv: the column holding the integer class label")
+    view_padding: ViewPadding = _f(ViewPadding.zeros, "images: how augmentation views pad before cropping: zeros, or "
+                                                      "reflect (the authors' RandomCrop padding_mode)")
     standardize: bool = _f(True, "vector data (synthetic, arrays): models standardise every feature with the "
                                  "training split's mean and std (kept in each checkpoint)")
     download: bool = _f(False, "cifar10/100: download into root first (connected machines only)")
@@ -90,6 +92,9 @@ class MCMIConfig:
                              "(softer, more informative outputs, as the original work), < 0 minimises it (sharper)")
     epochs: int = _f(10, "fine-tuning epochs after the cross-entropy training (or from teacher.base)")
     lr_scale: float = _f(1.0, "fine-tuning learning rate as a multiple of teacher.lr")
+    centroids: Centroids = _f(Centroids.epoch, "class centroids recomputed every fine-tuning epoch, or once before "
+                                               "it (the authors' script)")
+    cosine: bool = _f(False, "fine-tuning learning rate annealed on a cosine over its epochs (the authors' script)")
 
 
 @dataclass(frozen=True)
@@ -173,6 +178,8 @@ class ExperimentConfig:
     students: dict = _f({}, "bcpkd run: name -> overrides of the distill section (plus `teacher: NAME`)")
     seeds: tuple[int, ...] = _f((0,), "bcpkd run: student seeds")
     workers: int = _f(1, "bcpkd run: students trained in parallel processes (one CPU thread each when > 1)")
+    reported: dict = _f({}, "bcpkd run: student name -> the paper's reported test accuracy in percent, printed beside "
+                            "the measured mean")
 
 
 @dataclass(frozen=True)
@@ -434,8 +441,8 @@ def config_field(dotted: str) -> dataclasses.Field:
 
 SYNTHETIC_ONLY = ("n_classes", "dim", "noise_var", "mean_choices")  # data keys that only the synthetic set reads
 UNUSED_DATA_KEYS = {
-    DatasetName.synthetic: ("root", "download", "image_size", "label_column"),
-    DatasetName.arrays: (*SYNTHETIC_ONLY, "download", "image_size"),
+    DatasetName.synthetic: ("root", "download", "image_size", "label_column", "view_padding"),
+    DatasetName.arrays: (*SYNTHETIC_ONLY, "download", "image_size", "view_padding"),
     DatasetName.imagefolder: (*SYNTHETIC_ONLY, "label_column", "download", "standardize"),
     DatasetName.cifar10: (*SYNTHETIC_ONLY, "label_column", "standardize"),
     DatasetName.cifar100: (*SYNTHETIC_ONLY, "label_column", "standardize"),

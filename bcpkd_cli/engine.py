@@ -112,6 +112,7 @@ class TrainSpec:
     lr_milestones: tuple[int, ...] = ()
     precision: Precision = Precision.auto
     compile: bool = False
+    cosine: bool = False  # cosine annealing of the learning rate over the epochs instead of milestones
 
 
 def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
@@ -173,11 +174,13 @@ class Member:
 
 def _schedule_state(schedule: torch.optim.lr_scheduler.LRScheduler) -> dict:
     state = schedule.state_dict()
-    return {**state, "milestones": dict(state["milestones"])}  # a Counter does not load with weights_only
+    if "milestones" in state:  # MultiStepLR's Counter does not load with weights_only
+        state = {**state, "milestones": dict(state["milestones"])}
+    return state
 
 
 def _restore_schedule(schedule: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
-    schedule.load_state_dict({**state, "milestones": Counter(state["milestones"])})
+    schedule.load_state_dict({**state, "milestones": Counter(state["milestones"])} if "milestones" in state else state)
 
 
 # group_batch_fn(rows [B], epoch) -> (inputs [B, ...], one target tensor [B, C] (or None) per member)
@@ -211,7 +214,8 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     optimizers = [make_optimizer(m.model.parameters(), m.spec) for m in members]
     wrapped = [data_parallel(m.model, labels.device) for m in members]
     forwards = [torch.compile(w) if m.spec.compile else w for m, w in zip(members, wrapped)]  # same parameters
-    schedules = [torch.optim.lr_scheduler.MultiStepLR(o, list(m.spec.lr_milestones), gamma=0.1)
+    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, epochs) if m.spec.cosine else
+                 torch.optim.lr_scheduler.MultiStepLR(o, list(m.spec.lr_milestones), gamma=0.1)
                  for m, o in zip(members, optimizers)]
     n = len(labels)
     total = epochs * ((n + batch_size - 1) // batch_size)

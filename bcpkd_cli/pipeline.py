@@ -143,8 +143,8 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _table(title: str, rows: list[dict], columns: list[str]) -> tuple[Table, str]:
-    """A rich table and the same as Markdown; cells are mean ± std over seeds (the value alone for one seed);
-    columns without a value in any row are left out."""
+    """A rich table and the same as Markdown; cells are mean ± std over seeds (the value alone for one seed, or
+    for a value without a spread, like the paper's number); columns without a value in any row are left out."""
     columns = [c for c in columns if any(c in row for row in rows)]
     table = Table(title=title)
     table.add_column("name")
@@ -152,7 +152,7 @@ def _table(title: str, rows: list[dict], columns: list[str]) -> tuple[Table, str
         table.add_column(c, justify="right")
     md = ["| name | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in rows:
-        cells = [("-" if c not in row else f"{row[c][0]:.4g}" if row.get("seeds", 1) == 1 else
+        cells = [("-" if c not in row else f"{row[c][0]:.4g}" if row.get("seeds", 1) == 1 or row[c][1] is None else
                   f"{row[c][0]:.4g} ± {row[c][1]:.2g}") for c in columns]
         table.add_row(row["name"], *cells)
         md.append(f"| {row['name']} | " + " | ".join(cells) + " |")
@@ -250,16 +250,18 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False) -> P
         teacher_rows.append({"name": label, "checkpoint": str(path),
                              **{k: (v, 0.0) for k, v in report["metrics"].items() if isinstance(v, float)}})
     student_rows = []
+    reported = recipe.experiment.reported
     for name, reports in student_reports.items():
         keys = [k for k in reports[0]["metrics"] if all(isinstance(r["metrics"].get(k), float) for r in reports)]
         student_rows.append({"name": name, "seeds": len(reports),
-                             **{k: _mean_std([r["metrics"][k] for r in reports]) for k in keys}})
+                             **{k: _mean_std([r["metrics"][k] for r in reports]) for k in keys},
+                             **({"paper_accuracy": (reported[name] / 100, None)} if name in reported else {})})
     t_table, t_md = _table("teachers (test split)", teacher_rows, TEACHER_COLUMNS)
     extra = sorted({k for r in student_rows for k in r if k.startswith("grad_noise_")})
     seeds = len(recipe.experiment.seeds)
     s_table, s_md = _table(f"students (test split; mean ± std over {seeds} seeds)" if seeds > 1 else
                            "students (test split; one seed)",
-                           student_rows, STUDENT_COLUMNS + extra)
+                           student_rows, STUDENT_COLUMNS[:1] + ["paper_accuracy"] + STUDENT_COLUMNS[1:] + extra)
     console.print(t_table)
     console.print(s_table)
     artifacts.write_text(out / "summary.md", f"# {source}\n\n## Teachers\n\n{t_md}\n\n## Students\n\n{s_md}\n")

@@ -171,7 +171,7 @@ def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sourc
             return train_inputs[rows], [torch.zeros(0, data.n_classes, device=device) for _ in sources]
         slots = sampler.slots(rows, epoch)  # [B] columns of the [N, V, C] cache
         ids = view_ids[slots]
-        inputs = views.apply_views(train_inputs[rows], ids) if data.is_image else train_inputs[rows]
+        inputs = views.apply_views(train_inputs[rows], ids, data.view_padding) if data.is_image else train_inputs[rows]
         def sample_index() -> torch.Tensor:  # only online teachers need it (it reads the view ids on the CPU)
             return views.sample_index(example_index[rows.cpu()], ids)
 

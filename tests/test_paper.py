@@ -4,7 +4,9 @@ the paper's recipes use."""
 from __future__ import annotations
 
 import json
+import math
 
+import pytest
 import torch
 
 from cli_helpers import here, refused_here
@@ -29,3 +31,37 @@ def test_no_heldout_split_when_nothing_is_tuned_on_it(single_thread, tmp_path):
     report = json.loads(here("evaluate", student, "--json", "--device", "cpu", cwd=tmp_path))[0]
     assert report["metrics"]["convergence_noise_nll"] is None and 0 <= report["metrics"]["accuracy"] <= 1
     assert all(set(entry) == {"step"} for entry in torch.load(tmp_path / student, weights_only=True)["log"])
+
+
+def test_mcmi_as_the_authors_script_centroids_once_and_a_cosine_schedule(single_thread, tmp_path, monkeypatch):
+    """mcmi.centroids=once computes the class centroids from the network before fine-tuning and keeps them;
+    mcmi.cosine anneals the fine-tuning learning rate as lr * (1 + cos(pi * epoch / epochs)) / 2."""
+    from bcpkd_cli import engine
+    from bcpkd_cli.config import build_recipe
+    from bcpkd_cli.stages import train_teacher
+    from bcpkd_cli.teachers import mcmi
+
+    calls, lrs, optimizers = [], [], []
+    real_centroids, real_optimizer = mcmi.class_centroids, engine.make_optimizer
+    monkeypatch.setattr(mcmi, "class_centroids", lambda model, data: calls.append(1) or real_centroids(model, data))
+    monkeypatch.setattr(engine, "make_optimizer", lambda params, spec: optimizers.append(real_optimizer(params, spec))
+                        or optimizers[-1])
+    real_step = torch.optim.Adam.step
+
+    def step(self, *args, **kwargs):  # the learning rate of every fine-tuning step
+        if self is optimizers[-1] and len(optimizers) == 2:
+            lrs.append(self.param_groups[0]["lr"])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", step)
+    tree = {"data": {"n_train": 100, "n_heldout": 20, "n_test": 20}, "device": "cpu", "out": str(tmp_path / "t"),
+            "teacher": {"bayes": "mcmi", "hidden": [8], "epochs": 1, "batch_size": 50, "lr": 0.001,
+                        "mcmi": {"weight": -0.2, "epochs": 4, "lr_scale": 0.2, "centroids": "once", "cosine": True}}}
+    train_teacher.run(build_recipe(tree))
+    assert len(calls) == 1  # once, not every epoch
+    want = [0.0002 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4) for _ in range(2)]  # 2 steps an epoch
+    assert lrs == pytest.approx(want)
+    calls.clear()
+    tree["teacher"]["mcmi"].update(centroids="epoch", cosine=False)
+    train_teacher.run(build_recipe({**tree, "out": str(tmp_path / "t2")}))
+    assert len(calls) == 4

@@ -72,3 +72,14 @@ def test_an_empty_batch_has_no_views(images):
     """A torchrun process's share of a short last batch can be empty."""
     empty = apply_views(images[:0], torch.zeros(0, dtype=torch.long))
     assert empty.shape == (0, *images.shape[1:]) and empty.dtype == images.dtype
+
+
+def test_reflect_padding_views_mirror_the_border(images):
+    """data.view_padding=reflect pads as torchvision's RandomCrop(padding_mode='reflect')."""
+    import torch.nn.functional as F
+
+    view = 2 * (0 * 9 + 5)  # row offset 4 (none), column offset 0: the crop starts 4 pixels left, in the padding
+    padded = F.pad(images[:1].float(), (4, 4, 4, 4), mode="reflect").to(images.dtype)
+    got = apply_views(images[:1], torch.tensor([view]), "reflect")[0]
+    assert torch.equal(got, padded[0, :, 4:4 + images.shape[2], 0:images.shape[3]])
+    assert torch.equal(got[:, :, 4:], images[0, :, :, :-4]) and torch.equal(got[:, :, 0], images[0, :, :, 4])

@@ -52,6 +52,11 @@ class Dataset:
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
 
+    @property
+    def view_padding(self) -> str:
+        """How augmentation views pad: zeros or reflect (data.view_padding)."""
+        return self.config.view_padding.value if self.config else "zeros"
+
     def split(self, name: str) -> Split:
         return {"train": self.train, "heldout": self.heldout, "test": self.test}[name]
 

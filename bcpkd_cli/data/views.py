@@ -26,15 +26,19 @@ def view_params(view_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
     return rows, cols, (view_ids % 2).bool()
 
 
-def apply_views(images: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
-    """images [B, C, H, W] (any dtype), view ids [B] -> the views [B, C, H, W], zero padding."""
+def apply_views(images: torch.Tensor, view_ids: torch.Tensor, padding: str = "zeros") -> torch.Tensor:
+    """images [B, C, H, W] (any dtype), view ids [B] -> the views [B, C, H, W]; `padding` zeros or reflect
+    (as torchvision's RandomCrop padding_mode)."""
     if len(view_ids) == 0:  # an empty share of a batch (torchrun)
         return images
     if int(view_ids.min()) < 0 or int(view_ids.max()) >= N_VIEWS:
         raise ValueError(f"view ids must lie in [0, {N_VIEWS})")
     b, c, h, w = images.shape
     pad = max(PAD, round(min(h, w) / 8))  # 4 up to 32 pixels, S / 8 beyond
-    padded = F.pad(images, (pad, pad, pad, pad))  # [B, C, H + 2 pad, W + 2 pad]
+    if padding == "reflect":  # reflect padding is not defined for integer tensors: done on float copies
+        padded = F.pad(images.float(), (pad, pad, pad, pad), mode="reflect").to(images.dtype)
+    else:
+        padded = F.pad(images, (pad, pad, pad, pad))  # [B, C, H + 2 pad, W + 2 pad]
     row_off, col_off, flip = view_params(view_ids.to(images.device))
     if pad != PAD:  # the 9 offsets per axis spread over the padding: pad + (k - 4) * pad / 4
         row_off = pad + torch.round((row_off - PAD) * (pad / PAD)).long()

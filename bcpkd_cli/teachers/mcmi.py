@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bcpkd_cli import losses
-from bcpkd_cli.choices import Bayes
+from bcpkd_cli.choices import Bayes, Centroids
 from bcpkd_cli.data import Dataset
 from bcpkd_cli.engine import broadcast_buffers
 from bcpkd_cli.models import predict_logits
@@ -26,13 +26,17 @@ def class_centroids(model: nn.Module, data: Dataset) -> torch.Tensor:
 
 
 def fine_tune(model: nn.Module, run: TrainingRun) -> dict:
-    """Minimise CE - lambda * KL(p(x) || Q_y) with the class centroids Q recomputed every epoch."""
+    """Minimise CE - lambda * KL(p(x) || Q_y) with the class centroids Q recomputed every epoch (or computed once,
+    at the start: mcmi.centroids=once)."""
     cfg, data = run.recipe.teacher, run.data
     views_batch = run.augmented(cfg.seed + 1)
     state: dict = {"epoch": None, "centroids": None}
+    if cfg.mcmi.centroids == Centroids.once:  # from the network before fine-tuning (a resumed run too)
+        broadcast_buffers(model)
+        state["centroids"] = class_centroids(model, data)
 
     def batch(rows: torch.Tensor, epoch: int):
-        if state["epoch"] != epoch:
+        if cfg.mcmi.centroids == Centroids.epoch and state["epoch"] != epoch:
             broadcast_buffers(model)  # under torchrun: every process uses rank 0's BatchNorm statistics
             state["epoch"], state["centroids"] = epoch, class_centroids(model, data)
             model.train()
@@ -44,7 +48,7 @@ def fine_tune(model: nn.Module, run: TrainingRun) -> dict:
         return F.cross_entropy(logits, labels, reduction="none") - cfg.mcmi.weight * cmi
 
     return run.fit(model, loss_fn, "mcmi", "mcmi fine-tuning", seed=cfg.seed + 1, epochs=cfg.mcmi.epochs,
-                   lr=cfg.lr * cfg.mcmi.lr_scale, batch_fn=batch)
+                   lr=cfg.lr * cfg.mcmi.lr_scale, batch_fn=batch, cosine=cfg.mcmi.cosine)
 
 
 class MCMITeacher(DeterministicTeacher):

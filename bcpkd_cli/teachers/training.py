@@ -36,7 +36,7 @@ def random_views(data: Dataset, seed: int) -> BatchFn:
     sampler = views.ViewSampler(len(data.train), views.N_VIEWS, seed)
 
     def batch(rows: torch.Tensor, epoch: int):
-        return views.apply_views(data.train.inputs[rows], sampler.slots(rows, epoch)), None
+        return views.apply_views(data.train.inputs[rows], sampler.slots(rows, epoch), data.view_padding), None
 
     return batch
 
@@ -86,13 +86,13 @@ class TrainingRun:
 
     def fit(self, model: nn.Module, loss_fn: LossFn, phase: str, desc: str, seed: int | None = None,
             epochs: int | None = None, lr: float | None = None, batch_fn: BatchFn | None = None,
-            penalty: Callable[[int], "torch.Tensor | float"] | None = None) -> dict:
+            penalty: Callable[[int], "torch.Tensor | float"] | None = None, cosine: bool = False) -> dict:
         """Train `model` in place with the teacher section's optimiser settings; steps and seconds."""
         cfg = self.recipe.teacher
         seed = cfg.seed if seed is None else seed
         spec = TrainSpec(cfg.epochs if epochs is None else epochs, cfg.batch_size, cfg.optimizer,
                          cfg.lr if lr is None else lr, cfg.momentum, cfg.weight_decay, seed, cfg.lr_milestones,
-                         self.recipe.precision, self.recipe.compile)
+                         self.recipe.precision, self.recipe.compile, cosine)
         started = time.perf_counter()
         log = self.recipe.log
         report = TrainingReport(desc, line_seconds=log.line_seconds,
