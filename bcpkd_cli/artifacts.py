@@ -265,13 +265,14 @@ def check_cache_metadata(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 20) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Memory-mapped probs [N, V, C] and metadata; every key of `expect` must match (dealbreakers).
+    """Memory-mapped probs [N, V, C] (or [N, V, K, C] with K draws) and metadata; every key of `expect` must
+    match (dealbreakers).
     Rows are checked to sum to 1 in blocks of about `floats_per_check` numbers (8 MB as float64), so
     checking never holds more than a block in memory."""
     meta = check_cache_metadata(path, expect)
     probs = map_cache_probs(path)
     tolerance = 1e-2 if probs.dtype == torch.float16 else 1e-4
-    corrupt = probs.ndim != 3
+    corrupt = probs.ndim not in (3, 4)  # [N, V, C], or [N, V, K, C] with draws
     rows_per_check = max(1, floats_per_check // max(1, probs[0].numel())) if not corrupt else 1
     for start in range(0, 0 if corrupt else len(probs), rows_per_check):
         row_sums = probs[start:start + rows_per_check].double().sum(dim=-1)

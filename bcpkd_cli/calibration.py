@@ -58,7 +58,8 @@ def temper(probs: torch.Tensor, temperature: float) -> torch.Tensor:
 
 def at_temperature(predictive: Callable[[float], torch.Tensor], t_teacher: float, mode: Temper) -> torch.Tensor:
     """A teacher's targets at T_t: `logits` divides each logit draw (or the logit distribution) by T_t inside the
-    predictive; `predictive` tempers the predictive at T = 1 (average, then temper)."""
+    predictive; `predictive` tempers the predictive at T = 1 (average, then temper). The same for the
+    probabilities of each draw ([S, B, C], from Teacher.draws_at): each draw is tempered on its own."""
     return predictive(t_teacher) if mode == Temper.logits else temper(predictive(1.0), t_teacher)
 
 
@@ -71,6 +72,8 @@ def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, 
         settings["temper"] = cfg.temper.value
     if view_padding != "zeros" and cfg.views > 1:
         settings["view_padding"] = view_padding
+    if cfg.draws:
+        settings["draws"] = cfg.draws
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -121,7 +124,8 @@ def cache_view_ids(data: Dataset, cfg: CalibrateConfig) -> torch.Tensor:
 
 
 def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> torch.Tensor:
-    """The teacher's predictive at T_t on every view slot of every training example -> [N, V, C]."""
+    """The teacher's predictive at T_t on every view slot of every training example -> [N, V, C]; with
+    calibrate.draws K, the first K Monte Carlo draws instead -> [N, V, K, C]."""
     train = data.train
     view_ids = cache_view_ids(data, cfg)
     slots = []
@@ -133,8 +137,16 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
             inputs = train.inputs[index.to(train.inputs.device)]
             if data.is_image:
                 inputs = views.apply_views(inputs, ids, data.view_padding)
-            predictive = teacher.predictive_at(inputs, views.sample_index(index, ids))
-            chunks.append(at_temperature(predictive, t_teacher, cfg.temper))
+            sample_index = views.sample_index(index, ids)
+            if cfg.draws:
+                draws = at_temperature(teacher.draws_at(inputs, sample_index), t_teacher, cfg.temper)  # [S, B, C]
+                if len(draws) < cfg.draws:
+                    raise BcpkdError(f"calibrate.draws={cfg.draws}: a {teacher.kind.value} teacher draws {len(draws)} "
+                                     f"per example (vi, mc-dropout and ensembles draw their samples; laplace with "
+                                     f"link mc); lower calibrate.draws")
+                chunks.append(draws[:cfg.draws].transpose(0, 1))  # [B, K, C]
+            else:
+                chunks.append(at_temperature(teacher.predictive_at(inputs, sample_index), t_teacher, cfg.temper))
         slots.append(torch.cat(chunks).cpu())
     return torch.stack(slots, dim=1).to(getattr(torch, cfg.cache_dtype.value))
 
@@ -144,6 +156,8 @@ def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg:
     tempered = {"temper": cfg.temper.value} if cfg.temper != Temper.logits else {}  # older caches: logits
     if data.view_padding != "zeros" and cfg.views > 1:  # older caches: zeros
         tempered["view_padding"] = data.view_padding
+    if cfg.draws:  # older caches: none
+        tempered["n_draws"] = cfg.draws
     return {"teacher_sha256": artifacts.sha256_file(teacher_path), "data_fingerprint": data.fingerprint,
             "t_teacher": t_teacher, **tempered, "n_examples": len(data.train), "n_views": cfg.views,
             "predictive_version": PREDICTIVE_VERSION}

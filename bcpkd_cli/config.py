@@ -131,6 +131,8 @@ class CalibrateConfig:
     temper: Temper = _f(Temper.logits, "how T_t tempers the targets: logits (each logit draw, or the logit "
                                        "distribution, divided by T_t; bcpkd's default) or predictive (the "
                                        "predictive p, then p^(1/T_t) renormalised; the authors' code)")
+    draws: int = _f(0, "also keep the first K Monte Carlo draws of a sampling teacher per example and view "
+                       "([N, V, K, C]; vi, mc-dropout, ensemble, laplace with link mc); 0: only their mean")
     cache_dtype: CacheDtype = _f(CacheDtype.float32, "dtype of the cached BCPs")
     views: int = _f(1, "augmentation views V cached per training image (1: no augmentation; at most 162)")
     batch_size: int = _f(1024, "inference batch size")
@@ -151,6 +153,8 @@ class DistillConfig:
     t_teacher: float = _f(1.0, "teacher temperature T_t (divides the teacher's logits)")
     t_student: float = _f(1.0, "student temperature T_s")
     dirichlet_alpha: float = _f(5.0, "targets=noisy: concentration of Dirichlet(alpha * P)")
+    draw: str = _f("mean", "a cache with draws (calibrate.draws): mean (their average), one (a seeded draw per "
+                           "example per epoch: the online VI protocol at cached cost) or K (the mean of K of them)")
     few_shot: int = _f(0, "train the student on K seeded training examples per class (0: all of them)")
     epochs: int = _f(2, "training epochs")
     batch_size: int = _f(8, "training batch size")
@@ -397,6 +401,13 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         if epochs < 0 or (epochs == 0 and where == "teacher.mcmi.epochs"):
             errors.append(f"{where}: must be {'positive' if 'mcmi' in where else '0 (train nothing) or positive'}, "
                           f"got {epochs}")
+    if not re.fullmatch(r"mean|one|[1-9]\d*", recipe.distill.draw):
+        errors.append(f"distill.draw: {recipe.distill.draw!r} is not mean, one or a number of draws K")
+    elif recipe.distill.draw not in ("mean", "one") and int(recipe.distill.draw) > max(recipe.calibrate.draws, 1):
+        errors.append(f"distill.draw: {recipe.distill.draw} draws, but the cache keeps calibrate.draws="
+                      f"{recipe.calibrate.draws}; raise calibrate.draws")
+    if recipe.calibrate.draws < 0:
+        errors.append(f"calibrate.draws: must be 0 or positive, got {recipe.calibrate.draws}")
     if recipe.data.image_size < 0:
         errors.append(f"data.image_size: must be 0 (keep the size) or positive, got {recipe.data.image_size}")
     for item in recipe.evaluate.grad_targets:

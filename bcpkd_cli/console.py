@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bcpkd_cli.errors import BcpkdError
@@ -63,7 +64,7 @@ class TrainingReport:
         self.total, self.epochs, self.n_examples = total_steps, epochs, n_examples
         self.started, self.start_step, self.last_line = time.perf_counter(), step, time.perf_counter()
         group = f" x {len(self.names)} in lockstep" if len(self.names) > 1 else \
-            (f" [{self.names[0]}]" if self.names[0] else "")
+            (escape(f" [{self.names[0]}]") if self.names[0] else "")  # not rich markup
         if total_steps == 0:
             console.print(f"{self.desc}{group}: 0 epochs, nothing to train")
             return

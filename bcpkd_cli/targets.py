@@ -55,10 +55,10 @@ class TargetSource(ABC):
     provenance: dict
 
     @abstractmethod
-    def batch(self, rows: torch.Tensor, slots: torch.Tensor, inputs: torch.Tensor,
+    def batch(self, rows: torch.Tensor, slots: torch.Tensor, epoch: int, inputs: torch.Tensor,
               sample_index: Callable[[], torch.Tensor], predictives: Predictives) -> torch.Tensor:
-        """Targets [B, C] of training rows [B] seen in view slots [B] (the batch `inputs`, whose Monte Carlo
-        draws are seeded by `sample_index()` [B]); `predictives` is shared by the students of one batch."""
+        """Targets [B, C] of training rows [B] seen in view slots [B] in `epoch` (the batch `inputs`, whose Monte
+        Carlo draws are seeded by `sample_index()` [B]); `predictives` is shared by the students of one batch."""
 
     @abstractmethod
     def view_zero(self, inputs: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
@@ -69,22 +69,45 @@ class TargetSource(ABC):
         return self
 
 
+def draw_weights(n_examples: int, n_draws: int, mode: str, seed: int, epoch: int) -> torch.Tensor:
+    """How much each of an example's K cached draws weighs in its target this epoch -> [N, K], rows summing to 1:
+    `mean` 1/K each; `one` a single seeded draw; a number k: k distinct seeded draws, 1/k each."""
+    if mode == "mean":
+        return torch.full((n_examples, n_draws), 1.0 / n_draws)
+    k = 1 if mode == "one" else int(mode)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 7_919)  # apart from the view draws
+    chosen = torch.rand(n_examples, n_draws, generator=generator).argsort(dim=1)[:, :k]
+    return torch.zeros(n_examples, n_draws).scatter_(1, chosen, 1.0 / k)
+
+
 class TableTargets(TargetSource):
     """Fixed rows probs [N, V, C] (V = 1 unless cached per view): a cache, kept memory-mapped on the CPU in its
-    stored dtype (copied to a GPU once), or one-hot, true or noisy BCPs."""
+    stored dtype (copied to a GPU once), or one-hot, true or noisy BCPs. A cache with K Monte Carlo draws,
+    [N, V, K, C], gives each example the draws `draw` picks (`draw_weights`, seeded by `seed` and the epoch)."""
 
-    def __init__(self, probs: torch.Tensor, provenance: dict | None = None):
+    def __init__(self, probs: torch.Tensor, provenance: dict | None = None, draw: str = "mean", seed: int = 0):
         self.probs = probs
         self.provenance = provenance or {}
+        self.draw, self.seed = draw, seed
+        self._epoch, self._weights = -1, torch.empty(0)
 
-    def batch(self, rows, slots, inputs, sample_index, predictives) -> torch.Tensor:
-        return self.probs[rows, slots if self.probs.shape[1] > 1 else 0].float()  # a float16 cache too
+    def batch(self, rows, slots, epoch, inputs, sample_index, predictives) -> torch.Tensor:
+        picked = self.probs[rows, slots if self.probs.shape[1] > 1 else 0].float()  # a float16 cache too
+        if picked.ndim == 2:
+            return picked  # [B, C]
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._weights = draw_weights(len(self.probs), self.probs.shape[2], self.draw, self.seed, epoch)
+        weights = self._weights.to(picked.device)[rows]  # [B, K]
+        return (weights[:, :, None] * picked).sum(dim=1)  # [B, C]
 
     def view_zero(self, inputs, sample_index) -> torch.Tensor:
-        return self.probs[:, 0].float()
+        """Unaugmented targets [N, C]; with draws, their mean (the target the draws estimate)."""
+        zero = self.probs[:, 0].float()
+        return zero.mean(dim=1) if zero.ndim == 3 else zero
 
     def subset(self, rows: torch.Tensor) -> TargetSource:
-        return TableTargets(self.probs[rows.to(self.probs.device)], self.provenance)
+        return TableTargets(self.probs[rows.to(self.probs.device)], self.provenance, self.draw, self.seed)
 
 
 class OnlineTargets(TargetSource):
@@ -93,7 +116,7 @@ class OnlineTargets(TargetSource):
     def __init__(self, teacher: Teacher, t_teacher: float, provenance: dict, mode: Temper = Temper.logits):
         self.teacher, self.t_teacher, self.provenance, self.mode = teacher, t_teacher, provenance, mode
 
-    def batch(self, rows, slots, inputs, sample_index, predictives) -> torch.Tensor:
+    def batch(self, rows, slots, epoch, inputs, sample_index, predictives) -> torch.Tensor:
         key = id(self.teacher)
         if key not in predictives:
             predictives[key] = self.teacher.predictive_at(inputs, sample_index())
@@ -144,7 +167,11 @@ def student_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, ca
             return OnlineTargets(online[key], cfg.t_teacher, info, recipe.calibrate.temper)
         expect = cache_expectations(teacher_path, data, cfg.t_teacher, recipe.calibrate)
         probs, _ = artifacts.load_cache(cache, expect)  # memory-mapped; on CUDA copied to the device once
-        return TableTargets(probs if device.type == "cpu" else probs.to(device), info)
+        if cfg.draw != "mean" and probs.ndim == 3:
+            raise BcpkdError(f"distill.draw={cfg.draw}: the cache {cache} keeps no Monte Carlo draws; build one with "
+                             f"--set calibrate.draws=K")
+        return TableTargets(probs if device.type == "cpu" else probs.to(device), info, cfg.draw,
+                            cfg.data_seed if cfg.data_seed >= 0 else cfg.seed)
     if cfg.targets == Targets.onehot:
         return TableTargets(onehot(train_split.labels, data.n_classes)[:, None, :])
     if train_split.true_bcp is None:
@@ -176,6 +203,6 @@ def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sourc
             return views.sample_index(example_index[rows.cpu()], ids)
 
         predictives: Predictives = {}
-        return inputs, [source.batch(rows, slots, inputs, sample_index, predictives) for source in sources]
+        return inputs, [source.batch(rows, slots, epoch, inputs, sample_index, predictives) for source in sources]
 
     return batch

@@ -65,3 +65,40 @@ def test_mcmi_as_the_authors_script_centroids_once_and_a_cosine_schedule(single_
     tree["teacher"]["mcmi"].update(centroids="epoch", cosine=False)
     train_teacher.run(build_recipe({**tree, "out": str(tmp_path / "t2")}))
     assert len(calls) == 4
+
+
+def test_cached_draws_give_one_draw_per_example_per_epoch(single_thread, tmp_path):
+    """calibrate.draws keeps each ensemble member's probabilities ([N, V, K, C]); distill.draw=one trains every
+    example on one seeded draw per epoch, K on the mean of K of them, mean on their average (the predictive)."""
+    from bcpkd_cli import artifacts
+    from bcpkd_cli.config import build_recipe
+    from bcpkd_cli.data import load_dataset
+    from bcpkd_cli.targets import TableTargets, draw_weights
+    from bcpkd_cli.teachers import load_teacher
+
+    teacher = here("train-teacher", "--bayes", "ensemble", "--members", "3", "--epochs", "1", "--out", "t", *TINY,
+                   "--set", "data.n_heldout=50", cwd=tmp_path).strip()
+    cache = here("calibrate", "--teacher", teacher, "--set", "calibrate.draws=3", "--set", "calibrate.prior=keep",
+                 *TINY, "--set", "data.n_heldout=50", cwd=tmp_path).strip()
+    probs, meta = artifacts.load_cache(cache, {})
+    assert probs.shape == (300, 1, 3, 5) and meta["n_draws"] == 3
+    payload = torch.load(tmp_path / teacher, weights_only=True)
+    ensemble = load_teacher(payload, torch.device("cpu"))
+    data = load_dataset(build_recipe({"data": payload["data"]["config"]}).data)
+    with torch.no_grad():
+        members = torch.stack([torch.softmax(m(data.train.inputs), dim=1) for m in ensemble.members], dim=1)
+    torch.testing.assert_close(probs[:, 0], members, atol=1e-6, rtol=0)
+    weights = draw_weights(300, 3, "one", seed=4, epoch=2)
+    assert torch.equal(weights.sum(1), torch.ones(300)) and set(weights.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(weights, draw_weights(300, 3, "one", seed=4, epoch=3))  # a new draw every epoch
+    two = draw_weights(300, 3, "2", seed=4, epoch=2)
+    assert set(two.unique().tolist()) == {0.0, 0.5} and torch.equal((two > 0).sum(1), torch.full((300,), 2))
+    rows, slots = torch.arange(10), torch.zeros(10, dtype=torch.long)
+    source = TableTargets(probs, draw="one", seed=4)
+    want = (draw_weights(300, 3, "one", 4, 2)[rows, :, None] * probs[rows, 0]).sum(1)
+    torch.testing.assert_close(source.batch(rows, slots, 2, None, None, {}), want)
+    mean = TableTargets(probs, draw="mean").batch(rows, slots, 0, None, None, {})
+    torch.testing.assert_close(mean, ensemble.predict_probs(data.train.inputs[:10], rows), atol=1e-6, rtol=0)
+    student = here("distill", "--teacher", teacher, "--set", "calibrate.draws=3", "--set", "calibrate.prior=keep",
+                   "--set", "distill.draw=one", "--out", "s", *TINY, "--set", "data.n_heldout=50", cwd=tmp_path).strip()
+    assert torch.load(tmp_path / student, weights_only=True)["config"]["distill"]["draw"] == "one"

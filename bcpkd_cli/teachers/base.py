@@ -90,6 +90,12 @@ class Teacher(ABC):
     def predictive_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
         """Run the network(s) once on inputs [B, ...]; return temperature T -> probabilities [B, C] at T_cal * T."""
 
+    def draws_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
+        """Run the network(s) once; return temperature -> the probabilities of each Monte Carlo draw [S, B, C]
+        (the predictive averages them; one draw, the predictive itself, for kinds that draw nothing)."""
+        predictive = self.predictive_at(inputs, index)
+        return lambda temperature: predictive(temperature)[None]
+
     def tune(self, cfg: CalibrateConfig, held: Split) -> dict:
         """Tune the kind's own predictive settings on held-out data, in place; what was tuned."""
         return {}

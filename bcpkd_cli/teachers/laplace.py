@@ -226,8 +226,16 @@ class LaplaceTeacher(Teacher):
         """Compute the logit moments once; return temperature -> probabilities [B, C] at T_cal * T."""
         return self.link(*self.logit_moments(inputs), index)
 
-    def link(self, f_mu: torch.Tensor, f_var: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
-        """Logit moments -> (temperature -> probabilities [B, C]) through the probit or MC link."""
+    def draws_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
+        """The MC link's S draws [S, B, C] (the probit link draws nothing: its predictive, [1, B, C])."""
+        if self.cfg.link == Link.probit:
+            return super().draws_at(inputs, index)
+        return self.link(*self.logit_moments(inputs), index, each_draw=True)
+
+    def link(self, f_mu: torch.Tensor, f_var: torch.Tensor, index: torch.Tensor,
+             each_draw: bool = False) -> Callable[[float], torch.Tensor]:
+        """Logit moments -> (temperature -> probabilities [B, C]) through the probit or MC link (`each_draw`: the
+        MC link's draws [S, B, C], not their mean)."""
         if self.cfg.link == Link.probit:
             def probit(temperature: float) -> torch.Tensor:
                 t = self.calibration_temperature * temperature
@@ -245,7 +253,8 @@ class LaplaceTeacher(Teacher):
 
         def monte_carlo(temperature: float) -> torch.Tensor:
             t = self.calibration_temperature * temperature
-            return torch.softmax(samples / t, dim=2).mean(dim=1).to(f_mu.dtype)
+            draws = torch.softmax(samples / t, dim=2)  # [B, S, C]
+            return draws.transpose(0, 1).to(f_mu.dtype) if each_draw else draws.mean(dim=1).to(f_mu.dtype)
 
         return monte_carlo
 

@@ -31,14 +31,15 @@ class SampledTeacher(Teacher):
                           for i in range(0, len(inputs), self.batch_size)], dim=1)
 
     @torch.inference_mode()
-    def predictive_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
-        """Run the S networks once; return temperature -> probabilities [B, C]."""
+    def draws_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
+        """Run the S networks once; return temperature -> each network's probabilities [S, B, C]."""
         logits = self.all_logits(inputs, index)  # [S, B, C]
+        return lambda temperature: torch.softmax(logits / (self.calibration_temperature * temperature), dim=2)
 
-        def average(temperature: float) -> torch.Tensor:
-            return torch.softmax(logits / (self.calibration_temperature * temperature), dim=2).mean(dim=0)
-
-        return average
+    def predictive_at(self, inputs: torch.Tensor, index: torch.Tensor) -> Callable[[float], torch.Tensor]:
+        """Run the S networks once; return temperature -> probabilities [B, C], the mean over the S networks."""
+        draws = self.draws_at(inputs, index)
+        return lambda temperature: draws(temperature).mean(dim=0)
 
     def predictive_settings(self) -> dict:
         return {"calibration_temperature": self.calibration_temperature, "noise_seed": self.noise_seed}
