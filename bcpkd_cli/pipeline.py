@@ -142,6 +142,34 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+BASELINE = "onehot"  # the student that paired comparisons are made against, when a recipe has one
+PAIRED = {"accuracy": "difference", "nll": "difference", "convergence_noise_nll": "ratio",
+          "convergence_noise_accuracy": "ratio", "grad_noise": "ratio"}
+
+
+def _paired_rows(student_reports: dict[str, list[dict]]) -> list[dict]:
+    """Each student against the one-hot student of the same seed (same data order): per-seed differences (or
+    ratios, for noise) and their mean ± standard error over seeds."""
+    base = student_reports.get(BASELINE)
+    if base is None:
+        return []
+    rows = []
+    for name, reports in student_reports.items():
+        if name == BASELINE:
+            continue
+        row: dict = {"name": f"{name} vs {BASELINE}", "seeds": len(reports)}
+        for key, how in PAIRED.items():
+            pairs = [(r["metrics"].get(key), b["metrics"].get(key)) for r, b in zip(reports, base)]
+            if not pairs or any(not isinstance(v, float) or not isinstance(w, float) or (how == "ratio" and not w)
+                                for v, w in pairs):
+                continue
+            values = [v - w if how == "difference" else v / w for v, w in pairs]
+            mean, std = _mean_std(values)
+            row[f"{key} {how}"] = (mean, std / len(values) ** 0.5)
+        rows.append(row)
+    return rows
+
+
 def _table(title: str, rows: list[dict], columns: list[str]) -> tuple[Table, str]:
     """A rich table and the same as Markdown; cells are mean ± std over seeds (the value alone for one seed, or
     for a value without a spread, like the paper's number); columns without a value in any row are left out."""
@@ -262,8 +290,18 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False) -> P
     s_table, s_md = _table(f"students (test split; mean ± std over {seeds} seeds)" if seeds > 1 else
                            "students (test split; one seed)",
                            student_rows, STUDENT_COLUMNS[:1] + ["paper_accuracy"] + STUDENT_COLUMNS[1:] + extra)
-    console.print(t_table)
-    console.print(s_table)
-    artifacts.write_text(out / "summary.md", f"# {source}\n\n## Teachers\n\n{t_md}\n\n## Students\n\n{s_md}\n")
+    paired_rows = _paired_rows(student_reports)
+    p_table, p_md = _table(f"paired with the {BASELINE} student of the same seed (mean ± standard error)",
+                           paired_rows, [f"{k} {how}" for k, how in PAIRED.items()])
+    sections = [("Teachers", t_table, t_md, teacher_rows), ("Students", s_table, s_md, student_rows),
+                (f"Paired with the {BASELINE} student of the same seed (mean ± standard error over seeds)", p_table,
+                 p_md, paired_rows)]
+    markdown = f"# {source}\n"
+    for title, table, md, rows in sections:
+        if rows:
+            console.print(table)
+            markdown += f"\n## {title}\n\n{md}\n"
+    artifacts.write_text(out / "summary.md", markdown)
     return artifacts.write_json(out / "summary.json", {"recipe": source, "config": to_plain(recipe),
-                                                       "teachers": teacher_rows, "students": student_rows})
+                                                       "teachers": teacher_rows, "students": student_rows,
+                                                       "paired": paired_rows})
