@@ -7,6 +7,7 @@ stderr. Exit codes: 0 success, 2 bad input, 1 failure, 130 interrupted.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import sys
 import warnings
@@ -340,7 +341,26 @@ def run(
         print(yaml.safe_dump(to_plain(config), sort_keys=False), end="")
         return
     _check_resume(resume, force, out)
-    print(pipeline.run(tree, str(recipe), resume, force))
+    print(pipeline.run(tree, str(recipe), resume, force, plot_figures=importlib.util.find_spec("matplotlib") is not None))
+
+
+@app.command()
+def plot(
+    paths: list[Path] = typer.Argument(..., metavar="RUN_OR_CHECKPOINT...",
+                                       help="run folders of `bcpkd run`, or teacher.pt / student.pt files"),
+    out: str = typer.Option("", "--out", "-o", metavar="DIR", help="the folder the figures go to"),
+    device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt, trust_code: bool = TrustOpt,
+) -> None:
+    """Draw figures (needs the plot extra: pip install -e '.[plot]'): reliability diagrams, held-out curves
+    (mean and band over seeds), noise against Dirichlet alpha with the theory, accuracy against MC draws.
+    Each PNG has its data beside it as CSV; their paths go to stdout."""
+    from bcpkd_cli.stages import plot as stage
+    _one_process("plot")
+    trust(everything=trust_code)
+
+    tree = _tree(None, set_, {"device": device})
+    checked(tree, "options")
+    print("\n".join(str(p) for p in stage.run(paths, out, tree)))
 
 
 def _set_with_a_space(argv: list[str]) -> None:

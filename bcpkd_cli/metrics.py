@@ -25,15 +25,30 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return (probs.double() - onehot).square().sum(dim=1).mean().item()
 
 
-def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error of the top-1 confidence over `n_bins` equal-width bins of (0, 1]."""
+def _confidence_bins(probs: torch.Tensor, labels: torch.Tensor, n_bins: int) -> tuple[torch.Tensor, ...]:
+    """Per equal-width bin of (0, 1] of the top-1 confidence: summed confidence, summed correctness, count [n_bins]."""
     confidence, predicted = probs.double().max(dim=1)
     correct = (predicted == labels).double()
     inner_edges = torch.arange(1, n_bins, dtype=torch.float64, device=probs.device) / n_bins  # k/n, rounded once
     bins = torch.bucketize(confidence, inner_edges)  # bin b is (b/n, (b+1)/n]; confidence k/n lands in bin k-1
-    conf_sum = torch.zeros(n_bins, dtype=torch.float64, device=probs.device).index_add_(0, bins, confidence)
-    acc_sum = torch.zeros(n_bins, dtype=torch.float64, device=probs.device).index_add_(0, bins, correct)
+    zeros = torch.zeros(n_bins, dtype=torch.float64, device=probs.device)
+    return (zeros.index_add(0, bins, confidence), zeros.index_add(0, bins, correct),
+            zeros.index_add(0, bins, torch.ones_like(confidence)))
+
+
+def ece(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> float:
+    """Expected calibration error of the top-1 confidence over `n_bins` equal-width bins of (0, 1]."""
+    conf_sum, acc_sum, _ = _confidence_bins(probs, labels, n_bins)
     return ((conf_sum - acc_sum).abs().sum() / len(labels)).item()
+
+
+def reliability(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, list]:
+    """The reliability diagram's data: per confidence bin, its mean confidence, accuracy and size (empty bins:
+    None)."""
+    conf_sum, acc_sum, count = _confidence_bins(probs, labels, n_bins)
+    mean = [None if n == 0 else v for v, n in zip((conf_sum / count.clamp_min(1)).tolist(), count.tolist())]
+    accuracy = [None if n == 0 else v for v, n in zip((acc_sum / count.clamp_min(1)).tolist(), count.tolist())]
+    return {"confidence": mean, "accuracy": accuracy, "count": [int(n) for n in count.tolist()]}
 
 
 def kl_to_bcp(probs: torch.Tensor, true_bcp: torch.Tensor) -> float:

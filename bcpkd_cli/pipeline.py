@@ -28,7 +28,7 @@ from bcpkd_cli.console import console
 from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 from bcpkd_cli.resumption import STUDENT_SECTIONS, TEACHER_SECTIONS, finished_artifact, has_saved_state
-from bcpkd_cli.stages import distill, evaluate, train_teacher
+from bcpkd_cli.stages import distill, evaluate, plot, train_teacher
 from bcpkd_cli.models.foreign import trust, trusted
 from bcpkd_cli.teachers import recipe_problems
 
@@ -229,9 +229,10 @@ def _claim(out: Path, resume: bool, force: bool) -> None:
                          f"start afresh")
 
 
-def run(tree: dict, source: str, resume: bool = False, force: bool = False) -> Path:
+def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot_figures: bool = False) -> Path:
     """Every teacher and student of a recipe into its out folder; `resume` reuses and continues what an
-    earlier run left there, `force` trains everything again over it."""
+    earlier run left there, `force` trains everything again over it; `plot_figures` draws the run's figures
+    into out/figures (matplotlib)."""
     recipe: Recipe = build_recipe(tree, source, checks=(recipe_problems,))
     out = artifacts.new_run_dir(recipe.out, "run")
     _claim(out, resume, force)
@@ -271,10 +272,11 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False) -> P
         student_reports.setdefault(name, []).append(report)
 
     console.rule("evaluation")
-    teacher_rows = []
+    teacher_rows, teacher_reports = [], []
     for label, path in [(n, p) for n, p in teacher_paths.items()] + \
                        [(f"{n} (as calibrated)", p) for n, p in calibrated.items()]:
         report = evaluate.evaluate_one(path, {"device": recipe.device, "evaluate": tree.get("evaluate", {})})
+        teacher_reports.append({"name": label, "report": report})
         teacher_rows.append({"name": label, "checkpoint": str(path),
                              **{k: (v, 0.0) for k, v in report["metrics"].items() if isinstance(v, float)}})
     student_rows = []
@@ -296,6 +298,10 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False) -> P
     sections = [("Teachers", t_table, t_md, teacher_rows), ("Students", s_table, s_md, student_rows),
                 (f"Paired with the {BASELINE} student of the same seed (mean ± standard error over seeds)", p_table,
                  p_md, paired_rows)]
+    artifacts.write_json(out / plot.REPORTS, [{"name": name, "report": r} for name, reports in student_reports.items()
+                                              for r in reports] + teacher_reports)
+    if plot_figures:
+        plot.draw([(e["name"], e["report"]) for e in json.loads((out / plot.REPORTS).read_text())], out / "figures")
     markdown = f"# {source}\n"
     for title, table, md, rows in sections:
         if rows:

@@ -102,3 +102,23 @@ def test_cached_draws_give_one_draw_per_example_per_epoch(single_thread, tmp_pat
     student = here("distill", "--teacher", teacher, "--set", "calibrate.draws=3", "--set", "calibrate.prior=keep",
                    "--set", "distill.draw=one", "--out", "s", *TINY, "--set", "data.n_heldout=50", cwd=tmp_path).strip()
     assert torch.load(tmp_path / student, weights_only=True)["config"]["distill"]["draw"] == "one"
+
+
+def test_plot_draws_figures_with_their_data_and_names_the_missing_extra(single_thread, tmp_path, monkeypatch):
+    import builtins
+
+    pytest.importorskip("matplotlib")
+    teacher = here("train-teacher", "--bayes", "laplace", "--epochs", "2", "--out", "t", *TINY,
+                   "--set", "data.n_heldout=50", "--set", "teacher.laplace.grid_size=3", cwd=tmp_path).strip()
+    student = here("distill", "--teacher", teacher, "--out", "s", *TINY, "--set", "data.n_heldout=50",
+                   "--set", "teacher.laplace.grid_size=3", cwd=tmp_path).strip()
+    made = here("plot", teacher, student, "--out", "figs", "--device", "cpu", cwd=tmp_path).split()
+    assert {p.split("/")[-1] for p in made} == {"reliability.png", "curves-nll.png", "curves-accuracy.png"}
+    for p in made:
+        assert (tmp_path / p).read_bytes()[:4] == b"\x89PNG" and (tmp_path / p).with_suffix(".csv").is_file()
+    rows = (tmp_path / "figs" / "reliability.csv").read_text().splitlines()
+    assert rows[0] == "model,confidence,accuracy,count" and len(rows) == 1 + 2 * 15
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name == "matplotlib" else real_import(name, *a, **k))
+    assert "pip install -e '.[plot]'" in refused_here("plot", student, "--out", "figs2", cwd=tmp_path)

@@ -40,7 +40,8 @@ def grad_noise_against(model, data: Dataset, which: str, seed: int, device: torc
     return norms.mean().item()
 
 
-def evaluate_student(payload: dict, recipe: Recipe, data: Dataset, device: torch.device) -> dict:
+def evaluate_student(payload: dict, recipe: Recipe, data: Dataset, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """A student's test metrics, convergence and gradient noise, and its test probabilities [N, C]."""
     model = build_model(payload["model"], payload["state_dict"]).to(device)
     test = data.test
     probs = torch.softmax(predict_logits(model, test.inputs, recipe.evaluate.batch_size), dim=1)
@@ -52,14 +53,15 @@ def evaluate_student(payload: dict, recipe: Recipe, data: Dataset, device: torch
     report["grad_noise"] = payload["history"]["grad_noise"]
     for which in recipe.evaluate.grad_targets:
         report[f"grad_noise_{which}"] = grad_noise_against(model, data, which, recipe.distill.seed, device)
-    return report
+    return report, probs
 
 
-def evaluate_teacher(payload: dict, recipe: Recipe, data: Dataset, device: torch.device) -> dict:
+def evaluate_teacher(payload: dict, recipe: Recipe, data: Dataset, device: torch.device) -> tuple[dict, torch.Tensor]:
+    """A teacher's test metrics and its test probabilities [N, C]."""
     teacher = load_teacher(payload, device)
     test = data.test
     probs = teacher.predict_probs(test.inputs, torch.arange(len(test)))
-    return metrics.classification_report(probs, test.labels, test.true_bcp, recipe.evaluate.ece_bins)
+    return metrics.classification_report(probs, test.labels, test.true_bcp, recipe.evaluate.ece_bins), probs
 
 
 def describe(path: Path, payload: dict, data: Dataset) -> dict:
@@ -87,7 +89,9 @@ def evaluate_one(path: Path, tree: dict) -> dict:
     device = resolve_device(recipe.device)
     data = load_dataset(recipe.data).to(device)
     measure = evaluate_student if payload["format"] == artifacts.STUDENT_FORMAT else evaluate_teacher
-    return {**describe(path, payload, data), "metrics": measure(payload, recipe, data, device),
+    measured, probs = measure(payload, recipe, data, device)
+    return {**describe(path, payload, data), "metrics": measured,
+            "reliability": metrics.reliability(probs, data.test.labels, recipe.evaluate.ece_bins),
             "config": payload["config"], "data": payload["data"],
             "evaluate": {"device": str(device), "data_fingerprint": data.fingerprint, "noise_seed": recipe.distill.seed,
                          **to_plain(recipe.evaluate)}}
