@@ -50,15 +50,15 @@ def reliability(named_reports: list[tuple[str, dict]], out: Path) -> Path:
     plt = pyplot()
     n = len(named_reports)
     cols = min(n, 4)
-    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.2 * cols, 3.2 * ((n + cols - 1) // cols)),
-                             squeeze=False)
+    fig, axes = plt.subplots((n + cols - 1) // cols, cols, figsize=(3.4 * cols, 3.4 * ((n + cols - 1) // cols)),
+                             squeeze=False, constrained_layout=True)
     rows = []
     for ax, (name, report) in zip(axes.flat, named_reports):
         bins = report["reliability"]
         points = [(c, a) for c, a in zip(bins["confidence"], bins["accuracy"]) if c is not None]
         ax.plot([0, 1], [0, 1], color="0.6", linewidth=1)
         ax.plot([c for c, _ in points], [a for _, a in points], marker="o", markersize=3)
-        ax.set_title(f"{name}\nECE {report['metrics']['ece']:.3f}", fontsize=8)
+        ax.set_title(f"{name}\nECE {report['metrics']['ece']:.3f}", fontsize=7)
         ax.set_xlabel("confidence")
         ax.set_ylabel("accuracy")
         rows += [[name, c, a, k] for c, a, k in zip(bins["confidence"], bins["accuracy"], bins["count"])]
@@ -71,7 +71,7 @@ def curves(groups: dict[str, list[list[dict]]], key: str, out: Path) -> Path:
     """Held-out `key` (heldout_nll or heldout_accuracy) against the step: per group, mean and ±1 std over its
     seeds' logs (the steps every log shares)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     rows = []
     for name, logs in groups.items():
         steps = sorted(set.intersection(*({e["step"] for e in log if key in e} for log in logs)))
@@ -104,7 +104,7 @@ def noise_vs_alpha(reports: list[dict], out: Path) -> Path | None:
         ratios = [(m[key] - m["grad_noise_true"]) / (m["grad_noise_onehot"] - m["grad_noise_true"]) for m in usable]
         rows.append([alpha, statistics.fmean(ratios), statistics.stdev(ratios) if len(ratios) > 1 else 0.0,
                      1.0 / (alpha + 1.0), len(ratios)])
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(5, 3.6), constrained_layout=True)
     grid = [min(alphas) * (max(alphas) / min(alphas)) ** (i / 100) for i in range(101)]
     ax.plot(grid, [1 / (a + 1) for a in grid], color="0.5", label="theory 1 / (alpha + 1)")
     ax.errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows], fmt="o", label="measured")
@@ -121,7 +121,7 @@ def accuracy_vs_draws(points: dict[int, list[float]], out: Path) -> Path | None:
         return None
     plt = pyplot()
     rows = [[k, statistics.fmean(v), statistics.stdev(v) if len(v) > 1 else 0.0, len(v)] for k, v in sorted(points.items())]
-    fig, ax = plt.subplots(figsize=(5, 3.6))
+    fig, ax = plt.subplots(figsize=(5, 3.6), constrained_layout=True)
     ax.errorbar([r[0] for r in rows], [r[1] for r in rows], yerr=[r[2] for r in rows], fmt="o-")
     ax.set_xlabel("Monte Carlo draws averaged per target")
     ax.set_ylabel("student test accuracy")

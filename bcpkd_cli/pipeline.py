@@ -276,7 +276,7 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
     for label, path in [(n, p) for n, p in teacher_paths.items()] + \
                        [(f"{n} (as calibrated)", p) for n, p in calibrated.items()]:
         report = evaluate.evaluate_one(path, {"device": recipe.device, "evaluate": tree.get("evaluate", {})})
-        teacher_reports.append({"name": label, "report": report})
+        teacher_reports.append({"name": f"teacher {label}", "report": report})
         teacher_rows.append({"name": label, "checkpoint": str(path),
                              **{k: (v, 0.0) for k, v in report["metrics"].items() if isinstance(v, float)}})
     student_rows = []
@@ -298,8 +298,9 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
     sections = [("Teachers", t_table, t_md, teacher_rows), ("Students", s_table, s_md, student_rows),
                 (f"Paired with the {BASELINE} student of the same seed (mean ± standard error over seeds)", p_table,
                  p_md, paired_rows)]
-    artifacts.write_json(out / plot.REPORTS, [{"name": name, "report": r} for name, reports in student_reports.items()
-                                              for r in reports] + teacher_reports)
+    artifacts.write_json(out / plot.REPORTS, teacher_reports + [{"name": name, "report": r}
+                                                                for name, reports in student_reports.items()
+                                                                for r in reports])
     if plot_figures:
         plot.draw([(e["name"], e["report"]) for e in json.loads((out / plot.REPORTS).read_text())], out / "figures")
     markdown = f"# {source}\n"

@@ -4,9 +4,6 @@ tables, normalisation from the data, and user code that never runs unless truste
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
