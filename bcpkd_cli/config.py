@@ -188,7 +188,8 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         errors.append(f"device: {recipe.device!r} is not one of: auto, cpu, cuda, cuda:N")
     if not 0.0 <= recipe.distill.alpha <= 1.0:
         errors.append(f"distill.alpha: must be in [0, 1], got {recipe.distill.alpha}")
-    for where, items in (("data.mean_choices", recipe.data.mean_choices), ("experiment.seeds", recipe.experiment.seeds)):
+    for where, items in (("data.mean_choices", recipe.data.mean_choices), ("experiment.seeds", recipe.experiment.seeds),
+                         ("experiment.teacher_seeds", recipe.experiment.teacher_seeds)):
         if not items:
             errors.append(f"{where}: must not be empty")
     if not 1 <= recipe.calibrate.views <= 162:

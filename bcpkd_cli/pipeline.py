@@ -37,17 +37,33 @@ STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll
 TEACHER_COLUMNS = ["accuracy", "nll", "ece", "brier", "kl_to_bcp", "tv_to_bcp"]
 
 
+def teacher_key(name: str, tseed: int, tseeds: tuple[int, ...]) -> str:
+    """A teacher's name in the run (and its folder): NAME, or NAME@tSEED when it is trained with several seeds."""
+    return f"{name}@t{tseed}" if len(tseeds) > 1 else name
+
+
+def teacher_of(key: str) -> str:
+    """The recipe's name of a teacher key (without its seed)."""
+    return key.rsplit("@t", 1)[0]
+
+
 def _plan(tree: dict, source: str, out: Path) -> tuple[dict[str, dict], list[tuple[str, int, str | None, dict]]]:
     """Validate every sub-recipe up front; return teacher trees and (student, seed, teacher, tree) jobs."""
     recipe = build_recipe(tree, source)
     base_tree = {k: v for k, v in tree.items() if k not in ("out", "experiment")}
     errors: list[str] = []
     teacher_trees: dict[str, dict] = {}
+    tseeds = recipe.experiment.teacher_seeds
     for name, overrides in recipe.experiment.teachers.items():
         overrides = dict(overrides or {})
-        if overrides.get("base") and overrides["base"] not in teacher_trees:
-            errors.append(f"experiment.teachers.{name}.base: {overrides['base']!r} is not a teacher listed above it")
-        teacher_trees[name] = merge(base_tree, {"teacher": overrides, "out": str(out / "teachers" / name)})
+        base = overrides.get("base")
+        if base and base not in {teacher_of(k) for k in teacher_trees}:
+            errors.append(f"experiment.teachers.{name}.base: {base!r} is not a teacher listed above it")
+        for tseed in tseeds:  # one teacher per teacher seed (around the base of the same seed)
+            seeded = {"seed": tseed, **({"base": teacher_key(base, tseed, tseeds)} if base else {})} \
+                if len(tseeds) > 1 else {}
+            key = teacher_key(name, tseed, tseeds)
+            teacher_trees[key] = merge(base_tree, {"teacher": {**overrides, **seeded}, "out": str(out / "teachers" / key)})
     jobs = []
     for name, overrides in recipe.experiment.students.items():
         overrides = dict(overrides or {})
@@ -56,12 +72,15 @@ def _plan(tree: dict, source: str, out: Path) -> tuple[dict[str, dict], list[tup
         targets = overrides.get("targets", (tree.get("distill") or {}).get("targets", "teacher"))
         if teacher_name is None and targets in ("teacher", "online"):
             errors.append(f"experiment.students.{name}: targets {targets} needs `teacher: NAME`")
-        if teacher_name is not None and teacher_name not in teacher_trees:
+        if teacher_name is not None and teacher_name not in recipe.experiment.teachers:
             errors.append(f"experiment.students.{name}.teacher: {teacher_name!r} is not one of: "
-                          f"{', '.join(teacher_trees) or 'no teachers defined'}")
-        for seed in recipe.experiment.seeds:
-            jobs.append((name, seed, teacher_name, merge(base_tree, {
-                "distill": {**overrides, "seed": seed}, **extra, "out": str(out / "students" / f"{name}-seed{seed}")})))
+                          f"{', '.join(recipe.experiment.teachers) or 'no teachers defined'}")
+        for tseed in tseeds if teacher_name is not None else [None]:
+            key = teacher_key(teacher_name, tseed, tseeds) if teacher_name is not None else None
+            for seed in recipe.experiment.seeds:
+                folder = f"{name}-t{tseed}-seed{seed}" if key is not None and len(tseeds) > 1 else f"{name}-seed{seed}"
+                jobs.append((name, seed, key, merge(base_tree, {
+                    "distill": {**overrides, "seed": seed}, **extra, "out": str(out / "students" / folder)})))
     for label, sub_tree in [(f"experiment.teachers.{n}", t) for n, t in teacher_trees.items()] + \
                            [(f"experiment.students.{n}", t) for n, s, _, t in jobs if s == recipe.experiment.seeds[0]]:
         try:
@@ -159,7 +178,9 @@ def _paired_rows(student_reports: dict[str, list[dict]]) -> list[dict]:
             continue
         row: dict = {"name": f"{name} vs {BASELINE}", "seeds": len(reports)}
         for key, how in PAIRED.items():
-            pairs = [(r["metrics"].get(key), b["metrics"].get(key)) for r, b in zip(reports, base)]
+            base_of_seed = {b["seed"]: b for b in base}
+            pairs = [(r["metrics"].get(key), base_of_seed[r["seed"]]["metrics"].get(key)) for r in reports
+                     if r["seed"] in base_of_seed]
             if not pairs or any(not isinstance(v, float) or not isinstance(w, float) or (how == "ratio" and not w)
                                 for v, w in pairs):
                 continue
@@ -269,16 +290,19 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
             {"prior_precision", "temperature"} & set(json.loads((cache_folder / "report.json").read_text()))
         if "cache" in payload["targets"] and tuned:  # a row for a teacher its calibration changed
             calibrated[f"{teacher_name} -> {name}"] = cache_folder / "teacher.pt"
-        student_reports.setdefault(name, []).append(report)
+        student_reports.setdefault(name, []).append(report | {"seed": seed})
 
     console.rule("evaluation")
-    teacher_rows, teacher_reports = [], []
+    teacher_reports, by_teacher = [], {}
     for label, path in [(n, p) for n, p in teacher_paths.items()] + \
                        [(f"{n} (as calibrated)", p) for n, p in calibrated.items()]:
         report = evaluate.evaluate_one(path, {"device": recipe.device, "evaluate": tree.get("evaluate", {})})
         teacher_reports.append({"name": f"teacher {label}", "report": report})
-        teacher_rows.append({"name": label, "checkpoint": str(path),
-                             **{k: (v, 0.0) for k, v in report["metrics"].items() if isinstance(v, float)}})
+        name = " -> ".join(teacher_of(part) for part in label.split(" -> "))  # the same over teacher seeds
+        by_teacher.setdefault(name, []).append(report["metrics"])
+    teacher_rows = [{"name": name, "seeds": len(group),
+                     **{k: _mean_std([m[k] for m in group]) for k, v in group[0].items() if isinstance(v, float)}}
+                    for name, group in by_teacher.items()]
     student_rows = []
     reported = recipe.experiment.reported
     for name, reports in student_reports.items():
@@ -286,7 +310,9 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
         student_rows.append({"name": name, "seeds": len(reports),
                              **{k: _mean_std([r["metrics"][k] for r in reports]) for k in keys},
                              **({"paper_accuracy": (reported[name] / 100, None)} if name in reported else {})})
-    t_table, t_md = _table("teachers (test split)", teacher_rows, TEACHER_COLUMNS)
+    n_tseeds = len(recipe.experiment.teacher_seeds)
+    t_table, t_md = _table(f"teachers (test split; mean ± std over {n_tseeds} teacher seeds)" if n_tseeds > 1 else
+                           "teachers (test split)", teacher_rows, TEACHER_COLUMNS)
     extra = sorted({k for r in student_rows for k in r if k.startswith("grad_noise_")})
     seeds = len(recipe.experiment.seeds)
     s_table, s_md = _table(f"students (test split; mean ± std over {seeds} seeds)" if seeds > 1 else

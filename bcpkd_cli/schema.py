@@ -173,6 +173,8 @@ class ExperimentConfig:
     teachers: dict = _f({}, "bcpkd run: name -> overrides of the teacher section (`base: NAME` names another teacher)")
     students: dict = _f({}, "bcpkd run: name -> overrides of the distill section (plus `teacher: NAME`)")
     seeds: tuple[int, ...] = _f((0,), "bcpkd run: student seeds")
+    teacher_seeds: tuple[int, ...] = _f((0,), "bcpkd run: teacher seeds; with several, every teacher is trained once "
+                                              "per seed and its students learn from each (teacher variance shows)")
     workers: int = _f(1, "bcpkd run: students trained in parallel processes (one CPU thread each when > 1)")
     reported: dict = _f({}, "bcpkd run: student name -> the paper's reported test accuracy in percent, printed beside "
                             "the measured mean")

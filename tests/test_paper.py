@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from bcpkd_cli import artifacts
 from cli_helpers import here, refused_here
 
 TINY = ["--set", "data.n_train=300", "--set", "data.n_test=100", "--set", "teacher.hidden=[16]",
@@ -122,3 +123,29 @@ def test_plot_draws_figures_with_their_data_and_names_the_missing_extra(single_t
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name == "matplotlib" else real_import(name, *a, **k))
     assert "pip install -e '.[plot]'" in refused_here("plot", student, "--out", "figs2", cwd=tmp_path)
+
+
+@pytest.mark.slow
+def test_teacher_seeds_make_teacher_variance_visible_and_students_pair_by_seed(single_thread, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""
+device: cpu
+data: {n_train: 300, n_heldout: 100, n_test: 100}
+teacher: {hidden: [16], epochs: 2}
+calibrate: {prior: keep}
+distill: {hidden: [8], batch_size: 32, log_every: 5}
+experiment:
+  teachers: {det: {bayes: none}, lap: {bayes: laplace, base: det}}
+  students: {onehot: {targets: onehot}, from_lap: {targets: teacher, teacher: lap}}
+  seeds: [0, 1]
+  teacher_seeds: [3, 4]
+""")
+    summary = json.loads((tmp_path / here("run", str(recipe), "--out", "run", cwd=tmp_path).strip()).read_text())
+    teachers = {row["name"]: row for row in summary["teachers"]}
+    assert set(teachers) == {"det", "lap"} and teachers["det"]["seeds"] == 2 and teachers["det"]["accuracy"][1] > 0
+    lap = torch.load(tmp_path / "run" / "teachers" / "lap@t4" / "teacher.pt", weights_only=True)
+    assert lap["config"]["teacher"]["seed"] == 4 and lap["parent_sha256"] == artifacts.sha256_file(
+        tmp_path / "run" / "teachers" / "det@t4" / "teacher.pt")
+    students = {row["name"]: row["seeds"] for row in summary["students"]}
+    assert students == {"onehot": 2, "from_lap": 4}  # 2 teacher seeds x 2 student seeds
+    assert [row["name"] for row in summary["paired"]] == ["from_lap vs onehot"]
