@@ -61,7 +61,10 @@ def join_process_group(device: torch.device) -> World:
 
 
 def leave_process_group() -> None:
+    """Leave torchrun's process group together: the other ranks wait while rank 0 writes the artifact, so that
+    no process tears its connections down under another one (a gloo rank leaving early could abort at exit)."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
