@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.topk import TopKProbs
 
 VERSION = 1
 TEACHER_FORMAT = "bcpkd.teacher"
@@ -207,11 +208,14 @@ def differing_keys(saved: Any, given: Any, prefix: str = "") -> list[str]:
     return [] if saved == given else [prefix.rstrip(".")]
 
 
-def save_cache(path: Path, probs: torch.Tensor, metadata: dict[str, Any]) -> Path:
-    """probs [N, V, C] with JSON-encoded metadata values (safetensors keeps str -> str)."""
+def save_cache(path: Path, probs: torch.Tensor | TopKProbs, metadata: dict[str, Any]) -> Path:
+    """probs [N, V, C] (or its top-k form: top_probs and top_ids [N, V, K]) with JSON-encoded metadata values
+    (safetensors keeps str -> str)."""
     header = {"format": CACHE_FORMAT, "version": str(VERSION)}
     header.update({k: json.dumps(v) for k, v in metadata.items()})
-    return atomic_write(path, lambda p: save_file({"probs": probs.contiguous()}, str(p), metadata=header))
+    tensors = {"top_probs": probs.values.contiguous(), "top_ids": probs.ids.contiguous()} \
+        if isinstance(probs, TopKProbs) else {"probs": probs.contiguous()}
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
 
 
 def read_cache_metadata(path: Path) -> dict[str, Any]:
@@ -227,7 +231,7 @@ def read_cache_metadata(path: Path) -> dict[str, Any]:
     return {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
 
 
-MAPPED_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I64": np.int64}
+MAPPED_DTYPES = {"F32": np.float32, "F16": np.float16, "U8": np.uint8, "I64": np.int64, "I32": np.int32}
 
 
 def map_tensor(path: Path, name: str) -> torch.Tensor:
@@ -270,6 +274,8 @@ def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 
     Rows are checked to sum to 1 in blocks of about `floats_per_check` numbers (8 MB as float64), so
     checking never holds more than a block in memory."""
     meta = check_cache_metadata(path, expect)
+    if meta.get("top_k"):
+        return _load_top_k(path, meta), meta
     probs = map_cache_probs(path)
     tolerance = 1e-2 if probs.dtype == torch.float16 else 1e-4
     corrupt = probs.ndim not in (3, 4)  # [N, V, C], or [N, V, K, C] with draws
@@ -281,6 +287,20 @@ def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 
         raise BcpkdError(f"{path}: cache rows do not sum to 1 (corrupt); delete it and rebuild with: "
                          f"bcpkd calibrate --teacher TEACHER.pt")
     return probs, meta
+
+
+def _load_top_k(path: Path, meta: dict[str, Any], rows_per_check: int = 65_536) -> TopKProbs:
+    """A top-k cache, memory-mapped; its kept probabilities must be non-negative, sum to at most 1 and name
+    classes 0..C-1 (checked in blocks)."""
+    values, ids, n_classes = map_tensor(path, "top_probs"), map_tensor(path, "top_ids"), meta["n_classes"]
+    tolerance = 1e-2 if values.dtype == torch.float16 else 1e-4
+    for start in range(0, len(values), rows_per_check):
+        block, block_ids = values[start:start + rows_per_check].double(), ids[start:start + rows_per_check]
+        if block.min() < 0 or block.sum(dim=-1).max() > 1 + tolerance or block_ids.min() < 0 or \
+                block_ids.max() >= n_classes:
+            raise BcpkdError(f"{path}: top-k cache rows are not parts of distributions over {n_classes} classes "
+                             f"(corrupt); delete it and rebuild with: bcpkd calibrate --teacher TEACHER.pt")
+    return TopKProbs(values, ids, n_classes)
 
 
 def write_config(folder: Path, record: dict) -> Path:

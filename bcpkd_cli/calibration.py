@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from bcpkd_cli import artifacts, metrics
+from bcpkd_cli import artifacts, metrics, topk
 from bcpkd_cli.choices import PriorTuning, Temper, TemperatureFit
 from bcpkd_cli.config import TEACHER_RECORD, CalibrateConfig, build_recipe, recipe_record, to_plain
 from bcpkd_cli.console import console
@@ -28,6 +28,7 @@ from bcpkd_cli.data import Dataset, views
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
 from bcpkd_cli.teachers.temperature import fit_temperature
+from bcpkd_cli.topk import TopKProbs
 
 CACHE_FILE = "bcp.safetensors"
 # Bumped when a teacher kind's predictive changes for the same checkpoint, so caches of the old
@@ -74,6 +75,8 @@ def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, 
         settings["view_padding"] = view_padding
     if cfg.draws:
         settings["draws"] = cfg.draws
+    if cfg.top_k:
+        settings["top_k"] = cfg.top_k
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -123,9 +126,11 @@ def cache_view_ids(data: Dataset, cfg: CalibrateConfig) -> torch.Tensor:
     return views.select_views(cfg.views, data.seed)
 
 
-def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> torch.Tensor:
+def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float,
+                      cfg: CalibrateConfig) -> torch.Tensor | TopKProbs:
     """The teacher's predictive at T_t on every view slot of every training example -> [N, V, C]; with
-    calibrate.draws K, the first K Monte Carlo draws instead -> [N, V, K, C]."""
+    calibrate.draws K, the first K Monte Carlo draws instead -> [N, V, K, C]; with calibrate.top_k K, the top-k
+    form (compressed chunk by chunk, so the dense cache never exists whole)."""
     train = data.train
     view_ids = cache_view_ids(data, cfg)
     slots = []
@@ -146,9 +151,17 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
                                      f"link mc); lower calibrate.draws")
                 chunks.append(draws[:cfg.draws].transpose(0, 1))  # [B, K, C]
             else:
-                chunks.append(at_temperature(teacher.predictive_at(inputs, sample_index), t_teacher, cfg.temper))
-        slots.append(torch.cat(chunks).cpu())
-    return torch.stack(slots, dim=1).to(getattr(torch, cfg.cache_dtype.value))
+                probs = at_temperature(teacher.predictive_at(inputs, sample_index), t_teacher, cfg.temper)
+                chunks.append(topk.compress(probs, min(cfg.top_k, data.n_classes)) if cfg.top_k else probs)
+        if cfg.top_k:
+            slots.append(tuple(torch.cat(part).cpu() for part in zip(*chunks)))
+        else:
+            slots.append(torch.cat(chunks).cpu())
+    dtype = getattr(torch, cfg.cache_dtype.value)
+    if cfg.top_k:
+        return TopKProbs(torch.stack([v for v, _ in slots], dim=1).to(dtype), torch.stack([i for _, i in slots], dim=1),
+                         data.n_classes)
+    return torch.stack(slots, dim=1).to(dtype)
 
 
 def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> dict:
@@ -158,6 +171,8 @@ def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg:
         tempered["view_padding"] = data.view_padding
     if cfg.draws:  # older caches: none
         tempered["n_draws"] = cfg.draws
+    if cfg.top_k:  # older caches: dense
+        tempered["top_k"] = min(cfg.top_k, data.n_classes)
     return {"teacher_sha256": artifacts.sha256_file(teacher_path), "data_fingerprint": data.fingerprint,
             "t_teacher": t_teacher, **tempered, "n_examples": len(data.train), "n_views": cfg.views,
             "predictive_version": PREDICTIVE_VERSION}
@@ -203,7 +218,7 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
 
     probs = build_cache_probs(teacher, data, t_teacher, cfg)
     augmentation = f"pad crop ({data.view_padding} padding) x flip" if data.is_image else "none"
-    metadata = {**expect, "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
+    metadata = {**expect, "n_classes": data.n_classes, "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
                 "split": "train", "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": augmentation},
                 "bayes": teacher.kind.value,
                 "method": teacher.method_settings(teacher_recipe.teacher),

@@ -223,6 +223,10 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
     elif recipe.distill.draw not in ("mean", "one") and int(recipe.distill.draw) > max(recipe.calibrate.draws, 1):
         errors.append(f"distill.draw: {recipe.distill.draw} draws, but the cache keeps calibrate.draws="
                       f"{recipe.calibrate.draws}; raise calibrate.draws")
+    if recipe.calibrate.top_k < 0:
+        errors.append(f"calibrate.top_k: must be 0 (dense) or positive, got {recipe.calibrate.top_k}")
+    elif recipe.calibrate.top_k and recipe.calibrate.draws:
+        errors.append("calibrate.top_k: a top-k cache keeps no Monte Carlo draws; set calibrate.draws=0 or top_k=0")
     if recipe.calibrate.draws < 0:
         errors.append(f"calibrate.draws: must be 0 or positive, got {recipe.calibrate.draws}")
     if recipe.data.image_size < 0:

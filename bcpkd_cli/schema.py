@@ -125,6 +125,8 @@ class CalibrateConfig:
                                        "predictive p, then p^(1/T_t) renormalised; the authors' code)")
     draws: int = _f(0, "also keep the first K Monte Carlo draws of a sampling teacher per example and view "
                        "([N, V, K, C]; vi, mc-dropout, ensemble, laplace with link mc); 0: only their mean")
+    top_k: int = _f(0, "store per example and view only the K largest probabilities and their class ids (the "
+                       "rest of the mass spread evenly over the other classes); 0: the dense distribution")
     cache_dtype: CacheDtype = _f(CacheDtype.float32, "dtype of the cached BCPs")
     views: int = _f(1, "augmentation views V cached per training image (1: no augmentation; at most 162)")
     batch_size: int = _f(1024, "inference batch size")
