@@ -349,6 +349,7 @@ def plot(
     paths: list[Path] = typer.Argument(..., metavar="RUN_OR_CHECKPOINT...",
                                        help="run folders of `bcpkd run`, or teacher.pt / student.pt files"),
     out: str = typer.Option("", "--out", "-o", metavar="DIR", help="the folder the figures go to"),
+    force: bool = typer.Option(False, "--force", help="replace the figures --out already holds"),
     device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = SetOpt, trust_code: bool = TrustOpt,
 ) -> None:
     """Draw figures (needs the plot extra: pip install -e '.[plot]'): reliability diagrams, held-out curves
@@ -360,7 +361,7 @@ def plot(
 
     tree = _tree(None, set_, {"device": device})
     checked(tree, "options")
-    print("\n".join(str(p) for p in stage.run(paths, out, tree)))
+    print("\n".join(str(p) for p in stage.run(paths, out, tree, force)))
 
 
 def _set_with_a_space(argv: list[str]) -> None:

@@ -95,10 +95,11 @@ class TableTargets(TargetSource):
         picked = self.probs[rows, slots if self.probs.shape[1] > 1 else 0].float()  # a float16 cache too
         if picked.ndim == 2:
             return picked  # [B, C]
-        if epoch != self._epoch:
+        if epoch != self._epoch:  # once per epoch, on the cache's device (not per batch)
             self._epoch = epoch
-            self._weights = draw_weights(len(self.probs), self.probs.shape[2], self.draw, self.seed, epoch)
-        weights = self._weights.to(picked.device)[rows]  # [B, K]
+            self._weights = draw_weights(len(self.probs), self.probs.shape[2], self.draw, self.seed,
+                                         epoch).to(picked.device)
+        weights = self._weights[rows]  # [B, K]
         return (weights[:, :, None] * picked).sum(dim=1)  # [B, C]
 
     def view_zero(self, inputs, sample_index) -> torch.Tensor:

@@ -117,6 +117,9 @@ def test_plot_draws_figures_with_their_data_and_names_the_missing_extra(single_t
     assert {p.split("/")[-1] for p in made} == {"reliability.png", "curves-nll.png", "curves-accuracy.png"}
     for p in made:
         assert (tmp_path / p).read_bytes()[:4] == b"\x89PNG" and (tmp_path / p).with_suffix(".csv").is_file()
+    before = (tmp_path / "figs" / "reliability.png").read_bytes()
+    assert "--force" in refused_here("plot", teacher, "--out", "figs", cwd=tmp_path)
+    assert (tmp_path / "figs" / "reliability.png").read_bytes() == before  # nothing replaced unasked
     rows = (tmp_path / "figs" / "reliability.csv").read_text().splitlines()
     assert rows[0] == "model,confidence,accuracy,count" and len(rows) == 1 + 2 * 15
     real_import = builtins.__import__

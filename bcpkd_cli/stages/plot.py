@@ -49,9 +49,13 @@ def draw(entries: list[tuple[str, dict]], out: Path) -> list[Path]:
     return [m for m in made if m is not None]
 
 
-def run(paths: list[Path], out: str, tree: dict) -> list[Path]:
+def run(paths: list[Path], out: str, tree: dict, force: bool = False) -> list[Path]:
+    """Draw the figures of `paths` into `out`; figures already there are replaced only with `force`."""
     if not out:
         raise BcpkdError("plot: give --out DIR, the folder the figures go to")
+    drawn = sorted(Path(out).glob("*.png")) if Path(out).is_dir() else []
+    if drawn and not force:
+        raise BcpkdError(f"{drawn[0]}: figures are there already; give another --out, or add --force to replace them")
     figures.pyplot()  # a missing extra is said before anything is evaluated
     entries = _entries(paths, tree)
     if not entries:
