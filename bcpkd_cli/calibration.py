@@ -65,14 +65,14 @@ def at_temperature(predictive: Callable[[float], torch.Tensor], t_teacher: float
 
 
 def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, t_teacher: float,
-              view_padding: str = "zeros") -> str:
+              view_settings: dict | None = None) -> str:
     settings = {"teacher": teacher_sha256, "data": data_fingerprint, "t_teacher": t_teacher, "views": cfg.views,
                 "prior": cfg.prior.value, "temperature": cfg.temperature.value, "dtype": cfg.cache_dtype.value,
                 "predictive_version": PREDICTIVE_VERSION}
     if cfg.temper != Temper.logits:  # the defaults leave the keys of caches made before these settings unchanged
         settings["temper"] = cfg.temper.value
-    if view_padding != "zeros" and cfg.views > 1:
-        settings["view_padding"] = view_padding
+    if cfg.views > 1:  # the view space where it is not the first one (pad crops with zeros)
+        settings.update(view_settings or {})
     if cfg.draws:
         settings["draws"] = cfg.draws
     if cfg.top_k:
@@ -141,7 +141,7 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float,
             ids = torch.full_like(index, view_id)
             inputs = train.inputs[index.to(train.inputs.device)]
             if data.is_image:
-                inputs = views.apply_views(inputs, ids, data.view_padding)
+                inputs = data.views.apply(inputs, index, ids)
             sample_index = views.sample_index(index, ids)
             if cfg.draws:
                 draws = at_temperature(teacher.draws_at(inputs, sample_index), t_teacher, cfg.temper)  # [S, B, C]
@@ -167,8 +167,8 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float,
 def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> dict:
     """Metadata a cache must carry to serve this teacher, data and T_t (dealbreakers when loading)."""
     tempered = {"temper": cfg.temper.value} if cfg.temper != Temper.logits else {}  # older caches: logits
-    if data.view_padding != "zeros" and cfg.views > 1:  # older caches: zeros
-        tempered["view_padding"] = data.view_padding
+    if cfg.views > 1 and data.is_image:  # older caches: pad crops, zeros
+        tempered.update(data.views.settings())
     if cfg.draws:  # older caches: none
         tempered["n_draws"] = cfg.draws
     if cfg.top_k:  # older caches: dense
@@ -190,7 +190,8 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
                          "calibrate.temperature=fit); keep a held-out split, or --set calibrate.prior=keep "
                          "(or marglik) and calibrate.temperature=none")
     expect = cache_expectations(teacher_path, data, t_teacher, cfg)
-    key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher, data.view_padding)
+    key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher,
+                    data.views.settings() if data.is_image else {})
     path = cache_path(teacher_path, key, out).resolve()
     with artifacts.exclusive_lock(path.parent / ".lock", f"waiting for another job building the cache {path}"):
         built = force or not path.is_file()
@@ -217,7 +218,7 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
     artifacts.write_json(path.parent / "report.json", report)
 
     probs = build_cache_probs(teacher, data, t_teacher, cfg)
-    augmentation = f"pad crop ({data.view_padding} padding) x flip" if data.is_image else "none"
+    augmentation = data.views.describe() if data.is_image else "none"
     metadata = {**expect, "n_classes": data.n_classes, "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
                 "split": "train", "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": augmentation},
                 "bayes": teacher.kind.value,

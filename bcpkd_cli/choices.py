@@ -102,6 +102,16 @@ class Temper(str, enum.Enum):
     predictive = "predictive"
 
 
+class Crop(str, enum.Enum):
+    pad = "pad"
+    resized = "resized"
+
+
+class Decode(str, enum.Enum):
+    store = "store"
+    stream = "stream"
+
+
 class ViewPadding(str, enum.Enum):
     zeros = "zeros"
     reflect = "reflect"

@@ -193,7 +193,7 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         if not items:
             errors.append(f"{where}: must not be empty")
     if not 1 <= recipe.calibrate.views <= 162:
-        errors.append(f"calibrate.views: must lie in 1..162 (pad-4 crop x flip), got {recipe.calibrate.views}")
+        errors.append(f"calibrate.views: must lie in 1..162 (the views of each image), got {recipe.calibrate.views}")
     if recipe.data.name == DatasetName.synthetic and recipe.calibrate.views != 1:
         errors.append("calibrate.views: the synthetic dataset has no augmentation views; use 1")
     if recipe.distill.few_shot < 0:

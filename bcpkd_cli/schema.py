@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bcpkd_cli.choices import (Bayes, CacheDtype, Centroids, DatasetName, Hessian, Link, Optimizer, Precision,
-                               PriorMethod, PriorTuning, Subset, Targets, Temper, TemperatureFit, ViewPadding)
+                               PriorMethod, PriorTuning, Subset, Targets, Temper, TemperatureFit, ViewPadding,
+                               Crop, Decode)
 
 
 def _f(default: Any, help: str) -> Any:
@@ -30,6 +31,11 @@ class DataConfig:
     label_column: str = _f("label", "arrays from a .csv: the column holding the integer class label")
     view_padding: ViewPadding = _f(ViewPadding.zeros, "images: how augmentation views pad before cropping: zeros, or "
                                                       "reflect (the authors' RandomCrop padding_mode)")
+    crop: Crop = _f(Crop.pad, "images: augmentation views: pad (CIFAR's padded crop x flip) or resized "
+                              "(ImageNet's random-resized crop x flip, resized back to the image size)")
+    decode: Decode = _f(Decode.store, "images: store (decode once into a uint8 store; memory-mapped when large) or "
+                                      "stream (decode the files of every batch, in worker processes)")
+    loader_workers: int = _f(0, "images with decode=stream: decoding worker processes; 0: one per CPU core, at most 8")
     standardize: bool = _f(True, "vector data (synthetic, arrays): models standardise every feature with the "
                                  "training split's mean and std (kept in each checkpoint)")
     download: bool = _f(False, "cifar10/100: download into root first (connected machines only)")
@@ -216,12 +222,13 @@ def config_field(dotted: str) -> dataclasses.Field:
 
 
 SYNTHETIC_ONLY = ("n_classes", "dim", "noise_var", "mean_choices")  # data keys that only the synthetic set reads
+IMAGE_ONLY = ("image_size", "view_padding", "crop", "decode", "loader_workers")
 UNUSED_DATA_KEYS = {
-    DatasetName.synthetic: ("root", "download", "image_size", "label_column", "view_padding"),
-    DatasetName.arrays: (*SYNTHETIC_ONLY, "download", "image_size", "view_padding"),
+    DatasetName.synthetic: ("root", "download", *IMAGE_ONLY, "label_column"),
+    DatasetName.arrays: (*SYNTHETIC_ONLY, "download", *IMAGE_ONLY),
     DatasetName.imagefolder: (*SYNTHETIC_ONLY, "label_column", "download", "standardize"),
-    DatasetName.cifar10: (*SYNTHETIC_ONLY, "label_column", "standardize"),
-    DatasetName.cifar100: (*SYNTHETIC_ONLY, "label_column", "standardize"),
+    DatasetName.cifar10: (*SYNTHETIC_ONLY, "label_column", "standardize", "decode", "loader_workers"),
+    DatasetName.cifar100: (*SYNTHETIC_ONLY, "label_column", "standardize", "decode", "loader_workers"),
 }
 
 

@@ -199,9 +199,11 @@ def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sourc
             return train_inputs[rows], [torch.zeros(0, data.n_classes, device=device) for _ in sources]
         slots = sampler.slots(rows, epoch)  # [B] columns of the [N, V, C] cache
         ids = view_ids[slots]
-        inputs = views.apply_views(train_inputs[rows], ids, data.view_padding) if data.is_image else train_inputs[rows]
+        examples = example_index[rows.cpu()]  # [B] ids in the training split: the cache's rows
+        inputs = data.views.apply(train_inputs[rows], examples, ids) if data.is_image else train_inputs[rows]
+
         def sample_index() -> torch.Tensor:  # only online teachers need it (it reads the view ids on the CPU)
-            return views.sample_index(example_index[rows.cpu()], ids)
+            return views.sample_index(examples, ids)
 
         predictives: Predictives = {}
         return inputs, [source.batch(rows, slots, epoch, inputs, sample_index, predictives) for source in sources]

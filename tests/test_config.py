@@ -61,8 +61,9 @@ def test_all_problems_are_reported_in_one_error():
     fragments = [
         "bogus: unknown key (valid: calibrate, compile, data, device, distill, evaluate, experiment, log, out, "
         "precision, teacher)",
-        "data.n_trian: unknown key (valid: dim, download, image_size, label_column, mean_choices, n_classes, "
-        "n_heldout, n_test, n_train, name, noise_var, root, seed, standardize, view_padding)",
+        "data.n_trian: unknown key (valid: crop, decode, dim, download, image_size, label_column, loader_workers, "
+        "mean_choices, n_classes, n_heldout, n_test, n_train, name, noise_var, root, seed, standardize, "
+        "view_padding)",
         "data.n_test: expected int, got 'many'",
         "data.noise_var: must be positive, got 0.0",
         "teacher.bayes: 'gaussian' is not one of: none, laplace",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from bcpkd_cli.config import DataConfig, DatasetName, plain_data
-from bcpkd_cli.data import arrays, images, synthetic
+from bcpkd_cli.data import arrays, images, synthetic, views
 from bcpkd_cli.data.mapped import MappedRows
 from bcpkd_cli.errors import BcpkdError
 
@@ -53,9 +53,11 @@ class Dataset:
         return len(self.input_shape) == 3
 
     @property
-    def view_padding(self) -> str:
-        """How augmentation views pad: zeros or reflect (data.view_padding)."""
-        return self.config.view_padding.value if self.config else "zeros"
+    def views(self) -> views.ViewSpace:
+        """How augmentation views are made (data.crop, data.view_padding; resized crops seeded by data.seed)."""
+        if self.config is None:
+            return views.ViewSpace()
+        return views.ViewSpace(self.config.crop.value, self.config.view_padding.value, self.config.seed)
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "heldout": self.heldout, "test": self.test}[name]

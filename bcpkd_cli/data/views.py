@@ -1,4 +1,4 @@
-"""Exact augmentation views: augmentation as a deterministic function of (image, view id).
+"""Exact augmentation views: augmentation as a deterministic function of (example, view id).
 
 For 32x32 images the view space is CIFAR's usual pad-4 random crop x horizontal flip: 9 x 9 crop
 offsets x 2 flips = 162 views. View id v encodes flip = v % 2 and offset o = v // 2 with
@@ -6,9 +6,18 @@ row offset (o // 9 + 4) % 9 and column offset (o % 9 + 4) % 9 into the zero-padd
 is the image itself. Larger images of side S are padded by S / 8 and the 9 offsets per axis are spread
 over that padding (steps of S / 32 pixels): the same 162 views at every size. Views are applied to a
 whole batch with one gather: no per-image Python work.
+
+Random-resized-crop views (data.crop: resized, ImageNet-style) draw each view's box from a seeded hash
+of (example, view id): scale and aspect ratio as torchvision's RandomResizedCrop (area 8% to 100%, ratio
+3/4 to 4/3, ten tries, then the whole image), flipped for odd ids, resized back to the image's size with
+bilinear interpolation as torchvision's resized_crop
+(one batched grid sample; no antialiasing is needed: a box is never larger than the image). View 0 is again the image itself.
 """
 
 from __future__ import annotations
+
+import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -83,3 +92,109 @@ class ViewSampler:
             self._epoch = epoch
             self._slots = draw_view_slots(self.n_examples, self.n_views, self.seed, epoch).to(rows.device)
         return self._slots[rows]
+
+
+SCALE = (0.08, 1.0)  # torchvision RandomResizedCrop's defaults
+RATIO = (3 / 4, 4 / 3)
+TRIES = 10
+MASK64 = (1 << 64) - 1
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrapping arithmetic; logical shifts by masking)."""
+    def shr(v: torch.Tensor, k: int) -> torch.Tensor:
+        return (v >> k) & ((1 << (64 - k)) - 1)
+
+    x = (x ^ shr(x, 30)) * -4658895280553007687  # 0xbf58476d1ce4e5b9 as int64
+    x = (x ^ shr(x, 27)) * -7723592293110705685  # 0x94d049bb133111eb
+    return x ^ shr(x, 31)
+
+
+def hash_uniform(seed: int, example_ids: torch.Tensor, view_ids: torch.Tensor, stream: int) -> torch.Tensor:
+    """Uniform numbers in [0, 1) [B] (float64), a pure function of (seed, example, view, stream)."""
+    x = _mix(torch.full_like(example_ids, seed) * 0x9E3779B9 + example_ids)
+    x = _mix(x * 0x85EBCA6B + view_ids * 64 + stream)
+    return ((x >> 11) & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
+def resized_crop_boxes(example_ids: torch.Tensor, view_ids: torch.Tensor, height: int, width: int,
+                       seed: int) -> torch.Tensor:
+    """Crop boxes [B, 4] (top, left, box height, box width; int64 pixels) of random-resized-crop views, drawn as
+    torchvision's RandomResizedCrop.get_params draws them, from a hash instead of a random generator; view 0
+    is the whole image."""
+    example_ids, view_ids = example_ids.cpu().long(), view_ids.cpu().long()
+    area = float(height * width)
+    log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
+    boxes = torch.tensor([0, 0, height, width]).repeat(len(view_ids), 1)  # the fallback: the whole image
+    found = view_ids == 0
+    for attempt in range(TRIES):
+        u = [hash_uniform(seed, example_ids, view_ids, 4 * attempt + k) for k in range(4)]
+        target_area = area * (SCALE[0] + (SCALE[1] - SCALE[0]) * u[0])
+        ratio = torch.exp(log_lo + (log_hi - log_lo) * u[1])
+        w = torch.round(torch.sqrt(target_area * ratio)).long()
+        h = torch.round(torch.sqrt(target_area / ratio)).long()
+        fits = ~found & (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        top = torch.floor(u[2] * (height - h + 1).double()).long()
+        left = torch.floor(u[3] * (width - w + 1).double()).long()
+        boxes[fits] = torch.stack([top, left, h, w], dim=1)[fits]
+        found |= fits
+    return boxes
+
+
+def resized_crops(images: torch.Tensor, example_ids: torch.Tensor, view_ids: torch.Tensor,
+                  seed: int) -> torch.Tensor:
+    """images [B, C, H, W] (uint8 or float), example ids [B], view ids [B] -> random-resized-crop views
+    [B, C, H, W] of the same dtype: each box resized to H x W (bilinear), mirrored for odd view ids."""
+    if len(view_ids) == 0:
+        return images
+    b, c, h, w = images.shape
+    boxes = resized_crop_boxes(example_ids, view_ids, h, w, seed).double()  # [B, 4]
+    flip = (view_ids.cpu() % 2).bool()
+
+    def source(start: torch.Tensor, length: torch.Tensor, size: int, mirrored: torch.Tensor) -> torch.Tensor:
+        """Sampling positions [B, size] in [-1, 1] (align_corners=True units) of a box's bilinear resize, as
+        torch's interpolate computes them (half-pixel centres, clamped to the box)."""
+        at = torch.arange(size, dtype=torch.float64)
+        at = torch.where(mirrored[:, None], size - 1 - at, at)
+        inside = ((at + 0.5) * (length[:, None] / size) - 0.5).clamp_min(0)
+        pixel = start[:, None] + torch.minimum(inside, length[:, None] - 1)
+        return pixel * (2.0 / (size - 1)) - 1 if size > 1 else pixel * 0
+
+    ys = source(boxes[:, 0], boxes[:, 2], h, torch.zeros_like(flip))  # [B, H]
+    xs = source(boxes[:, 1], boxes[:, 3], w, flip)  # [B, W]
+    grid = torch.stack([xs[:, None, :].expand(b, h, w), ys[:, :, None].expand(b, h, w)], dim=-1)  # [B, H, W, 2]
+    crops = F.grid_sample(images.float(), grid.float().to(images.device), mode="bilinear", padding_mode="border",
+                          align_corners=True)
+    crops = crops.round_().clamp_(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else crops.to(images.dtype)
+    whole = ((boxes[:, 2] == h) & (boxes[:, 3] == w)).to(images.device)  # exactly the image (or its mirror)
+    mirrored = flip.to(images.device)
+    crops[whole & ~mirrored] = images[whole & ~mirrored]
+    crops[whole & mirrored] = images[whole & mirrored].flip(-1)
+    return crops
+
+
+@dataclass(frozen=True)
+class ViewSpace:
+    """How a dataset's views are made: `pad` crops (zeros or reflect padding) or `resized` crops seeded by
+    `seed`. `apply(images, example_ids, view_ids)` -> the views; `settings()` what a cache key records."""
+
+    crop: str = "pad"
+    padding: str = "zeros"
+    seed: int = 0
+
+    def apply(self, images: torch.Tensor, example_ids: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
+        """images [B, C, H, W], the examples' ids in the training split [B], view ids [B] -> views [B, C, H, W]."""
+        if self.crop == "resized":
+            return resized_crops(images, example_ids, view_ids, self.seed)
+        return apply_views(images, view_ids, self.padding)
+
+    def settings(self) -> dict:
+        """The view space where it differs from the first one (pad crops, zero padding), for cache keys."""
+        if self.crop == "resized":
+            return {"crop": "resized", "view_seed": self.seed}
+        return {"view_padding": self.padding} if self.padding != "zeros" else {}
+
+    def describe(self) -> str:
+        if self.crop == "resized":
+            return f"random-resized crop (seed {self.seed}) x flip"
+        return f"pad crop ({self.padding} padding) x flip"

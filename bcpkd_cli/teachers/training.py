@@ -32,11 +32,11 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _targets) -> torch
 
 
 def random_views(data: Dataset, seed: int) -> BatchFn:
-    """Batches of a random pad-4 crop x flip view (of all 162) of every image, drawn anew every epoch."""
+    """Batches of a random view (of all 162 of each image: data.crop) of every image, drawn anew every epoch."""
     sampler = views.ViewSampler(len(data.train), views.N_VIEWS, seed)
 
     def batch(rows: torch.Tensor, epoch: int):
-        return views.apply_views(data.train.inputs[rows], sampler.slots(rows, epoch), data.view_padding), None
+        return data.views.apply(data.train.inputs[rows], rows, sampler.slots(rows, epoch)), None
 
     return batch
 
