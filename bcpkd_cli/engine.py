@@ -157,7 +157,7 @@ def train(
 
     member = Member(model, loss_fn, spec, log_fn, penalty, heldout_fn=heldout_fn)
     return train_lockstep([member], labels, spec.epochs, spec.batch_size, spec.seed, desc, group_batch, log_every,
-                          resume, report)
+                          resume, report, getattr(inputs, "plan", None))
 
 
 @dataclass
@@ -202,7 +202,8 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
 
 def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, batch_size: int, order_seed: int,
                    desc: str, group_batch_fn: GroupBatchFn, log_every: int = 0, resume: Resume | None = None,
-                   report: TrainingReport | None = None) -> int:
+                   report: TrainingReport | None = None,
+                   plan: Callable[[list[torch.Tensor]], None] | None = None) -> int:
     """Train several networks on the same batches in one pass over the data: each step builds the batch
     once (rows, views, inputs) and then steps every member with its own loss, targets and optimiser.
     A member's weights are exactly those of training it alone with the same batch order.
@@ -210,7 +211,8 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     Under torchrun every process draws the same batch order and takes every world-size-th row of each
     batch; gradients are averaged so that a step is the step of the whole batch (the mean over all its
     rows), as in one process. Only rank 0 logs and saves the state of `resume`. `report` shows the progress
-    (default: a progress bar on a terminal, a line per epoch in batch jobs)."""
+    (default: a progress bar on a terminal, a line per epoch in batch jobs). `plan(batches)` is told each
+    epoch's row batches of this process in advance (images read per batch read them ahead)."""
     place = world()
     torch.manual_seed(order_seed)
     order_gen = torch.Generator().manual_seed(order_seed)
@@ -244,6 +246,8 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     try:
         for epoch in range(first_epoch, epochs):
             order = torch.randperm(n, generator=order_gen).to(labels.device)
+            if plan is not None:
+                plan([order[s:s + batch_size][place.rank::place.size].cpu() for s in range(0, n, batch_size)])
             epoch_steps = 0
             for loss_sum in loss_sums:
                 loss_sum.zero_()

@@ -236,7 +236,7 @@ def test_a_store_larger_than_memory_allows_is_read_from_disk_with_equal_results(
                                                                                   tmp_path, monkeypatch):
     """A store over the in-memory limit is memory-mapped: splits read their rows from disk as indexed, and the
     teacher, its cache and the student are exactly those of the in-memory run."""
-    from bcpkd_cli.data.mapped import MappedRows
+    from bcpkd_cli.data.rows import MappedRows
 
     run = ["--bayes", "laplace", "--arch", "resnet8x4", "--epochs", "1", *_images(image_folder)]
     in_memory = here("train-teacher", *run, "--out", "mem", cwd=tmp_path).strip()

@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from bcpkd_cli.choices import Decode
 from bcpkd_cli.config import DataConfig, DatasetName, plain_data
 from bcpkd_cli.data import arrays, images, synthetic, views
-from bcpkd_cli.data.mapped import MappedRows
+from bcpkd_cli.data.rows import MappedRows, RowReader, StreamedRows
 from bcpkd_cli.errors import BcpkdError
 
 
@@ -18,7 +19,7 @@ from bcpkd_cli.errors import BcpkdError
 class Split:
     """One split: inputs [N, ...], labels [N], and exact BCPs [N, C] where the dataset knows them."""
 
-    inputs: torch.Tensor | MappedRows  # MappedRows: images read from a store on disk as they are indexed
+    inputs: torch.Tensor | RowReader  # RowReader: images read per batch (a mapped store, or the files)
     labels: torch.Tensor
     true_bcp: torch.Tensor | None
 
@@ -27,12 +28,18 @@ class Split:
 
     def subset(self, rows: torch.Tensor) -> "Split":
         rows = rows.to(self.labels.device)
-        inputs = self.inputs.subset(rows) if isinstance(self.inputs, MappedRows) else self.inputs[rows]
+        inputs = self.inputs.subset(rows) if isinstance(self.inputs, RowReader) else self.inputs[rows]
         return Split(inputs, self.labels[rows], None if self.true_bcp is None else self.true_bcp[rows])
 
     def to(self, device: torch.device) -> "Split":
+        """The split on `device`; images that would take over half of a GPU's free memory stay in host memory
+        and go there a batch at a time."""
         bcp = None if self.true_bcp is None else self.true_bcp.to(device)
-        return Split(self.inputs.to(device), self.labels.to(device), bcp)
+        inputs = self.inputs
+        if isinstance(inputs, torch.Tensor) and inputs.ndim == 4 and torch.device(device).type == "cuda" \
+                and inputs.nbytes > torch.cuda.mem_get_info(device)[0] // 2:
+            inputs = MappedRows(inputs, torch.arange(len(inputs)))
+        return Split(inputs.to(device), self.labels.to(device), bcp)
 
 
 @dataclass(frozen=True)
@@ -70,8 +77,12 @@ class Dataset:
                 "sizes": {name: len(self.split(name)) for name in ("train", "heldout", "test")}}
 
     def to(self, device: torch.device) -> "Dataset":
-        """The same dataset with every split's tensors on `device` (fingerprint unchanged)."""
-        return replace(self, train=self.train.to(device), heldout=self.heldout.to(device), test=self.test.to(device))
+        """The same dataset with every split's tensors on `device`. The fingerprint is unchanged, except where
+        images are streamed from JPEG files to a GPU: its decoder's pixels differ from the CPU decoder's."""
+        moved = replace(self, train=self.train.to(device), heldout=self.heldout.to(device), test=self.test.to(device))
+        if isinstance(moved.train.inputs, StreamedRows) and moved.train.inputs.on_gpu:
+            moved = replace(moved, fingerprint=hashlib.sha256(f"{self.fingerprint}/nvjpeg".encode()).hexdigest()[:16])
+        return moved
 
 
 def fingerprint(splits: list[Split], rows_per_block: int = 4096) -> str:
@@ -81,6 +92,17 @@ def fingerprint(splits: list[Split], rows_per_block: int = 4096) -> str:
         for start in range(0, len(s.inputs), rows_per_block):
             digest.update(s.inputs[start:start + rows_per_block].contiguous().numpy().tobytes())
         digest.update(s.labels.contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def folder_fingerprint(sources: str, rows: list[torch.Tensor], labels: list[torch.Tensor]) -> str:
+    """An image folder's fingerprint without reading pixels: SHA-256 (16 hex digits) over its files'
+    fingerprint and decoding (`sources`: relative paths, sizes, image size) and each split's file rows and
+    labels. The same for decode=store and decode=stream, so caches serve both."""
+    digest = hashlib.sha256(sources.encode())
+    for split_rows, split_labels in zip(rows, labels):
+        digest.update(split_rows.numpy().tobytes())
+        digest.update(split_labels.contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -121,19 +143,29 @@ def _synthetic(cfg: DataConfig) -> Dataset:
                    seed=cfg.seed, config=cfg, stats=feature_stats(splits[0].inputs) if cfg.standardize else None)
 
 
-def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor, int, dict]:
-    """uint8 images [N, 3, H, W], labels [N], the class count and the channel statistics of one stored split."""
+def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor | RowReader, torch.Tensor, int, dict, str]:
+    """One split's uint8 images [N, 3, H, W] (a tensor, or rows read per batch), labels [N], the class count,
+    the channel statistics, and for image folders what their fingerprint stands on (files and decoding)."""
     root = Path(cfg.root)
     if cfg.name == DatasetName.imagefolder:
         paths, labels, classes = images.list_image_folder(root / split)
-        pixels, labels, _, stats = images.load_or_decode(
-            root / split, split, paths, lambda: (images.decode_images(paths, cfg.image_size), torch.tensor(labels)),
-            size=cfg.image_size)
-        return pixels, labels, len(classes), stats
+        sources = f"{images.source_fingerprint(root / split, paths)}/{cfg.image_size}px;"
+        if cfg.decode == Decode.stream:
+            if not cfg.image_size:
+                raise BcpkdError("data.decode=stream: set --set data.image_size=S (every image is decoded per batch "
+                                 "at S x S)")
+            pixels = StreamedRows(paths, (3, cfg.image_size, cfg.image_size), torch.arange(len(paths)),
+                                  workers=cfg.loader_workers)
+            stats = images.stream_stats(root / split, paths, cfg.image_size, cfg.loader_workers) \
+                if split == "train" else None
+            return pixels, torch.tensor(labels), len(classes), stats, sources
+        pixels, labels, _, stats = images.load_or_decode(root / split, split, paths, labels, size=cfg.image_size,
+                                                         workers=cfg.loader_workers)
+        return pixels, labels, len(classes), stats, sources
     pixels, labels = images.read_cifar(root, cfg.name.value, split, cfg.download)
     if cfg.image_size and cfg.image_size != pixels.shape[-1]:
         pixels = torch.stack([images.square(image, cfg.image_size) for image in pixels])
-    return pixels, labels, 10 if cfg.name == DatasetName.cifar10 else 100, images.channel_stats(pixels)
+    return pixels, labels, 10 if cfg.name == DatasetName.cifar10 else 100, images.channel_stats(pixels), ""
 
 
 CIFAR_SIZES = (50_000, 10_000)  # training and test images of the python batches
@@ -167,22 +199,27 @@ def check_sizes(cfg: DataConfig, counts: tuple[int, int] | None = None) -> int:
 
 def _images(cfg: DataConfig) -> Dataset:
     """Train / held-out from the training files (seeded split), test from the test files."""
-    train_pixels, train_labels, n_classes, stats = _image_split(cfg, "train")
-    test_pixels, test_labels, _, _ = _image_split(cfg, "test")
+    train_pixels, train_labels, n_classes, stats, train_sources = _image_split(cfg, "train")
+    test_pixels, test_labels, _, _, test_sources = _image_split(cfg, "test")
     n_heldout = check_sizes(cfg, (len(train_labels), len(test_labels)))
     order = torch.randperm(len(train_labels), generator=_generator(cfg.seed, "heldout"))
     heldout_rows = order[:n_heldout].sort().values
     train_rows = order[n_heldout:][: cfg.n_train or None].sort().values
     test_rows = torch.arange(len(test_labels))[: cfg.n_test or None]
 
-    def rows_of(pixels: torch.Tensor | MappedRows, rows: torch.Tensor):  # a store on disk stays there
-        return pixels.subset(rows) if isinstance(pixels, MappedRows) else pixels[rows]
+    def rows_of(pixels: torch.Tensor | RowReader, rows: torch.Tensor):  # images read per batch stay unread
+        return pixels.subset(rows) if isinstance(pixels, RowReader) else pixels[rows]
 
     splits = [Split(rows_of(train_pixels, train_rows), train_labels[train_rows], None),
               Split(rows_of(train_pixels, heldout_rows), train_labels[heldout_rows], None),
               Split(rows_of(test_pixels, test_rows), test_labels[test_rows], None)]
+    if train_sources:  # an image folder: from its files, without reading the pixels again
+        rows = [train_rows, heldout_rows, test_rows]
+        data_fingerprint = folder_fingerprint(train_sources + test_sources, rows, [s.labels for s in splits])
+    else:
+        data_fingerprint = fingerprint(splits)
     return Dataset(*splits, n_classes=n_classes, input_shape=tuple(train_pixels.shape[1:]),
-                   fingerprint=fingerprint(splits), seed=cfg.seed, config=cfg, stats=stats)
+                   fingerprint=data_fingerprint, seed=cfg.seed, config=cfg, stats=stats)
 
 
 def _arrays(cfg: DataConfig) -> Dataset:

@@ -21,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from bcpkd_cli.artifacts import atomic_write, map_tensor
-from bcpkd_cli.data.mapped import MappedRows
+from bcpkd_cli.artifacts import atomic_write, map_tensor, write_text
+from bcpkd_cli.data.rows import MappedRows
 from bcpkd_cli.errors import BcpkdError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -151,31 +150,88 @@ def store_folder(root: Path) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bcpkd" / "store"
 
 
-def load_or_decode(root: Path, split: str, paths: list[Path], decode, store: Path | None = None,
-                   size: int = 0) -> tuple[torch.Tensor | MappedRows, torch.Tensor, bool, dict]:
+STATS_SAMPLE = 5000  # training files whose channel statistics normalise streamed images
+STORE_HEADER = 4096  # bytes reserved for a store's safetensors header (written once its statistics are known)
+
+
+def store_path(root: Path, split: str, paths: list[Path], size: int, store: Path | None = None) -> Path:
+    """Where a split's store lives: its name carries the files' fingerprint and the decoding size."""
+    at = f"-{size}px" if size else ""
+    return (store or store_folder(root)) / f"{Path(root).name}-{split}-{source_fingerprint(root, paths)}{at}.safetensors"
+
+
+def write_store(path: Path, paths: list[Path], labels: torch.Tensor, size: int, workers: int = 0,
+                rows_per_block: int = 256) -> None:
+    """Decode the files into a uint8 store [N, 3, S, S] written block by block (decoded in worker processes;
+    memory holds a few blocks), with the channel statistics in its metadata. With size 0 every image must
+    have the first one's size. Written atomically."""
+    from bcpkd_cli.data.rows import StreamedRows
+
+    first = decode_images(paths[:1], size)[0]
+    reader = StreamedRows(paths, tuple(first.shape), torch.arange(len(paths)), workers=workers, resize=bool(size))
+    shape = [len(paths), *first.shape]
+    n_bytes = torch.Size(shape).numel()
+    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.seek(8 + STORE_HEADER)
+            for start in range(0, len(paths), rows_per_block):
+                block = reader[start:start + rows_per_block]  # uint8 [B, 3, S, S]
+                scaled = block.double().div_(255.0)
+                total.add_(scaled.sum(dim=(0, 2, 3)))
+                squares.add_(scaled.square().sum(dim=(0, 2, 3)))
+                f.write(block.contiguous().numpy().tobytes())
+            f.write(labels.long().contiguous().numpy().tobytes())
+            count = len(paths) * shape[2] * shape[3]
+            mean = total / count
+            std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
+            stats = {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()]}
+            header = json.dumps({"__metadata__": {"stats": json.dumps(stats)},
+                                 "images": {"dtype": "U8", "shape": shape, "data_offsets": [0, n_bytes]},
+                                 "labels": {"dtype": "I64", "shape": [len(paths)],
+                                            "data_offsets": [n_bytes, n_bytes + 8 * len(paths)]}}).encode()
+            f.seek(0)
+            f.write(STORE_HEADER.to_bytes(8, "little") + header.ljust(STORE_HEADER, b" "))
+
+    atomic_write(path, write)
+
+
+def load_or_decode(root: Path, split: str, paths: list[Path], labels: list[int], store: Path | None = None,
+                   size: int = 0, workers: int = 0) -> tuple[torch.Tensor | MappedRows, torch.Tensor, bool, dict]:
     """The split's (images, labels) from the store (default: store_folder(root)), or decoded now (at `size`, if
-    given) and stored with its channel statistics in the metadata. A store larger than `in_memory_limit` is
+    given; `write_store`) and stored with its channel statistics. A store larger than `in_memory_limit` is
     read from disk as it is indexed (MappedRows). Returns (images, labels, whether it decoded now, channel
     statistics)."""
-    key = source_fingerprint(root, paths)
-    at = f"-{size}px" if size else ""
-    path = (store or store_folder(root)) / f"{Path(root).name}-{split}-{key}{at}.safetensors"
+    path = store_path(root, split, paths, size, store)
     decoded = not path.is_file()
     if decoded:
-        images, labels = decode()
-        stats = channel_stats(images)
-        atomic_write(path, lambda p: save_file({"images": images.contiguous(), "labels": labels}, str(p),
-                                               metadata={"stats": json.dumps(stats)}))
-        del images  # read back below: from memory, or mapped from disk when it is large
+        write_store(path, paths, torch.tensor(labels), size, workers)
     with safe_open(str(path), framework="pt") as f:
         stats = json.loads((f.metadata() or {}).get("stats", "null"))
         labels = f.get_tensor("labels")
         if path.stat().st_size > in_memory_limit():
             mapped = map_tensor(path, "images")
-            images = MappedRows(mapped, torch.arange(len(mapped)))
+            images = MappedRows(mapped, torch.arange(len(mapped)), workers=workers)
         else:
             images = f.get_tensor("images")
     return images, labels, decoded, stats or channel_stats(images)
+
+
+def stream_stats(root: Path, paths: list[Path], size: int, workers: int = 0, store: Path | None = None) -> dict:
+    """Channel statistics for streamed images: those of a seeded sample of STATS_SAMPLE training files (all of
+    a smaller folder: then equal to the store's), kept as JSON beside where the store would be so that they
+    are computed once."""
+    from bcpkd_cli.data.rows import StreamedRows
+
+    stored = store_path(root, "train", paths, size, store)
+    path = stored.with_name(stored.stem + f"-stats{STATS_SAMPLE}.json")
+    if path.is_file():
+        return json.loads(path.read_text())
+    sample = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0))[:STATS_SAMPLE].sort().values
+    stats = channel_stats(StreamedRows(paths, (3, size, size), sample, workers=workers), rows_per_block=256)
+    write_text(path, json.dumps(stats))
+    return stats
 
 
 def in_memory_limit() -> int:

@@ -137,7 +137,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
                            f"student ({first.distill.targets.value})",
                            view_batches(data, first.calibrate, seed, [s.source for s in group], device, example_index),
                            log_every=first.distill.log_every,
-                           resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume), report=report)
+                           resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume), report=report,
+                           plan=getattr(data.train.inputs, "plan", None))
     seconds = time.perf_counter() - started
     if not place.is_main:
         return []

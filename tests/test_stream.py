@@ -1,0 +1,69 @@
+"""Images read per batch: decode=stream decodes the files of every batch in worker processes, a memory-mapped
+store reads its rows; both read planned batches ahead and give exactly the store's pixels, so a teacher,
+its cache and a student are the same whichever way the images arrive."""
+
+from __future__ import annotations
+
+import torch
+
+from bcpkd_cli.config import DataConfig
+from bcpkd_cli.data import images as image_data
+from bcpkd_cli.data import load_dataset
+from bcpkd_cli.data.rows import MappedRows, StreamedRows
+from cli_helpers import here, refused_here
+
+RUN = ["--data", "imagefolder", "--device", "cpu", "--set", "data.n_heldout=15", "--set", "data.image_size=12",
+       "--set", "data.crop=resized", "--set", "data.loader_workers=2"]
+
+
+def test_streamed_rows_are_the_stores_rows_in_any_order_and_ahead_of_time(image_folder):
+    paths, labels, _ = image_data.list_image_folder(image_folder / "train")
+    store = image_data.decode_images(paths, 12)  # [90, 3, 12, 12]
+    streamed = StreamedRows(paths, (3, 12, 12), torch.arange(len(paths)), workers=2)
+    assert streamed.shape == store.shape and len(streamed) == 90
+    assert torch.equal(streamed[5], store[5]) and torch.equal(streamed[10:20], store[10:20])
+    batches = [torch.randperm(90, generator=torch.Generator().manual_seed(e))[:32] for e in range(4)]
+    streamed.plan(batches)
+    for rows in batches:  # read ahead by the workers, handed out in order
+        assert torch.equal(streamed[rows], store[rows])
+    streamed.plan(batches)
+    assert torch.equal(streamed[batches[1]], store[batches[1]])  # off plan: read at once, the plan dropped
+    assert torch.equal(torch.cat([streamed[i:i + 16] for i in range(0, 90, 16)]), store)  # a scan, read ahead
+    subset = streamed.subset(torch.tensor([3, 1, 4]))
+    assert torch.equal(subset[torch.tensor([0, 2])], store[torch.tensor([3, 4])])
+    mapped = MappedRows(store, torch.arange(90), workers=2)
+    mapped.plan(batches)
+    assert all(torch.equal(mapped[rows], store[rows]) for rows in batches)
+
+
+def test_stream_and_store_load_the_same_dataset(image_folder):
+    store = load_dataset(DataConfig(name="imagefolder", root=str(image_folder), n_heldout=15, image_size=12))
+    stream = load_dataset(DataConfig(name="imagefolder", root=str(image_folder), n_heldout=15, image_size=12,
+                                     decode="stream"))
+    assert isinstance(stream.train.inputs, StreamedRows) and isinstance(store.train.inputs, torch.Tensor)
+    assert stream.fingerprint == store.fingerprint and stream.stats == store.stats  # all 90 files sampled
+    for name in ("train", "heldout", "test"):
+        assert torch.equal(stream.split(name).inputs[0:len(stream.split(name))], store.split(name).inputs)
+
+
+def test_teacher_cache_and_student_are_equal_through_stream_and_store(single_thread, image_folder, tmp_path):
+    teachers = {}
+    for decode in ("store", "stream"):
+        run = [*RUN, "--data-root", str(image_folder), "--set", f"data.decode={decode}"]
+        teacher = here("train-teacher", "--bayes", "laplace", "--arch", "resnet8x4", "--epochs", "1", *run,
+                       "--set", "teacher.batch_size=32", "--set", "teacher.laplace.grid_size=3", "--out", f"t_{decode}",
+                       cwd=tmp_path).strip()
+        student = here("distill", "--teacher", teacher, "--arch", "wrn_16_1", "--epochs", "1", "--views", "3",
+                       "--set", "calibrate.top_k=2", "--set", "distill.batch_size=32", *run, "--out", f"s_{decode}",
+                       cwd=tmp_path).strip()
+        teachers[decode] = [torch.load(tmp_path / p, weights_only=True) for p in (teacher, student)]
+    for store, stream in zip(teachers["store"], teachers["stream"]):
+        assert {**store["data"], "config": None} == {**stream["data"], "config": None}  # fingerprint, stats, sizes
+        assert store["data"]["config"]["decode"] == "store" and stream["data"]["config"]["decode"] == "stream"
+        assert all(torch.equal(store["state_dict"][k], stream["state_dict"][k]) for k in store["state_dict"])
+
+
+def test_stream_needs_an_image_size(image_folder, tmp_path):
+    message = refused_here("train-teacher", "--data", "imagefolder", "--data-root", str(image_folder),
+                           "--set", "data.decode=stream", "--epochs", "0", cwd=tmp_path)
+    assert "data.decode=stream" in message and "data.image_size" in message
