@@ -1,7 +1,9 @@
 """Checkpoints and the BCP cache: atomic save, safe load (`weights_only=True`), verification.
 
 A checkpoint is a dict of tensors and plain Python values with `format` and `version` keys.
-The BCP cache is a safetensors file: tensor `probs` [N, V, C] plus a string metadata header.
+The BCP cache is a safetensors file: tensor `probs` [N, V, C] plus a string metadata header. A cache built
+by several processes is a manifest at that path (the same header plus `shards`: file, rows [start, stop),
+bytes and SHA-256 of each; no tensors) and shard files next to it holding those rows under the same names.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.shards import ShardedRows
 from bcpkd_cli.topk import TopKProbs
 
 VERSION = 1
 TEACHER_FORMAT = "bcpkd.teacher"
 STUDENT_FORMAT = "bcpkd.student"
 CACHE_FORMAT = "bcpkd.bcp-cache"
+SHARD_FORMAT = "bcpkd.bcp-cache-shard"
 TRAINING_FORMAT = "bcpkd.training-state"
 TRAINING_STATE = "train-state.pt"  # a stage's resumable state (train-state-PHASE.pt for several phases)
 
@@ -208,14 +212,33 @@ def differing_keys(saved: Any, given: Any, prefix: str = "") -> list[str]:
     return [] if saved == given else [prefix.rstrip(".")]
 
 
-def save_cache(path: Path, probs: torch.Tensor | TopKProbs, metadata: dict[str, Any]) -> Path:
-    """probs [N, V, C] (or its top-k form: top_probs and top_ids [N, V, K]) with JSON-encoded metadata values
-    (safetensors keeps str -> str)."""
-    header = {"format": CACHE_FORMAT, "version": str(VERSION)}
-    header.update({k: json.dumps(v) for k, v in metadata.items()})
-    tensors = {"top_probs": probs.values.contiguous(), "top_ids": probs.ids.contiguous()} \
-        if isinstance(probs, TopKProbs) else {"probs": probs.contiguous()}
+def _cache_tensors(probs: torch.Tensor | TopKProbs) -> dict[str, torch.Tensor]:
+    if isinstance(probs, TopKProbs):
+        return {"top_probs": probs.values.contiguous(), "top_ids": probs.ids.contiguous()}
+    return {"probs": probs.contiguous()}
+
+
+def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], file_format: str, metadata: dict) -> Path:
+    """Tensors with JSON-encoded metadata values (safetensors keeps str -> str), atomically."""
+    header = {"format": file_format, "version": str(VERSION), **{k: json.dumps(v) for k, v in metadata.items()}}
     return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
+
+
+def save_cache(path: Path, probs: torch.Tensor | TopKProbs, metadata: dict[str, Any]) -> Path:
+    """probs [N, V, C] (or its top-k form: top_probs and top_ids [N, V, K]) with its metadata."""
+    return _save_safetensors(path, _cache_tensors(probs), CACHE_FORMAT, metadata)
+
+
+def save_cache_shard(path: Path, probs: torch.Tensor | TopKProbs, rows: tuple[int, int], cache: Path) -> dict:
+    """Rows [start, stop) of the cache `cache` (probs [stop - start, V, C] or its top-k form) as shard file `path`;
+    its entry in the manifest: file (in the cache's folder), rows, bytes and SHA-256."""
+    _save_safetensors(path, _cache_tensors(probs), SHARD_FORMAT, {"rows": list(rows), "cache": cache.name})
+    return {"file": path.name, "rows": list(rows), "bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def save_cache_manifest(path: Path, shards: list[dict], metadata: dict[str, Any]) -> Path:
+    """A cache built in shards (`save_cache_shard` entries, in row order): its metadata and the shard list."""
+    return _save_safetensors(path, {}, CACHE_FORMAT, {**metadata, "shards": shards})
 
 
 def read_cache_metadata(path: Path) -> dict[str, Any]:
@@ -226,6 +249,9 @@ def read_cache_metadata(path: Path) -> dict[str, Any]:
             header = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
         raise BcpkdError(f"{path}: not a readable BCP cache ({str(err)[:100]}); {FIX_HINT[CACHE_FORMAT]}") from None
+    if header.get("format") == SHARD_FORMAT:
+        raise BcpkdError(f"{path}: is one shard of a BCP cache; pass the cache itself, "
+                         f"{path.parent / json.loads(header['cache'])}")
     if header.get("format") != CACHE_FORMAT or header.get("version") != str(VERSION):
         raise BcpkdError(f"{path}: not a {CACHE_FORMAT} v{VERSION} file; {FIX_HINT[CACHE_FORMAT]}")
     return {k: json.loads(v) for k, v in header.items() if k not in ("format", "version")}
@@ -247,16 +273,49 @@ def map_tensor(path: Path, name: str) -> torch.Tensor:
     return torch.from_numpy(np.memmap(path, dtype=dtype, mode="c", offset=start, shape=tuple(entry["shape"])))
 
 
-def map_cache_probs(path: Path) -> torch.Tensor:
-    """probs [N, V, C] of a cache, memory-mapped (`map_tensor`)."""
-    probs = map_tensor(path, "probs")
-    if probs.dtype not in (torch.float32, torch.float16):
-        raise BcpkdError(f"{path}: cache dtype {probs.dtype} is not float32 or float16; {FIX_HINT[CACHE_FORMAT]}")
-    return probs
+REBUILD_SHARDS = "rebuild it with: bcpkd calibrate --teacher TEACHER.pt --force"
+
+
+def _shard_files(path: Path, meta: dict[str, Any], contents: bool) -> list[Path]:
+    """The shard files that the manifest `path` lists, each present with its recorded size (and, with `contents`,
+    SHA-256), their rows covering [0, n_examples) in order; [] for a one-file cache."""
+    shards = meta.get("shards")
+    if shards is None:
+        return []
+    stops = [shard["rows"][1] for shard in shards]
+    if [shard["rows"][0] for shard in shards] != [0, *stops[:-1]] or stops[-1:] != [meta.get("n_examples")]:
+        raise BcpkdError(f"{path}: its shards do not hold rows 0..{meta.get('n_examples')} in order; {REBUILD_SHARDS}")
+    files = [path.parent / shard["file"] for shard in shards]
+    for file, shard in zip(files, shards):
+        if not file.is_file():
+            raise BcpkdError(f"{file}: shard of the BCP cache {path} is missing; {REBUILD_SHARDS}")
+        if file.stat().st_size != shard["bytes"] or (contents and sha256_file(file) != shard["sha256"]):
+            raise BcpkdError(f"{file}: is not the shard that the BCP cache {path} lists (another size or SHA-256); "
+                             f"{REBUILD_SHARDS}")
+    return files
+
+
+def _map_shard(file: Path, name: str, rows: list[int]) -> torch.Tensor:
+    """Tensor `name` of a shard, memory-mapped: [stop - start, ...]."""
+    part = map_tensor(file, name)
+    if len(part) != rows[1] - rows[0]:
+        raise BcpkdError(f"{file}: holds {len(part)} rows of {name}, not rows {rows[0]}..{rows[1]}; {REBUILD_SHARDS}")
+    return part
+
+
+def map_cache_tensors(path: Path, meta: dict[str, Any], names: list[str]) -> list[torch.Tensor | ShardedRows]:
+    """Tensors `names` of a cache, memory-mapped (`map_tensor`): of its one file, or of the shards that its
+    manifest lists (each checked to be present, with its recorded size, SHA-256 and rows) as one ShardedRows."""
+    files = _shard_files(path, meta, contents=True)
+    if not files:
+        return [map_tensor(path, name) for name in names]
+    return [ShardedRows([_map_shard(file, name, shard["rows"]) for file, shard in zip(files, meta["shards"])])
+            for name in names]
 
 
 def check_cache_metadata(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
-    """The cache's metadata, every key of `expect` matching (dealbreakers); its rows are not read."""
+    """The cache's metadata, every key of `expect` matching (dealbreakers); its rows are not read (the shards
+    of a sharded cache must be there, with their recorded sizes)."""
     path = Path(path)
     if not path.is_file():
         raise BcpkdError(f"{path}: no such BCP cache; {FIX_HINT[CACHE_FORMAT]}")
@@ -265,18 +324,22 @@ def check_cache_metadata(path: Path, expect: dict[str, Any]) -> dict[str, Any]:
         if meta.get(key) != want:
             raise BcpkdError(f"{path}: cache {key} is {meta.get(key)!r} but this run needs {want!r}; "
                              f"rebuild it with: bcpkd calibrate --teacher TEACHER.pt")
+    _shard_files(path, meta, contents=False)
     return meta
 
 
-def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 20) -> tuple[torch.Tensor, dict[str, Any]]:
+def load_cache(path: Path, expect: dict[str, Any],
+               floats_per_check: int = 1 << 20) -> tuple[torch.Tensor | ShardedRows | TopKProbs, dict[str, Any]]:
     """Memory-mapped probs [N, V, C] (or [N, V, K, C] with K draws) and metadata; every key of `expect` must
-    match (dealbreakers).
+    match (dealbreakers). A sharded cache gives one ShardedRows over its shards.
     Rows are checked to sum to 1 in blocks of about `floats_per_check` numbers (8 MB as float64), so
     checking never holds more than a block in memory."""
     meta = check_cache_metadata(path, expect)
     if meta.get("top_k"):
         return _load_top_k(path, meta), meta
-    probs = map_cache_probs(path)
+    (probs,) = map_cache_tensors(path, meta, ["probs"])
+    if probs.dtype not in (torch.float32, torch.float16):
+        raise BcpkdError(f"{path}: cache dtype {probs.dtype} is not float32 or float16; {FIX_HINT[CACHE_FORMAT]}")
     tolerance = 1e-2 if probs.dtype == torch.float16 else 1e-4
     corrupt = probs.ndim not in (3, 4)  # [N, V, C], or [N, V, K, C] with draws
     rows_per_check = max(1, floats_per_check // max(1, probs[0].numel())) if not corrupt else 1
@@ -292,7 +355,8 @@ def load_cache(path: Path, expect: dict[str, Any], floats_per_check: int = 1 << 
 def _load_top_k(path: Path, meta: dict[str, Any], rows_per_check: int = 65_536) -> TopKProbs:
     """A top-k cache, memory-mapped; its kept probabilities must be non-negative, sum to at most 1 and name
     classes 0..C-1 (checked in blocks)."""
-    values, ids, n_classes = map_tensor(path, "top_probs"), map_tensor(path, "top_ids"), meta["n_classes"]
+    values, ids = map_cache_tensors(path, meta, ["top_probs", "top_ids"])
+    n_classes = meta["n_classes"]
     tolerance = 1e-2 if values.dtype == torch.float16 else 1e-4
     for start in range(0, len(values), rows_per_check):
         block, block_ids = values[start:start + rows_per_check].double(), ids[start:start + rows_per_check]

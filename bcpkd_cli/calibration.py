@@ -7,10 +7,13 @@ fingerprint, the calibration settings and the teacher temperature T_t. The folde
     teacher.pt        the calibrated teacher (parent_sha256 = the original)
     report.json       held-out NLL / ECE / Brier before and after calibration
     .lock             held while the cache is built: concurrent jobs wait, then use it
+Built by P processes (torchrun), bcp.safetensors is a manifest (the same header plus the shard list) of
+bcp.shard-0000r-of-0000P.safetensors, each holding one process's block of rows (`shards`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import replace
@@ -19,13 +22,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 
 from bcpkd_cli import artifacts, metrics, topk
 from bcpkd_cli.choices import PriorTuning, Temper, TemperatureFit
-from bcpkd_cli.config import TEACHER_RECORD, CalibrateConfig, build_recipe, recipe_record, to_plain
+from bcpkd_cli.config import TEACHER_RECORD, CalibrateConfig, Recipe, build_recipe, recipe_record, to_plain
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
-from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.engine import World, world
+from bcpkd_cli.errors import BcpkdError, BcpkdFailure
+from bcpkd_cli.shards import shard_files, shard_name, shard_rows
 from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
 from bcpkd_cli.teachers.temperature import fit_temperature
 from bcpkd_cli.topk import TopKProbs
@@ -126,18 +132,21 @@ def cache_view_ids(data: Dataset, cfg: CalibrateConfig) -> torch.Tensor:
     return views.select_views(cfg.views, data.seed)
 
 
-def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float,
-                      cfg: CalibrateConfig) -> torch.Tensor | TopKProbs:
+def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: CalibrateConfig,
+                      rows: tuple[int, int] | None = None) -> torch.Tensor | TopKProbs:
     """The teacher's predictive at T_t on every view slot of every training example -> [N, V, C]; with
     calibrate.draws K, the first K Monte Carlo draws instead -> [N, V, K, C]; with calibrate.top_k K, the top-k
-    form (compressed chunk by chunk, so the dense cache never exists whole)."""
+    form (compressed chunk by chunk, so the dense cache never exists whole). `rows` (start, stop): those
+    training rows only -> [stop - start, ...], in batches from `start` (their example ids, which seed draws and
+    views, stay the row numbers of the whole split)."""
+    start, stop = rows or (0, len(data.train))
     train = data.train
     view_ids = cache_view_ids(data, cfg)
     slots = []
     for view_id in view_ids.tolist():
         chunks = []
-        for i in range(0, len(train), cfg.batch_size):
-            index = torch.arange(i, min(i + cfg.batch_size, len(train)))
+        for i in range(start, stop, cfg.batch_size):
+            index = torch.arange(i, min(i + cfg.batch_size, stop))
             ids = torch.full_like(index, view_id)
             inputs = train.inputs[index.to(train.inputs.device)]
             if data.is_image:
@@ -181,7 +190,8 @@ def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg:
 def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig, t_teacher: float,
                  device: torch.device, out: str = "", n_bins: int = 15, force: bool = False) -> tuple[Path, bool]:
     """Find the cache made for this teacher, data and settings, or calibrate and build it (`force`: build it
-    again even if it exists).
+    again even if it exists). Under torchrun every process calls this: rank 0 alone takes the lock and decides
+    for all, and they build the cache in shards together.
 
     `data` is on `device`. Returns (absolute path of bcp.safetensors, whether it was built now).
     """
@@ -193,36 +203,100 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
     key = cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher,
                     data.views.settings() if data.is_image else {})
     path = cache_path(teacher_path, key, out).resolve()
-    with artifacts.exclusive_lock(path.parent / ".lock", f"waiting for another job building the cache {path}"):
-        built = force or not path.is_file()
+    place = world()
+    lock = artifacts.exclusive_lock(path.parent / ".lock", f"waiting for another job building the cache {path}") \
+        if place.is_main else contextlib.nullcontext()
+    with lock:
+        built = _decide_build(path, force, place)
         if built:
-            _build_cache(path, teacher_path, payload, data, cfg, t_teacher, device, n_bins, expect)
+            _build_cache(path, teacher_path, payload, data, cfg, t_teacher, device, n_bins, expect, place)
     if not built:  # refuses a stale or foreign cache; its rows are checked where they are read (load_cache)
         artifacts.check_cache_metadata(path, expect)
     return path, built
 
 
+def _decide_build(path: Path, force: bool, place: World) -> bool:
+    """Whether to build the cache: rank 0's answer, for every process. A build in shards first removes the
+    cache there, so that a crash leaves no manifest over half-replaced shards."""
+    built = force or not path.is_file()
+    if built and place.size > 1 and place.is_main:
+        path.unlink(missing_ok=True)
+    return _from_main(built, place)
+
+
+def _from_main(value, place: World):
+    """Rank 0's `value` in every process."""
+    if place.size == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig,
-                 t_teacher: float, device: torch.device, n_bins: int, expect: dict) -> None:
-    """Calibrate the teacher, then write the calibrated teacher.pt, report.json and bcp.safetensors."""
+                 t_teacher: float, device: torch.device, n_bins: int, expect: dict, place: World) -> None:
+    """Calibrate the teacher, then write the calibrated teacher.pt, report.json and bcp.safetensors. Under
+    torchrun every process calibrates the teacher (the same inputs give the same teacher: checked) and computes
+    its block of rows; rank 0 writes the calibrated teacher, the report and, once every shard is written, the
+    manifest."""
     teacher = load_teacher(payload, device)
     console.print(f"calibrating {teacher.kind.value} teacher {teacher_path} on {len(data.heldout)} held-out examples "
                   f"(prior {cfg.prior.value}, temperature {cfg.temperature.value}) for a cache at T_t = {t_teacher} "
                   f"(tempering the {cfg.temper.value})")
     report = calibrate(teacher, data, cfg, n_bins)
+    _require_equal_calibrations(report, place)
     teacher_recipe = build_recipe(payload["config"], "checkpoint config")
-    record = recipe_record(replace(teacher_recipe, calibrate=cfg), (*TEACHER_RECORD, "calibrate"))
-    calibrated = teacher_payload(teacher, payload["model"], record, payload["data"],
-                                 parent_sha256=expect["teacher_sha256"], history={"calibration": report})
-    artifacts.save_checkpoint(path.parent / "teacher.pt", calibrated)
-    artifacts.write_json(path.parent / "report.json", report)
+    if place.is_main:
+        record = recipe_record(replace(teacher_recipe, calibrate=cfg), (*TEACHER_RECORD, "calibrate"))
+        calibrated = teacher_payload(teacher, payload["model"], record, payload["data"],
+                                     parent_sha256=expect["teacher_sha256"], history={"calibration": report})
+        artifacts.save_checkpoint(path.parent / "teacher.pt", calibrated)
+        artifacts.write_json(path.parent / "report.json", report)
+    if place.size > 1:
+        console.print(f"building the cache in {place.size} shards, one per process")
+    rows = shard_rows(len(data.train), cfg.batch_size, place.rank, place.size)
+    probs = build_cache_probs(teacher, data, t_teacher, cfg, rows) if rows[1] > rows[0] else None
+    if place.size == 1:
+        artifacts.save_cache(path, probs, _cache_metadata(path, teacher, teacher_recipe, data, cfg, expect))
+        _remove_shards(path, keep=[])
+        return
+    shard = None if probs is None else \
+        artifacts.save_cache_shard(path.parent / shard_name(path, place.rank, place.size), probs, rows, path)
+    shards = [entry for entry in _gathered(shard, place) if entry is not None]  # every shard is written
+    if place.is_main:
+        artifacts.save_cache_manifest(path, shards, _cache_metadata(path, teacher, teacher_recipe, data, cfg, expect))
+        _remove_shards(path, keep=[entry["file"] for entry in shards])
+    dist.barrier()  # the manifest is there before any process reads the cache
 
-    probs = build_cache_probs(teacher, data, t_teacher, cfg)
+
+def _cache_metadata(path: Path, teacher: Teacher, teacher_recipe: Recipe, data: Dataset, cfg: CalibrateConfig,
+                    expect: dict) -> dict:
+    """The cache's provenance header (after the calibrated teacher.pt is written)."""
     augmentation = data.views.describe() if data.is_image else "none"
-    metadata = {**expect, "n_classes": data.n_classes, "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
-                "split": "train", "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": augmentation},
-                "bayes": teacher.kind.value,
-                "method": teacher.method_settings(teacher_recipe.teacher),
-                "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
-                "dtype": cfg.cache_dtype.value, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    artifacts.save_cache(path, probs, metadata)
+    return {**expect, "n_classes": data.n_classes,
+            "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
+            "split": "train", "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": augmentation},
+            "bayes": teacher.kind.value, "method": teacher.method_settings(teacher_recipe.teacher),
+            "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
+            "dtype": cfg.cache_dtype.value, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def _gathered(value, place: World) -> list:
+    """[value of rank 0, rank 1, ...] in every process (every process calls this at the same point)."""
+    values: list = [None] * place.size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def _require_equal_calibrations(report: dict, place: World) -> None:
+    """Every process calibrated the same teacher (its shard must be the one-process cache's rows)."""
+    if place.size > 1 and len(set(_gathered(json.dumps(report, sort_keys=True), place))) > 1:
+        raise BcpkdFailure(f"the {place.size} processes calibrated the teacher differently (non-deterministic "
+                           f"kernels?); build the cache in one process: bcpkd calibrate --teacher TEACHER.pt")
+
+
+def _remove_shards(path: Path, keep: list[str]) -> None:
+    """Shard files of earlier builds of this cache, which its new file or manifest does not list."""
+    for file in shard_files(path):
+        if file.name not in keep:
+            file.unlink(missing_ok=True)

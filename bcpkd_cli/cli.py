@@ -126,13 +126,13 @@ def _source(recipe: Optional[Path]) -> str:
 
 
 def _one_process(command: str) -> None:
-    """Only train-teacher and distill train data-parallel; under torchrun other commands would repeat
-    their work and writes."""
+    """Only train-teacher, distill and calibrate share their work across processes; under torchrun other
+    commands would repeat their work and writes."""
     from bcpkd_cli.engine import launched_by_torchrun
 
     if launched_by_torchrun():
-        raise BcpkdError(f"{command} runs in one process: run it without torchrun (only `train-teacher` and "
-                         f"`distill` train data-parallel under torchrun)")
+        raise BcpkdError(f"{command} runs in one process: run it without torchrun (only `train-teacher`, "
+                         f"`distill` and `calibrate` share their work across processes under torchrun)")
 
 
 @app.command("train-teacher")
@@ -209,9 +209,11 @@ def calibrate(
     print_config: bool = PrintConfigOpt, trust_code: bool = TrustOpt,
 ) -> None:
     """Calibrate a teacher on held-out data and cache its BCPs for the training split (path on stdout).
-    Data default to the teacher's own."""
+    Data default to the teacher's own.
+    In shards on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli calibrate ..."""
+    from bcpkd_cli.engine import leave_process_group
     from bcpkd_cli.stages import calibrate as stage
-    _one_process("calibrate")
+
     trust(everything=trust_code)
 
     tree = _tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
@@ -221,7 +223,12 @@ def calibrate(
     config = checked(tree, _source(recipe), payload)
     if print_config:
         return _print_config(config, (*RUN_KEYS, "data", "calibrate", "distill"))
-    print(stage.run(config, teacher, force))
+    try:  # under torchrun: each process computes a shard of the cache; rank 0 writes the rest and prints
+        path = stage.run(config, teacher, force)
+    finally:
+        leave_process_group()
+    if path is not None:
+        print(path)
 
 
 @app.command()

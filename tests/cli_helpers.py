@@ -22,6 +22,16 @@ def bcpkd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProc
     return result
 
 
+def torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
+    """The CLI under `torchrun --standalone` (gloo on the CPU, one thread per process); asserts exit code 0."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
+               "-m", "bcpkd_cli", *args]
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, f"torchrun bcpkd {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
+    return result
+
+
 def files_under(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*") if p.is_file()}
 

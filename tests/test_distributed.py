@@ -8,15 +8,12 @@ writes and prints.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from cli_helpers import files_under, here, refused_here
+from cli_helpers import files_under, here, refused_here, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]  # the workers run one thread each
 
@@ -27,15 +24,6 @@ SMALL = ["--set", "data.n_train=601", "--set", "data.n_heldout=100", "--set", "d
          "--set", "distill.hidden=[16]",
          "--set", "distill.epochs=1", "--set", "distill.batch_size=150", "--set", "distill.log_every=2",
          "--device", "cpu"]
-
-
-def torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-               "-m", "bcpkd_cli", *args]
-    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, f"torchrun bcpkd {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
-    return result
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
@@ -88,8 +76,7 @@ def test_a_lockstep_sweep_with_an_online_teacher_under_torchrun(teacher):
         assert_same_student(work / a, work / b)
 
 
-@pytest.mark.parametrize("command", [["calibrate", "--teacher", "t.pt"], ["evaluate", "s.pt"],
-                                     ["run", "recipes/synthetic.yaml"]])
+@pytest.mark.parametrize("command", [["evaluate", "s.pt"], ["run", "recipes/synthetic.yaml"]])
 def test_other_commands_refuse_to_run_under_torchrun(tmp_path, monkeypatch, command):
     for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)

@@ -12,21 +12,25 @@ from bcpkd_cli.calibration import describe_tuning, ensure_cache
 from bcpkd_cli.config import Recipe
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.console import console
-from bcpkd_cli.engine import resolve_device
+from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
 
 
-def run(recipe: Recipe, teacher_path: Path, force: bool = False) -> Path:
+def run(recipe: Recipe, teacher_path: Path, force: bool = False) -> Path | None:
     """Find or build the cache for this teacher, data and settings (`force`: build it again); show the
-    held-out calibration."""
+    held-out calibration. Under torchrun the processes build the cache in shards; rank 0 returns its path (the
+    others None)."""
     if recipe.out and Path(recipe.out).resolve() == Path(teacher_path).resolve().parent:
         raise BcpkdError(f"--out {recipe.out}: is the folder of {teacher_path}, whose calibrated teacher.pt would "
                          f"replace it; give another folder (or leave --out out: caches go to <teacher folder>/bcp/)")
     payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT)
     device = resolve_device(recipe.device)
+    place = join_process_group(device)
     data = load_dataset(recipe.data).to(device)
     path, built = ensure_cache(Path(teacher_path), payload, data, recipe.calibrate, recipe.distill.t_teacher,
                                device, recipe.out, recipe.evaluate.ece_bins, force)
+    if not place.is_main:
+        return None
     if not built:
         artifacts.load_cache(path, {})  # its rows too (ensure_cache checked the metadata)
         console.print(f"cache for this teacher, data and settings already exists: {path}")
