@@ -142,15 +142,14 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
     start, stop = rows or (0, len(data.train))
     train = data.train
     view_ids = cache_view_ids(data, cfg)
-    slots = []
-    for view_id in view_ids.tolist():
-        chunks = []
-        for i in range(start, stop, cfg.batch_size):
-            index = torch.arange(i, min(i + cfg.batch_size, stop))
+    chunks = []  # per batch of rows: [B, V, C] (or [B, V, K, C]; top-k: values and ids [B, V, K])
+    for i in range(start, stop, cfg.batch_size):
+        index = torch.arange(i, min(i + cfg.batch_size, stop))
+        images = train.inputs[index.to(train.inputs.device)]  # read once for all views (decoded, when streamed)
+        per_view = []
+        for view_id in view_ids.tolist():
             ids = torch.full_like(index, view_id)
-            inputs = train.inputs[index.to(train.inputs.device)]
-            if data.is_image:
-                inputs = data.views.apply(inputs, index, ids)
+            inputs = data.views.apply(images, index, ids) if data.is_image else images
             sample_index = views.sample_index(index, ids)
             if cfg.draws:
                 draws = at_temperature(teacher.draws_at(inputs, sample_index), t_teacher, cfg.temper)  # [S, B, C]
@@ -158,19 +157,18 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
                     raise BcpkdError(f"calibrate.draws={cfg.draws}: a {teacher.kind.value} teacher draws {len(draws)} "
                                      f"per example (vi, mc-dropout and ensembles draw their samples; laplace with "
                                      f"link mc); lower calibrate.draws")
-                chunks.append(draws[:cfg.draws].transpose(0, 1))  # [B, K, C]
+                per_view.append(draws[:cfg.draws].transpose(0, 1))  # [B, K, C]
             else:
                 probs = at_temperature(teacher.predictive_at(inputs, sample_index), t_teacher, cfg.temper)
-                chunks.append(topk.compress(probs, min(cfg.top_k, data.n_classes)) if cfg.top_k else probs)
+                per_view.append(topk.compress(probs, min(cfg.top_k, data.n_classes)) if cfg.top_k else probs)
         if cfg.top_k:
-            slots.append(tuple(torch.cat(part).cpu() for part in zip(*chunks)))
+            chunks.append(tuple(torch.stack(part, dim=1).cpu() for part in zip(*per_view)))
         else:
-            slots.append(torch.cat(chunks).cpu())
+            chunks.append(torch.stack(per_view, dim=1).cpu())
     dtype = getattr(torch, cfg.cache_dtype.value)
     if cfg.top_k:
-        return TopKProbs(torch.stack([v for v, _ in slots], dim=1).to(dtype), torch.stack([i for _, i in slots], dim=1),
-                         data.n_classes)
-    return torch.stack(slots, dim=1).to(dtype)
+        return TopKProbs(torch.cat([v for v, _ in chunks]).to(dtype), torch.cat([i for _, i in chunks]), data.n_classes)
+    return torch.cat(chunks).to(dtype)
 
 
 def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> dict:

@@ -44,7 +44,8 @@ class TrainingReport:
 
     On a terminal: a rich progress bar. Otherwise (batch jobs): a line at every epoch end, and one at
     least every `line_seconds` within long epochs: epoch, mean training loss, held-out accuracy and
-    NLL, examples per second and the time left. `tensorboard` folders (one per network) receive the
+    NLL, examples per second, the share of time spent waiting for data (building batches: reading images,
+    views, targets; on CUDA an upper bound on the GPU's idle time) and the time left. `tensorboard` folders (one per network) receive the
     same numbers per epoch."""
 
     def __init__(self, desc: str, names: list[str] | None = None, line_seconds: float = 60.0,
@@ -63,6 +64,7 @@ class TrainingReport:
               processes: int) -> None:
         self.total, self.epochs, self.n_examples = total_steps, epochs, n_examples
         self.started, self.start_step, self.last_line = time.perf_counter(), step, time.perf_counter()
+        self.data_seconds = 0.0  # spent building batches (the loop adds to it)
         group = f" x {len(self.names)} in lockstep" if len(self.names) > 1 else \
             (escape(f" [{self.names[0]}]") if self.names[0] else "")  # not rich markup
         if total_steps == 0:
@@ -75,7 +77,8 @@ class TrainingReport:
         if self.lines and not _EXPLAINED:
             _EXPLAINED = True
             console.print(f"a line per epoch: mean training loss, the network's held-out accuracy and NLL (on up to "
-                          f"{HELDOUT_LINE_EXAMPLES:,} held-out examples), examples/s, time left")
+                          f"{HELDOUT_LINE_EXAMPLES:,} held-out examples), examples/s, data wait (share of the time "
+                          f"spent building batches), time left")
         if step:
             console.print(f"resuming {self.desc} after epoch {first_epoch} (step {step})")
         if not self.lines:
@@ -90,7 +93,13 @@ class TrainingReport:
         if done <= 0 or elapsed <= 0:
             return ""
         rate = done * self.n_examples * self.epochs / self.total / elapsed  # examples per second
-        return f", {rate:,.0f} ex/s, ETA {duration((self.total - step) * elapsed / done)}"
+        return (f", {rate:,.0f} ex/s, data wait {self.data_wait:.1%}, "
+                f"ETA {duration((self.total - step) * elapsed / done)}")
+
+    @property
+    def data_wait(self) -> float:
+        """The share of the loop's time so far spent building batches."""
+        return self.data_seconds / max(1e-9, time.perf_counter() - self.started)
 
     def step(self, step: int, epoch: int, running_loss) -> None:
         """After each step; `running_loss()` -> this epoch's mean loss per network so far (read when printed)."""

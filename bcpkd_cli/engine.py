@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -257,7 +258,9 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
                 rows = order[start:start + batch_size]
                 share = len(rows) / place.size  # the DDP mean over processes of sum / share = the batch mean
                 rows = rows[place.rank::place.size]
+                fetch_started = time.perf_counter()
                 batch_inputs, batch_targets = group_batch_fn(rows, epoch)
+                report.data_seconds += time.perf_counter() - fetch_started
                 batch_labels = labels[rows]
                 for m, forward, optimizer, targets, loss_sum in zip(members, forwards, optimizers, batch_targets,
                                                                     loss_sums):

@@ -16,7 +16,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from bcpkd_cli import metrics
 from bcpkd_cli.choices import Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset
@@ -62,6 +61,18 @@ def _to_device(obj, device: torch.device):
 
 
 MAX_WIDENINGS = 4  # a grid whose optimum stays at an edge is moved by its own span at most this often
+
+
+class RowBatches:
+    """(inputs [B, ...], labels [B]) in order, sliced a batch at a time (images read per batch are read ahead):
+    what laplace-torch's fit iterates; `dataset` gives it N."""
+
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int):
+        self.inputs, self.dataset, self.batch_size = inputs, labels, batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.dataset), self.batch_size):
+            yield self.inputs[start:start + self.batch_size], self.dataset[start:start + self.batch_size]
 
 
 def grid_search(score: Callable[[float], float], lo: float, hi: float, size: int, what: str) -> tuple[float, list]:
@@ -143,7 +154,11 @@ class LaplaceTeacher(Teacher):
         return {"prior_precision": self.prior_precision, "prior_method": cfg.prior.value, **searched}
 
     def fit(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> None:
-        self.la.fit(DataLoader(TensorDataset(inputs, labels), batch_size=batch_size))
+        """laplace-torch's fit over the training split. The curvature backend holds a [B, C, C] Hessian of the
+        loss per batch: past 256 classes the batch shrinks to keep it at 256 x 256 x 256 numbers."""
+        n_classes = getattr(self.model, HEAD_NAME).out_features
+        batch_size = max(8, min(batch_size, batch_size * 256 * 256 // n_classes ** 2))
+        self.la.fit(RowBatches(inputs, labels, batch_size))
 
     @property
     def prior_precision(self) -> float:

@@ -1,0 +1,48 @@
+"""Write an ImageNet-shaped miniature: 1,000 classes of a few JPEGs each, of random sizes (150 to 500 pixels a
+side, any aspect ratio), in ImageNet's folder layout.
+
+    python recipes/examples/make_imagenet_miniature.py DIR [--per-class N] [--test-per-class M] [--classes C]
+
+DIR/train/nXXXXXXXX/*.JPEG and DIR/test/nXXXXXXXX/*.JPEG. Each class has its own colour and stripe
+direction and spacing, so a network can tell some of them apart; the point is the shape of the data (many
+classes, many sizes, JPEG), not the task. Seeded: the same arguments write the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def write_image(path: Path, label: int, rng: np.random.Generator) -> None:
+    h, w = rng.integers(150, 501, size=2)
+    class_rng = np.random.default_rng(label)
+    colour, period, angle = class_rng.uniform(40, 215, size=3), class_rng.integers(4, 24), class_rng.uniform(0, np.pi)
+    ys, xs = np.mgrid[0:h, 0:w]
+    stripes = np.sin((xs * np.cos(angle) + ys * np.sin(angle)) * 2 * np.pi / period)[..., None]
+    pixels = colour + 40 * stripes + rng.normal(0, 25, size=(h, w, 3))
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=85)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--per-class", type=int, default=3, help="training images per class")
+    parser.add_argument("--test-per-class", type=int, default=1, help="test images per class")
+    parser.add_argument("--classes", type=int, default=1000)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    for split, count in (("train", args.per_class), ("test", args.test_per_class)):
+        for label in range(args.classes):
+            folder = args.folder / split / f"n{label:08d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                write_image(folder / f"n{label:08d}_{i}.JPEG", label, rng)
+    print(args.folder)
+
+
+if __name__ == "__main__":
+    main()
