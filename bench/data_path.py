@@ -27,15 +27,11 @@ from bcpkd_cli.models import build_model, model_spec
 
 def load_twice(root: Path, store: Path) -> tuple[float, float, torch.Tensor]:
     paths, labels, _ = images.list_image_folder(root)
-
-    def decode():
-        return images.decode_images(paths), torch.tensor(labels)
-
     started = time.perf_counter()
-    pixels, _, decoded_first = images.load_or_decode(root, "train", paths, decode, store)
+    pixels, _, decoded_first, _ = images.load_or_decode(root, "train", paths, labels, store)
     first = time.perf_counter() - started
     started = time.perf_counter()
-    _, _, decoded_second = images.load_or_decode(root, "train", paths, decode, store)
+    _, _, decoded_second, _ = images.load_or_decode(root, "train", paths, labels, store)
     second = time.perf_counter() - started
     assert decoded_first and not decoded_second, "the second load must come from the store"
     return first, second, pixels
