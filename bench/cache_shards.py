@@ -1,14 +1,15 @@
 """Cache building in shards: wall time of building a BCP cache with 1 and with 2 torchrun processes.
 
-    python bench/cache_shards.py [--n 20000] [--hidden 1024] [--samples 20] [--repeats 3]
+    python bench/cache_shards.py [--n 20000] [--hidden 1024] [--samples 20] [--repeats 5]
 
 Trains a small MC-dropout MLP teacher (hidden layers H-H, S masks) on the synthetic benchmark with N
 training examples (one epoch: the cache's cost does not depend on the weights), then times
 `ensure_cache(force=True)` (calibration on 500 held-out examples, the cache of N x S passes, the
-written files) inside worker processes, between barriers, after one untimed warm-up build: one process
-and two torchrun processes (gloo) with one thread each, and one process with torch's default threads.
-Interpreter start-up is not timed. Prints medians over the repeats, the speed-up, and whether the
-two-process cache equals the one-process cache bit for bit.
+written files) inside fresh worker processes, between barriers: one process and two torchrun processes
+(gloo) with one thread each, and one process with torch's default threads. Interpreter start-up and
+data loading are not timed. The variants run interleaved, one after another inside each repeat, so
+they share the machine's state. Prints medians over the repeats, the speed-up, the load average, and
+whether the two-process cache equals the one-process cache bit for bit.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One process of a variant: build the cache `repeats + 1` times; rank 0 prints the timed builds as JSON."""
+    """One process of a variant: build the cache once; rank 0 prints the seconds and threads as JSON."""
     from bcpkd_cli import artifacts
     from bcpkd_cli.calibration import ensure_cache
     from bcpkd_cli.config import CalibrateConfig, build_recipe
@@ -44,24 +45,22 @@ def worker(args: argparse.Namespace) -> None:
     payload = artifacts.load_checkpoint(args.teacher, artifacts.TEACHER_FORMAT)
     data = load_dataset(build_recipe(payload["config"], "teacher").data)
     cfg = CalibrateConfig(batch_size=1024)
-    seconds = []
-    for _ in range(args.repeats + 1):
-        if place.size > 1:
-            dist.barrier()
-        start = time.perf_counter()
-        ensure_cache(Path(args.teacher), payload, data, cfg, 1.0, device, out=args.out, force=True)
-        if place.size > 1:
-            dist.barrier()
-        seconds.append(time.perf_counter() - start)
+    if place.size > 1:
+        dist.barrier()
+    start = time.perf_counter()
+    ensure_cache(Path(args.teacher), payload, data, cfg, 1.0, device, out=args.out, force=True)
+    if place.size > 1:
+        dist.barrier()
+    seconds = time.perf_counter() - start
     if place.is_main:
-        print(json.dumps({"seconds": seconds[1:], "threads": torch.get_num_threads()}))
+        print(json.dumps({"seconds": seconds, "threads": torch.get_num_threads()}))
     leave_process_group()
 
 
-def run_variant(teacher: Path, out: Path, processes: int, threads: int, repeats: int) -> dict:
-    """A variant's timings, from its own worker processes."""
+def run_variant(teacher: Path, out: Path, processes: int, threads: int) -> dict:
+    """One timed build of a variant, in its own worker processes."""
     script = [str(Path(__file__).resolve()), "--worker", "--teacher", str(teacher), "--out", str(out),
-              "--threads", str(threads), "--repeats", str(repeats)]
+              "--threads", str(threads)]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"] \
         if processes > 1 else [sys.executable]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
@@ -78,7 +77,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20_000, help="training examples")
     parser.add_argument("--hidden", type=int, default=1024, help="width of the teacher's two hidden layers")
     parser.add_argument("--samples", type=int, default=20, help="MC-dropout masks per example")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--teacher", default="", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help=argparse.SUPPRESS)
@@ -97,20 +96,23 @@ def main() -> None:
                         "--out", str(work / "t"), *options], check=True, capture_output=True, cwd=REPO)
         variants = {"1 process, 1 thread": (1, 1), "2 processes, 1 thread each": (2, 1),
                     "1 process, default threads": (1, 0)}
-        timings = {name: run_variant(work / "t" / "teacher.pt", work / name.replace(" ", "-").replace(",", ""),
-                                     processes, threads, args.repeats)
-                   for name, (processes, threads) in variants.items()}
-        caches = [artifacts.load_cache(work / name.replace(" ", "-").replace(",", "") / "bcp.safetensors", {})[0]
-                  for name in list(variants)[:2]]
+        folders = {name: work / f"cache-{k}" for k, name in enumerate(variants)}
+        load_before = os.getloadavg()[0]
+        runs = [{name: run_variant(work / "t" / "teacher.pt", folders[name], *variants[name]) for name in variants}
+                for _ in range(args.repeats)]
+        load_after = os.getloadavg()[0]
+        caches = [artifacts.load_cache(folders[name] / "bcp.safetensors", {})[0] for name in list(variants)[:2]]
         equal = torch.equal(caches[0][:], caches[1][:])
-    base = statistics.median(timings["1 process, 1 thread"]["seconds"])
+    seconds = {name: [run[name]["seconds"] for run in runs] for name in variants}
+    base = statistics.median(seconds["1 process, 1 thread"])
     print(f"cache of {args.n} examples x {args.samples} MC-dropout masks, MLP {args.hidden}-{args.hidden}, "
-          f"{os.cpu_count()} CPU cores, median of {args.repeats}")
+          f"{os.cpu_count()} CPU cores, median of {args.repeats}, load average {load_before:.2f} before, "
+          f"{load_after:.2f} after")
     print("| variant | threads per process | build seconds (median) | each repeat | speed-up vs 1 process, 1 thread |")
     print("|---|---|---|---|---|")
-    for name, timing in timings.items():
-        median = statistics.median(timing["seconds"])
-        print(f"| {name} | {timing['threads']} | {median:.2f} | {', '.join(f'{s:.2f}' for s in timing['seconds'])} "
+    for name in variants:
+        median = statistics.median(seconds[name])
+        print(f"| {name} | {runs[0][name]['threads']} | {median:.2f} | {', '.join(f'{s:.2f}' for s in seconds[name])} "
               f"| {base / median:.2f}x |")
     print(f"two-process cache equal to the one-process cache bit for bit: {equal}")
 
