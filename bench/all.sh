@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every figure of docs/benchmarks.md with one command (each script prints its own table):
-#   bash bench/all.sh            (PYTHON=... to use another interpreter; about 20 minutes on 2 CPU cores)
+#   bash bench/all.sh            (PYTHON=... to use another interpreter, WORK=... for the miniatures; about an hour on 2 CPU cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -13,3 +13,10 @@ if [ -d data/cifar10-jpeg ]; then
 else
   echo "bench/data_path.py skipped: unpack CIFAR-10 as ImageFolder JPEGs into data/cifar10-jpeg first"
 fi
+"$PY" bench/topk.py --epochs 10
+"$PY" bench/cache_shards.py
+WORK=${WORK:-/tmp/bcpkd-bench}
+"$PY" bench/miniature.py --work "$WORK" --per-class 1
+"$PY" bench/miniature.py --work "$WORK" --per-class 2
+"$PY" bench/stream_wait.py --root "$WORK/miniature-2" --image-size 128 --steps 10
+"$PY" bench/stream_wait.py --root "$WORK/miniature-2" --image-size 224 --steps 8

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bcpkd_cli.choices import Crop, Decode
 from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import images, load_dataset
 from bcpkd_cli.data.rows import decode_files
@@ -28,8 +29,9 @@ from bcpkd_cli.models import build_model, model_spec
 
 
 def run(root: Path, decode: str, args: argparse.Namespace) -> tuple[list[float], list[float], torch.Tensor]:
-    data = load_dataset(DataConfig(name="imagefolder", root=str(root), image_size=args.image_size, decode=decode,
-                                   crop="resized", loader_workers=args.workers))
+    data = load_dataset(DataConfig(name="imagefolder", root=str(root), image_size=args.image_size,
+                                   decode=Decode(decode),
+                                   crop=Crop.resized, loader_workers=args.workers))
     train = data.train
     torch.manual_seed(0)
     model = build_model(model_spec(args.arch, data.input_shape, data.n_classes, (), stats=data.stats))

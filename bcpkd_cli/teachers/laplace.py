@@ -155,9 +155,9 @@ class LaplaceTeacher(Teacher):
 
     def fit(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> None:
         """laplace-torch's fit over the training split. The curvature backend holds a [B, C, C] Hessian of the
-        loss per batch: past 256 classes the batch shrinks to keep it at 256 x 256 x 256 numbers."""
+        loss per batch: past 512 classes the batch shrinks to keep it at 2^26 numbers (256 MB)."""
         n_classes = getattr(self.model, HEAD_NAME).out_features
-        batch_size = max(8, min(batch_size, batch_size * 256 * 256 // n_classes ** 2))
+        batch_size = max(8, min(batch_size, 2 ** 26 // n_classes ** 2))
         self.la.fit(RowBatches(inputs, labels, batch_size))
 
     @property
