@@ -89,3 +89,31 @@ def test_gridsearch_reuses_features(monkeypatch):
     teacher.tune_prior(teacher.cfg.prior.__class__("gridsearch"), torch.randn(80, 7, generator=gen),
                        torch.randint(0, 6, (80,), generator=gen))
     assert calls == [80]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_closed_form_kron_fit_equals_laplace_torchs_backend(bias):
+    """The last-layer Kron factors, loss and fitted posterior equal those of curvlinops' backend."""
+    from laplace import Laplace
+    from laplace.curvature import CurvlinopsGGN
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from bcpkd_cli.teachers.laplace_fit import LastLayerKron
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 7, bias=bias))
+    x, y = torch.randn(40, 5), torch.randint(0, 7, (40,))
+    fits = []
+    for backend in (CurvlinopsGGN, LastLayerKron):
+        la = Laplace(net, "classification", subset_of_weights="last_layer", hessian_structure="kron", backend=backend)
+        la.fit(DataLoader(TensorDataset(x, y), batch_size=16))
+        fits.append(la)
+    reference, closed = fits
+    for ref_factors, got_factors in zip(reference.H_facs.kfacs, closed.H_facs.kfacs, strict=True):
+        for ref, got in zip(ref_factors, got_factors, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(closed.loss, reference.loss)
+    torch.testing.assert_close(closed.log_marginal_likelihood(torch.tensor(2.0)),
+                               reference.log_marginal_likelihood(torch.tensor(2.0)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(closed.posterior_precision.to_matrix(), reference.posterior_precision.to_matrix(),
+                               rtol=1e-5, atol=1e-5)

@@ -117,6 +117,11 @@ class LaplaceTeacher(Teacher):
         from laplace import Laplace  # imported here: it costs seconds at start-up, and only Laplace teachers need it
 
         kwargs = {"last_layer_name": HEAD_NAME} if cfg.subset == Subset.last_layer else {}
+        self.closed_form_fit = cfg.subset == Subset.last_layer and cfg.hessian == Hessian.kron
+        if self.closed_form_fit:  # the same factors as laplace-torch's backend, without a backward pass per class
+            from bcpkd_cli.teachers.laplace_fit import LastLayerKron
+
+            kwargs["backend"] = LastLayerKron
         self.la = Laplace(model, "classification", subset_of_weights=cfg.subset.value,
                           hessian_structure=cfg.hessian.value, **kwargs)
 
@@ -154,10 +159,11 @@ class LaplaceTeacher(Teacher):
         return {"prior_precision": self.prior_precision, "prior_method": cfg.prior.value, **searched}
 
     def fit(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> None:
-        """laplace-torch's fit over the training split. The curvature backend holds a [B, C, C] Hessian of the
-        loss per batch: past 512 classes the batch shrinks to keep it at 2^26 numbers (256 MB)."""
-        n_classes = getattr(self.model, HEAD_NAME).out_features
-        batch_size = max(8, min(batch_size, 2 ** 26 // n_classes ** 2))
+        """laplace-torch's fit over the training split. Its curvlinops backend (all but last-layer Kron) holds a
+        [B, C, C] Hessian of the loss per batch: past 512 classes the batch shrinks to keep it at 2^26 numbers."""
+        if not self.closed_form_fit:
+            n_classes = getattr(self.model, HEAD_NAME).out_features
+            batch_size = max(8, min(batch_size, 2 ** 26 // n_classes ** 2))
         self.la.fit(RowBatches(inputs, labels, batch_size))
 
     @property
