@@ -13,6 +13,7 @@ if [ -d data/cifar10-jpeg ]; then
 else
   echo "bench/data_path.py skipped: unpack CIFAR-10 as ImageFolder JPEGs into data/cifar10-jpeg first"
 fi
+"$PY" bench/laplace_fit.py
 "$PY" bench/topk.py --epochs 10
 "$PY" bench/cache_shards.py
 WORK=${WORK:-/tmp/bcpkd-bench}

@@ -4,7 +4,8 @@
 # 1. student images/s under bf16 autocast + channels_last, float32, and torch.compile (resnet18, wrn_16_2);
 # 2. the synthetic pipeline on the device: teacher, cache, student, evaluation;
 # 3. data-parallel distillation through torchrun on every visible GPU (NCCL; skipped with one GPU),
-#    checked against the single-process student.
+#    checked against the single-process student;
+# 4. images read per batch on the device: a 100-class miniature stored and streamed (nvJPEG), data wait.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -31,4 +32,6 @@ PYEOF
 else
   echo "torchrun DDP check skipped: it needs two or more GPUs"
 fi
+"$PY" recipes/examples/make_imagenet_miniature.py "$WORK/mini" --classes 100 --per-class 20 > /dev/null
+"$PY" bench/stream_wait.py --root "$WORK/mini" --image-size 224 --device "$DEVICE" --batch 128 --steps 12
 echo "artifacts in $WORK"
