@@ -22,7 +22,7 @@ from rich.table import Table
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import PREDICTIVE_VERSION, ensure_cache
-from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, to_plain
+from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, plain_data, to_plain
 from bcpkd_cli.data import check_sizes, load_dataset
 from bcpkd_cli.console import console
 from bcpkd_cli.engine import resolve_device
@@ -35,6 +35,11 @@ from bcpkd_cli.teachers import recipe_problems
 STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll", "convergence_noise_accuracy",
                    "grad_noise"]
 TEACHER_COLUMNS = ["accuracy", "nll", "ece", "brier", "kl_to_bcp", "tv_to_bcp"]
+
+
+def run_config(recipe: Recipe) -> dict:
+    """The recipe as plain values, its data section without the keys its dataset does not read."""
+    return {**to_plain(recipe), "data": plain_data(recipe.data)}
 
 
 def teacher_key(name: str, tseed: int, tseeds: tuple[int, ...]) -> str:
@@ -335,6 +340,6 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
             console.print(table)
             markdown += f"\n## {title}\n\n{md}\n"
     artifacts.write_text(out / "summary.md", markdown)
-    return artifacts.write_json(out / "summary.json", {"recipe": source, "config": to_plain(recipe),
+    return artifacts.write_json(out / "summary.json", {"recipe": source, "config": run_config(recipe),
                                                        "teachers": teacher_rows, "students": student_rows,
                                                        "paired": paired_rows})

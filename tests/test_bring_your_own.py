@@ -227,8 +227,9 @@ def test_the_own_model_recipe_runs(single_thread, mixed_folder, tmp_path):
                    "--set", "teacher.epochs=1", "--set", "distill.epochs=1", "--set", "data.n_heldout=6",
                    "--set", f"distill.arch={SMALL_CNN}:small_cnn", "--set", "distill.arch_kwargs={width: 4}",
                    cwd=tmp_path).strip()
-    students = {row["name"] for row in json.loads(Path(summary).read_text())["students"]}
-    assert students == {"onehot", "from_resnet18", "from_laplace"}
+    report = json.loads(Path(summary).read_text())
+    assert {row["name"] for row in report["students"]} == {"onehot", "from_resnet18", "from_laplace"}
+    assert "n_classes" not in report["config"]["data"] and report["config"]["data"]["image_size"] == 32
 
 
 @pytest.mark.slow

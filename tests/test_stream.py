@@ -4,13 +4,20 @@ its cache and a student are the same whichever way the images arrive."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 import torch
 
+from bcpkd_cli import artifacts
 from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import images as image_data
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.data.rows import MappedRows, StreamedRows
-from cli_helpers import here, refused_here
+from cli_helpers import bcpkd, here, refused_here
 
 RUN = ["--data", "imagefolder", "--device", "cpu", "--set", "data.n_heldout=15", "--set", "data.image_size=12",
        "--set", "data.crop=resized", "--set", "data.loader_workers=2"]
@@ -67,3 +74,20 @@ def test_stream_needs_an_image_size(image_folder, tmp_path):
     message = refused_here("train-teacher", "--data", "imagefolder", "--data-root", str(image_folder),
                            "--set", "data.decode=stream", "--epochs", "0", cwd=tmp_path)
     assert "data.decode=stream" in message and "data.image_size" in message
+
+
+@pytest.mark.slow
+def test_the_imagenet_miniature_recipe_runs(tmp_path):
+    """recipes/imagenet-miniature.yaml on the generated 1,000-class folder (one JPEG per class and split), as a
+    shell script runs it: a Laplace resnet18 teacher, a top-5 cache of random-resized crops, streamed."""
+    repo = Path(__file__).parents[1]
+    subprocess.run([sys.executable, str(repo / "recipes" / "examples" / "make_imagenet_miniature.py"),
+                    str(tmp_path / "mini"), "--per-class", "1"], check=True, capture_output=True)
+    summary = bcpkd("run", str(repo / "recipes" / "imagenet-miniature.yaml"), "--set", f"data.root={tmp_path / 'mini'}",
+                    "--set", "data.n_heldout=200", "--out", "run", cwd=tmp_path).stdout.strip()
+    report = json.loads(Path(tmp_path / summary).read_text())
+    assert report["config"]["data"]["decode"] == "stream" and [r["name"] for r in report["students"]] == ["from_laplace"]
+    cache = next((tmp_path / "run" / "teachers").rglob("bcp.safetensors"))
+    meta = artifacts.read_cache_metadata(cache)
+    assert meta["top_k"] == 5 and meta["n_classes"] == 1000 and meta["crop"] == "resized"
+    assert meta["n_examples"] == 800 and meta["n_views"] == 4
