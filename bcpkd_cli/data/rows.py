@@ -8,7 +8,7 @@ Reading ahead: `plan(batches)` (the training loop passes an epoch's row batches 
 planned batches in DataLoader worker processes, `prefetch` batches per worker ahead; a read of a
 contiguous slice plans the following slices of the same length (chunked inference scans). A request that
 is not the next planned batch drops the plan and is read at once. On CUDA, batches arrive in pinned
-memory and the next one is copied to the device while the current one is used.
+memory and the next one is copied to the device on a side stream while the current one is used.
 """
 
 from __future__ import annotations
@@ -52,14 +52,29 @@ class RowReader:
         self._planned: list[torch.Tensor] = []
         self._batches = None  # the DataLoader iterator over the planned batches
         self._ready = None  # the next planned batch, already on its way to the device
+        self._copies = None  # CUDA: the side stream that copies batches to the device
 
     # what subclasses define
     def read(self, picked: torch.Tensor):
         raise NotImplementedError
 
     def finish(self, batch) -> torch.Tensor:
-        """What `read` returned -> images on the device (default: a tensor, copied there)."""
-        return batch.to(self.target, non_blocking=True)
+        """What `read` returned -> images on the device (default: a tensor, copied there; on CUDA on a side
+        stream that `_handed_out` makes the compute stream wait for)."""
+        if self.target.type != "cuda":
+            return batch.to(self.target)
+        if self._copies is None:
+            self._copies = torch.cuda.Stream(self.target)
+        with torch.cuda.stream(self._copies):
+            return batch.to(self.target, non_blocking=True)
+
+    def _handed_out(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch about to be used: on CUDA, the compute stream waits for its copy, which keeps its memory."""
+        if self._copies is not None and batch.is_cuda:
+            compute = torch.cuda.current_stream(self.target)
+            compute.wait_stream(self._copies)
+            batch.record_stream(compute)
+        return batch
 
     def shape_of_one(self) -> tuple[int, ...]:
         raise NotImplementedError
@@ -110,7 +125,7 @@ class RowReader:
             if len(index) > 1 and bool((index.diff() == 1).all()):  # a scan: read the following slices ahead
                 starts = range(int(index[-1]) + 1, len(self.rows), len(index))
                 self.plan([torch.arange(s, min(s + len(index), len(self.rows))) for s in starts])
-        return batch
+        return self._handed_out(batch)
 
     def plan(self, batches: list[torch.Tensor]) -> None:
         """Read these row batches (indices into this reader) ahead, in this order, from the moment the first
