@@ -40,7 +40,9 @@ def test_streamed_rows_are_the_stores_rows_in_any_order_and_ahead_of_time(image_
     assert torch.equal(subset[torch.tensor([0, 2])], store[torch.tensor([3, 4])])
     mapped = MappedRows(store, torch.arange(90), workers=2)
     mapped.plan(batches)
+    torch.manual_seed(5)
     assert all(torch.equal(mapped[rows], store[rows]) for rows in batches)
+    assert torch.equal(torch.rand(3), torch.manual_seed(5) and torch.rand(3))  # reading ahead drew no random numbers
 
 
 def test_stream_and_store_load_the_same_dataset(image_folder):

@@ -140,7 +140,8 @@ class RowReader:
         if self._batches is None:  # the workers start with the first planned batch asked for
             loader = DataLoader(_Planned(self, [self.rows[b] for b in self._planned]), batch_size=None,
                                 num_workers=self.workers, prefetch_factor=PREFETCH,
-                                pin_memory=self.target.type == "cuda")
+                                pin_memory=self.target.type == "cuda",
+                                generator=torch.Generator())  # its seed draw leaves the global RNG (dropout) alone
             self._batches = iter(loader)
         self._planned.pop(0)
         batch = self._ready if self._ready is not None else self.finish(next(self._batches))
