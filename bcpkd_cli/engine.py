@@ -248,7 +248,8 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
         for epoch in range(first_epoch, epochs):
             order = torch.randperm(n, generator=order_gen).to(labels.device)
             if plan is not None:
-                plan([order[s:s + batch_size][place.rank::place.size].cpu() for s in range(0, n, batch_size)])
+                in_order = order.cpu()  # one copy from the device, not one per batch
+                plan([in_order[s:s + batch_size][place.rank::place.size] for s in range(0, n, batch_size)])
             epoch_steps = 0
             for loss_sum in loss_sums:
                 loss_sum.zero_()

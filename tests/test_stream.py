@@ -16,6 +16,7 @@ from bcpkd_cli import artifacts
 from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import images as image_data
 from bcpkd_cli.data import load_dataset
+from bcpkd_cli.data import rows as rows_module
 from bcpkd_cli.data.rows import MappedRows, StreamedRows
 from cli_helpers import bcpkd, here, refused_here
 
@@ -23,7 +24,7 @@ RUN = ["--data", "imagefolder", "--device", "cpu", "--set", "data.n_heldout=15",
        "--set", "data.crop=resized", "--set", "data.loader_workers=2"]
 
 
-def test_streamed_rows_are_the_stores_rows_in_any_order_and_ahead_of_time(image_folder):
+def test_streamed_rows_are_the_stores_rows_in_any_order_and_ahead_of_time(image_folder, monkeypatch):
     paths, labels, _ = image_data.list_image_folder(image_folder / "train")
     store = image_data.decode_images(paths, 12)  # [90, 3, 12, 12]
     streamed = StreamedRows(paths, (3, 12, 12), torch.arange(len(paths)), workers=2)
@@ -34,8 +35,14 @@ def test_streamed_rows_are_the_stores_rows_in_any_order_and_ahead_of_time(image_
     for rows in batches:  # read ahead by the workers, handed out in order
         assert torch.equal(streamed[rows], store[rows])
     streamed.plan(batches)
-    assert torch.equal(streamed[batches[1]], store[batches[1]])  # off plan: read at once, the plan dropped
+    assert torch.equal(streamed[batches[0]], store[batches[0]])
+    assert torch.equal(streamed[batches[2]], store[batches[2]])  # off plan: read at once, beside the plan
+    assert torch.equal(streamed[0:40], store[0:40])  # a scan between planned batches (e.g. centroids)
+    assert torch.equal(streamed[batches[1]], store[batches[1]]) and len(streamed._plan.batches) == 2  # still planned
     assert torch.equal(torch.cat([streamed[i:i + 16] for i in range(0, 90, 16)]), store)  # a scan, read ahead
+    monkeypatch.setattr(rows_module, "SCAN_ROWS", 7)
+    assert torch.equal(streamed[3:50], store[3:50]) and torch.equal(streamed[50:90], store[50:90])  # in parts of 7
+    assert torch.equal(streamed[torch.tensor(4)], store[4:5])  # a 0-d index
     subset = streamed.subset(torch.tensor([3, 1, 4]))
     assert torch.equal(subset[torch.tensor([0, 2])], store[torch.tensor([3, 4])])
     mapped = MappedRows(store, torch.arange(90), workers=2)

@@ -80,7 +80,11 @@ class Dataset:
         """The same dataset with every split's tensors on `device`. The fingerprint is unchanged, except where
         images are streamed from JPEG files to a GPU: its decoder's pixels differ from the CPU decoder's."""
         moved = replace(self, train=self.train.to(device), heldout=self.heldout.to(device), test=self.test.to(device))
-        if isinstance(moved.train.inputs, StreamedRows) and moved.train.inputs.on_gpu:
+
+        def nvjpeg(data: Dataset) -> bool:
+            return isinstance(data.train.inputs, StreamedRows) and data.train.inputs.on_gpu
+
+        if nvjpeg(moved) and not nvjpeg(self):
             moved = replace(moved, fingerprint=hashlib.sha256(f"{self.fingerprint}/nvjpeg".encode()).hexdigest()[:16])
         return moved
 

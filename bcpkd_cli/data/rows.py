@@ -4,18 +4,22 @@ A `RowReader` stands where a split's `inputs` tensor stands: indexing it with ro
 int returns an ordinary uint8 tensor [B, C, H, W] on the reader's device, so batches, views, chunked
 inference and the Laplace fit work unchanged while the process holds a few batches of images at a time.
 
-Reading ahead: `plan(batches)` (the training loop passes an epoch's row batches in order) reads the
-planned batches in DataLoader worker processes, `prefetch` batches per worker ahead; a read of a
-contiguous slice plans the following slices of the same length (chunked inference scans). A request that
-is not the next planned batch drops the plan and is read at once. On CUDA, batches arrive in pinned
-memory and the next one is copied to the device on a side stream while the current one is used.
+Reading ahead: `plan(batches)` (the training loop passes an epoch's row batches in order) has DataLoader
+worker processes read the planned batches, `PREFETCH` per worker ahead; other requests (a scan of the
+held-out split, centroids) are served beside the plan without dropping it. A contiguous request is read in
+parts of at most `SCAN_ROWS` rows and the parts after it are read ahead the same way (chunked inference,
+the Laplace fit, the cache build), so the memory held ahead stays a few hundred images per worker. On
+CUDA, batches arrive in pinned memory and are copied on a side stream: the next planned batch is copied
+while the current one is used, and the compute stream waits for exactly the copy it uses.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,58 +27,73 @@ from torch.utils.data import DataLoader, Dataset
 from bcpkd_cli.errors import BcpkdError
 
 PREFETCH = 2  # batches each worker reads ahead
+SCAN_ROWS = 256  # rows per part of a contiguous request
 
 
 def default_workers() -> int:
-    """Worker processes when data.loader_workers is 0: one per CPU core, at most 8."""
-    return min(8, os.cpu_count() or 1)
+    """Worker processes when data.loader_workers is 0: the CPU cores shared among this machine's torchrun
+    processes, at most 8."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, (os.cpu_count() or 1) // local))
 
 
 class _Planned(Dataset):
-    """The planned row batches as a dataset of batches (read in DataLoader workers)."""
+    """Row batches as a dataset of batches (read in DataLoader workers). It holds the read function, not the
+    reader, so that dropping the reader stops its workers."""
 
-    def __init__(self, reader: "RowReader", batches: list[torch.Tensor]):
-        self.reader, self.batches = reader, batches
+    def __init__(self, read: Callable[[torch.Tensor], object], batches: list[torch.Tensor]):
+        self.read, self.batches = read, batches
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, i: int):
-        return self.reader.read(self.batches[i])
+        return self.read(self.batches[i])
+
+
+class _ReadAhead:
+    """Planned batches (indices into the reader) read by DataLoader workers from the first one asked for,
+    handed out in order while requests match them."""
+
+    def __init__(self, read: Callable, rows: torch.Tensor, batches: list[torch.Tensor], workers: int, pin: bool):
+        self.read, self.rows, self.batches, self.workers, self.pin = read, rows, batches, workers, pin
+        self.iterator = None
+
+    def next_is(self, index: torch.Tensor) -> bool:
+        return bool(self.batches) and torch.equal(self.batches[0], index)
+
+    def take(self):
+        """The raw read of the next planned batch (the caller checked `next_is`)."""
+        if self.iterator is None:
+            loader = DataLoader(_Planned(self.read, [self.rows[b] for b in self.batches]), batch_size=None,
+                                num_workers=self.workers, prefetch_factor=PREFETCH, pin_memory=self.pin,
+                                generator=torch.Generator())  # its seed draw leaves the global RNG (dropout) alone
+            self.iterator = iter(loader)
+        self.batches.pop(0)
+        raw = next(self.iterator)
+        if not self.batches:
+            self.iterator = None  # all read: the workers stop
+        return raw
 
 
 class RowReader:
-    """Rows `rows` [N] of a source read per batch; subclasses define `read(picked) -> uint8 [B, C, H, W]`
-    (on the CPU, or raw data that `finish` turns into images on the device) and `shape_of_one`."""
+    """Rows `rows` [N] of a source read per batch; subclasses give `reader()` (a picklable function: source
+    rows -> what `finish` turns into uint8 images [B, C, H, W] on the device) and `shape_of_one`."""
 
     def __init__(self, rows: torch.Tensor, device: torch.device | str = "cpu", workers: int = 0):
         self.rows, self.target, self.workers = rows.cpu(), torch.device(device), workers or default_workers()
-        self._planned: list[torch.Tensor] = []
-        self._batches = None  # the DataLoader iterator over the planned batches
-        self._ready = None  # the next planned batch, already on its way to the device
+        self._plan: _ReadAhead | None = None  # the training loop's batches
+        self._scan: _ReadAhead | None = None  # the parts after the last contiguous request
+        self._ahead = None  # (index, batch, copy event): the next planned batch, already on its way (CUDA)
         self._copies = None  # CUDA: the side stream that copies batches to the device
 
     # what subclasses define
-    def read(self, picked: torch.Tensor):
+    def reader(self) -> Callable[[torch.Tensor], object]:
         raise NotImplementedError
 
-    def finish(self, batch) -> torch.Tensor:
-        """What `read` returned -> images on the device (default: a tensor, copied there; on CUDA on a side
-        stream that `_handed_out` makes the compute stream wait for)."""
-        if self.target.type != "cuda":
-            return batch.to(self.target)
-        if self._copies is None:
-            self._copies = torch.cuda.Stream(self.target)
-        with torch.cuda.stream(self._copies):
-            return batch.to(self.target, non_blocking=True)
-
-    def _handed_out(self, batch: torch.Tensor) -> torch.Tensor:
-        """A batch about to be used: on CUDA, the compute stream waits for its copy, which keeps its memory."""
-        if self._copies is not None and batch.is_cuda:
-            compute = torch.cuda.current_stream(self.target)
-            compute.wait_stream(self._copies)
-            batch.record_stream(compute)
-        return batch
+    def finish(self, raw) -> torch.Tensor:
+        """What the read returned -> images on the device (default: a tensor, copied there)."""
+        return raw.to(self.target, non_blocking=True)
 
     def shape_of_one(self) -> tuple[int, ...]:
         raise NotImplementedError
@@ -118,37 +137,66 @@ class RowReader:
             return self[torch.tensor([index])][0]
         if isinstance(index, slice):
             index = torch.arange(len(self.rows))[index]
-        index = index.cpu()
-        batch = self._take_planned(index)
-        if batch is None:
-            batch = self.finish(self.read(self.rows[index]))
-            if len(index) > 1 and bool((index.diff() == 1).all()):  # a scan: read the following slices ahead
-                starts = range(int(index[-1]) + 1, len(self.rows), len(index))
-                self.plan([torch.arange(s, min(s + len(index), len(self.rows))) for s in starts])
-        return self._handed_out(batch)
+        index = torch.as_tensor(index).reshape(-1).cpu()
+        if self._ahead is not None and torch.equal(self._ahead[0], index):
+            batch, event = self._ahead[1:]
+            self._ahead = None
+        elif self._ahead is None and self._plan is not None and self._plan.next_is(index):
+            batch, event = self._deliver(self._plan.take())
+        elif len(index) > 1 and bool((index.diff() == 1).all()):
+            return self._scanned(index)
+        else:
+            return self._handed_out(*self._deliver(self.reader()(self.rows[index])))
+        if self._plan.batches and self.target.type == "cuda":  # a planned batch: the next one is copied meanwhile
+            following = self._plan.batches[0]
+            self._ahead = (following, *self._deliver(self._plan.take()))
+        return self._handed_out(batch, event)
 
     def plan(self, batches: list[torch.Tensor]) -> None:
         """Read these row batches (indices into this reader) ahead, in this order, from the moment the first
         of them is asked for."""
-        self._planned, self._batches, self._ready = [b.cpu() for b in batches], None, None
+        self._ahead = None
+        self._plan = _ReadAhead(self.reader(), self.rows, [b.cpu() for b in batches], self.workers,
+                                self.target.type == "cuda")
 
-    def _take_planned(self, index: torch.Tensor) -> torch.Tensor | None:
-        """The next planned batch when `index` is it (and the one after it sent on its way), else None."""
-        if not self._planned or not torch.equal(self._planned[0], index):
-            self._planned, self._batches, self._ready = [], None, None  # off plan: stop reading ahead
-            return None
-        if self._batches is None:  # the workers start with the first planned batch asked for
-            loader = DataLoader(_Planned(self, [self.rows[b] for b in self._planned]), batch_size=None,
-                                num_workers=self.workers, prefetch_factor=PREFETCH,
-                                pin_memory=self.target.type == "cuda",
-                                generator=torch.Generator())  # its seed draw leaves the global RNG (dropout) alone
-            self._batches = iter(loader)
-        self._planned.pop(0)
-        batch = self._ready if self._ready is not None else self.finish(next(self._batches))
-        self._ready = self.finish(next(self._batches)) if self._planned and self.target.type == "cuda" else None
-        if not self._planned:
-            self._batches = None  # all read: the workers stop
+    def _scanned(self, index: torch.Tensor) -> torch.Tensor:
+        """A contiguous request, in parts of SCAN_ROWS, and the parts after it read ahead."""
+        parts = []
+        for part in index.split(SCAN_ROWS):
+            if self._scan is not None and self._scan.next_is(part):
+                parts.append(self._handed_out(*self._deliver(self._scan.take())))
+            else:
+                self._scan = None
+                parts.append(self._handed_out(*self._deliver(self.reader()(self.rows[part]))))
+        if self._scan is None or not self._scan.batches:
+            starts = range(int(index[-1]) + 1, len(self.rows), SCAN_ROWS)
+            following = [torch.arange(s, min(s + SCAN_ROWS, len(self.rows))) for s in starts]
+            self._scan = _ReadAhead(self.reader(), self.rows, following, self.workers, self.target.type == "cuda")
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _deliver(self, raw) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
+        """A raw read -> (images on the device, the event that marks their copy on CUDA)."""
+        if self.target.type != "cuda":
+            return self.finish(raw), None
+        if self._copies is None:
+            self._copies = torch.cuda.Stream(self.target)
+        with torch.cuda.stream(self._copies):
+            batch = self.finish(raw)
+            event = torch.cuda.Event()
+            event.record(self._copies)
+        return batch, event
+
+    def _handed_out(self, batch: torch.Tensor, event) -> torch.Tensor:
+        """A batch about to be used: on CUDA, the compute stream waits for its copy, which keeps its memory."""
+        if event is not None:
+            compute = torch.cuda.current_stream(self.target)
+            compute.wait_event(event)
+            batch.record_stream(compute)
         return batch
+
+
+def _read_store(store: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:
+    return store[picked]
 
 
 class MappedRows(RowReader):
@@ -158,8 +206,8 @@ class MappedRows(RowReader):
         super().__init__(rows, device, workers)
         self.store = store
 
-    def read(self, picked: torch.Tensor) -> torch.Tensor:
-        return self.store[picked]
+    def reader(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return functools.partial(_read_store, self.store)
 
     def shape_of_one(self) -> tuple[int, ...]:
         return tuple(self.store.shape[1:])
@@ -168,10 +216,17 @@ class MappedRows(RowReader):
         return MappedRows(self.store, rows, device, self.workers)
 
 
+def _read_files(paths: list[Path], image_shape: tuple[int, int, int], resize: bool, raw: bool,
+                picked: torch.Tensor):
+    files = [paths[i] for i in picked.tolist()]
+    return (files, read_bytes(files)) if raw else decode_files(files, image_shape, resize)
+
+
 class StreamedRows(RowReader):
     """The rows of an image folder decoded from their files per batch at `size` x `size` (`square`), with
     torchvision's decoders: on the CPU in the worker processes; for JPEGs on CUDA, in one batched nvJPEG call
-    on the device (the workers read the files' bytes)."""
+    on the device (the workers read the files' bytes; a batch nvJPEG cannot decode, e.g. a PNG named .JPEG
+    or a CMYK JPEG, is decoded on the CPU)."""
 
     def __init__(self, paths: list[Path], image_shape: tuple[int, int, int], rows: torch.Tensor,
                  device: torch.device | str = "cpu", workers: int = 0, resize: bool = True):
@@ -180,20 +235,27 @@ class StreamedRows(RowReader):
         self.on_gpu = self.target.type == "cuda" and resize and all(p.suffix.lower() in (".jpg", ".jpeg")
                                                                    for p in paths)
 
-    def read(self, picked: torch.Tensor):
-        files = [self.paths[i] for i in picked.tolist()]
-        return read_bytes(files) if self.on_gpu else decode_files(files, self.image_shape, self.resize)
+    def reader(self) -> Callable[[torch.Tensor], object]:
+        return functools.partial(_read_files, self.paths, self.image_shape, self.resize, self.on_gpu)
 
-    def finish(self, batch) -> torch.Tensor:
+    def finish(self, raw) -> torch.Tensor:
         if not self.on_gpu:
-            return super().finish(batch)
+            return super().finish(raw)
+        files, data = raw
+        if not data:  # an empty share of a batch (torchrun)
+            return torch.zeros(0, *self.image_shape, dtype=torch.uint8, device=self.target)
         from bcpkd_cli.data.images import square
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             from torchvision.io import ImageReadMode, decode_jpeg
 
-            decoded = decode_jpeg(batch, mode=ImageReadMode.RGB, device=self.target)
+            # nvJPEG decodes on its own stream into memory allocated on this one: nothing queued may still use it
+            torch.cuda.current_stream(self.target).synchronize()
+            try:
+                decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.target)
+            except RuntimeError:
+                return decode_files(files, self.image_shape, self.resize).to(self.target, non_blocking=True)
         return torch.stack([square(image, self.image_shape[-1]) for image in decoded])
 
     def shape_of_one(self) -> tuple[int, ...]:

@@ -34,7 +34,7 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
         raise BcpkdError("; ".join(problems))
     device = resolve_device(recipe.device)
     place = join_process_group(device)
-    data = load_dataset(recipe.data)
+    data = load_dataset(recipe.data).to(device)  # its fingerprint is the one on the device (nvJPEG)
     if len(data.heldout) == 0 and kind.needs_heldout(recipe.teacher):
         raise BcpkdError(f"data.n_heldout=0: a {recipe.teacher.bayes.value} teacher tunes on held-out data "
                          f"(teacher.laplace.prior=gridsearch or bayes=temperature); keep a held-out split or use "
@@ -56,7 +56,6 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
                 "init_sha256": artifacts.sha256_file(Path(cfg.init)) if cfg.init else None}
     spec = starts[0]["model"] if starts else model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden,
                                                         kind.dropout(cfg), cfg.arch_kwargs, data.stats, cfg.normalize)
-    data = data.to(device)
     teacher, history = kind.train(TrainingRun(  # one resumable state file per training phase
         recipe, data, device, spec, tuple(starts),
         phase=lambda name: resumable(out / f"train-state-{name}.pt", settings, resume), folder=out, init=init))
