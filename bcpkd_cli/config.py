@@ -200,7 +200,7 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         errors.append(f"distill.few_shot: must be 0 (all) or positive, got {recipe.distill.few_shot}")
     if recipe.data.n_heldout < -1:
         errors.append(f"data.n_heldout: must be -1 (the default), 0 (none) or positive, got {recipe.data.n_heldout}")
-    for key in ("n_train", "n_test"):
+    for key in ("n_train", "n_test", "loader_workers"):
         if getattr(recipe.data, key) < 0:
             errors.append(f"data.{key}: must be 0 (the default) or positive, got {getattr(recipe.data, key)}")
     if recipe.data.name != DatasetName.synthetic and not recipe.data.root:

@@ -35,7 +35,8 @@ class DataConfig:
                               "(ImageNet's random-resized crop x flip, resized back to the image size)")
     decode: Decode = _f(Decode.store, "images: store (decode once into a uint8 store; memory-mapped when large) or "
                                       "stream (decode the files of every batch, in worker processes)")
-    loader_workers: int = _f(0, "images with decode=stream: decoding worker processes; 0: one per CPU core, at most 8")
+    loader_workers: int = _f(0, "images: worker processes that decode (stream, and a store's first decoding) and "
+                                "read ahead; 0: the CPU cores per torchrun process, at most 8")
     standardize: bool = _f(True, "vector data (synthetic, arrays): models standardise every feature with the "
                                  "training split's mean and std (kept in each checkpoint)")
     download: bool = _f(False, "cifar10/100: download into root first (connected machines only)")

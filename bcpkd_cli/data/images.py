@@ -175,22 +175,24 @@ def write_store(path: Path, paths: list[Path], labels: torch.Tensor, size: int, 
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            f.seek(8 + STORE_HEADER)
+            f.seek(8 + STORE_HEADER)  # the labels first: int64 stays 8-byte aligned whatever the image bytes
+            f.write(labels.long().contiguous().numpy().tobytes())
             for start in range(0, len(paths), rows_per_block):
                 block = reader[start:start + rows_per_block]  # uint8 [B, 3, S, S]
                 scaled = block.double().div_(255.0)
                 total.add_(scaled.sum(dim=(0, 2, 3)))
                 squares.add_(scaled.square().sum(dim=(0, 2, 3)))
                 f.write(block.contiguous().numpy().tobytes())
-            f.write(labels.long().contiguous().numpy().tobytes())
             count = len(paths) * shape[2] * shape[3]
             mean = total / count
             std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
             stats = {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()]}
+            n_labels = 8 * len(paths)
             header = json.dumps({"__metadata__": {"stats": json.dumps(stats)},
-                                 "images": {"dtype": "U8", "shape": shape, "data_offsets": [0, n_bytes]},
-                                 "labels": {"dtype": "I64", "shape": [len(paths)],
-                                            "data_offsets": [n_bytes, n_bytes + 8 * len(paths)]}}).encode()
+                                 "labels": {"dtype": "I64", "shape": [len(paths)], "data_offsets": [0, n_labels]},
+                                 "images": {"dtype": "U8", "shape": shape,
+                                            "data_offsets": [n_labels, n_labels + n_bytes]}}).encode()
+            assert len(header) <= STORE_HEADER, "the store's header outgrew its reserved space"
             f.seek(0)
             f.write(STORE_HEADER.to_bytes(8, "little") + header.ljust(STORE_HEADER, b" "))
 
