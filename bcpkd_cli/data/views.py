@@ -9,9 +9,9 @@ whole batch with one gather: no per-image Python work.
 
 Random-resized-crop views (data.crop: resized, ImageNet-style) draw each view's box from a seeded hash
 of (example, view id): scale and aspect ratio as torchvision's RandomResizedCrop (area 8% to 100%, ratio
-3/4 to 4/3, ten tries, then the whole image), flipped for odd ids, resized back to the image's size with
-bilinear interpolation as torchvision's resized_crop
-(one batched grid sample; no antialiasing is needed: a box is never larger than the image). View 0 is again the image itself.
+3/4 to 4/3, ten tries, then the centre crop), flipped for odd ids, resized back to the image's size with
+bilinear interpolation as torchvision's resized_crop (to 2e-3 in float, within one level in uint8; one
+batched grid sample; nothing to antialias: a box is never larger than the image). View 0 is the image.
 """
 
 from __future__ import annotations
@@ -120,12 +120,20 @@ def hash_uniform(seed: int, example_ids: torch.Tensor, view_ids: torch.Tensor, s
 def resized_crop_boxes(example_ids: torch.Tensor, view_ids: torch.Tensor, height: int, width: int,
                        seed: int) -> torch.Tensor:
     """Crop boxes [B, 4] (top, left, box height, box width; int64 pixels) of random-resized-crop views, drawn as
-    torchvision's RandomResizedCrop.get_params draws them, from a hash instead of a random generator; view 0
-    is the whole image."""
+    torchvision's RandomResizedCrop.get_params draws them, from a hash instead of a random generator (with its
+    fallback after ten tries: the centre crop of the nearest allowed aspect ratio); view 0 is the whole
+    image."""
     example_ids, view_ids = example_ids.cpu().long(), view_ids.cpu().long()
     area = float(height * width)
     log_lo, log_hi = math.log(RATIO[0]), math.log(RATIO[1])
-    boxes = torch.tensor([0, 0, height, width]).repeat(len(view_ids), 1)  # the fallback: the whole image
+    fallback_w, fallback_h = width, height
+    if width / height < RATIO[0]:
+        fallback_h = round(width / RATIO[0])
+    elif width / height > RATIO[1]:
+        fallback_w = round(height * RATIO[1])
+    boxes = torch.tensor([(height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w])
+    boxes = boxes.repeat(len(view_ids), 1)
+    boxes[view_ids == 0] = torch.tensor([0, 0, height, width])
     found = view_ids == 0
     for attempt in range(TRIES):
         u = [hash_uniform(seed, example_ids, view_ids, 4 * attempt + k) for k in range(4)]
