@@ -17,7 +17,7 @@ from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import images as image_data
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.data import rows as rows_module
-from bcpkd_cli.data.rows import MappedRows, StreamedRows
+from bcpkd_cli.data.rows import MappedRows, PathTable, StreamedRows
 from cli_helpers import bcpkd, here, refused_here
 
 RUN = ["--data", "imagefolder", "--device", "cpu", "--set", "data.n_heldout=15", "--set", "data.image_size=12",
@@ -98,5 +98,12 @@ def test_the_imagenet_miniature_recipe_runs(tmp_path):
     assert report["config"]["data"]["decode"] == "stream" and [r["name"] for r in report["students"]] == ["from_laplace"]
     cache = next((tmp_path / "run" / "teachers").rglob("bcp.safetensors"))
     meta = artifacts.read_cache_metadata(cache)
-    assert meta["top_k"] == 5 and meta["n_classes"] == 1000 and meta["crop"] == "resized"
+    assert meta["top_k"] == 5 and meta["n_classes"] == 1000 and meta["crop"] == "resized" and meta["view_device"] == "cpu"
     assert meta["n_examples"] == 800 and meta["n_views"] == 4
+
+
+def test_path_table_round_trips_paths():
+    paths = [Path("train/n01/é_1.JPEG"), Path("/data/x/b.jpg"), Path("c d/e.png")]
+    table = PathTable(paths)
+    assert len(table) == 3 and [table[i] for i in range(3)] == paths and not table.all_jpeg
+    assert PathTable(paths[:2]).all_jpeg

@@ -61,10 +61,12 @@ class Dataset:
 
     @property
     def views(self) -> views.ViewSpace:
-        """How augmentation views are made (data.crop, data.view_padding; resized crops seeded by data.seed)."""
+        """How augmentation views are made (data.crop, data.view_padding; resized crops seeded by data.seed and
+        interpolated where the training images are)."""
         if self.config is None:
             return views.ViewSpace()
-        return views.ViewSpace(self.config.crop.value, self.config.view_padding.value, self.config.seed)
+        return views.ViewSpace(self.config.crop.value, self.config.view_padding.value, self.config.seed,
+                               self.train.inputs.device.type)
 
     def split(self, name: str) -> Split:
         return {"train": self.train, "heldout": self.heldout, "test": self.test}[name]

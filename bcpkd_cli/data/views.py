@@ -184,11 +184,14 @@ def resized_crops(images: torch.Tensor, example_ids: torch.Tensor, view_ids: tor
 @dataclass(frozen=True)
 class ViewSpace:
     """How a dataset's views are made: `pad` crops (zeros or reflect padding) or `resized` crops seeded by
-    `seed`. `apply(images, example_ids, view_ids)` -> the views; `settings()` what a cache key records."""
+    `seed` and interpolated on a `device` type (CPU and CUDA kernels may round a pixel differently, so a
+    cache records where its crops were made). `apply(images, example_ids, view_ids)` -> the views;
+    `settings()` what a cache key records."""
 
     crop: str = "pad"
     padding: str = "zeros"
     seed: int = 0
+    device: str = "cpu"
 
     def apply(self, images: torch.Tensor, example_ids: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
         """images [B, C, H, W], the examples' ids in the training split [B], view ids [B] -> views [B, C, H, W]."""
@@ -199,7 +202,7 @@ class ViewSpace:
     def settings(self) -> dict:
         """The view space where it differs from the first one (pad crops, zero padding), for cache keys."""
         if self.crop == "resized":
-            return {"crop": "resized", "view_seed": self.seed}
+            return {"crop": "resized", "view_seed": self.seed, "view_device": self.device}
         return {"view_padding": self.padding} if self.padding != "zeros" else {}
 
     def describe(self) -> str:
