@@ -142,6 +142,7 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
     start, stop = rows or (0, len(data.train))
     train = data.train
     view_ids = cache_view_ids(data, cfg)
+    view_space = data.views
     chunks = []  # per batch of rows: [B, V, C] (or [B, V, K, C]; top-k: values and ids [B, V, K])
     for i in range(start, stop, cfg.batch_size):
         index = torch.arange(i, min(i + cfg.batch_size, stop))
@@ -149,7 +150,7 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
         per_view = []
         for view_id in view_ids.tolist():
             ids = torch.full_like(index, view_id)
-            inputs = data.views.apply(images, index, ids) if data.is_image else images
+            inputs = view_space.apply(images, index, ids) if data.is_image else images
             sample_index = views.sample_index(index, ids)
             if cfg.draws:
                 draws = at_temperature(teacher.draws_at(inputs, sample_index), t_teacher, cfg.temper)  # [S, B, C]

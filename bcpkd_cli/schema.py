@@ -115,7 +115,7 @@ class TeacherConfig:
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of initialisation and batch order")
     base: str = _f("", "existing deterministic teacher.pt to fit the posterior around instead of training")
-    augment: bool = _f(True, "image data: train on a random pad-4 crop x flip view of each image every epoch")
+    augment: bool = _f(True, "image data: train on a random view (data.crop) of each image every epoch")
     laplace: LaplaceConfig = _f(LaplaceConfig(), "Laplace approximation (bayes=laplace)")
     vi: VIConfig = _f(VIConfig(), "mean-field variational inference (bayes=vi)")
     mc_dropout: MCDropoutConfig = _f(MCDropoutConfig(), "Monte Carlo dropout (bayes=mc-dropout)")
@@ -236,7 +236,7 @@ UNUSED_DATA_KEYS = {
 def plain_data(cfg: DataConfig) -> dict:
     """The data section as plain values, without the keys its dataset does not read (an image folder's
     config does not claim `n_classes: 5`)."""
-    unused = UNUSED_DATA_KEYS[cfg.name]
+    unused = UNUSED_DATA_KEYS[cfg.name] + (("view_padding",) if cfg.crop == Crop.resized else ())
     return {k: v for k, v in to_plain(cfg).items() if k not in unused}
 
 

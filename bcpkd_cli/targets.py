@@ -194,6 +194,7 @@ def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sourc
     sampler = views.ViewSampler(len(data.train), len(view_ids), seed)
     train_inputs = data.train.inputs
     examples_on_device = example_index.to(device)  # no copy back from the device per step
+    view_space = data.views
 
     def batch(rows: torch.Tensor, epoch: int):
         if len(rows) == 0:  # a torchrun process's share of a last batch smaller than the process count
@@ -201,7 +202,7 @@ def view_batches(data: Dataset, calibrate_cfg: CalibrateConfig, seed: int, sourc
         slots = sampler.slots(rows, epoch)  # [B] columns of the [N, V, C] cache
         ids = view_ids[slots]
         examples = examples_on_device[rows]  # [B] ids in the training split: the cache's rows
-        inputs = data.views.apply(train_inputs[rows], examples, ids) if data.is_image else train_inputs[rows]
+        inputs = view_space.apply(train_inputs[rows], examples, ids) if data.is_image else train_inputs[rows]
 
         def sample_index() -> torch.Tensor:  # only online teachers need it (it reads the ids on the CPU)
             return views.sample_index(examples, ids)

@@ -49,7 +49,9 @@ def test_streamed_rows_are_the_stores_rows_in_any_order_and_ahead_of_time(image_
     mapped.plan(batches)
     torch.manual_seed(5)
     assert all(torch.equal(mapped[rows], store[rows]) for rows in batches)
-    assert torch.equal(torch.rand(3), torch.manual_seed(5) and torch.rand(3))  # reading ahead drew no random numbers
+    after_reading = torch.rand(3)
+    torch.manual_seed(5)
+    assert torch.equal(after_reading, torch.rand(3))  # reading ahead drew no random numbers (dropout stays put)
 
 
 def test_stream_and_store_load_the_same_dataset(image_folder):
@@ -95,6 +97,7 @@ def test_the_imagenet_miniature_recipe_runs(tmp_path):
     summary = bcpkd("run", str(repo / "recipes" / "imagenet-miniature.yaml"), "--set", f"data.root={tmp_path / 'mini'}",
                     "--set", "data.n_heldout=200", "--out", "run", cwd=tmp_path).stdout.strip()
     report = json.loads(Path(tmp_path / summary).read_text())
+    assert "view_padding" not in report["config"]["data"]  # resized crops do not pad
     assert report["config"]["data"]["decode"] == "stream" and [r["name"] for r in report["students"]] == ["from_laplace"]
     cache = next((tmp_path / "run" / "teachers").rglob("bcp.safetensors"))
     meta = artifacts.read_cache_metadata(cache)

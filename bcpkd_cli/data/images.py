@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -122,13 +123,17 @@ def decode_images(paths: list[Path], size: int = 0) -> torch.Tensor:
 
 def channel_stats(images: torch.Tensor, rows_per_block: int = 4096) -> dict:
     """Per-channel mean and standard deviation of uint8 images [N, C, H, W] in [0, 1] units, in blocks."""
-    total = torch.zeros(images.shape[1], dtype=torch.float64)
-    squares = torch.zeros_like(total)
-    for start in range(0, len(images), rows_per_block):
-        block = images[start:start + rows_per_block].double().div_(255.0)
-        total += block.sum(dim=(0, 2, 3))
-        squares += block.square().sum(dim=(0, 2, 3))
-    count = images.shape[0] * images.shape[2] * images.shape[3]
+    return block_stats(images[start:start + rows_per_block] for start in range(0, len(images), rows_per_block))
+
+
+def block_stats(blocks: Iterable[torch.Tensor]) -> dict:
+    """`channel_stats` of the images that arrive as uint8 blocks [B, C, H, W] (read once, in order)."""
+    total, squares, count = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64), 0
+    for block in blocks:
+        scaled = block.double().div_(255.0)
+        total += scaled.sum(dim=(0, 2, 3))
+        squares += scaled.square().sum(dim=(0, 2, 3))
+        count += block.shape[0] * block.shape[2] * block.shape[3]
     mean = total / count
     std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
     return {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()]}
@@ -171,22 +176,19 @@ def write_store(path: Path, paths: list[Path], labels: torch.Tensor, size: int, 
     reader = StreamedRows(paths, tuple(first.shape), torch.arange(len(paths)), workers=workers, resize=bool(size))
     shape = [len(paths), *first.shape]
     n_bytes = torch.Size(shape).numel()
-    total, squares = torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.float64)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             f.seek(8 + STORE_HEADER)  # the labels first: int64 stays 8-byte aligned whatever the image bytes
             f.write(labels.long().contiguous().numpy().tobytes())
-            for start in range(0, len(paths), rows_per_block):
-                block = reader[start:start + rows_per_block]  # uint8 [B, 3, S, S]
-                scaled = block.double().div_(255.0)
-                total.add_(scaled.sum(dim=(0, 2, 3)))
-                squares.add_(scaled.square().sum(dim=(0, 2, 3)))
-                f.write(block.contiguous().numpy().tobytes())
-            count = len(paths) * shape[2] * shape[3]
-            mean = total / count
-            std = (squares / count - mean.square()).clamp_min(1e-12).sqrt()
-            stats = {"mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()]}
+
+            def written_blocks():
+                for start in range(0, len(paths), rows_per_block):
+                    block = reader[start:start + rows_per_block]  # uint8 [B, 3, S, S]
+                    f.write(block.contiguous().numpy().tobytes())
+                    yield block
+
+            stats = block_stats(written_blocks())
             n_labels = 8 * len(paths)
             header = json.dumps({"__metadata__": {"stats": json.dumps(stats)},
                                  "labels": {"dtype": "I64", "shape": [len(paths)], "data_offsets": [0, n_labels]},

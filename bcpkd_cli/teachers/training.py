@@ -34,9 +34,10 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _targets) -> torch
 def random_views(data: Dataset, seed: int) -> BatchFn:
     """Batches of a random view (of all 162 of each image: data.crop) of every image, drawn anew every epoch."""
     sampler = views.ViewSampler(len(data.train), views.N_VIEWS, seed)
+    view_space = data.views
 
     def batch(rows: torch.Tensor, epoch: int):
-        return data.views.apply(data.train.inputs[rows], rows, sampler.slots(rows, epoch)), None
+        return view_space.apply(data.train.inputs[rows], rows, sampler.slots(rows, epoch)), None
 
     return batch
 
