@@ -24,6 +24,7 @@ import yaml
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+from bcpkd_cli.diskspace import full_disk_failure
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.shards import ShardedRows
 from bcpkd_cli.topk import TopKProbs
@@ -47,18 +48,25 @@ FIX_HINT = {
 }
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    """Write through a temporary file in the same folder, then os.replace: never a half-written file."""
+def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> Path:
+    """Write through a temporary file in the same folder, then os.replace: never a half-written file. A full
+    disk (or quota) is a BcpkdFailure naming `path` (and `size`, the bytes it needs, when known)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = ""
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
         write(Path(tmp))
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts on shared disks follow the umask
         os.replace(tmp, path)
+    except (OSError, SafetensorError, RuntimeError) as err:  # torch.save wraps the OSError in a RuntimeError
+        failure = full_disk_failure(path, err, size)
+        if failure is None:
+            raise
+        raise failure from None
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
     return path
 
@@ -68,8 +76,15 @@ def exclusive_lock(path: Path, waiting_message: str):
     """Hold an exclusive lock on `path` (created if missing) for the block: concurrent jobs that would build
     the same artifact wait for the first one instead of building it again. Says so on stderr when it waits."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a")
+    except OSError as err:  # a full disk: the lock is the first file in a new cache's folder
+        failure = full_disk_failure(path, err)
+        if failure is None:
+            raise
+        raise failure from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -82,7 +97,7 @@ def exclusive_lock(path: Path, waiting_message: str):
 
 
 def write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda p: p.write_text(text))
+    return atomic_write(path, lambda p: p.write_text(text), len(text.encode()))
 
 
 def write_json(path: Path, obj: Any) -> Path:
@@ -104,7 +119,18 @@ def save_checkpoint(path: Path, payload: dict) -> Path:
         with open(tmp, "wb") as handle:
             torch.save(payload, handle)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, _tensor_bytes(payload))
+
+
+def _tensor_bytes(value: Any) -> int:
+    """Bytes of the tensors in a nested payload (about a checkpoint's size)."""
+    if isinstance(value, torch.Tensor):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 ARTIFACT_NAMES = {TEACHER_FORMAT: "teacher.pt", STUDENT_FORMAT: "student.pt"}
@@ -194,14 +220,17 @@ def save_training_state(path: Path, state: dict, settings: dict) -> Path:
                                   "state": state})
 
 
-def load_training_state(path: Path, settings: dict) -> dict:
-    """The state an interrupted run saved; refuse one saved with other settings (naming them)."""
+def load_training_state(path: Path, settings: dict, tolerate: tuple[str, ...] = ()) -> tuple[dict, list[str]]:
+    """The state an interrupted run saved, and which of the `tolerate` keys differ; refuse one saved with
+    other settings (naming them)."""
     payload = load_checkpoint(path, TRAINING_FORMAT)
     differ = differing_keys(payload["settings"], settings)
+    tolerated = [key for key in differ if key.split(".")[0] in tolerate]
+    differ = [key for key in differ if key not in tolerated]
     if differ:
         raise BcpkdError(f"--resume: {path} was saved by a run with other settings ({', '.join(differ[:6])}); "
                          f"resume with the options of the interrupted run, or start afresh in another --out")
-    return payload["state"]
+    return payload["state"], tolerated
 
 
 def differing_keys(saved: Any, given: Any, prefix: str = "") -> list[str]:
@@ -221,7 +250,7 @@ def _cache_tensors(probs: torch.Tensor | TopKProbs) -> dict[str, torch.Tensor]:
 def _save_safetensors(path: Path, tensors: dict[str, torch.Tensor], file_format: str, metadata: dict) -> Path:
     """Tensors with JSON-encoded metadata values (safetensors keeps str -> str), atomically."""
     header = {"format": file_format, "version": str(VERSION), **{k: json.dumps(v) for k, v in metadata.items()}}
-    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header))
+    return atomic_write(path, lambda p: save_file(tensors, str(p), metadata=header), _tensor_bytes(tensors))
 
 
 def save_cache(path: Path, probs: torch.Tensor | TopKProbs, metadata: dict[str, Any]) -> Path:

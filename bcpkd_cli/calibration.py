@@ -25,10 +25,11 @@ import torch
 import torch.distributed as dist
 
 from bcpkd_cli import artifacts, metrics, topk
-from bcpkd_cli.choices import PriorTuning, Temper, TemperatureFit
+from bcpkd_cli.choices import CacheDtype, PriorTuning, Temper, TemperatureFit
 from bcpkd_cli.config import TEACHER_RECORD, CalibrateConfig, Recipe, build_recipe, recipe_record, to_plain
 from bcpkd_cli.console import console
-from bcpkd_cli.data import Dataset, views
+from bcpkd_cli.data import Dataset, require_classes, views
+from bcpkd_cli.diskspace import require_space
 from bcpkd_cli.engine import World, world
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 from bcpkd_cli.shards import shard_files, shard_name, shard_rows
@@ -172,6 +173,29 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
     return torch.cat(chunks).to(dtype)
 
 
+def cache_bytes(n_rows: int, n_classes: int, cfg: CalibrateConfig) -> int:
+    """Bytes of the tensors of a cache of `n_rows` training rows (its header aside): probs [N, V, C] at
+    calibrate.cache_dtype ([N, V, K, C] with calibrate.draws K); with calibrate.top_k K, K values and K int32 ids
+    per row and view slot."""
+    value = getattr(torch, cfg.cache_dtype.value).itemsize
+    if cfg.top_k:
+        return n_rows * cfg.views * min(cfg.top_k, n_classes) * (value + torch.int32.itemsize)
+    return n_rows * cfg.views * max(cfg.draws, 1) * n_classes * value
+
+
+def require_cache_space(path: Path, teacher_path: Path, data: Dataset, cfg: CalibrateConfig) -> None:
+    """Refuse (BcpkdError) a cache that would not fit in its folder: its rows (all shards of a build in shards
+    land there too) and the calibrated teacher.pt next to it (about the size of the teacher's file)."""
+    smaller = (["a smaller calibrate.top_k"] if cfg.top_k else [] if cfg.draws else ["calibrate.top_k=K"]) + \
+        (["fewer calibrate.draws"] if cfg.draws else []) + \
+        (["calibrate.cache_dtype=float16"] if cfg.cache_dtype == CacheDtype.float32 else []) + \
+        (["fewer calibrate.views"] if cfg.views > 1 else [])
+    fix = "free space, build it elsewhere (calibrate --out DIR; distill --cache DIR/bcp.safetensors)" + \
+        (f", or make it smaller ({', '.join(smaller)})" if smaller else "")
+    size = cache_bytes(len(data.train), data.n_classes, cfg) + Path(teacher_path).stat().st_size
+    require_space(path.parent, size, "the BCP cache", fix)
+
+
 def cache_expectations(teacher_path: Path, data: Dataset, t_teacher: float, cfg: CalibrateConfig) -> dict:
     """Metadata a cache must carry to serve this teacher, data and T_t (dealbreakers when loading)."""
     tempered = {"temper": cfg.temper.value} if cfg.temper != Temper.logits else {}  # older caches: logits
@@ -194,6 +218,7 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
 
     `data` is on `device`. Returns (absolute path of bcp.safetensors, whether it was built now).
     """
+    require_classes(str(teacher_path), payload["data"].get("classes"), data)
     if len(data.heldout) == 0 and (cfg.prior == PriorTuning.gridsearch or cfg.temperature == TemperatureFit.fit):
         raise BcpkdError("data.n_heldout=0: calibrate tunes on held-out data (calibrate.prior=gridsearch or "
                          "calibrate.temperature=fit); keep a held-out split, or --set calibrate.prior=keep "
@@ -206,7 +231,7 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
     lock = artifacts.exclusive_lock(path.parent / ".lock", f"waiting for another job building the cache {path}") \
         if place.is_main else contextlib.nullcontext()
     with lock:
-        built = _decide_build(path, force, place)
+        built = _decide_build(path, force, place, lambda: require_cache_space(path, teacher_path, data, cfg))
         if built:
             _build_cache(path, teacher_path, payload, data, cfg, t_teacher, device, n_bins, expect, place)
     if not built:  # refuses a stale or foreign cache; its rows are checked where they are read (load_cache)
@@ -214,13 +239,22 @@ def ensure_cache(teacher_path: Path, payload: dict, data: Dataset, cfg: Calibrat
     return path, built
 
 
-def _decide_build(path: Path, force: bool, place: World) -> bool:
-    """Whether to build the cache: rank 0's answer, for every process. A build in shards first removes the
-    cache there, so that a crash leaves no manifest over half-replaced shards."""
-    built = force or not path.is_file()
-    if built and place.size > 1 and place.is_main:
-        path.unlink(missing_ok=True)
-    return _from_main(built, place)
+def _decide_build(path: Path, force: bool, place: World, require_space: Callable[[], None]) -> bool:
+    """Whether to build the cache: rank 0's answer, for every process; rank 0's refusal (`require_space`, before
+    any teacher inference) raised in every process. A build in shards first removes the cache there, so that a
+    crash leaves no manifest over half-replaced shards."""
+    built, refusal = force or not path.is_file(), None
+    if built and place.is_main:
+        try:
+            require_space()
+        except BcpkdError as err:
+            refusal = str(err)
+        if refusal is None and place.size > 1:
+            path.unlink(missing_ok=True)
+    built, refusal = _from_main((built, refusal), place)
+    if refusal:
+        raise BcpkdError(refusal)
+    return built
 
 
 def _from_main(value, place: World):
@@ -272,7 +306,7 @@ def _cache_metadata(path: Path, teacher: Teacher, teacher_recipe: Recipe, data: 
                     expect: dict) -> dict:
     """The cache's provenance header (after the calibrated teacher.pt is written)."""
     augmentation = data.views.describe() if data.is_image else "none"
-    return {**expect, "n_classes": data.n_classes,
+    return {**expect, "n_classes": data.n_classes, "classes": list(data.classes),
             "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
             "split": "train", "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": augmentation},
             "bayes": teacher.kind.value, "method": teacher.method_settings(teacher_recipe.teacher),

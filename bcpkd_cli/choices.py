@@ -120,3 +120,10 @@ class ViewPadding(str, enum.Enum):
 class Centroids(str, enum.Enum):
     epoch = "epoch"
     once = "once"
+
+
+class Normalize(str, enum.Enum):
+    """How image inputs are normalised after scaling to [0, 1] (a {mean, std} mapping is the other choice)."""
+    data = "data"
+    imagenet = "imagenet"
+    none = "none"

@@ -51,6 +51,7 @@ def field_help(dotted: str) -> str:
     """The help of a typed flag: the config field's own one-line help and its default (config.py is the source)."""
     f = config_field(dotted)
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = f.metadata.get("default", default)  # a default that follows other settings, in words
     if hasattr(default, "value"):
         default = default.value
     elif isinstance(default, tuple):
@@ -86,6 +87,7 @@ ResumeOpt = typer.Option(False, "--resume", help="continue the interrupted run i
 ForceOpt = typer.Option(False, "--force", help="replace what --out already holds (a finished or interrupted run)")
 TrustOpt = typer.Option(False, "--trust-code", help="build networks that checkpoints name by your own module or "
                                                       "file (module:callable): that code runs")
+NORMALIZE = "data|imagenet|none|{mean: [..], std: [..]}"
 PrintConfigOpt = typer.Option(False, "--print-config", help="print the resolved config as YAML and exit "
                                                             "(nothing is run)")
 
@@ -141,6 +143,7 @@ def train_teacher(
     bayes: Optional[Bayes] = config_option("teacher.bayes"),
     arch: Optional[str] = typer.Option(None, metavar="ARCH", help=field_help("teacher.arch")),
     init: Optional[Path] = typer.Option(None, metavar="WEIGHTS", help=field_help("teacher.init")),
+    normalize: Optional[str] = typer.Option(None, metavar=NORMALIZE, help=field_help("teacher.normalize")),
     epochs: Optional[int] = config_option("teacher.epochs"),
     lr: Optional[float] = config_option("teacher.lr"),
     batch_size: Optional[int] = config_option("teacher.batch_size"),
@@ -169,7 +172,7 @@ def train_teacher(
     trust(everything=trust_code)
     tree = _tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
                                 "teacher.bayes": bayes, "teacher.arch": arch, "teacher.init": init,
-                                "teacher.epochs": epochs,
+                                "teacher.normalize": normalize, "teacher.epochs": epochs,
                                 "teacher.lr": lr, "teacher.batch_size": batch_size, "teacher.seed": seed,
                                 "teacher.base": base, "teacher.laplace.subset": subset,
                                 "teacher.laplace.hessian": hessian, "teacher.laplace.prior": prior,
@@ -241,6 +244,7 @@ def distill(
     targets: Optional[Targets] = config_option("distill.targets"),
     arch: Optional[str] = typer.Option(None, metavar="ARCH", help=field_help("distill.arch")),
     init: Optional[Path] = typer.Option(None, metavar="WEIGHTS", help=field_help("distill.init")),
+    normalize: Optional[str] = typer.Option(None, metavar=NORMALIZE, help=field_help("distill.normalize")),
     alpha: Optional[float] = config_option("distill.alpha"),
     t_teacher: Optional[float] = config_option("distill.t_teacher"),
     t_student: Optional[float] = config_option("distill.t_student"),
@@ -269,7 +273,7 @@ def distill(
     trust(everything=trust_code)
     tree = _tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
                                 "distill.targets": targets, "distill.arch": arch, "distill.init": init,
-                                "distill.alpha": alpha,
+                                "distill.normalize": normalize, "distill.alpha": alpha,
                                 "distill.t_teacher": t_teacher, "distill.t_student": t_student,
                                 "distill.dirichlet_alpha": dirichlet_alpha, "distill.epochs": epochs,
                                 "distill.lr": lr, "distill.batch_size": batch_size, "distill.seed": seed,
@@ -301,6 +305,8 @@ def evaluate(
                                                        "object per checkpoint"),
     grad_targets: Optional[str] = typer.Option(None, metavar="onehot,true,noisy:ALPHA",
                                                help=field_help("evaluate.grad_targets")),
+    per_class: bool = typer.Option(False, "--per-class", help="also print a table of test accuracy per class "
+                                                              "(the JSON reports always hold it)"),
     data: Optional[DatasetName] = DataOpt, data_root: Optional[Path] = DataRootOpt,
     out: str = typer.Option("", "--out", "-o", metavar="DIR",
                             help="write DIR/report.json and print its path (default: write nothing)"),
@@ -319,7 +325,9 @@ def evaluate(
     if print_config:
         return _print_config(config, ("device", "evaluate"))
     paths = [artifacts.resolve_checkpoint(p, stage.CHECKPOINT_FORMATS, "evaluate") for p in checkpoints]
-    path, reports = stage.run(tree, paths, out, force)
+    for p in paths:  # and with the data each is evaluated on: a network of images given vectors, ...
+        checked(tree, str(p), artifacts.load_checkpoint(p, stage.CHECKPOINT_FORMATS))
+    path, reports = stage.run(tree, paths, out, force, per_class)
     if as_json:
         print(json.dumps(reports, indent=2))
     elif path is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import re
 import typing
 from pathlib import Path
@@ -16,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from bcpkd_cli.choices import Arch, DatasetName
+from bcpkd_cli.choices import Arch, DatasetName, Normalize
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.schema import (  # noqa: F401 (re-exported: configuration is imported from here)
-    RUN_KEYS, STUDENT_RECORD, TEACHER_RECORD, CalibrateConfig, DataConfig, DistillConfig, EnsembleConfig,
+    DEFAULT_ARCH, RUN_KEYS, STUDENT_RECORD, TEACHER_RECORD, CalibrateConfig, DataConfig, DistillConfig, EnsembleConfig,
     EvaluateConfig, ExperimentConfig, LaplaceConfig, LogConfig, MCDropoutConfig, MCMIConfig, Recipe, TeacherConfig,
     VIConfig, config_field, plain_data, recipe_record, to_plain)
 from bcpkd_cli.choices import (  # noqa: F401 (re-exported, as before the enums moved to choices.py)
@@ -39,6 +40,8 @@ def _convert(value: Any, typ: Any, where: str, errors: list[str]) -> Any:
     """Convert one YAML/CLI value to the field's type, appending a message on failure."""
     if value is None and typ is str:
         return ""  # YAML `null` for a path or name means "not set"
+    if typ == Normalize | dict:
+        return _normalize(value, where, errors)
     if isinstance(value, bool) and typ is not bool:
         value = str(value).lower()  # YAML reads `true` as a boolean: `targets: true` means the string
     origin = typing.get_origin(typ)
@@ -84,6 +87,62 @@ def _convert(value: Any, typ: Any, where: str, errors: list[str]) -> Any:
         errors.append(f"{where}: expected {typ.__name__}, got {value!r}")
         return None
     return converted
+
+
+_MAPPING = "{mean: [m1, m2, m3], std: [s1, s2, s3]} in [0, 1] units"
+
+
+def _normalize(value: Any, where: str, errors: list[str]) -> Normalize | dict | None:
+    """teacher/distill.normalize: data, imagenet or none (true and false, which recipes and checkpoints said
+    before the choices had names, mean data and none), or a {mean, std} mapping: one value per RGB channel."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):  # a mapping written as text (a flag's value)
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            errors.append(f"{where}: {value!r} is not a mapping; write {_MAPPING}")
+            return None
+    if isinstance(value, bool) or value in ("true", "false"):
+        return Normalize.data if value in (True, "true") else Normalize.none
+    if isinstance(value, dict):
+        return _normalize_mapping(value, where, errors)
+    try:
+        return Normalize(value)
+    except (TypeError, ValueError):
+        errors.append(f"{where}: {value!r} is not one of: data, imagenet, none, or a mapping {_MAPPING}")
+        return None
+
+
+def _normalize_mapping(value: dict, where: str, errors: list[str]) -> dict | None:
+    if set(value) != {"mean", "std"}:
+        errors.append(f"{where}: a mapping takes the keys mean and std, got {', '.join(map(str, value)) or 'none'}; "
+                      f"write {_MAPPING}")
+        return None
+    before, stats = len(errors), {}
+    for key in ("mean", "std"):
+        numbers = value[key] if isinstance(value[key], (list, tuple)) else [value[key]]
+        if len(numbers) != 3 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                        for v in numbers):
+            errors.append(f"{where}.{key}: expected 3 numbers, one per RGB channel, got {value[key]!r}; write "
+                          f"{_MAPPING}")
+        elif key == "std" and min(numbers) <= 0:
+            errors.append(f"{where}.std: every value must be > 0, got {list(numbers)}")
+        elif min(numbers) < 0 or max(numbers) > 1:
+            errors.append(f"{where}.{key}: values are in [0, 1] units (divide 0-255 values by 255), got "
+                          f"{list(numbers)}")
+        else:
+            stats[key] = [float(v) for v in numbers]
+    return stats if len(errors) == before else None
+
+
+def _normalize_problems(recipe: Recipe) -> list[str]:
+    """Channel statistics for vector data: those are standardised per feature (data.standardize), not by channel."""
+    if recipe.data.name not in (DatasetName.synthetic, DatasetName.arrays):
+        return []
+    return [f"{where}: {getattr(value, 'value', 'a mean/std mapping')} normalises image channels; "
+            f"{recipe.data.name.value} data are vectors (data.standardize standardises them); use data or none"
+            for where, value in (("teacher.normalize", recipe.teacher.normalize),
+                                 ("distill.normalize", recipe.distill.normalize))
+            if value not in (Normalize.data, Normalize.none)]
 
 
 def _build(cls: type, values: dict, prefix: str, errors: list[str]) -> Any:
@@ -177,13 +236,93 @@ def read_recipe(path: str | Path | None) -> dict:
     return tree
 
 
+VECTOR_DATA = (DatasetName.synthetic, DatasetName.arrays)  # the others are images
+ROOT_FOLDERS = {DatasetName.cifar10: "cifar-10-batches-py", DatasetName.cifar100: "cifar-100-python",
+                DatasetName.imagefolder: "train"}  # what a data.root folder holds, by dataset
+TABLE_SUFFIXES = (".csv", ".npz", ".safetensors")  # arrays
+ROOT_KINDS = ("a folder with train/ (imagefolder), cifar-10-batches-py/ (cifar10) or cifar-100-python/ (cifar100), "
+              "or a .csv, .npz or .safetensors file (arrays)")
+
+
+def root_kind(root: str) -> DatasetName | None:
+    """The dataset a data.root is, by what is there: a folder with train/ (imagefolder), cifar-10-batches-py/
+    (cifar10) or cifar-100-python/ (cifar100), or a .csv, .npz or .safetensors file (arrays); None otherwise."""
+    path = Path(root)
+    if path.is_file():
+        return DatasetName.arrays if path.suffix.lower() in TABLE_SUFFIXES else None
+    return next((name for name, folder in ROOT_FOLDERS.items() if (path / folder).is_dir()), None)
+
+
+def _expected(name: DatasetName) -> str:
+    return "a .csv, .npz or .safetensors file" if name == DatasetName.arrays else \
+        f"a folder with {ROOT_FOLDERS[name]}/"
+
+
+def _named_by_root(tree: dict, recipe: Recipe, errors: list[str]) -> Recipe:
+    """data.name, where the tree does not give one, named by what data.root is; data.root checked against a
+    data.name that is given (a root that is not there is left to the dataset: a checkpoint's may have moved)."""
+    cfg = recipe.data
+    if not cfg.root:
+        return recipe
+    given = tree["data"].get("name") if isinstance(tree.get("data"), dict) else None
+    if given is not None and given not in [d.value for d in DatasetName]:
+        return recipe  # said already
+    kind = root_kind(cfg.root)
+    if given is None:
+        if kind is None:
+            there = "does not exist" if not Path(cfg.root).exists() else "is no dataset bcpkd reads"
+            errors.append(f"data.root: {cfg.root} {there}; expected {ROOT_KINDS}")
+            return recipe
+        return dataclasses.replace(recipe, data=dataclasses.replace(cfg, name=kind))
+    if cfg.name == DatasetName.synthetic:
+        errors.append(f"data.root is set but data.name is synthetic, which reads no files; leave out --data-root, "
+                      f"or give --data {kind.value if kind else 'imagefolder, cifar10, cifar100 or arrays'}")
+    elif kind is not None and kind != cfg.name:
+        errors.append(f"data.root: {cfg.root} holds {kind.value} data ({_expected(kind)}), but data.name is "
+                      f"{cfg.name.value}; give --data {kind.value}, or a data.root with {cfg.name.value} data "
+                      f"({_expected(cfg.name)})")
+    elif kind is None and Path(cfg.root).exists() and not (cfg.download and cfg.name in (DatasetName.cifar10,
+                                                                                         DatasetName.cifar100)):
+        errors.append(f"data.root: {cfg.root} is not {cfg.name.value} data; data.name {cfg.name.value} expects "
+                      f"{_expected(cfg.name)}")
+    return recipe
+
+
+def default_arch(data: DatasetName) -> str:
+    """The architecture of a recipe that names none: a small CNN for images, the mlp for feature vectors."""
+    return DEFAULT_ARCH["vectors" if data in VECTOR_DATA else "images"]
+
+
+def _arch_problems(recipe: Recipe) -> list[str]:
+    """Architectures that cannot take the data: an image network on feature vectors, the mlp on images."""
+    errors: list[str] = []
+    data = recipe.data.name.value
+    if recipe.data.name == DatasetName.synthetic and recipe.data.root:
+        return errors  # the data are not known yet: data.root names none (said already)
+    for where, arch in (("teacher.arch", recipe.teacher.arch), ("distill.arch", recipe.distill.arch)):
+        if not (arch in BUILT_IN or _FOREIGN.match(arch)):
+            errors.append(f"{where}: {arch!r} is not a built-in architecture ({', '.join(BUILT_IN)}) nor "
+                          f"torchvision:NAME, timm:NAME, MODULE:CALLABLE or FILE.py:CALLABLE")
+        elif recipe.data.name in VECTOR_DATA and (arch in BUILT_IN and arch != "mlp"
+                                                  or arch.startswith(("torchvision:", "timm:"))):
+            errors.append(f"{where}: {arch} needs image data, but {data} data are feature vectors; choose --arch mlp "
+                          f"(or your own MODULE:CALLABLE factory), or image data with --data-root")
+        elif recipe.data.name not in VECTOR_DATA and arch == "mlp":
+            errors.append(f"{where}: mlp takes feature vectors, but {data} data are images; choose --arch "
+                          f"{default_arch(recipe.data.name)} (or another image network)")
+    return errors
+
+
 Check = typing.Callable[[Recipe], "list[str]"]  # more rules on a typed recipe, e.g. a teacher kind's own
 
 
 def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Check] = ()) -> Recipe:
     """Validate a raw dict into a Recipe, reporting every problem (and those of `checks`) at once."""
     errors: list[str] = []
-    recipe = _build(Recipe, tree, "", errors)
+    recipe = _named_by_root(tree, _build(Recipe, tree, "", errors), errors)
+    arch = default_arch(recipe.data.name)  # an architecture left unset follows the data
+    recipe = dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, arch=recipe.teacher.arch or arch),
+                                 distill=dataclasses.replace(recipe.distill, arch=recipe.distill.arch or arch))
     if not _DEVICE.match(recipe.device):
         errors.append(f"device: {recipe.device!r} is not one of: auto, cpu, cuda, cuda:N")
     if not 0.0 <= recipe.distill.alpha <= 1.0:
@@ -205,14 +344,7 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
             errors.append(f"data.{key}: must be 0 (the default) or positive, got {getattr(recipe.data, key)}")
     if recipe.data.name != DatasetName.synthetic and not recipe.data.root:
         errors.append(f"data.root: dataset {recipe.data.name.value} needs a folder or file, e.g. --data-root /data/cifar")
-    images = recipe.data.name not in (DatasetName.synthetic, DatasetName.arrays)
-    for where, arch in (("teacher.arch", recipe.teacher.arch), ("distill.arch", recipe.distill.arch)):
-        if not (arch in BUILT_IN or _FOREIGN.match(arch)):
-            errors.append(f"{where}: {arch!r} is not a built-in architecture ({', '.join(BUILT_IN)}) nor "
-                          f"torchvision:NAME, timm:NAME, MODULE:CALLABLE or FILE.py:CALLABLE")
-        elif not images and (arch in BUILT_IN and arch != "mlp" or arch.startswith("torchvision:")):
-            errors.append(f"{where}: {arch} needs image data; {recipe.data.name.value} data takes mlp or your own "
-                          f"factory")
+    errors += _arch_problems(recipe)
     for where, epochs in (("teacher.epochs", recipe.teacher.epochs), ("distill.epochs", recipe.distill.epochs),
                           ("teacher.mcmi.epochs", recipe.teacher.mcmi.epochs)):
         if epochs < 0 or (epochs == 0 and where == "teacher.mcmi.epochs"):
@@ -235,6 +367,7 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         if not _GRAD_TARGET.match(item):
             errors.append(f"evaluate.grad_targets: {item!r} is not one of: onehot, true, noisy:ALPHA")
     errors += _teacher_problems(recipe.teacher)
+    errors += _normalize_problems(recipe)
     errors += [problem for check in checks for problem in check(recipe)]  # bad values were left at their defaults
     if errors:
         raise BcpkdError(f"{source}: {len(errors)} problem(s): " + "; ".join(errors))
@@ -258,5 +391,24 @@ def _teacher_problems(cfg: TeacherConfig) -> list[str]:
 
 def recipe_for_checkpoint(tree: dict, checkpoint: dict, source: str = "recipe",
                           checks: typing.Sequence[Check] = ()) -> Recipe:
-    """A recipe whose data section defaults to the data the checkpoint was made from."""
-    return build_recipe(merge({"data": checkpoint["data"]["config"]}, tree), source, checks)
+    """A recipe whose data section defaults to the data the checkpoint was made from (a data.root of the tree
+    without a data.name names its own dataset); data of the other kind, images for a network of feature vectors
+    or vectors for one of images, are refused."""
+    own = dict(checkpoint["data"]["config"])
+    made_from = DatasetName(own.get("name", DatasetName.synthetic.value))
+    given = tree.get("data") if isinstance(tree.get("data"), dict) else {}
+    if given.get("root") and "name" not in given:
+        own.pop("name", None)  # named by what the root is
+
+    def kind(name: DatasetName) -> str:
+        return "feature vectors" if name in VECTOR_DATA else "images"
+
+    def same_kind(recipe: Recipe) -> list[str]:
+        data = recipe.data
+        if kind(data.name) == kind(made_from) or (data.name == DatasetName.synthetic and data.root):
+            return []  # (a root that names no dataset: said already)
+        return [f"data: {data.name.value} data{f' ({data.root})' if data.root else ''} are {kind(data.name)}, but "
+                f"the checkpoint's network takes {kind(made_from)} (it was made from {made_from.value} data); leave "
+                f"out --data and --data-root to use its own data, or give {kind(made_from)}"]
+
+    return build_recipe(merge({"data": own}, tree), source, (*checks, same_kind))

@@ -13,6 +13,16 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     return (probs.argmax(dim=1) == labels).double().mean().item()
 
 
+def per_class_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> tuple[list[int], list[float | None]]:
+    """Per class c (of probs' C): the number of examples labelled c, and the share of them predicted c (None
+    where there are none)."""
+    n_classes = probs.shape[1]
+    counts = torch.bincount(labels, minlength=n_classes).double()
+    hits = torch.bincount(labels[probs.argmax(dim=1) == labels], minlength=n_classes).double()
+    return ([int(n) for n in counts.tolist()],
+            [None if n == 0 else h / n for h, n in zip(hits.tolist(), counts.tolist())])
+
+
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood of the labels (probabilities clamped at 1e-12)."""
     picked = probs.double().gather(1, labels[:, None]).squeeze(1)

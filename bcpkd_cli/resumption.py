@@ -9,6 +9,7 @@ from typing import Callable
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.config import Recipe, recipe_record
+from bcpkd_cli.console import line
 from bcpkd_cli.errors import BcpkdError
 
 TEACHER_SECTIONS = ("data", "teacher", "precision", "compile")  # what decides a teacher's training
@@ -16,7 +17,9 @@ STUDENT_SECTIONS = ("data", "distill", "calibrate", "precision", "compile")  # a
 
 # Paths, whose files are identified by their hashes or fingerprints instead (a folder spelled another
 # way is the same run), and settings that do not change what is trained.
-BY_CONTENT = ("teacher.base", "teacher.ensemble.checkpoints", "data.root", "data.download", "calibrate.batch_size")
+BY_CONTENT = ("teacher.base", "teacher.ensemble.checkpoints", "data.root", "data.download", "calibrate.batch_size",
+              "data.skip_unreadable")
+DATA_KEYS = ("data_fingerprint", "targets")  # settings that change with the files of the data (and its cache)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,9 @@ def settings_of(recipe: Recipe | dict, sections: tuple[str, ...], without: tuple
     evaluates), from a recipe or the plain config an artifact stores, less the dotted keys `without`."""
     plain = recipe if isinstance(recipe, dict) else recipe_record(recipe, sections)
     kept = {k: copy.deepcopy(plain.get(k)) for k in sections}
+    for section in ("teacher", "distill"):  # configs stored before normalize's choices had names: true, false
+        if isinstance(kept.get(section), dict) and isinstance(kept[section].get("normalize"), bool):
+            kept[section]["normalize"] = "data" if kept[section]["normalize"] else "none"
     for dotted in without:
         *parents, last = dotted.split(".")
         node = kept
@@ -67,10 +73,16 @@ def claim_folder(folder: Path, artifacts_made: list[Path], resume: bool, force: 
         finish(folder)
 
 
-def resumable(path: Path, settings: dict, resume: bool) -> Resume:
+def resumable(path: Path, settings: dict, resume: bool, files_left_out: bool = False) -> Resume:
     """Save the loop's state to `path` at every epoch end (the loop saves on rank 0 only); with `resume`,
-    continue from it if it exists."""
-    start = artifacts.load_training_state(path, settings) if resume and path.is_file() else None
+    continue from it if it exists. `files_left_out` (data.skip_unreadable): the data may have lost files since
+    (unreadable, or gone mid-run); the run goes on with those that remain, and says so."""
+    start = None
+    if resume and path.is_file():
+        start, changed = artifacts.load_training_state(path, settings, DATA_KEYS if files_left_out else ())
+        if changed:
+            line(f"warning: the data changed since {path} was saved (data.skip_unreadable: files left out); "
+                 f"continuing on the files that remain")
     return Resume(lambda state: artifacts.save_training_state(path, state, settings), start)
 
 

@@ -9,9 +9,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from bcpkd_cli.choices import (Bayes, CacheDtype, Centroids, DatasetName, Hessian, Link, Optimizer, Precision,
-                               PriorMethod, PriorTuning, Subset, Targets, Temper, TemperatureFit, ViewPadding,
-                               Crop, Decode)
+from bcpkd_cli.choices import (Bayes, CacheDtype, Centroids, DatasetName, Hessian, Link, Normalize, Optimizer,
+                               Precision, PriorMethod, PriorTuning, Subset, Targets, Temper, TemperatureFit,
+                               ViewPadding, Crop, Decode)
 
 
 def _f(default: Any, help: str) -> Any:
@@ -21,14 +21,28 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+DEFAULT_ARCH = {"images": "resnet20", "vectors": "mlp"}  # an architecture left unset follows the data (config.py)
+
+
+def _arch(help: str) -> Any:
+    """An architecture field: unset ("") until the recipe is built, then the default of its data's kind."""
+    return field(default="", metadata={"help": help, "default": ", ".join(f"{arch} for {kind}" for kind, arch
+                                                                         in DEFAULT_ARCH.items())})
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    name: DatasetName = _f(DatasetName.synthetic, "dataset")
+    name: DatasetName = _f(DatasetName.synthetic, "dataset; left out, data.root names it: a folder with train/ "
+                                                  "(imagefolder), cifar-10-batches-py/ (cifar10), cifar-100-python/ "
+                                                  "(cifar100), a .csv, .npz or .safetensors file (arrays)")
     root: str = _f("", "imagefolder: a folder with train/ and test/ class trees; cifar: the batches' folder; "
                        "arrays: a .npz, .safetensors or .csv file")
     image_size: int = _f(0, "images: decode every image once at S x S (shorter side resized to S, centre crop); "
                             "0: keep their size (all must share one)")
-    label_column: str = _f("label", "arrays from a .csv: the column holding the integer class label")
+    label_column: str = _f("label", "arrays from a .csv: the column holding the class label (integers 0..C-1, or "
+                                    "names: classes are then the sorted names)")
+    skip_unreadable: bool = _f(False, "image folders: leave out the files that cannot be decoded (listed, counted "
+                                      "and recorded in the data fingerprint) instead of refusing them")
     view_padding: ViewPadding = _f(ViewPadding.zeros, "images: how augmentation views pad before cropping: zeros, or "
                                                       "reflect (the authors' RandomCrop padding_mode)")
     crop: Crop = _f(Crop.pad, "images: augmentation views: pad (CIFAR's padded crop x flip) or resized "
@@ -99,11 +113,13 @@ class MCMIConfig:
 @dataclass(frozen=True)
 class TeacherConfig:
     bayes: Bayes = _f(Bayes.none, "teacher kind")
-    arch: str = _f("mlp", "architecture: a built-in name (mlp, resnet20, wrn_16_2, ...), torchvision:NAME, "
-                          "timm:NAME, or your factory MODULE:CALLABLE or path/to/FILE.py:CALLABLE")
+    arch: str = _arch("architecture: a built-in name (mlp, resnet20, wrn_16_2, ...), torchvision:NAME, "
+                      "timm:NAME, or your factory MODULE:CALLABLE or path/to/FILE.py:CALLABLE")
     arch_kwargs: dict = _f({}, "keyword arguments for the architecture's builder (besides num_classes)")
-    normalize: bool = _f(True, "images: normalise inputs with the training data's channel statistics (false: "
-                               "the network normalises itself)")
+    normalize: Normalize | dict = _f(Normalize.data, "images, after scaling to [0, 1]: data (the training data's "
+                                     "channel mean/std), imagenet (torchvision's pretrained weights), none (the "
+                                     "network normalises itself) or {mean: [3], std: [3]}; vectors: data.standardize "
+                                     "(none: raw)")
     init: str = _f("", "start from this trained network's weights (.safetensors, .pt or .pth state dict)")
     hidden: tuple[int, ...] = _f((256, 256), "hidden layer widths")
     epochs: int = _f(60, "training epochs")
@@ -141,11 +157,11 @@ class CalibrateConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    arch: str = _f("mlp", "student architecture: a built-in name, torchvision:NAME, timm:NAME, or your factory "
-                          "MODULE:CALLABLE or path/to/FILE.py:CALLABLE")
+    arch: str = _arch("student architecture: a built-in name, torchvision:NAME, timm:NAME, or your factory "
+                      "MODULE:CALLABLE or path/to/FILE.py:CALLABLE")
     arch_kwargs: dict = _f({}, "keyword arguments for the student architecture's builder (besides num_classes)")
-    normalize: bool = _f(True, "images: normalise the student's inputs with the training data's channel "
-                               "statistics (false: the network normalises itself)")
+    normalize: Normalize | dict = _f(Normalize.data, "the student's images, after scaling to [0, 1]: data, "
+                                     "imagenet, none or {mean: [3], std: [3]}, as teacher.normalize")
     init: str = _f("", "start the student from this trained network's weights (.safetensors, .pt or .pth)")
     hidden: tuple[int, ...] = _f((128, 128), "student hidden layer widths")
     targets: Targets = _f(Targets.teacher, "cached teacher BCPs, the teacher on every batch (online), onehot, "
@@ -225,11 +241,13 @@ def config_field(dotted: str) -> dataclasses.Field:
 SYNTHETIC_ONLY = ("n_classes", "dim", "noise_var", "mean_choices")  # data keys that only the synthetic set reads
 IMAGE_ONLY = ("image_size", "view_padding", "crop", "decode", "loader_workers")
 UNUSED_DATA_KEYS = {
-    DatasetName.synthetic: ("root", "download", *IMAGE_ONLY, "label_column"),
-    DatasetName.arrays: (*SYNTHETIC_ONLY, "download", *IMAGE_ONLY),
+    DatasetName.synthetic: ("root", "download", *IMAGE_ONLY, "label_column", "skip_unreadable"),
+    DatasetName.arrays: (*SYNTHETIC_ONLY, "download", *IMAGE_ONLY, "skip_unreadable"),
     DatasetName.imagefolder: (*SYNTHETIC_ONLY, "label_column", "download", "standardize"),
-    DatasetName.cifar10: (*SYNTHETIC_ONLY, "label_column", "standardize", "decode", "loader_workers"),
-    DatasetName.cifar100: (*SYNTHETIC_ONLY, "label_column", "standardize", "decode", "loader_workers"),
+    DatasetName.cifar10: (*SYNTHETIC_ONLY, "label_column", "standardize", "decode", "loader_workers",
+                          "skip_unreadable"),
+    DatasetName.cifar100: (*SYNTHETIC_ONLY, "label_column", "standardize", "decode", "loader_workers",
+                           "skip_unreadable"),
 }
 
 
@@ -249,8 +267,12 @@ STUDENT_RECORD = (*RUN_KEYS, "data", "distill", "log")
 
 def recipe_record(recipe: Recipe, sections: typing.Iterable[str]) -> dict:
     """The plain config an artifact stores: only the top-level keys and sections that made it (its data
-    section without the keys its dataset does not read); a valid recipe for `--recipe`."""
+    section without the keys its dataset does not read, a network's without `hidden` unless it is the mlp, the
+    one that reads it); a valid recipe for `--recipe`."""
     plain = to_plain(recipe)
+    for network in ("teacher", "distill"):
+        if plain[network]["arch"] != "mlp":
+            del plain[network]["hidden"]
     return {k: plain_data(recipe.data) if k == "data" else plain[k] for k in sections}
 
 

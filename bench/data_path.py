@@ -26,7 +26,7 @@ from bcpkd_cli.models import build_model, model_spec
 
 
 def load_twice(root: Path, store: Path) -> tuple[float, float, torch.Tensor]:
-    paths, labels, _ = images.list_image_folder(root)
+    paths, labels, _, _ = images.list_image_folder(root)
     started = time.perf_counter()
     pixels, _, decoded_first, _ = images.load_or_decode(root, "train", paths, labels, store)
     first = time.perf_counter() - started

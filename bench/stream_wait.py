@@ -24,7 +24,7 @@ import torch
 from bcpkd_cli.choices import Crop, Decode
 from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import images, load_dataset
-from bcpkd_cli.data.rows import decode_files
+from bcpkd_cli.data.decode import decode_files
 from bcpkd_cli.models import build_model, model_spec
 
 

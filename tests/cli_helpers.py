@@ -45,13 +45,18 @@ def here(*args: str, cwd: Path) -> str:
 
 
 def refused_here(*args: str, cwd: Path) -> str:
-    """The CLI in this process on bad input: asserts exit code 2 and one line on stderr, which it returns."""
+    """The CLI in this process on bad input: asserts exit code 2 and one error line on stderr (after the lines that
+    describe the data, where it was read before the refusal), which it returns."""
     with pytest.MonkeyPatch.context() as patch:
         stderr = _in_process(patch, args, cwd, "stderr")
         with pytest.raises(SystemExit) as exit_info:
             main()
-    assert exit_info.value.code == 2 and stderr.getvalue().count("\n") == 1, stderr.getvalue()
-    return stderr.getvalue()
+    lines = stderr.getvalue().splitlines(keepends=True)
+    errors = [text for text in lines if text.startswith("error: ")]
+    described = [text for text in lines[:-1] if text.startswith(("data: ", "train ", "inputs: ", "no test images",
+                                                                 "training classes under"))]
+    assert exit_info.value.code == 2 and errors == lines[-1:] and len(described) == len(lines) - 1, stderr.getvalue()
+    return lines[-1]
 
 
 def _in_process(patch: pytest.MonkeyPatch, args: tuple[str, ...], cwd: Path, captured: str) -> io.StringIO:

@@ -16,6 +16,7 @@ from bcpkd_cli import artifacts
 from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import images as image_data
 from bcpkd_cli.data import load_dataset
+from bcpkd_cli.data.decode import decode_images
 from bcpkd_cli.data.views import N_VIEWS, apply_views
 from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.teachers import load_teacher
@@ -138,8 +139,8 @@ def test_views_at_any_size_are_162_distinct_crops_and_flips():
 
 def test_normalisation_statistics_come_from_the_training_images(image_folder):
     data = load_dataset(DataConfig(name="imagefolder", root=str(image_folder), n_heldout=15))
-    paths, _, _ = image_data.list_image_folder(image_folder / "train")
-    every = image_data.decode_images(paths).double() / 255  # all training files (train + held-out)
+    paths, _, _, _ = image_data.list_image_folder(image_folder / "train")
+    every = decode_images(paths).double() / 255  # all training files (train + held-out)
     want_mean, want_std = every.mean(dim=(0, 2, 3)), every.std(dim=(0, 2, 3), unbiased=False)
     torch.testing.assert_close(torch.tensor(data.stats["mean"], dtype=torch.float64), want_mean, atol=1e-6, rtol=0)
     torch.testing.assert_close(torch.tensor(data.stats["std"], dtype=torch.float64), want_std, atol=1e-6, rtol=0)

@@ -18,7 +18,10 @@ RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.y
 
 def test_build_recipe_defaults():
     recipe = build_recipe({})
-    assert recipe == Recipe()
+    default = Recipe()  # its architectures unset: the built recipe's follow the (synthetic, vector) data
+    assert recipe.teacher.arch == recipe.distill.arch == "mlp" and default.teacher.arch == default.distill.arch == ""
+    assert recipe == build_recipe({"teacher": {"arch": "mlp"}, "distill": {"arch": "mlp"}})
+    assert (recipe.data, recipe.calibrate, recipe.evaluate) == (default.data, default.calibrate, default.evaluate)
     assert recipe.device == "auto" and recipe.out == ""
     assert recipe.data.n_train == 0 and recipe.data.n_heldout == -1 and recipe.data.n_test == 0  # dataset defaults
     assert recipe.data.n_classes == 5 and recipe.data.dim == 30 and recipe.data.noise_var == 2.5
@@ -62,7 +65,7 @@ def test_all_problems_are_reported_in_one_error():
         "bogus: unknown key (valid: calibrate, compile, data, device, distill, evaluate, experiment, log, out, "
         "precision, teacher)",
         "data.n_trian: unknown key (valid: crop, decode, dim, download, image_size, label_column, loader_workers, "
-        "mean_choices, n_classes, n_heldout, n_test, n_train, name, noise_var, root, seed, standardize, "
+        "mean_choices, n_classes, n_heldout, n_test, n_train, name, noise_var, root, seed, skip_unreadable, standardize, "
         "view_padding)",
         "data.n_test: expected int, got 'many'",
         "data.noise_var: must be positive, got 0.0",

@@ -10,6 +10,7 @@ import torch
 from torchvision.io import write_png
 
 from bcpkd_cli.data import images as image_data
+from bcpkd_cli.data.decode import decode_images
 from bcpkd_cli.errors import BcpkdError
 
 
@@ -78,27 +79,27 @@ def write_folder(root, per_class=3):
 
 def test_image_folder_is_decoded_exactly_and_labelled_by_sorted_class(tmp_path):
     pixels = write_folder(tmp_path)
-    paths, labels, classes = image_data.list_image_folder(tmp_path)
+    paths, labels, classes, _ = image_data.list_image_folder(tmp_path)
     assert classes == ["airplane", "cat"] and labels == [0, 0, 0, 1, 1, 1]
-    decoded = image_data.decode_images(paths)
+    decoded = decode_images(paths)
     assert decoded.shape == (6, 3, 8, 8)
     assert torch.equal(decoded[3], pixels[("cat", 0)])  # PNG is lossless
 
 
 def test_store_decodes_once_and_again_when_files_change(tmp_path):
     write_folder(tmp_path)
-    paths, labels, _ = image_data.list_image_folder(tmp_path)
+    paths, labels, _, _ = image_data.list_image_folder(tmp_path)
     first = image_data.load_or_decode(tmp_path, "train", paths, labels)
     second = image_data.load_or_decode(tmp_path, "train", paths, labels)
     assert first[2] and not second[2]
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
     # written block by block (blocks of 4 rows here), equal to decoding every file at once
-    assert torch.equal(first[0], image_data.decode_images(paths)) and first[1].tolist() == labels
+    assert torch.equal(first[0], decode_images(paths)) and first[1].tolist() == labels
     image_data.write_store(tmp_path / "blocks.safetensors", paths, torch.tensor(labels), 0, rows_per_block=4)
     blocks = image_data.load_or_decode(tmp_path, "train", paths, labels, store=tmp_path / "unused")
     assert torch.equal(blocks[0], first[0]) and blocks[3] == first[3] == image_data.channel_stats(first[0])
     write_png(torch.zeros(3, 8, 8, dtype=torch.uint8), str(tmp_path / "cat" / "0009.png"))
-    paths, labels, _ = image_data.list_image_folder(tmp_path)
+    paths, labels, _, _ = image_data.list_image_folder(tmp_path)
     assert image_data.load_or_decode(tmp_path, "train", paths, labels)[2]
 
 
@@ -113,4 +114,4 @@ def test_read_only_data_folder_stores_in_the_user_cache(tmp_path, monkeypatch):
 def test_hidden_folders_are_not_classes(tmp_path):
     write_folder(tmp_path)
     (tmp_path / ".bcpkd-store").mkdir()
-    assert image_data.list_image_folder(tmp_path)[2] == ["airplane", "cat"]
+    assert image_data.list_image_folder(tmp_path).classes == ["airplane", "cat"]

@@ -60,7 +60,7 @@ def test_resumed_training_equals_uninterrupted_training(tiny_data, tmp_path):
     assert [p.name for p in paths] == ["after-1.pt", "after-2.pt", "after-3.pt", "after-4.pt"]
     for path in paths[:3]:  # interrupted after each epoch, then resumed from that state
         continued = _members(seed=100)  # another initialisation: everything comes from the state
-        resume = Resume(lambda state: None, artifacts.load_training_state(path, {"k": 1}))
+        resume = Resume(lambda state: None, artifacts.load_training_state(path, {"k": 1})[0])
         assert _train(tiny_data, continued, resume) == steps
         for a, b in zip(whole, continued):
             for name, value in a.model.state_dict().items():

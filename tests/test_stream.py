@@ -17,6 +17,7 @@ from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import images as image_data
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.data import rows as rows_module
+from bcpkd_cli.data.decode import decode_images
 from bcpkd_cli.data.rows import MappedRows, PathTable, StreamedRows
 from cli_helpers import bcpkd, here, refused_here
 
@@ -25,8 +26,8 @@ RUN = ["--data", "imagefolder", "--device", "cpu", "--set", "data.n_heldout=15",
 
 
 def test_streamed_rows_are_the_stores_rows_in_any_order_and_ahead_of_time(image_folder, monkeypatch):
-    paths, labels, _ = image_data.list_image_folder(image_folder / "train")
-    store = image_data.decode_images(paths, 12)  # [90, 3, 12, 12]
+    paths, labels, _, _ = image_data.list_image_folder(image_folder / "train")
+    store = decode_images(paths, 12)  # [90, 3, 12, 12]
     streamed = StreamedRows(paths, (3, 12, 12), torch.arange(len(paths)), workers=2)
     assert streamed.shape == store.shape and len(streamed) == 90
     assert torch.equal(streamed[5], store[5]) and torch.equal(streamed[10:20], store[10:20])

@@ -8,9 +8,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from bcpkd_cli.choices import Decode
 from bcpkd_cli.config import DataConfig, DatasetName, plain_data
-from bcpkd_cli.data import arrays, images, synthetic, views
+from bcpkd_cli.console import line
+from bcpkd_cli.data import arrays, folders, images, synthetic, views
+from bcpkd_cli.data.decode import square
 from bcpkd_cli.data.rows import MappedRows, RowReader, StreamedRows
 from bcpkd_cli.errors import BcpkdError
 
@@ -51,6 +52,8 @@ class Dataset:
     input_shape: tuple[int, ...]
     fingerprint: str
     seed: int
+    classes: tuple[str, ...] = ()  # the class names, in label order
+    notes: tuple[str, ...] = ()  # what a person should know of how it was read (files left out, small classes)
     config: DataConfig | None = None  # what it was loaded from
     stats: dict | None = None  # images: the training files' channel mean and std ({"mean": [C], "std": [C]});
     # vectors: the training split's per-feature mean and std ([D] each), unless data.standardize is off
@@ -75,7 +78,7 @@ class Dataset:
         """What an artifact records of the data it was made from: the fingerprint, the config (without the
         keys its dataset does not read), the class count and the split sizes."""
         return {"fingerprint": self.fingerprint, "config": plain_data(self.config) if self.config else {},
-                "n_classes": self.n_classes, "input_shape": list(self.input_shape), "stats": self.stats,
+                "n_classes": self.n_classes, "classes": list(self.classes), "input_shape": list(self.input_shape), "stats": self.stats,
                 "sizes": {name: len(self.split(name)) for name in ("train", "heldout", "test")}}
 
     def to(self, device: torch.device) -> "Dataset":
@@ -146,32 +149,15 @@ def _synthetic(cfg: DataConfig) -> Dataset:
     splits = [Split(*synthetic.sample_split(n, means, cfg.noise_var, _generator(cfg.seed, name)))
               for name, n in zip(("train", "heldout", "test"), sizes)]
     return Dataset(*splits, n_classes=cfg.n_classes, input_shape=(cfg.dim,), fingerprint=fingerprint(splits),
-                   seed=cfg.seed, config=cfg, stats=feature_stats(splits[0].inputs) if cfg.standardize else None)
+                   seed=cfg.seed, classes=tuple(str(c) for c in range(cfg.n_classes)), config=cfg, stats=feature_stats(splits[0].inputs) if cfg.standardize else None)
 
 
-def _image_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor | RowReader, torch.Tensor, int, dict, str]:
-    """One split's uint8 images [N, 3, H, W] (a tensor, or rows read per batch), labels [N], the class count,
-    the channel statistics, and for image folders what their fingerprint stands on (files and decoding)."""
-    root = Path(cfg.root)
-    if cfg.name == DatasetName.imagefolder:
-        paths, labels, classes = images.list_image_folder(root / split)
-        sources = f"{images.source_fingerprint(root / split, paths)}/{cfg.image_size}px;"
-        if cfg.decode == Decode.stream:
-            if not cfg.image_size:
-                raise BcpkdError("data.decode=stream: set --set data.image_size=S (every image is decoded per batch "
-                                 "at S x S)")
-            pixels = StreamedRows(paths, (3, cfg.image_size, cfg.image_size), torch.arange(len(paths)),
-                                  workers=cfg.loader_workers)
-            stats = images.stream_stats(root / split, paths, cfg.image_size, cfg.loader_workers) \
-                if split == "train" else None
-            return pixels, torch.tensor(labels), len(classes), stats, sources
-        pixels, labels, _, stats = images.load_or_decode(root / split, split, paths, labels, size=cfg.image_size,
-                                                         workers=cfg.loader_workers)
-        return pixels, labels, len(classes), stats, sources
-    pixels, labels = images.read_cifar(root, cfg.name.value, split, cfg.download)
+def _cifar_split(cfg: DataConfig, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """CIFAR-10/100's `split`: uint8 images [N, 3, S, S] (at data.image_size, if set) and labels [N]."""
+    pixels, labels = images.read_cifar(Path(cfg.root), cfg.name.value, split, cfg.download)
     if cfg.image_size and cfg.image_size != pixels.shape[-1]:
-        pixels = torch.stack([images.square(image, cfg.image_size) for image in pixels])
-    return pixels, labels, 10 if cfg.name == DatasetName.cifar10 else 100, images.channel_stats(pixels), ""
+        pixels = torch.stack([square(image, cfg.image_size) for image in pixels])
+    return pixels, labels
 
 
 CIFAR_SIZES = (50_000, 10_000)  # training and test images of the python batches
@@ -182,7 +168,7 @@ def image_counts(cfg: DataConfig) -> tuple[int, int]:
     if cfg.name == DatasetName.synthetic:
         raise ValueError("the synthetic dataset has no files")
     if cfg.name == DatasetName.imagefolder:
-        return tuple(len(images.list_image_folder(Path(cfg.root) / split)[0]) for split in ("train", "test"))
+        return tuple(len(images.list_image_folder(Path(cfg.root) / split).paths) for split in ("train", "test"))
     return CIFAR_SIZES
 
 
@@ -204,9 +190,18 @@ def check_sizes(cfg: DataConfig, counts: tuple[int, int] | None = None) -> int:
 
 
 def _images(cfg: DataConfig) -> Dataset:
-    """Train / held-out from the training files (seeded split), test from the test files."""
-    train_pixels, train_labels, n_classes, stats, train_sources = _image_split(cfg, "train")
-    test_pixels, test_labels, _, _, test_sources = _image_split(cfg, "test")
+    """Train / held-out from the training files (seeded split), test from the test files, labelled by the
+    training split's class names."""
+    if cfg.name == DatasetName.imagefolder:
+        train = folders.read_split(cfg, "train")
+        test = folders.read_split(cfg, "test", train.classes)
+        (train_pixels, train_labels), (test_pixels, test_labels) = (train.pixels, train.labels), (test.pixels, test.labels)
+        classes, stats = train.classes, train.stats
+        notes = [f"{train.note}, {test.note}", *folders.class_notes(classes, train_labels, test_labels)]
+    else:
+        (train_pixels, train_labels), (test_pixels, test_labels) = _cifar_split(cfg, "train"), _cifar_split(cfg, "test")
+        classes = list(images.CIFAR10_CLASSES if cfg.name == DatasetName.cifar10 else images.CIFAR100_CLASSES)
+        stats, notes = images.channel_stats(train_pixels), []
     n_heldout = check_sizes(cfg, (len(train_labels), len(test_labels)))
     order = torch.randperm(len(train_labels), generator=_generator(cfg.seed, "heldout"))
     heldout_rows = order[:n_heldout].sort().values
@@ -219,19 +214,20 @@ def _images(cfg: DataConfig) -> Dataset:
     splits = [Split(rows_of(train_pixels, train_rows), train_labels[train_rows], None),
               Split(rows_of(train_pixels, heldout_rows), train_labels[heldout_rows], None),
               Split(rows_of(test_pixels, test_rows), test_labels[test_rows], None)]
-    if train_sources:  # an image folder: from its files, without reading the pixels again
+    if cfg.name == DatasetName.imagefolder:  # from its files, without reading the pixels again
         rows = [train_rows, heldout_rows, test_rows]
-        data_fingerprint = folder_fingerprint(train_sources + test_sources, rows, [s.labels for s in splits])
+        data_fingerprint = folder_fingerprint(train.sources + test.sources, rows, [s.labels for s in splits])
     else:
         data_fingerprint = fingerprint(splits)
-    return Dataset(*splits, n_classes=n_classes, input_shape=tuple(train_pixels.shape[1:]),
-                   fingerprint=data_fingerprint, seed=cfg.seed, config=cfg, stats=stats)
+    return Dataset(*splits, n_classes=len(classes), input_shape=tuple(train_pixels.shape[1:]),
+                   fingerprint=data_fingerprint, seed=cfg.seed, classes=tuple(classes), config=cfg, stats=stats,
+                   notes=tuple(notes))
 
 
 def _arrays(cfg: DataConfig) -> Dataset:
     """Train / held-out from the file's training rows (seeded split); test from its x_test, y_test, or else a
     seeded fifth of its rows (data.n_test of them, if set)."""
-    x, y, test = arrays.read_arrays(Path(cfg.root), cfg.label_column)
+    x, y, test, classes = arrays.read_arrays(Path(cfg.root), cfg.label_column)
     if test is None:
         order = torch.randperm(len(y), generator=_generator(cfg.seed, "test"))
         n_test = cfg.n_test or max(1, len(y) // 5)
@@ -245,8 +241,35 @@ def _arrays(cfg: DataConfig) -> Dataset:
     train_rows = order[n_heldout:][: cfg.n_train or None].sort().values
     splits = [Split(x[train_rows], y[train_rows], None), Split(x[heldout_rows], y[heldout_rows], None),
               Split(test[0][: cfg.n_test or None], test[1][: cfg.n_test or None], None)]
-    return Dataset(*splits, n_classes=int(y.max()) + 1, input_shape=(x.shape[1],), fingerprint=fingerprint(splits),
-                   seed=cfg.seed, config=cfg, stats=feature_stats(splits[0].inputs) if cfg.standardize else None)
+    return Dataset(*splits, n_classes=len(classes), input_shape=(x.shape[1],), fingerprint=fingerprint(splits),
+                   seed=cfg.seed, classes=tuple(classes), config=cfg, stats=feature_stats(splits[0].inputs) if cfg.standardize else None)
+
+
+def require_classes(artifact: str, classes: list[str] | None, data: Dataset) -> None:
+    """Refuse data whose class names (in label order) are not those an artifact was made for (an artifact from
+    before class names were stored passes)."""
+    if classes and list(classes) != list(data.classes):
+        differ = next((i for i, (a, b) in enumerate(zip(classes, data.classes)) if a != b), min(len(classes),
+                                                                                              len(data.classes)))
+        raise BcpkdError(f"{artifact}: made for {len(classes)} classes ({', '.join(classes[:6])}"
+                         f"{', ...' if len(classes) > 6 else ''}) but the data have {len(data.classes)} "
+                         f"({', '.join(data.classes[:6])}{', ...' if len(data.classes) > 6 else ''}; they differ at "
+                         f"label {differ}); use the data it was made with (drop --data/--data-root)")
+
+
+def summary(data: Dataset) -> str:
+    """One line: the dataset, its classes and split sizes."""
+    cfg = data.config
+    where = f" {cfg.root}" if cfg is not None and cfg.root else ""
+    names = ", ".join(data.classes[:10]) + (", ..." if len(data.classes) > 10 else "")
+    return (f"data: {getattr(cfg.name, 'value', cfg.name) if cfg else 'dataset'}{where}: {data.n_classes} classes ({names}); "
+            f"{len(data.train)} train, {len(data.heldout)} held-out, {len(data.test)} test examples")
+
+
+def announce(data: Dataset) -> None:
+    """Say on stderr what data a stage works on: `summary` and the notes of how it was read."""
+    for text in (summary(data), *data.notes):
+        line(text)
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

@@ -1,16 +1,20 @@
 """Feature tables as a dataset (`data.name: arrays`, `data.root: FILE`): float features [N, D], integer labels.
 
-- `.npz` or `.safetensors`: arrays `x_train`, `y_train` and optionally `x_test`, `y_test`;
-- `.csv`: a header row, one column of integer labels (`data.label_column`, default `label`), every
-  other column a feature; the test split is carved out (seeded) as when a file has no `x_test`.
+- `.npz` or `.safetensors`: arrays `x_train`, `y_train` and optionally `x_test`, `y_test`, and the class
+  names: an array `classes` in a .npz, a JSON list under the metadata key `classes` in a .safetensors;
+- `.csv`: a header row, one column of labels (`data.label_column`, default `label`), every other column a
+  feature; the test split is carved out (seeded) as when a file has no `x_test`.
 
-Bad files are refused with the key or row at fault and the fix: missing keys, non-integer or negative
+Labels are integers 0..C-1 (class names: `classes`, else "0".."C-1") or strings (a .csv's label column, a .npz's
+string arrays): then the class names are the training labels' distinct values, sorted, and every split is
+labelled by name. Bad files are refused with the key or row at fault and the fix: missing keys, negative
 labels, test labels the training labels do not have, non-finite features, row counts that differ.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +34,17 @@ def _read(path: Path, label_column: str) -> dict[str, np.ndarray]:
         except ValueError as err:  # object arrays need pickle, which is refused
             raise BcpkdError(f"{path}: not a plain numeric .npz ({str(err)[:80]}); save arrays of numbers") from None
     if suffix == ".safetensors":
-        from safetensors.numpy import load_file
+        from safetensors import safe_open
 
-        return load_file(str(path))
+        with safe_open(str(path), framework="np") as f:
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            names = (f.metadata() or {}).get("classes")
+        if names is not None:
+            try:
+                arrays["classes"] = np.asarray([str(n) for n in json.loads(names)])
+            except (ValueError, TypeError):
+                raise BcpkdError(f"{path}: metadata 'classes' is not a JSON list of class names") from None
+        return arrays
     if suffix == ".csv":
         return _read_csv(path, label_column)
     raise BcpkdError(f"data.root {path}: arrays come from a .npz, .safetensors or .csv file")
@@ -48,22 +60,64 @@ def _read_csv(path: Path, label_column: str) -> dict[str, np.ndarray]:
     column = rows[0].index(label_column)
     features, labels = [], []
     for number, row in enumerate(rows[1:], start=2):
+        if not row:
+            continue  # a blank line
         try:
-            labels.append(int(row[column]))
+            labels.append(row[column].strip())
             features.append([float(v) for i, v in enumerate(row) if i != column])
         except (ValueError, IndexError):
-            raise BcpkdError(f"{path}: line {number} is not numbers with an integer {label_column!r} "
+            raise BcpkdError(f"{path}: line {number} is not numbers besides the label {label_column!r} "
                              f"({','.join(row)[:60]}); fix or remove that line") from None
     if len({len(r) for r in features}) > 1:
         raise BcpkdError(f"{path}: lines have different numbers of columns; every line needs one value per column")
-    return {"x_train": np.asarray(features, dtype=np.float32), "y_train": np.asarray(labels, dtype=np.int64)}
+    if any(not label for label in labels):
+        raise BcpkdError(f"{path}: line {labels.index('') + 2} has an empty {label_column!r}; fill or remove it")
+    as_integers = all(label.lstrip("-").isdigit() for label in labels)
+    return {"x_train": np.asarray(features, dtype=np.float32),
+            "y_train": np.asarray([int(v) for v in labels], dtype=np.int64) if as_integers else np.asarray(labels)}
+
+
+def _is_text(array: np.ndarray) -> bool:
+    return array.dtype.kind in "US"
+
+
+def _by_name(path: Path, arrays: dict[str, np.ndarray]) -> list[str]:
+    """Replace string labels by their indices into the sorted training names (in place); the class names."""
+    classes = sorted(str(v) for v in np.unique(arrays["y_train"]))
+    index = {name: label for label, name in enumerate(classes)}
+    for split in ("train", "test"):
+        if f"y_{split}" not in arrays:
+            continue
+        names = [str(v) for v in arrays[f"y_{split}"]]
+        unknown = sorted(set(names) - set(index))
+        if unknown:
+            raise BcpkdError(f"{path}: y_{split} has label {unknown[0]!r}, which no training example has "
+                             f"(training classes: {', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+        arrays[f"y_{split}"] = np.asarray([index[n] for n in names], dtype=np.int64)
+    return classes
+
+
+def _class_names(path: Path, arrays: dict[str, np.ndarray]) -> list[str]:
+    """The class names in label order: string labels by name (sorted), else the file's `classes`, else "0".."C-1"."""
+    if _is_text(arrays["y_train"]) or ("y_test" in arrays and _is_text(arrays["y_test"])):
+        if "classes" in arrays:
+            raise BcpkdError(f"{path}: has string labels and a 'classes' array; give integer labels with "
+                             f"'classes', or string labels alone")
+        return _by_name(path, arrays)
+    if not np.issubdtype(arrays["y_train"].dtype, np.integer) or arrays["y_train"].ndim != 1 or \
+            not len(arrays["y_train"]):
+        return []  # refused by _check
+    n_classes = int(arrays["y_train"].max()) + 1
+    if "classes" not in arrays:
+        return [str(c) for c in range(n_classes)]
+    names = [str(v) for v in np.asarray(arrays["classes"]).reshape(-1)]
+    if len(names) < n_classes or len(set(names)) != len(names):
+        raise BcpkdError(f"{path}: 'classes' holds {len(names)} names{' (not distinct)' if len(set(names)) != len(names) else ''}"
+                         f" but the labels go up to {n_classes - 1}; give one distinct name per class, in label order")
+    return names
 
 
 def _check(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    for key in ("x_train", "y_train"):
-        if key not in arrays:
-            raise BcpkdError(f"{path}: no array {key!r} (found: {', '.join(sorted(arrays)) or 'none'}); save "
-                             f"x_train [N, D] floats and y_train [N] integer labels (x_test, y_test optional)")
     if ("x_test" in arrays) != ("y_test" in arrays):
         raise BcpkdError(f"{path}: has only one of x_test and y_test; give both or neither")
     for split in ("train", "test"):
@@ -90,17 +144,23 @@ def _check(path: Path, arrays: dict[str, np.ndarray]) -> None:
                          f"{arrays['x_train'].shape[1]}; they must match")
 
 
-def read_arrays(path: Path, label_column: str = "label") -> tuple[torch.Tensor, torch.Tensor, tuple | None]:
-    """(x_train float32 [N, D], y_train int64 [N], (x_test, y_test) or None), checked."""
+def read_arrays(path: Path, label_column: str = "label"
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple | None, list[str]]:
+    """(x_train float32 [N, D], y_train int64 [N], (x_test, y_test) or None, class names), checked."""
     path = Path(path)
     if not path.is_file():
         raise BcpkdError(f"data.root {path}: no such file; give a .npz, .safetensors or .csv file of features and "
                          f"labels")
     arrays = _read(path, label_column)
+    for key in ("x_train", "y_train"):
+        if key not in arrays:
+            raise BcpkdError(f"{path}: no array {key!r} (found: {', '.join(sorted(arrays)) or 'none'}); save "
+                             f"x_train [N, D] floats and y_train [N] class labels (x_test, y_test optional)")
+    classes = _class_names(path, arrays)
     _check(path, arrays)
 
     def pair(split: str) -> tuple[torch.Tensor, torch.Tensor]:
         return (torch.from_numpy(np.ascontiguousarray(arrays[f"x_{split}"], dtype=np.float32)),
                 torch.from_numpy(arrays[f"y_{split}"].astype(np.int64)))
 
-    return (*pair("train"), pair("test") if "x_test" in arrays else None)
+    return (*pair("train"), pair("test") if "x_test" in arrays else None, classes)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from bcpkd_cli.data.decode import UnreadableImage, decode_files, nvjpeg_orientations, orient, read_bytes, square
 from bcpkd_cli.errors import BcpkdError
 
 PREFETCH = 2  # batches each worker reads ahead
@@ -75,6 +76,14 @@ class _ReadAhead:
         if not self.batches:
             self.iterator = None  # all read: the workers stop
         return raw
+
+
+def read_in_workers(read: Callable[[torch.Tensor], object], batches: list[torch.Tensor], workers: int):
+    """`read(batch)` of every batch, in order, computed by `workers` DataLoader worker processes (0: the default
+    count) reading PREFETCH batches ahead each."""
+    loader = DataLoader(_Planned(read, batches), batch_size=None, num_workers=workers or default_workers(),
+                        prefetch_factor=PREFETCH, generator=torch.Generator())
+    return iter(loader)
 
 
 class RowReader:
@@ -238,18 +247,24 @@ class PathTable:
 def _read_files(paths: PathTable, image_shape: tuple[int, int, int], resize: bool, raw: bool,
                 picked: torch.Tensor):
     files = [paths[i] for i in picked.tolist()]
-    return (files, read_bytes(files)) if raw else decode_files(files, image_shape, resize)
+    if not raw:
+        return decode_files(files, image_shape, resize)
+    data = read_bytes(files)
+    return files, data, nvjpeg_orientations(data)
 
 
 class StreamedRows(RowReader):
     """The rows of an image folder decoded from their files per batch at `size` x `size` (`square`), with
-    torchvision's decoders: on the CPU in the worker processes; for JPEGs on CUDA, in one batched nvJPEG call
-    on the device (the workers read the files' bytes; a batch nvJPEG cannot decode, e.g. a PNG named .JPEG
-    or a CMYK JPEG, is decoded on the CPU)."""
+    the store's rule (`decode_file`): on the CPU in the worker processes; for JPEGs on CUDA, in one batched
+    nvJPEG call on the device (the workers read the files' bytes and EXIF orientations, applied after it; a
+    batch nvJPEG cannot decode, e.g. a PNG named .JPEG or a CMYK JPEG, or one with a file that lacks its
+    end-of-image marker, is decoded on the CPU)."""
 
     def __init__(self, paths: list[Path] | PathTable, image_shape: tuple[int, int, int], rows: torch.Tensor,
-                 device: torch.device | str = "cpu", workers: int = 0, resize: bool = True):
+                 device: torch.device | str = "cpu", workers: int = 0, resize: bool = True,
+                 on_unreadable: Callable[[dict[Path, str]], None] | None = None):
         super().__init__(rows, device, workers)
+        self.on_unreadable = on_unreadable  # told of a file found unreadable mid-run ({path: reason})
         self.paths = paths if isinstance(paths, PathTable) else PathTable(paths)
         self.image_shape, self.resize = tuple(image_shape), resize
         self.on_gpu = self.target.type == "cuda" and resize and self.paths.all_jpeg
@@ -260,11 +275,11 @@ class StreamedRows(RowReader):
     def finish(self, raw) -> torch.Tensor:
         if not self.on_gpu:
             return super().finish(raw)
-        files, data = raw
+        files, data, orientations = raw
         if not data:  # an empty share of a batch (torchrun)
             return torch.zeros(0, *self.image_shape, dtype=torch.uint8, device=self.target)
-        from bcpkd_cli.data.images import square
-
+        if orientations is None:  # a file without its end-of-image marker: the CPU decoder decides
+            return decode_files(files, self.image_shape, self.resize).to(self.target, non_blocking=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
             from torchvision.io import ImageReadMode, decode_jpeg
@@ -275,37 +290,24 @@ class StreamedRows(RowReader):
                 decoded = decode_jpeg(data, mode=ImageReadMode.RGB, device=self.target)
             except RuntimeError:
                 return decode_files(files, self.image_shape, self.resize).to(self.target, non_blocking=True)
-        return torch.stack([square(image, self.image_shape[-1]) for image in decoded])
+        # nvJPEG applies no EXIF orientation: turned here as the CPU decoder turns them
+        return torch.stack([square(orient(image, o), self.image_shape[-1]) for image, o in zip(decoded, orientations)])
+
+    def __getitem__(self, index) -> torch.Tensor:
+        """As RowReader's; a file that became unreadable after the run started (deleted, cut, replaced) ends the
+        run with one line naming it and how to go on (the last finished epoch is kept for --resume)."""
+        try:
+            return super().__getitem__(index)
+        except UnreadableImage as err:
+            if self.on_unreadable is not None:
+                self.on_unreadable({err.path: err.reason})
+            raise BcpkdError(f"{err.path}: not a readable image ({err.reason}), found while streaming; restore it, or "
+                             f"leave it out with --set data.skip_unreadable=true, then run the same command with "
+                             f"--resume to continue from the last finished epoch") from None
 
     def shape_of_one(self) -> tuple[int, ...]:
         return self.image_shape
 
     def with_rows(self, rows: torch.Tensor, device: torch.device) -> "StreamedRows":
-        return StreamedRows(self.paths, self.image_shape, rows, device, self.workers, self.resize)
-
-
-def read_bytes(files: list[Path]) -> list[torch.Tensor]:
-    """The files' bytes as uint8 tensors (for a batched decoder on the device)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import read_file
-
-        return [read_file(str(p)) for p in files]
-
-
-def decode_files(files: list[Path], image_shape: tuple[int, int, int], resize: bool = True) -> torch.Tensor:
-    """RGB uint8 [B, 3, H, W] of image files, decoded exactly as the store decodes them: each resized to
-    H x W (`square`, H = W), or (resize False) each required to be H x W already."""
-    from bcpkd_cli.data.images import decode_images
-
-    if not files:
-        return torch.zeros(0, *image_shape, dtype=torch.uint8)
-    try:
-        images = decode_images(files, image_shape[-1] if resize else 0)
-    except OSError as err:
-        raise BcpkdError(f"{err.filename}: cannot be read ({err.strerror}); restore the file or remove it") from None
-    if tuple(images.shape[1:]) != tuple(image_shape):
-        raise BcpkdError(f"{files[0].parent.parent}: images have different sizes ({tuple(images.shape[1:])} and "
-                         f"{tuple(image_shape)}); set --set data.image_size=S to decode them all at S x S (shorter "
-                         f"side resized, centre crop)")
-    return images
+        return StreamedRows(self.paths, self.image_shape, rows, device, self.workers, self.resize,
+                            self.on_unreadable)

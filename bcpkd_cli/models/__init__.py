@@ -66,12 +66,13 @@ def _mlp(input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...],
 
 CIFAR10_STATS = {"mean": [0.4914, 0.4822, 0.4465], "std": [0.2470, 0.2435, 0.2616]}  # checkpoints from before
 # the statistics of their data were stored
+IMAGENET_STATS = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}  # torchvision's pretrained weights
 
 
 class ImageInput(nn.Module):
-    """uint8 images [B, C, H, W] (or floats in [0, 1]) -> floats normalised with the training data's channel
-    statistics (`stats`: {"mean": [C], "std": [C]}; None: scaled to [0, 1] only, for networks that normalise
-    themselves), so models take the raw store."""
+    """uint8 images [B, C, H, W] (or floats in [0, 1]) -> floats normalised with channel statistics in [0, 1]
+    units (`stats`: {"mean": [C], "std": [C]}: the training data's, ImageNet's or the user's; None: scaled to
+    [0, 1] only, for networks that normalise themselves), so models take the raw store."""
 
     def __init__(self, stats: dict | None = CIFAR10_STATS):
         super().__init__()
@@ -143,15 +144,56 @@ HEAD_NAME = "head"  # the name of every model's last linear layer (last-layer La
 
 def model_spec(arch: str, input_shape: tuple[int, ...], n_classes: int, hidden: tuple[int, ...],
                dropout: float = 0.0, arch_kwargs: dict | None = None, stats: dict | None = None,
-               normalize: bool = True) -> dict:
+               normalize: str | dict | bool = "data") -> dict:
     """The plain-value description of an architecture that checkpoints store: the architecture string and its
-    keyword arguments (never code), and the statistics its inputs are normalised with: the data's channel
-    statistics for images (CIFAR-10's when none are given), per-feature ones for vectors (none: raw inputs);
-    `normalize=False`: none, the network normalises itself."""
-    if len(input_shape) == 3 and normalize:
-        stats = stats or CIFAR10_STATS
+    keyword arguments (never code), and how its inputs are scaled (`input_scaling`): the name of the choice
+    ("normalize") and the statistics its inputs are normalised with ("stats", None: none)."""
+    name, used = input_scaling(normalize, stats, input_shape)
     return {"arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "input_shape": list(input_shape),
-            "n_classes": n_classes, "hidden": list(hidden), "dropout": dropout, "stats": stats if normalize else None}
+            "n_classes": n_classes, "hidden": list(hidden), "dropout": dropout, "stats": used, "normalize": name}
+
+
+def input_scaling(normalize: str | dict | bool, stats: dict | None,
+                  input_shape: tuple[int, ...]) -> tuple[str, dict | None]:
+    """The name of an input scaling (teacher/distill.normalize) and the statistics it normalises with. Images,
+    after scaling to [0, 1]: "data", the data's channel `stats` (CIFAR-10's when none are given); "imagenet";
+    "none" (the network normalises itself); a {"mean", "std"} mapping: "custom". Vectors: their per-feature
+    `stats` ("data"), none when there are none or with "none". True and False (older configs): data and none."""
+    if isinstance(normalize, bool):
+        normalize = "data" if normalize else "none"
+    name = "custom" if isinstance(normalize, dict) else str(getattr(normalize, "value", normalize))
+    if len(input_shape) != 3:
+        return ("none", None) if name == "none" or stats is None else ("data", stats)
+    used = {"data": stats or CIFAR10_STATS, "imagenet": IMAGENET_STATS, "none": None}.get(name)
+    if name == "custom":
+        used = {"mean": [float(v) for v in normalize["mean"]], "std": [float(v) for v in normalize["std"]]}
+    if used is not None and not len(used["mean"]) == len(used["std"]) == input_shape[0]:
+        raise BcpkdError(f"normalize: {len(used['mean'])} means and {len(used['std'])} standard deviations for "
+                         f"{input_shape[0]}-channel images; give one of each per channel")
+    return name, used
+
+
+def scaling_name(spec: dict) -> str:
+    """The input scaling a model_spec records ("data", "imagenet", "none" or "custom"); specs from before it was
+    recorded normalised with their data's statistics unless they had none."""
+    if "normalize" in spec:
+        return spec["normalize"]
+    return "data" if spec.get("stats", CIFAR10_STATS if len(spec["input_shape"]) == 3 else None) else "none"
+
+
+def describe_inputs(spec: dict, key: str) -> str | None:
+    """The line a run prints first about its image inputs (None for vectors): how they are scaled and the
+    recipe key (`key`) that chooses it."""
+    if len(spec["input_shape"]) != 3:
+        return None
+    name, stats = scaling_name(spec), spec.get("stats", CIFAR10_STATS)
+    if stats is None:
+        return f"inputs: images scaled to [0, 1], not normalised (the network normalises itself; {key}={name})"
+    whose = {"data": "the training data's channel mean/std", "imagenet": "ImageNet's mean/std, as torchvision's "
+             "pretrained weights expect"}.get(name, "the mean/std given")
+    chosen = f"{key}={name}" if name != "custom" else f"{key}: a mapping"
+    numbers = " std ".join(",".join(f"{v:.3f}" for v in stats[k]) for k in ("mean", "std"))
+    return f"inputs: images scaled to [0, 1], normalised with {whose} ({chosen}; mean {numbers})"
 
 
 def add_dropout(model: nn.Module, rate: float) -> None:

@@ -10,7 +10,7 @@ from rich.table import Table
 from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import describe_tuning, ensure_cache
 from bcpkd_cli.config import Recipe
-from bcpkd_cli.data import load_dataset
+from bcpkd_cli.data import announce, load_dataset
 from bcpkd_cli.console import console
 from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
@@ -27,6 +27,8 @@ def run(recipe: Recipe, teacher_path: Path, force: bool = False) -> Path | None:
     device = resolve_device(recipe.device)
     place = join_process_group(device)
     data = load_dataset(recipe.data).to(device)
+    if place.is_main:
+        announce(data)
     path, built = ensure_cache(Path(teacher_path), payload, data, recipe.calibrate, recipe.distill.t_teacher,
                                device, recipe.out, recipe.evaluate.ece_bins, force)
     if not place.is_main:

@@ -17,12 +17,12 @@ from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.choices import Targets
 from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_record
 from bcpkd_cli.console import TrainingReport, line
-from bcpkd_cli.data import Dataset, few_shot_rows, load_dataset, views
+from bcpkd_cli.data import Dataset, announce, few_shot_rows, load_dataset, views
 from bcpkd_cli.engine import (Member, TrainSpec, heldout_metrics, join_process_group, per_example_grad_sq_norms,
                               prepare_for_device, resolve_device, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model, model_spec, predict_logits
+from bcpkd_cli.models import build_model, describe_inputs, model_spec, predict_logits
 from bcpkd_cli.resumption import (STUDENT_SECTIONS, claim_folder, finish, require_saved_state, resumable,
                                   settings_of)
 from bcpkd_cli.targets import TargetSource, student_targets, view_batches
@@ -100,6 +100,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     device = resolve_device(first.device)
     place = join_process_group(device)
     data = load_dataset(first.data).to(device)
+    if place.is_main:
+        announce(data)
     teacher_path = Path(teacher_path) if teacher_path else None
     online: dict[str, Teacher] = {}  # one teacher object per calibrated teacher file, shared by students
     sources = [student_targets(recipe, data, teacher_path, cache, device, online) for recipe in recipes]
@@ -117,6 +119,9 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         cfg = recipe.distill
         spec = model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden, arch_kwargs=cfg.arch_kwargs,
                           stats=data.stats, normalize=cfg.normalize)
+        inputs = describe_inputs(spec, "distill.normalize")  # said once for the students in lockstep that share it
+        if place.is_main and inputs and inputs not in (describe_inputs(s.spec, "distill.normalize") for s in group):
+            line(inputs)
         init = artifacts.read_weights(cfg.init, "distill.init") if cfg.init else None
         if init is not None:
             provenance["init_sha256"] = artifacts.sha256_file(Path(cfg.init))
@@ -137,7 +142,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
                            f"student ({first.distill.targets.value})",
                            view_batches(data, first.calibrate, seed, [s.source for s in group], device, example_index),
                            log_every=first.distill.log_every,
-                           resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume), report=report,
+                           resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume,
+                                            first.data.skip_unreadable), report=report,
                            plan=getattr(data.train.inputs, "plan", None))
     seconds = time.perf_counter() - started
     if not place.is_main:

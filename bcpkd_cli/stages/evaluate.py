@@ -10,12 +10,12 @@ from rich.table import Table
 
 from bcpkd_cli import artifacts, metrics, targets
 from bcpkd_cli.config import Recipe, recipe_for_checkpoint, to_plain
-from bcpkd_cli.data import Dataset, load_dataset
+from bcpkd_cli.data import Dataset, announce, load_dataset, require_classes
 from bcpkd_cli.console import console
 from bcpkd_cli.engine import per_example_grad_sq_norms, resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model, predict_logits
+from bcpkd_cli.models import build_model, predict_logits, scaling_name
 from bcpkd_cli.teachers import load_teacher
 
 CHECKPOINT_FORMATS = (artifacts.STUDENT_FORMAT, artifacts.TEACHER_FORMAT)
@@ -69,7 +69,8 @@ def describe(path: Path, payload: dict, data: Dataset) -> dict:
     KD settings and teacher; for a teacher its kind and whether calibrate made it."""
     config, is_student = payload["config"], payload["format"] == artifacts.STUDENT_FORMAT
     head = {"checkpoint": str(path), "sha256": artifacts.sha256_file(path),
-            "kind": "student" if is_student else "teacher", "arch": payload["model"]["arch"]}
+            "kind": "student" if is_student else "teacher", "arch": payload["model"]["arch"],
+            "normalize": scaling_name(payload["model"])}
     if is_student:
         distill, provenance = config["distill"], payload["targets"]
         head.update({"targets": provenance["kind"], "alpha": distill["alpha"], "t_teacher": distill["t_teacher"],
@@ -81,18 +82,26 @@ def describe(path: Path, payload: dict, data: Dataset) -> dict:
     return {**head, "split": "test", "n_examples": len(data.test)}
 
 
-def evaluate_one(path: Path, tree: dict) -> dict:
+def evaluate_one(path: Path, tree: dict, announced: set[str] | None = None) -> dict:
     """The report of one checkpoint: `describe`, then its metrics, the config and data it was made with (its own,
-    as stored), and the settings of this evaluation."""
+    as stored), and the settings of this evaluation. `announced`: the fingerprints of the data already described
+    on stderr (this checkpoint's data is described unless it is there; None: never)."""
     payload = artifacts.load_checkpoint(path, CHECKPOINT_FORMATS)
     recipe = recipe_for_checkpoint(tree, payload)
     device = resolve_device(recipe.device)
     data = load_dataset(recipe.data).to(device)
+    if announced is not None and data.fingerprint not in announced:
+        announced.add(data.fingerprint)
+        announce(data)
     measure = evaluate_student if payload["format"] == artifacts.STUDENT_FORMAT else evaluate_teacher
+    require_classes(str(path), payload["data"].get("classes"), data)
     measured, probs = measure(payload, recipe, data, device)
+    counts, accuracies = metrics.per_class_accuracy(probs, data.test.labels)
     return {**describe(path, payload, data), "metrics": measured,
+            "per_class": [{"class": name, "n": n, "accuracy": acc}
+                          for name, n, acc in zip(data.classes, counts, accuracies)],
             "reliability": metrics.reliability(probs, data.test.labels, recipe.evaluate.ece_bins),
-            "config": payload["config"], "data": payload["data"],
+            "config": payload["config"], "data": {**payload["data"], "classes": list(data.classes)},
             "evaluate": {"device": str(device), "data_fingerprint": data.fingerprint, "noise_seed": recipe.distill.seed,
                          **to_plain(recipe.evaluate)}}
 
@@ -111,7 +120,22 @@ def print_table(reports: list[dict]) -> None:
     console.print(table)
 
 
-def run(tree: dict, paths: list[Path], out: str, force: bool = False) -> tuple[Path | None, list[dict]]:
+def print_per_class(reports: list[dict]) -> None:
+    """Test accuracy per class (rows) of every checkpoint (columns), with the class's test count."""
+    table = Table(title="test accuracy per class")
+    table.add_column("class")
+    table.add_column("n", justify="right")
+    for r in reports:
+        table.add_column(Path(r["checkpoint"]).parent.name or r["checkpoint"], justify="right")
+    for i, entry in enumerate(reports[0]["per_class"]):
+        table.add_row(entry["class"], str(entry["n"]),
+                      *("-" if r["per_class"][i]["accuracy"] is None else f"{r['per_class'][i]['accuracy']:.3f}"
+                        for r in reports))
+    console.print(table)
+
+
+def run(tree: dict, paths: list[Path], out: str, force: bool = False,
+        per_class: bool = False) -> tuple[Path | None, list[dict]]:
     """Evaluate every checkpoint (all are checked before any is evaluated); with `out`, write out/report.json
     (a list of reports), refusing to replace one unless `force`."""
     report_path = Path(out) / "report.json" if out else None
@@ -119,8 +143,13 @@ def run(tree: dict, paths: list[Path], out: str, force: bool = False) -> tuple[P
         raise BcpkdError(f"{report_path}: a report is there already; give another --out, or add --force to replace it")
     for p in paths:
         artifacts.load_checkpoint(p, CHECKPOINT_FORMATS)
-    reports = [evaluate_one(Path(p), tree) for p in paths]
+    announced: set[str] = set()
+    reports = [evaluate_one(Path(p), tree, announced) for p in paths]
     print_table(reports)
+    if per_class:
+        if len({tuple(e["class"] for e in r["per_class"]) for r in reports}) > 1:
+            raise BcpkdError("--per-class: the checkpoints were made for different classes; evaluate them apart")
+        print_per_class(reports)
     if report_path is not None:
         artifacts.write_json(report_path, reports)
     return report_path, reports

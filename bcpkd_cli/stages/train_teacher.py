@@ -13,11 +13,12 @@ import torch
 
 from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.config import TEACHER_RECORD, Recipe, recipe_record
-from bcpkd_cli.console import console
-from bcpkd_cli.data import load_dataset
+from bcpkd_cli.choices import Normalize
+from bcpkd_cli.console import console, line
+from bcpkd_cli.data import announce, load_dataset
 from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.models import model_spec
+from bcpkd_cli.models import build_model, describe_inputs, model_spec, scaling_name
 from bcpkd_cli.resumption import (TEACHER_SECTIONS, claim_folder, finish, require_saved_state, resumable,
                                   settings_of)
 from bcpkd_cli.teachers import TEACHER_KINDS, teacher_payload
@@ -41,9 +42,11 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
                          f"--set teacher.laplace.prior=marglik")
     starts = kind.starting_points(recipe.teacher, data.fingerprint)
     if starts:  # the stored config describes the network actually used
-        used = starts[0]["model"]
+        used, scaling = starts[0]["model"], scaling_name(starts[0]["model"])
         recipe = replace(recipe, teacher=replace(recipe.teacher, arch=used["arch"], hidden=tuple(used["hidden"]),
-                                                 arch_kwargs=dict(used.get("arch_kwargs", {}))))
+                                                 arch_kwargs=dict(used.get("arch_kwargs", {})),
+                                                 normalize=dict(used["stats"]) if scaling == "custom" else
+                                                 Normalize(scaling)))
     cfg = recipe.teacher
     out = artifacts.new_run_dir(recipe.out, f"teacher-{cfg.bayes.value}")
     claim_folder(out, [out / "teacher.pt"], resume, force)
@@ -56,9 +59,16 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
                 "init_sha256": artifacts.sha256_file(Path(cfg.init)) if cfg.init else None}
     spec = starts[0]["model"] if starts else model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden,
                                                         kind.dropout(cfg), cfg.arch_kwargs, data.stats, cfg.normalize)
+    if init is not None:
+        build_model(spec, init=init)  # weights that do not fit the network: refused before any line or work
+    if place.is_main:
+        announce(data)
+        if describe_inputs(spec, "teacher.normalize"):
+            line(describe_inputs(spec, "teacher.normalize"))
     teacher, history = kind.train(TrainingRun(  # one resumable state file per training phase
         recipe, data, device, spec, tuple(starts),
-        phase=lambda name: resumable(out / f"train-state-{name}.pt", settings, resume), folder=out, init=init))
+        phase=lambda name: resumable(out / f"train-state-{name}.pt", settings, resume,
+                                     recipe.data.skip_unreadable), folder=out, init=init))
     if init is not None:
         history["init_sha256"] = artifacts.sha256_file(Path(cfg.init))
 

@@ -1,8 +1,8 @@
 """An example of your own network for bcpkd: a factory called as small_cnn(num_classes=C, **arch_kwargs).
 
 bcpkd finds the last nn.Linear (here `classifier`) and uses everything before it as the features; the
-network takes normalised float images [B, 3, H, W] (bcpkd normalises the uint8 store with the training
-data's channel statistics first, unless `normalize: false`).
+network takes normalised float images [B, 3, H, W] (bcpkd scales the uint8 store to [0, 1] and normalises
+it first as `normalize` says: with the training data's channel statistics by default, ImageNet's, or none).
 """
 
 from torch import nn
