@@ -59,6 +59,20 @@ def refused_here(*args: str, cwd: Path) -> str:
     return lines[-1]
 
 
+def failed_here(*args: str, cwd: Path, code: int = 2) -> str:
+    """The CLI in this process stopped after it started work: asserts the exit code, no traceback, and that the
+    last line on stderr is the one error line, which it returns."""
+    with pytest.MonkeyPatch.context() as patch:
+        stderr = _in_process(patch, args, cwd, "stderr")
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+    lines = stderr.getvalue().splitlines(keepends=True)
+    errors = [text for text in lines if text.startswith(("error: ", "failed: "))]
+    assert exit_info.value.code == code and errors == lines[-1:] and "Traceback" not in stderr.getvalue(), \
+        stderr.getvalue()
+    return lines[-1]
+
+
 def _in_process(patch: pytest.MonkeyPatch, args: tuple[str, ...], cwd: Path, captured: str) -> io.StringIO:
     patch.chdir(cwd)
     patch.setattr(sys, "argv", ["bcpkd", *args])

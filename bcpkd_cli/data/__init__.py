@@ -195,6 +195,7 @@ def _images(cfg: DataConfig) -> Dataset:
     if cfg.name == DatasetName.imagefolder:
         train = folders.read_split(cfg, "train")
         test = folders.read_split(cfg, "test", train.classes)
+        folders.refuse_unreadable([train, test])
         (train_pixels, train_labels), (test_pixels, test_labels) = (train.pixels, train.labels), (test.pixels, test.labels)
         classes, stats = train.classes, train.stats
         notes = [f"{train.note}, {test.note}", *folders.class_notes(classes, train_labels, test_labels)]

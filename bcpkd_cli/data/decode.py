@@ -90,9 +90,14 @@ def _decode_with_pillow(path: Path, data: bytes) -> torch.Tensor:
         raise UnreadableImage(path, "truncated" if "truncated" in str(err).lower() else "corrupt") from None
 
 
+ENDINGS = {b"\xff\xd8\xff": b"\xff\xd9", b"\x89PNG": b"IEND\xaeB`\x82"}  # how whole JPEG and PNG files end
+
+
 def header_problem(path: Path) -> str | None:
-    """Why a file cannot be a readable image, judged from its first bytes alone (no pixels decoded): the reason
-    `decode_file` would give ("empty file", "not an image", an OS error), or None where it may be one."""
+    """Why a file cannot be a readable image, judged from its first and last bytes (no pixels decoded, except
+    for a JPEG or PNG that does not end as a whole one does, which may be cut: `decode_file` decides): the
+    reason `decode_file` would give ("empty file", "not an image", "truncated", an OS error), or None where
+    it may be one."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -100,6 +105,15 @@ def header_problem(path: Path) -> str | None:
             head = f.read(16)
             if not head:
                 return "empty file"
+            ending = next((end for start, end in ENDINGS.items() if head.startswith(start)), None)
+            if ending is not None:
+                f.seek(-min(len(ending), len(head)), 2)
+                if f.read() != ending:
+                    try:
+                        decode_file(path)
+                    except UnreadableImage as err:
+                        return err.reason
+                return None
             if head.startswith(SIGNATURES):
                 return None
             f.seek(0)

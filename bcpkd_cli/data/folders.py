@@ -37,16 +37,25 @@ class FolderSplit:
     stats: dict | None  # training split: channel mean and std
     sources: str  # what the fingerprint stands on: the listed files, the decoding, the files left out
     note: str  # what was read, left out and ignored
+    n_unreadable: int  # files no decoder reads
+    unreadable_listed: str  # those files named for an error ("" when there are none or they are left out)
 
 
-def unreadable_error(root: Path, paths: list[Path], unreadable: dict[int, str]) -> BcpkdError:
-    """All unreadable files in one line: the first LISTED with their reasons, and the count."""
+def _listed(root: Path, paths: list[Path], unreadable: dict[int, str]) -> str:
+    """The first LISTED unreadable files of a split with their reasons, and the count."""
     rows = sorted(unreadable)
     named = ", ".join(f"{paths[i].relative_to(root)} ({unreadable[i]})" for i in rows[:LISTED])
     more = f" and {len(rows) - LISTED} more" if len(rows) > LISTED else ""
-    return BcpkdError(f"{root}: {len(rows)} unreadable image file{'s' if len(rows) > 1 else ''}: {named}{more}; "
-                      f"remove or replace {'them' if len(rows) > 1 else 'it'}, or leave "
-                      f"{'them' if len(rows) > 1 else 'it'} out with --set data.skip_unreadable=true")
+    return f"{root}: {len(rows)} unreadable image file{'s' if len(rows) > 1 else ''}: {named}{more}"
+
+
+def refuse_unreadable(splits: list["FolderSplit"]) -> None:
+    """Every unreadable file the splits kept (data.skip_unreadable off), in one error."""
+    found = [s.unreadable_listed for s in splits if s.unreadable_listed]
+    if found:
+        several = sum(s.n_unreadable for s in splits) > 1
+        raise BcpkdError(f"{'; '.join(found)}; remove or replace {'them' if several else 'it'}, or leave "
+                         f"{'them' if several else 'it'} out with --set data.skip_unreadable=true")
 
 
 def _skipped_sources(root: Path, paths: list[Path], unreadable: dict[int, str]) -> str:
@@ -65,7 +74,8 @@ def _note(split: str, kept: int, unreadable: int, ignored: int) -> str:
 
 def read_split(cfg: DataConfig, split: str, classes: list[str] | None = None) -> FolderSplit:
     """`split` ("train" or "test") of the image folder cfg.root, labelled by the names `classes` (train: its
-    own folders). Unreadable files are refused together, or left out with cfg.skip_unreadable."""
+    own folders). Unreadable files are left out; unless cfg.skip_unreadable they are named for
+    `refuse_unreadable`, which refuses them with those of the other split."""
     root = Path(cfg.root) / split
     listing = images.list_image_folder(root, classes)
     if cfg.decode == Decode.stream and not cfg.image_size:
@@ -73,8 +83,6 @@ def read_split(cfg: DataConfig, split: str, classes: list[str] | None = None) ->
     if cfg.decode == Decode.stream:
         unreadable = images.unreadable_files(root, listing.paths)
         kept = [i for i in range(len(listing.paths)) if i not in unreadable]
-        if unreadable and not cfg.skip_unreadable:
-            raise unreadable_error(root, listing.paths, unreadable)
         paths = [listing.paths[i] for i in kept]
         pixels = StreamedRows(paths, (3, cfg.image_size, cfg.image_size), torch.arange(len(paths)),
                               workers=cfg.loader_workers,
@@ -85,15 +93,15 @@ def read_split(cfg: DataConfig, split: str, classes: list[str] | None = None) ->
         store = images.load_or_decode(root, split, listing.paths, listing.labels, size=cfg.image_size,
                                       workers=cfg.loader_workers)
         unreadable = store.unreadable
-        if unreadable and not cfg.skip_unreadable:
-            raise unreadable_error(root, listing.paths, unreadable)
         pixels, labels, stats = store.images, store.labels, store.stats
-    if not len(labels):
-        raise BcpkdError(f"{root}: every image file is unreadable; check the folder")
+    listed = _listed(root, listing.paths, unreadable) if unreadable and not cfg.skip_unreadable else ""
+    if not len(labels) and not listed:
+        raise BcpkdError(f"{root}: every image file is unreadable ({next(iter(unreadable.values()))}, ...); check "
+                         f"the folder")
     sources = f"{images.source_fingerprint(root, listing.paths)}/{cfg.image_size}px/{DECODER};" + \
         _skipped_sources(root, listing.paths, unreadable)
     return FolderSplit(pixels, labels, listing.classes, stats, sources,
-                       _note(split, len(labels), len(unreadable), listing.ignored))
+                       _note(split, len(labels), len(unreadable), listing.ignored), len(unreadable), listed)
 
 
 def class_notes(classes: list[str], train_labels: torch.Tensor, test_labels: torch.Tensor) -> list[str]:

@@ -89,6 +89,7 @@ def read_cifar(root: Path, name: str, split: str, download: bool = False) -> tup
 
 
 NOT_DATA = {"thumbs.db", "desktop.ini"}  # files that operating systems leave in folders
+STORE_NAME = ".bcpkd-store"  # the folder beside the images that holds their stores
 
 
 class FolderListing(NamedTuple):
@@ -125,7 +126,7 @@ def list_image_folder(root: Path, classes: list[str] | None = None) -> FolderLis
     if not root.is_dir():
         raise BcpkdError(f"{root}: no such image folder; expected {root}/<class>/<image>.jpg")
     folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    ignored = sum(1 for d in root.iterdir() if not d.is_dir() or d.name.startswith("."))
+    ignored = sum(1 for d in root.iterdir() if (not d.is_dir() or d.name.startswith(".")) and d.name != STORE_NAME)
     if classes is None:
         classes = folders
     unknown = [name for name in folders if name not in classes]
@@ -174,7 +175,7 @@ def source_fingerprint(root: Path, paths: list[Path]) -> str:
 
 def store_folder(root: Path) -> Path:
     """`<root>/.bcpkd-store` when writable, else the user's cache folder."""
-    local = Path(root) / ".bcpkd-store"
+    local = Path(root) / STORE_NAME
     if os.access(root, os.W_OK) or os.access(local, os.W_OK):
         return local
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bcpkd" / "store"
