@@ -43,10 +43,13 @@ def test_a_report_describes_exactly_the_checkpoint_it_measured(work):
     teacher_payload = torch.load(work["teacher"], weights_only=True)
     assert teacher["config"] == teacher_payload["config"] and student["config"] == student_payload["config"]
     assert teacher["config"]["teacher"]["epochs"] == 2 and teacher["config"]["teacher"]["bayes"] == "laplace"
-    assert teacher | {"metrics": None, "config": None, "data": None, "evaluate": None, "reliability": None} == {
+    measured = {"metrics": None, "config": None, "data": None, "evaluate": None, "reliability": None, "per_class": None}
+    assert teacher | measured == {
         "checkpoint": str(work["teacher"]), "sha256": artifacts.sha256_file(work["teacher"]), "kind": "teacher",
-        "arch": "mlp", "teacher_kind": "laplace", "calibrated": False, "split": "test", "n_examples": 100,
-        "metrics": None, "config": None, "data": None, "evaluate": None, "reliability": None}
+        "arch": "mlp", "normalize": "data", "teacher_kind": "laplace", "calibrated": False, "split": "test",
+        "n_examples": 100, **measured}
+    assert [entry["class"] for entry in teacher["per_class"]] == ["0", "1", "2", "3", "4"]
+    assert sum(entry["n"] for entry in teacher["per_class"]) == 100
     assert student["targets"] == "teacher" and student["alpha"] == 0.5 and student["t_teacher"] == 1.0
     assert student["teacher"] == str(work["teacher"].resolve()) and student["teacher_kind"] == "laplace"
     assert student["teacher_sha256"] == artifacts.sha256_file(work["teacher"])
