@@ -127,3 +127,10 @@ class Normalize(str, enum.Enum):
     data = "data"
     imagenet = "imagenet"
     none = "none"
+
+
+class ExportFormat(str, enum.Enum):
+    """What `bcpkd export` writes: ONNX, a torch.export program, the weights in the source library's names."""
+    onnx = "onnx"
+    pt2 = "pt2"
+    safetensors = "safetensors"

@@ -131,11 +131,11 @@ def test_class_names_travel_through_every_artifact_and_report(single_thread, tmp
     common = ["--data", "imagefolder", "--data-root", str(root), "--arch", "resnet20", "--epochs", "1",
               "--set", "data.n_heldout=6"]
     teacher = bcpkd("train-teacher", *common, "--out", "t", cwd=tmp_path).stdout.strip()
-    payload = torch.load(teacher, weights_only=True)
+    payload = torch.load(tmp_path / teacher, weights_only=True)
     assert payload["data"]["classes"] == ["ant", "bee", "cat"]
     student = bcpkd("distill", "--teacher", teacher, "--arch", "resnet20", "--epochs", "1", "--out", "s",
                     cwd=tmp_path).stdout.strip()
-    assert torch.load(student, weights_only=True)["data"]["classes"] == ["ant", "bee", "cat"]
+    assert torch.load(tmp_path / student, weights_only=True)["data"]["classes"] == ["ant", "bee", "cat"]
     cache = next((tmp_path / "t" / "bcp").rglob("bcp.safetensors"))
     from safetensors import safe_open
 

@@ -22,7 +22,7 @@ from torch import nn
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import mobilenetv2, resnet, resnet_cifar, vgg, wrn
 from bcpkd_cli.models.base import FeaturesHead
-from bcpkd_cli.models.foreign import build_foreign, split_head
+from bcpkd_cli.models.foreign import LIBRARIES, build_foreign, split_head
 
 
 class VectorInput(nn.Module):
@@ -217,21 +217,53 @@ def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dic
         model = ARCHITECTURES[arch](input_shape, spec["n_classes"], tuple(spec["hidden"]), stats=stats)
         if init is not None:
             load_weights(model, *init)
+        if spec.get("dropout", 0.0) > 0.0:
+            add_dropout(model, spec["dropout"])
     else:
         net = build_foreign(arch, spec["n_classes"], spec.get("arch_kwargs", {}))
         if init is not None:
             load_weights(net, *init)
-        example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0))
-        features, head = split_head(net, example, arch)
-        if len(input_shape) == 3:
-            features = nn.Sequential(ImageInput(stats), features)
-        elif stats is not None:
-            features = nn.Sequential(VectorInput(stats), features)
-        model = SplitModel(features, head)
-    if spec.get("dropout", 0.0) > 0.0:
-        add_dropout(model, spec["dropout"])
+        model = _rebuilt_from(net, spec)
     if state_dict is not None:
         model.load_state_dict(state_dict)
+    return model
+
+
+def library_state_dict(spec: dict, state_dict: dict) -> tuple[dict, str]:
+    """A checkpoint's weights in the key names of the library that builds its network: for `torchvision:NAME`,
+    `timm:NAME` and factories, what `torchvision.models.NAME(num_classes=C)` (`timm.create_model`, the factory)
+    loads with strict=True; built-in zoo networks keep bcpkd's names (bcpkd builds them). Also which it is."""
+    arch = spec["arch"]
+    if arch in ARCHITECTURES:
+        return {k: v for k, v in state_dict.items()}, "bcpkd"
+    net = build_foreign(arch, spec["n_classes"], spec.get("arch_kwargs", {}))
+    own_names = {id(t): name for name, t in net.state_dict(keep_vars=True).items()}
+    model = _rebuilt_from(net, spec)  # build_model's construction: every tensor leads back to its library name
+    names = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in own_names:
+            names[name] = own_names[id(tensor)]
+    missing = sorted(set(own_names.values()) - set(names.values()))
+    if missing:
+        raise BcpkdError(f"{arch}: weights {', '.join(missing[:3])} of the library network have no counterpart in "
+                         f"the checkpoint; export it in bcpkd's names with --format onnx,pt2")
+    library = arch.split(":", 1)[0]
+    return {names[k]: v for k, v in state_dict.items() if k in names}, library if library in LIBRARIES else "factory"
+
+
+def _rebuilt_from(net: nn.Module, spec: dict) -> nn.Module:
+    """build_model's construction of a foreign network, around the given library network `net`."""
+    input_shape = tuple(spec["input_shape"])
+    stats = spec.get("stats", CIFAR10_STATS if len(input_shape) == 3 else None)
+    example = torch.rand(2, *input_shape, generator=torch.Generator().manual_seed(0))
+    features, head = split_head(net, example, spec["arch"])
+    if len(input_shape) == 3:
+        features = nn.Sequential(ImageInput(stats), features)
+    elif stats is not None:
+        features = nn.Sequential(VectorInput(stats), features)
+    model = SplitModel(features, head)
+    if spec.get("dropout", 0.0) > 0.0:
+        add_dropout(model, spec["dropout"])
     return model
 
 

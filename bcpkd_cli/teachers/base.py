@@ -8,7 +8,8 @@ Every kind has a network (`model`), a calibration temperature T_cal and one way 
 - how it is rebuilt from a checkpoint (`from_checkpoint`) and what it stores there
   (`posterior_state`, `predictive_settings`);
 - how its options are validated (`problems`) and which config section enters the cache key (`section`);
-- what `calibrate` tunes besides a temperature (`tune`, e.g. Laplace's prior precision).
+- what `calibrate` tunes besides a temperature (`tune`, e.g. Laplace's prior precision);
+- its predictive as one deployable graph (`deployable`, teachers/deployed.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 from bcpkd_cli.choices import Bayes
 from bcpkd_cli.config import CalibrateConfig, TeacherConfig, to_plain
 from bcpkd_cli.data import Split
+from bcpkd_cli.teachers.deployed import Deployed
 from bcpkd_cli.teachers.training import TrainingRun, load_single_network
 
 
@@ -95,6 +97,11 @@ class Teacher(ABC):
         (the predictive averages them; one draw, the predictive itself, for kinds that draw nothing)."""
         predictive = self.predictive_at(inputs, index)
         return lambda temperature: predictive(temperature)[None]
+
+    @abstractmethod
+    def deployable(self, draws: int = 0) -> Deployed:
+        """The predictive at T=1 as one traceable module, or what comes closest (says which); `draws` K > 0: a
+        sampling kind's K fixed seeded draws (vi, mc-dropout; other kinds refuse it)."""
 
     def tune(self, cfg: CalibrateConfig, held: Split) -> dict:
         """Tune the kind's own predictive settings on held-out data, in place; what was tuned."""

@@ -16,6 +16,7 @@ from bcpkd_cli.config import TeacherConfig
 from bcpkd_cli.engine import LossFn
 from bcpkd_cli.models import build_model, predict_logits
 from bcpkd_cli.teachers.base import Teacher
+from bcpkd_cli.teachers.deployed import Deployed, Tempered, check_draws
 from bcpkd_cli.teachers.training import TrainingRun, cross_entropy
 
 
@@ -43,3 +44,9 @@ class DeterministicTeacher(Teacher):
         """Run the network once; return temperature -> probabilities [B, C] (logits / (T_cal * T))."""
         logits = predict_logits(self.model, inputs, self.batch_size)
         return lambda temperature: torch.softmax(logits / (self.calibration_temperature * temperature), dim=1)
+
+    def deployable(self, draws: int = 0) -> Deployed:
+        """The network's logits / T_cal: the predictive itself."""
+        check_draws(draws, self.kind, takes_draws=False)
+        t = self.calibration_temperature
+        return Deployed(Tempered(self.model, t), f"softmax(logits / T_cal), T_cal {t:.3f}", exact=True, epistemic=None)

@@ -18,6 +18,7 @@ from bcpkd_cli.console import console
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model
 from bcpkd_cli.teachers.base import Teacher
+from bcpkd_cli.teachers.deployed import Averaged, Deployed, check_draws
 from bcpkd_cli.teachers.sampled import SampledTeacher
 from bcpkd_cli.teachers.training import TrainingRun, cross_entropy, load_single_network
 
@@ -81,6 +82,13 @@ class EnsembleTeacher(SampledTeacher):
 
     def sample_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.stack([member(inputs) for member in self.members])  # [M, B, C]
+
+    def deployable(self, draws: int = 0) -> Deployed:
+        """Every member in one module: the predictive itself, with the members' mutual information."""
+        check_draws(draws, self.kind, takes_draws=False)
+        t = self.calibration_temperature
+        return Deployed(Averaged(self.members, t), f"mean of the {len(self.members)} members' softmax(logits / T_cal), "
+                        f"T_cal {t:.3f}", exact=True, epistemic="mutual_information")
 
     def posterior_state(self) -> dict:
         return {"members": [member.state_dict() for member in self.members[1:]]}

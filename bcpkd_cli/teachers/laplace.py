@@ -6,6 +6,7 @@ posteriors (laplace_closed_form.py) and from laplace-torch's Jacobians otherwise
 distribution: mean f_mu / T, covariance f_var / T^2; then
   probit: softmax((f_mu / T) / sqrt(1 + pi/8 * diag(f_var) / T^2))   (laplace-torch's probit at T=1)
   mc:     mean over S draws of softmax((f_mu + L eps) / T), eps seeded by example index.
+The last-layer probit predictive deploys as one graph (laplace_deployed.py); the others as the MAP network.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from bcpkd_cli.data import Split
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import HEAD_NAME, build_model, feature_input
 from bcpkd_cli.teachers.base import Teacher
+from bcpkd_cli.teachers.deployed import Deployed, Tempered, check_draws
 from bcpkd_cli.teachers.index_noise import index_normal
 from bcpkd_cli.teachers.laplace_closed_form import diag_logit_covariance, kron_logit_covariance
+from bcpkd_cli.teachers.laplace_deployed import DiagVariance, FullVariance, KronVariance, LastLayerProbit
 from bcpkd_cli.teachers.training import TrainingRun, cross_entropy
 
 FULL_HESSIAN_MAX_PARAMS = 20_000
@@ -278,6 +281,28 @@ class LaplaceTeacher(Teacher):
             return draws.transpose(0, 1).to(f_mu.dtype) if each_draw else draws.mean(dim=1).to(f_mu.dtype)
 
         return monte_carlo
+
+    def deployable(self, draws: int = 0) -> Deployed:
+        """The last-layer probit predictive itself (any Hessian structure), with the predicted class's logit variance;
+        otherwise the MAP network, and says so."""
+        check_draws(draws, self.kind, takes_draws=False)
+        t, cfg = self.calibration_temperature, self.cfg
+        if cfg.subset == Subset.last_layer and cfg.link == Link.probit:
+            n_classes, has_bias = self.model.head.out_features, self.model.head.bias is not None
+            with torch.no_grad():
+                if cfg.hessian == Hessian.kron:
+                    variance = KronVariance(self.la.posterior_precision, n_classes, has_bias)
+                elif cfg.hessian == Hessian.diag:
+                    variance = DiagVariance(self.la.posterior_variance, n_classes, has_bias)
+                else:
+                    variance = FullVariance(self.la.posterior_covariance, n_classes, has_bias)
+            return Deployed(LastLayerProbit(self.model, variance, t), f"probit of the last-layer {cfg.hessian.value} "
+                            f"Laplace posterior (prior precision {self.prior_precision:.4g}), T_cal {t:.3f}",
+                            exact=True, epistemic="logit_variance")
+        subset = "last-layer" if cfg.subset == Subset.last_layer else "all-weights"
+        return Deployed(Tempered(self.model, t), f"MAP network, softmax(logits / T_cal), T_cal {t:.3f}: the {subset} "
+                        f"{cfg.hessian.value} Laplace predictive ({cfg.link.value} link) has no closed form in one "
+                        f"graph", exact=False, epistemic=None)
 
     def posterior_state(self) -> dict:
         return _plain_state(self.la.state_dict())

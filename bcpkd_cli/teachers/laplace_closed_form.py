@@ -19,23 +19,33 @@ from __future__ import annotations
 import torch
 
 
+def kron_inverse_eigenvalues(precision) -> torch.Tensor:
+    """1 / the eigenvalues of the head's weight block of laplace-torch's KronDecomposed posterior precision, as the
+    grid [C, F] over (l_C,i, l_F,j), with laplace-torch's damping rule."""
+    (l_out, l_in), delta = precision.eigenvalues[0], precision.deltas[0]
+    if precision.damping:
+        return 1.0 / torch.outer(l_out + delta.sqrt(), l_in + delta.sqrt())
+    return 1.0 / (torch.outer(l_out, l_in) + delta)
+
+
+def kron_bias_covariance(precision) -> torch.Tensor:
+    """The posterior covariance of the head's bias [C, C] (KronDecomposed: its second block)."""
+    l_bias, q_bias = precision.eigenvalues[1][0], precision.eigenvectors[1][0]
+    return (q_bias / (l_bias + precision.deltas[1])) @ q_bias.T
+
+
 def kron_logit_covariance(features: torch.Tensor, precision, has_bias: bool, full: bool) -> torch.Tensor:
     """features [B, F], laplace-torch's KronDecomposed posterior precision of the head ->
     logit covariance [B, C, C] (full) or its diagonal [B, C]."""
-    (l_out, l_in), (q_out, q_in) = precision.eigenvalues[0], precision.eigenvectors[0]
-    delta = precision.deltas[0]
-    if precision.damping:
-        inverse = 1.0 / torch.outer(l_out + delta.sqrt(), l_in + delta.sqrt())  # [C, F]
-    else:
-        inverse = 1.0 / (torch.outer(l_out, l_in) + delta)
+    q_out, q_in = precision.eigenvectors[0]
+    inverse = kron_inverse_eigenvalues(precision)  # [C, F]
     weights = (features.to(q_in.dtype) @ q_in).square() @ inverse.T  # m [B, C]
     if full:
         cov = torch.einsum("ci,bi,di->bcd", q_out, weights, q_out)
     else:
         cov = weights @ q_out.square().T
     if has_bias:
-        l_bias, q_bias = precision.eigenvalues[1][0], precision.eigenvectors[1][0]
-        sigma_bias = (q_bias / (l_bias + precision.deltas[1])) @ q_bias.T  # [C, C]
+        sigma_bias = kron_bias_covariance(precision)  # [C, C]
         cov = cov + (sigma_bias if full else sigma_bias.diagonal())
     return cov
 

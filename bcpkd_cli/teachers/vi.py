@@ -6,10 +6,13 @@ hand-written layers; the KL term of the ELBO is summed here over every weight. T
 library's layers (a new weight sample per forward pass). The predictive draws weight sample s once,
 mu + softplus(rho) * eps with eps from a generator seeded by (noise seed, s), and runs it as plain
 weights of the deterministic twin network over all chunks: every example, batch layout, process
-and device sees the same S weight samples, and a sample costs one deterministic pass.
+and device sees the same S weight samples, and a sample costs one deterministic pass. So the predictive
+deploys as one graph of S twins (--draws S); the mean network holds the posterior means.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +24,7 @@ from bcpkd_cli.config import TeacherConfig, VIConfig
 from bcpkd_cli.engine import prepare_for_device
 from bcpkd_cli.models import build_model
 from bcpkd_cli.teachers.base import Teacher
+from bcpkd_cli.teachers.deployed import Averaged, Deployed, Tempered, check_draws
 from bcpkd_cli.teachers.index_noise import hash32
 from bcpkd_cli.teachers.sampled import SampledTeacher
 from bcpkd_cli.teachers.training import TrainingRun, cross_entropy
@@ -78,20 +82,34 @@ def draw_seed(noise_seed: int, draw: int) -> int:
 _DETERMINISTIC_NAME = {"weight": "weight", "kernel": "weight", "bias": "bias"}  # mu_<x> -> the twin's <name>
 
 
-def sample_weights(model: nn.Module, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def sample_weights(model: nn.Module, generator: torch.Generator | None) -> dict[str, torch.Tensor]:
     """One posterior draw of every parameter, named as in the deterministic network; eps is drawn from
-    the (CPU) `generator` in parameter order and moved to the parameter's device."""
+    the (CPU) `generator` in parameter order and moved to the parameter's device (None: the posterior means)."""
     params = dict(model.named_parameters())
     draw = {}
     for name, param in params.items():
         prefix, _, leaf = name.rpartition(".")
         if leaf.startswith("mu_"):
+            name = f"{prefix}.{_DETERMINISTIC_NAME[leaf[3:]]}"
+            if generator is None:
+                draw[name] = param
+                continue
             sigma = F.softplus(params[f"{prefix}.rho_{leaf[3:]}"])
             eps = torch.randn(param.shape, generator=generator, dtype=param.dtype).to(param.device)
-            draw[f"{prefix}.{_DETERMINISTIC_NAME[leaf[3:]]}"] = param + sigma * eps
+            draw[name] = param + sigma * eps
         elif not leaf.startswith("rho_"):
             draw[name] = param  # BatchNorm and other deterministic parameters
     return draw
+
+
+def network_with(twin: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of the deterministic twin holding `weights` (parameters and buffers by name; the rest its own)."""
+    network = copy.deepcopy(twin).eval()
+    with torch.no_grad():
+        for name, tensor in [*network.named_parameters(), *network.named_buffers()]:
+            if name in weights:
+                tensor.copy_(weights[name])
+    return network
 
 
 class VITeacher(SampledTeacher):
@@ -149,15 +167,37 @@ class VITeacher(SampledTeacher):
         teacher does not redraw them for every batch. Their noise comes from CPU generators seeded by
         (noise seed, s): the same samples on every device."""
         if self._draws is None:
-            with torch.no_grad():
-                generators = [torch.Generator().manual_seed(draw_seed(self.noise_seed, s)) for s in range(self.samples)]
-                self._draws = [{**sample_weights(self.model, g), **self.buffers} for g in generators]
+            self._draws = self.weight_samples(self.samples)
         return self._draws
+
+    @torch.no_grad()
+    def weight_samples(self, count: int) -> list[dict[str, torch.Tensor]]:
+        """The first `count` weight samples (sample s from a CPU generator seeded by (noise seed, s)), with the
+        network's buffers."""
+        generators = [torch.Generator().manual_seed(draw_seed(self.noise_seed, s)) for s in range(count)]
+        return [{**sample_weights(self.model, g), **self.buffers} for g in generators]
 
     def all_logits(self, inputs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return torch.stack([torch.cat([functional_call(self.twin, weights, (inputs[i:i + self.batch_size],))
                                        for i in range(0, len(inputs), self.batch_size)])
                             for weights in self.draws()])  # [S, B, C]
+
+    def deployable(self, draws: int = 0) -> Deployed:
+        """The mean network (the posterior means as weights; draws 0), or the teacher's first K weight samples as K
+        twins: its own predictive when K is its sample count S."""
+        check_draws(draws, self.kind, takes_draws=True)
+        t = self.calibration_temperature
+        if not draws:
+            with torch.no_grad():
+                mean = network_with(self.twin, {**sample_weights(self.model, None), **self.buffers})
+            return Deployed(Tempered(mean, t), f"mean network (posterior means as weights), softmax(logits / T_cal), "
+                            f"T_cal {t:.3f}: the {self.samples}-sample average is not exported; --draws K exports K "
+                            f"fixed seeded weight samples", exact=False, epistemic=None)
+        networks = [network_with(self.twin, weights) for weights in self.weight_samples(draws)]
+        exact = draws == self.samples
+        whose = "the teacher's own predictive" if exact else f"the teacher averages {self.samples}"
+        return Deployed(Averaged(networks, t), f"{draws} fixed seeded weight samples ({whose}), mean of "
+                        f"softmax(logits / T_cal), T_cal {t:.3f}", exact=exact, epistemic="mutual_information")
 
     def predictive_settings(self) -> dict:
         return {**super().predictive_settings(), "samples": self.samples}

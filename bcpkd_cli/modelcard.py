@@ -1,0 +1,153 @@
+"""The model card (README.md) of an export: what the model is, how to feed it, how well it does, where it came
+from, and a snippet per file that loads it and classifies one input (tests run them as written)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bcpkd_cli import artifacts
+
+
+def teacher_record(payload: dict) -> dict:
+    """What a card says of the teacher: a student's (kind, file, SHA-256, calibration, temperatures, alpha, targets)
+    or, for an exported teacher, its own kind and calibration."""
+    if payload["format"] == artifacts.TEACHER_FORMAT:
+        return {"kind": payload["bayes"], "calibrated": "calibration" in payload["history"],
+                "calibration": payload["history"].get("calibration"), "predictive": payload["predictive"]}
+    targets = {k: v for k, v in payload["targets"].items() if k != "few_shot_rows"}
+    distill = payload["config"]["distill"]
+    return {**targets, "alpha": distill["alpha"], "t_teacher": distill["t_teacher"],
+            "t_student": distill["t_student"]}
+
+
+def _preprocessing_lines(record: dict) -> list[str]:
+    if record["kind"] == "features":
+        return [f"- input `input`: float32 `[B, {record['shape'][0]}]` feature rows in the training file's column "
+                f"order; the per-feature standardisation is inside the model."]
+    norm = record["normalize"]
+    stats = f" (mean {norm['mean']}, std {norm['std']})" if norm["mean"] else ""
+    return [f"- input `input`: float32 RGB `[B, 3, {record['shape'][1]}, {record['shape'][2]}]` in [0, 1]",
+            f"- resize: {record['resize']}",
+            f"- normalisation `{norm['choice']}`{stats}: inside the model, do not apply it again"]
+
+
+def _image_lines(record: dict, library: str) -> list[str]:
+    """Python lines that read `image.jpg` into `x`, float32 [1, 3, S, S] in [0, 1] ("numpy" or "torch")."""
+    size = record["image_size"]
+    if library == "numpy":
+        lines = ["image = Image.open(\"image.jpg\").convert(\"RGB\")"]
+        if size:
+            lines += [f"scale = {size} / min(image.size)  # shorter side to {size}, then the centre crop",
+                      "image = image.resize([max(" + str(size) + ", round(side * scale)) for side in image.size], "
+                      "Image.BILINEAR)",
+                      f"left, top = (image.width - {size}) // 2, (image.height - {size}) // 2",
+                      f"image = image.crop((left, top, left + {size}, top + {size}))"]
+        return lines + ["x = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)[None] / 255"]
+    lines = ["image = decode_image(\"image.jpg\", mode=ImageReadMode.RGB, apply_exif_orientation=True)"]
+    if size:
+        lines += [f"image = F.center_crop(F.resize(image, [{size}], antialias=True), [{size}, {size}])"]
+    return lines + ["x = image[None].float() / 255"]
+
+
+def _rows_line(manifest: dict) -> str:
+    return "x = np.asarray([" + json.dumps(manifest["example_row"]) + "], dtype=np.float32)  # one feature row"
+
+
+def snippets(manifest: dict, folder: Path) -> dict[str, str]:
+    """Per file, a Python snippet that loads it and classifies `image.jpg` (or one feature row)."""
+    record, out = manifest["input"], str(folder)
+    image = record["kind"] == "image"
+    found = ["best = int(probs[0].argmax())", "print(classes[best], float(probs[0][best]))"]
+    code: dict[str, str] = {}
+    if "onnx" in manifest["files"]:
+        head = ["import json", "import numpy as np", "import onnxruntime"] + (["from PIL import Image"] if image else [])
+        body = [f"session = onnxruntime.InferenceSession(\"{out}/model.onnx\")",
+                f"classes = json.load(open(\"{out}/bcpkd-export.json\"))[\"classes\"]"]
+        body += _image_lines(record, "numpy") if image else [_rows_line(manifest)]
+        code["onnx"] = "\n".join(head + body + ["logits, probs = session.run([\"logits\", \"probs\"], {\"input\": x})"]
+                                 + found)
+    if "pt2" in manifest["files"]:
+        head = ["import json", "import torch"] + (
+            ["from torchvision.io import ImageReadMode, decode_image",
+             "from torchvision.transforms.v2 import functional as F"] if image else ["import numpy as np"])
+        body = [f"model = torch.export.load(\"{out}/model.pt2\").module()",
+                f"classes = json.load(open(\"{out}/bcpkd-export.json\"))[\"classes\"]"]
+        body += _image_lines(record, "torch") if image else [_rows_line(manifest), "x = torch.from_numpy(x)"]
+        code["pt2"] = "\n".join(head + body + ["logits, probs = model(x)[:2]"] + found)
+    if "safetensors" in manifest["files"]:
+        code["safetensors"] = _weights_snippet(manifest, out, image)
+    return code
+
+
+def _weights_snippet(manifest: dict, out: str, image: bool) -> str:
+    """Load model.safetensors into the library's own network; normalisation is then the user's to apply."""
+    names, model = manifest["weights"]["names"], manifest["model"]
+    n_classes = model["n_classes"]
+    if names == "torchvision":
+        build = [f"import torchvision", f"net = torchvision.models.get_model(\"{model['arch'].split(':', 1)[1]}\", "
+                                        f"num_classes={n_classes}, **{model['arch_kwargs']!r})"]
+    elif names == "timm":
+        build = ["import timm", f"net = timm.create_model(\"{model['arch'].split(':', 1)[1]}\", "
+                                f"num_classes={n_classes}, **{model['arch_kwargs']!r})"]
+    elif names == "factory":  # the user's own MODULE:CALLABLE or FILE.py:CALLABLE
+        source, _, name = model["arch"].partition(":")
+        load = f"runpy.run_path(\"{source}\")" if source.endswith(".py") else \
+            f"vars(importlib.import_module(\"{source}\"))"
+        build = ["import importlib, runpy", f"net = {load}[\"{name}\"](num_classes={n_classes}, "
+                                            f"**{model['arch_kwargs']!r})"]
+    else:  # bcpkd's zoo: its spec is in bcpkd-export.json
+        build = ["from bcpkd_cli.models import build_model",
+                 f"net = build_model(json.load(open(\"{out}/bcpkd-export.json\"))[\"model\"][\"spec\"])"]
+    lines = ["import json", "import torch", "from safetensors.torch import load_file"] + \
+        (["from torchvision.io import ImageReadMode, decode_image",
+          "from torchvision.transforms.v2 import functional as F"] if image else ["import numpy as np"]) + build
+    lines += [f"net.load_state_dict(load_file(\"{out}/model.safetensors\"))", "net.eval()",
+              f"classes = json.load(open(\"{out}/bcpkd-export.json\"))[\"classes\"]"]
+    if image:
+        lines += _image_lines(manifest["input"], "torch")
+        norm = manifest["input"]["normalize"]
+        if names != "bcpkd" and norm["mean"]:  # the library's network does not normalise itself
+            lines += [f"x = (x - torch.tensor({norm['mean']}).view(1, 3, 1, 1)) / torch.tensor({norm['std']})"
+                      f".view(1, 3, 1, 1)"]
+    else:
+        lines += [_rows_line(manifest), "x = torch.from_numpy(x)"]
+        scale = manifest["input"]["standardize"]
+        if names != "bcpkd" and scale:  # the factory's network does not standardise the rows itself
+            lines += [f"x = (x - torch.tensor({scale['mean']})) / torch.tensor({scale['std']})"]
+    lines += ["probs = torch.softmax(net(x), dim=1).detach()"]
+    return "\n".join(lines + ["best = int(probs[0].argmax())", "print(classes[best], float(probs[0][best]))"])
+
+
+def render(manifest: dict, folder: Path) -> str:
+    """The README.md of an export folder."""
+    model, test, teacher = manifest["model"], manifest["test"], manifest["teacher"]
+    classes = manifest["classes"]
+    lines = [f"# {manifest['kind']} {model['arch']} ({len(classes)} classes)", "",
+             f"Exported by bcpkd from `{manifest['source']['checkpoint']}` (SHA-256 `{manifest['source']['sha256']}`).",
+             "", f"- computes: {manifest['predictive']}" + ("" if manifest["exact"] else
+                                                          " (not the checkpoint's exact predictive)"),
+             f"- outputs: {', '.join('`' + o + '`' for o in manifest['outputs'])}"
+             + (f" (`epistemic`: {manifest['epistemic']})" if manifest["epistemic"] else ""),
+             f"- parameters {model['parameters']:,}, forward FLOPs per example {model['flops']:,}",
+             f"- classes, in output order: {', '.join(classes[:50])}{' ...' if len(classes) > 50 else ''}", "",
+             "## Inputs", "", *_preprocessing_lines(manifest["input"]), "",
+             "## Test split", "",
+             f"{test['n_examples']} examples: accuracy {test['accuracy']:.4f}, NLL {test['nll']:.4f}, "
+             f"ECE {test['ece']:.4f}, Brier {test['brier']:.4f}.", "",
+             "## Teacher", "", *[f"- {k}: {json.dumps(v)}" for k, v in teacher.items()], "",
+             "## Where it came from", "",
+             f"- made with the settings in `{manifest['source']['config']}` (`bcpkd COMMAND --recipe` of it repeats "
+             f"the run)", f"- exported with `{manifest['command']}`",
+             f"- data fingerprint `{manifest['data']['fingerprint']}`", ""]
+    parity = manifest["parity"]["max_abs_prob_difference"]
+    lines += ["## Files", ""]
+    for fmt, name in manifest["files"].items():
+        check = f"; max |Δprob| {parity[fmt]:.1e} against the checkpoint on {manifest['parity']['examples']} test " \
+                f"examples" if fmt in parity else f"; weights in {manifest['weights']['names']}'s key names"
+        lines.append(f"- `{name}`{check}")
+    if manifest["weights"]["note"]:
+        lines.append(f"- no model.safetensors: {manifest['weights']['note']}")
+    for fmt, code in snippets(manifest, folder).items():
+        lines += ["", f"### {fmt}", "", "```python", code, "```"]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,165 @@
+"""export: a student (or a teacher's calibrated predictive) as files the user's code loads, checked on the test split.
+
+The folder gets model.onnx, model.pt2 and model.safetensors (those asked for that apply), bcpkd-export.json
+(class names, preprocessing, what the model computes, its test metrics, where it came from) and README.md, a
+model card with a snippet per format. It is written beside the destination and moved into place whole.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from rich.table import Table
+
+from bcpkd_cli import artifacts, metrics, modelcard
+from bcpkd_cli.choices import Bayes, ExportFormat
+from bcpkd_cli.config import recipe_for_checkpoint
+from bcpkd_cli.console import console
+from bcpkd_cli.data import announce, load_dataset
+from bcpkd_cli.deployable import Deployable, deployable
+from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.export_formats import output_names, require_onnx, write_onnx, write_pt2, write_safetensors
+from bcpkd_cli.models import library_state_dict
+
+MANIFEST = "bcpkd-export.json"
+EXPORT_FORMAT, EXPORT_VERSION = "bcpkd.export", 1
+CHECK_ROWS = 512  # test examples every exported file is compared on
+FILES = {ExportFormat.onnx: "model.onnx", ExportFormat.pt2: "model.pt2", ExportFormat.safetensors: "model.safetensors"}
+
+
+def _claim(out: Path, force: bool) -> None:
+    """Refuse to replace a finished export without `force`, or to write into a folder of other files."""
+    if (out / MANIFEST).is_file() and not force:
+        raise BcpkdError(f"--out {out}: holds an export already ({MANIFEST}); give another --out, or add --force to "
+                         f"replace it")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise BcpkdError(f"--out {out}: is a folder of other files; give a new or empty folder")
+
+
+def _weights(deployed: Deployable) -> tuple[dict | None, str, str]:
+    """The network's weights in its library's names, the naming, and why there are none (a teacher of several or
+    sampled networks)."""
+    payload = deployed.payload
+    bayes = payload.get("bayes")
+    if bayes == Bayes.ensemble.value:
+        return None, "", "an ensemble is several networks; model.onnx and model.pt2 hold their averaged predictive"
+    if bayes == Bayes.vi.value:
+        return None, "", "a VI teacher's weights are distributions (bayesian-torch layers), not one library network"
+    weights, names = library_state_dict(payload["model"], payload["state_dict"])
+    return weights, names, ""
+
+
+def _inputs(split_inputs, rows: int) -> torch.Tensor:
+    """What the exported model takes: float32 images in [0, 1] or feature rows, the first `rows` of a split."""
+    x = split_inputs[:rows]
+    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+
+
+def _test_metrics(deployed: Deployable, test, n_bins: int, batch: int = 512) -> dict:
+    """The exported module's classification report on the whole test split."""
+    with torch.no_grad():
+        probs = torch.cat([deployed.module(_inputs(test.inputs[start:start + batch], batch))[1]
+                           for start in range(0, len(test), batch)])
+    return {"split": "test", "n_examples": len(test), **metrics.classification_report(probs, test.labels, None, n_bins)}
+
+
+def _flops(module: torch.nn.Module, example: torch.Tensor) -> int:
+    """Floating-point operations of one example's forward pass (torch's FLOP counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(example[:1])
+    return int(counter.get_total_flops())
+
+
+def _manifest(deployed: Deployable, checkpoint: Path, test: dict, example: torch.Tensor, weights_names: str,
+              weights_note: str, formats: list[ExportFormat], command: str) -> dict:
+    payload = deployed.payload
+    spec = payload["model"]
+    source = {"checkpoint": str(checkpoint.resolve()), "sha256": artifacts.sha256_file(checkpoint),
+              "config": str(checkpoint.resolve().parent / "config.yaml")}
+    return {
+        "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "kind": deployed.kind, "classes": deployed.classes,
+        "input": deployed.preprocess.record(), "outputs": output_names(3 if deployed.epistemic else 2),
+        "predictive": deployed.predictive, "exact": deployed.exact, "epistemic": deployed.epistemic,
+        "model": {"arch": spec["arch"], "arch_kwargs": spec.get("arch_kwargs", {}), "n_classes": spec["n_classes"],
+                  "spec": spec, "parameters": sum(p.numel() for p in deployed.module.parameters()),
+                  "flops": _flops(deployed.module, example)},
+        "weights": {"names": weights_names, "note": weights_note},
+        "teacher": modelcard.teacher_record(payload), "test": test, "data": payload["data"],
+        "source": source, "files": {f.value: FILES[f] for f in formats}, "command": command,
+    }
+
+
+def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: int, force: bool, command: str,
+        n_bins: int = 15) -> Path:
+    """Export `checkpoint` into `out` (default: <its folder>/export); every file checked against the module on the
+    test split's first CHECK_ROWS examples. Returns the folder."""
+    deployed = deployable(checkpoint, draws)
+    folder = Path(out) if out else Path(checkpoint).resolve().parent / "export"
+    _claim(folder, force)
+    weights, names, note = _weights(deployed)
+    asked = formats or list(ExportFormat)
+    if ExportFormat.safetensors in asked and weights is None:
+        if formats:
+            raise BcpkdError(f"--format safetensors: {note}; choose --format onnx,pt2")
+        asked = [f for f in asked if f != ExportFormat.safetensors]
+    if ExportFormat.onnx in asked:
+        require_onnx()
+    recipe = recipe_for_checkpoint({}, deployed.payload, f"{checkpoint}")
+    data = load_dataset(recipe.data)
+    announce(data)
+    check = _inputs(data.test.inputs, CHECK_ROWS)
+    test = _test_metrics(deployed, data.test, n_bins)
+    manifest = _manifest(deployed, Path(checkpoint), test, check, names, note, asked, command)
+    if deployed.preprocess.kind == "features":  # the card's snippets classify this row
+        manifest["example_row"] = [round(v, 6) for v in check[0].tolist()]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        parity = {}
+        if ExportFormat.pt2 in asked:
+            parity["pt2"] = write_pt2(deployed.module, check[:2], check, staging / FILES[ExportFormat.pt2], manifest)
+        if ExportFormat.onnx in asked:
+            parity["onnx"] = write_onnx(deployed.module, check[:2], check, staging / FILES[ExportFormat.onnx],
+                                        manifest)
+        if ExportFormat.safetensors in asked:
+            write_safetensors(weights, staging / FILES[ExportFormat.safetensors], manifest)
+        manifest["parity"] = {"examples": len(check), "max_abs_prob_difference": parity}
+        artifacts.write_json(staging / MANIFEST, manifest)
+        artifacts.write_text(staging / "README.md", modelcard.render(manifest, folder))
+        _replace(folder, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _report(folder, manifest)
+    return folder
+
+
+def _replace(folder: Path, staging: Path) -> None:
+    """Move the finished staging folder to `folder`; an old export there is moved aside first and then removed."""
+    old = None
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    staging.rename(folder)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _report(folder: Path, manifest: dict) -> None:
+    table = Table(title=f"export of {manifest['source']['checkpoint']}")
+    for column in ("file", "checked on", "max |Δprob|"):
+        table.add_column(column)
+    for fmt, name in manifest["files"].items():
+        difference = manifest["parity"]["max_abs_prob_difference"].get(fmt)
+        table.add_row(str(folder / name), f"{manifest['parity']['examples']} test examples" if difference is not None
+                      else "-", f"{difference:.2e}" if difference is not None else "(weights)")
+    console.print(table)
+    test = manifest["test"]
+    console.print(f"{manifest['kind']} {manifest['model']['arch']}: {manifest['predictive']}; test accuracy "
+                  f"{test['accuracy']:.4f}, NLL {test['nll']:.4f}, ECE {test['ece']:.4f} ({test['n_examples']} examples)")
