@@ -300,7 +300,8 @@ def distill(
 @app.command()
 def evaluate(
     checkpoints: list[Path] = typer.Argument(..., metavar="CHECKPOINT...",
-                                             help="teacher.pt or student.pt files (or their run folders)"),
+                                             help="teacher.pt or student.pt files (or their run folders), or "
+                                                  "exported model.onnx / model.pt2 files or folders"),
     recipe: Optional[Path] = RecipeOpt,
     as_json: bool = typer.Option(False, "--json", help="print the reports on stdout as JSON: a list with one "
                                                        "object per checkpoint"),
@@ -325,9 +326,11 @@ def evaluate(
     config = checked(tree, _source(recipe))  # report every problem before any work
     if print_config:
         return _print_config(config, ("device", "evaluate"))
-    paths = [artifacts.resolve_checkpoint(p, stage.CHECKPOINT_FORMATS, "evaluate") for p in checkpoints]
+    paths = [p if stage.is_export(p) else artifacts.resolve_checkpoint(p, stage.CHECKPOINT_FORMATS, "evaluate")
+             for p in checkpoints]
     for p in paths:  # and with the data each is evaluated on: a network of images given vectors, ...
-        checked(tree, str(p), artifacts.load_checkpoint(p, stage.CHECKPOINT_FORMATS))
+        if not stage.is_export(p):
+            checked(tree, str(p), artifacts.load_checkpoint(p, stage.CHECKPOINT_FORMATS))
     path, reports = stage.run(tree, paths, out, force, per_class)
     if as_json:
         print(json.dumps(reports, indent=2))

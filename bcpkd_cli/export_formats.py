@@ -80,7 +80,8 @@ def write_onnx(module: nn.Module, example: torch.Tensor, check: torch.Tensor, pa
     with contextlib.redirect_stdout(sys.stderr):
         try:
             torch.onnx.export(module, (example,), str(path), dynamo=True, input_names=["input"], output_names=names,
-                              dynamic_shapes=_batch_dim(), opset_version=ONNX_OPSET, verbose=False)
+                              dynamic_shapes=_batch_dim(), opset_version=ONNX_OPSET, verbose=False,
+                              external_data=False)
         except Exception as err:  # the exporter's many error types: an operation ONNX does not have
             raise BcpkdFailure(f"{path}: the ONNX exporter failed ({str(err).splitlines()[0][:120]}); leave onnx "
                                f"out with --format") from None

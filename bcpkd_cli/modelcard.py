@@ -4,7 +4,6 @@ from, and a snippet per file that loads it and classifies one input (tests run t
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from bcpkd_cli import artifacts
 
@@ -54,16 +53,17 @@ def _rows_line(manifest: dict) -> str:
     return "x = np.asarray([" + json.dumps(manifest["example_row"]) + "], dtype=np.float32)  # one feature row"
 
 
-def snippets(manifest: dict, folder: Path) -> dict[str, str]:
-    """Per file, a Python snippet that loads it and classifies `image.jpg` (or one feature row)."""
-    record, out = manifest["input"], str(folder)
+def snippets(manifest: dict) -> dict[str, str]:
+    """Per file, a Python snippet that loads it and classifies `image.jpg` (or one feature row), run in the export
+    folder."""
+    record = manifest["input"]
     image = record["kind"] == "image"
     found = ["best = int(probs[0].argmax())", "print(classes[best], float(probs[0][best]))"]
     code: dict[str, str] = {}
     if "onnx" in manifest["files"]:
         head = ["import json", "import numpy as np", "import onnxruntime"] + (["from PIL import Image"] if image else [])
-        body = [f"session = onnxruntime.InferenceSession(\"{out}/model.onnx\")",
-                f"classes = json.load(open(\"{out}/bcpkd-export.json\"))[\"classes\"]"]
+        body = ["session = onnxruntime.InferenceSession(\"model.onnx\")",
+                "classes = json.load(open(\"bcpkd-export.json\"))[\"classes\"]"]
         body += _image_lines(record, "numpy") if image else [_rows_line(manifest)]
         code["onnx"] = "\n".join(head + body + ["logits, probs = session.run([\"logits\", \"probs\"], {\"input\": x})"]
                                  + found)
@@ -71,16 +71,16 @@ def snippets(manifest: dict, folder: Path) -> dict[str, str]:
         head = ["import json", "import torch"] + (
             ["from torchvision.io import ImageReadMode, decode_image",
              "from torchvision.transforms.v2 import functional as F"] if image else ["import numpy as np"])
-        body = [f"model = torch.export.load(\"{out}/model.pt2\").module()",
-                f"classes = json.load(open(\"{out}/bcpkd-export.json\"))[\"classes\"]"]
+        body = ["model = torch.export.load(\"model.pt2\").module()",
+                "classes = json.load(open(\"bcpkd-export.json\"))[\"classes\"]"]
         body += _image_lines(record, "torch") if image else [_rows_line(manifest), "x = torch.from_numpy(x)"]
-        code["pt2"] = "\n".join(head + body + ["logits, probs = model(x)[:2]"] + found)
+        code["pt2"] = "\n".join(head + body + ["with torch.no_grad():", "    logits, probs = model(x)[:2]"] + found)
     if "safetensors" in manifest["files"]:
-        code["safetensors"] = _weights_snippet(manifest, out, image)
+        code["safetensors"] = _weights_snippet(manifest, image)
     return code
 
 
-def _weights_snippet(manifest: dict, out: str, image: bool) -> str:
+def _weights_snippet(manifest: dict, image: bool) -> str:
     """Load model.safetensors into the library's own network; normalisation is then the user's to apply."""
     names, model = manifest["weights"]["names"], manifest["model"]
     n_classes = model["n_classes"]
@@ -98,12 +98,12 @@ def _weights_snippet(manifest: dict, out: str, image: bool) -> str:
                                             f"**{model['arch_kwargs']!r})"]
     else:  # bcpkd's zoo: its spec is in bcpkd-export.json
         build = ["from bcpkd_cli.models import build_model",
-                 f"net = build_model(json.load(open(\"{out}/bcpkd-export.json\"))[\"model\"][\"spec\"])"]
+                 "net = build_model(json.load(open(\"bcpkd-export.json\"))[\"model\"][\"spec\"])"]
     lines = ["import json", "import torch", "from safetensors.torch import load_file"] + \
         (["from torchvision.io import ImageReadMode, decode_image",
           "from torchvision.transforms.v2 import functional as F"] if image else ["import numpy as np"]) + build
-    lines += [f"net.load_state_dict(load_file(\"{out}/model.safetensors\"))", "net.eval()",
-              f"classes = json.load(open(\"{out}/bcpkd-export.json\"))[\"classes\"]"]
+    lines += ["net.load_state_dict(load_file(\"model.safetensors\"))", "net.eval()",
+              "classes = json.load(open(\"bcpkd-export.json\"))[\"classes\"]"]
     if image:
         lines += _image_lines(manifest["input"], "torch")
         norm = manifest["input"]["normalize"]
@@ -119,7 +119,7 @@ def _weights_snippet(manifest: dict, out: str, image: bool) -> str:
     return "\n".join(lines + ["best = int(probs[0].argmax())", "print(classes[best], float(probs[0][best]))"])
 
 
-def render(manifest: dict, folder: Path) -> str:
+def render(manifest: dict) -> str:
     """The README.md of an export folder."""
     model, test, teacher = manifest["model"], manifest["test"], manifest["teacher"]
     classes = manifest["classes"]
@@ -135,7 +135,7 @@ def render(manifest: dict, folder: Path) -> str:
              "## Test split", "",
              f"{test['n_examples']} examples: accuracy {test['accuracy']:.4f}, NLL {test['nll']:.4f}, "
              f"ECE {test['ece']:.4f}, Brier {test['brier']:.4f}.", "",
-             "## Teacher", "", *[f"- {k}: {json.dumps(v)}" for k, v in teacher.items()], "",
+             "## What it learned from" if manifest["kind"] == "student" else "## Teacher", "", *[f"- {k}: {json.dumps(v)}" for k, v in teacher.items()], "",
              "## Where it came from", "",
              f"- made with the settings in `{manifest['source']['config']}` (`bcpkd COMMAND --recipe` of it repeats "
              f"the run)", f"- exported with `{manifest['command']}`",
@@ -148,6 +148,8 @@ def render(manifest: dict, folder: Path) -> str:
         lines.append(f"- `{name}`{check}")
     if manifest["weights"]["note"]:
         lines.append(f"- no model.safetensors: {manifest['weights']['note']}")
-    for fmt, code in snippets(manifest, folder).items():
+    lines += ["", "## Use it", "", "Each snippet runs in this folder" + (", with the image as `image.jpg`."
+                                                                        if manifest["input"]["kind"] == "image" else ".")]
+    for fmt, code in snippets(manifest).items():
         lines += ["", f"### {fmt}", "", "```python", code, "```"]
     return "\n".join(lines) + "\n"

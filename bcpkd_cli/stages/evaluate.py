@@ -16,6 +16,7 @@ from bcpkd_cli.engine import per_example_grad_sq_norms, resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, predict_logits, scaling_name
+from bcpkd_cli.runners import MANIFEST, open_model
 from bcpkd_cli.teachers import load_teacher
 
 CHECKPOINT_FORMATS = (artifacts.STUDENT_FORMAT, artifacts.TEACHER_FORMAT)
@@ -106,6 +107,38 @@ def evaluate_one(path: Path, tree: dict, announced: set[str] | None = None) -> d
                          **to_plain(recipe.evaluate)}}
 
 
+def is_export(path: Path) -> bool:
+    """An exported model.onnx / model.pt2 or an export folder (not a checkpoint)."""
+    return Path(path).suffix in (".onnx", ".pt2") or (Path(path) / MANIFEST).is_file()
+
+
+def evaluate_export(path: Path, tree: dict, announced: set[str]) -> dict:
+    """The report of an exported file, run as the user's code runs it (onnxruntime, torch.export), on the test
+    split of the data its export records: the same metrics as for its checkpoint, so parity is a report."""
+    runner = open_model(path)
+    manifest = runner.manifest
+    recipe = recipe_for_checkpoint(tree, {"data": manifest["data"]}, f"{path}")
+    data = load_dataset(recipe.data)
+    if data.fingerprint not in announced:
+        announced.add(data.fingerprint)
+        announce(data)
+    require_classes(str(path), manifest["classes"], data)
+    test, batch = data.test, recipe.evaluate.batch_size
+    chunks = [test.inputs[start:start + batch] for start in range(0, len(test), batch)]
+    probs = torch.cat([runner.run(x.float() / 255.0 if x.dtype == torch.uint8 else x.float())[1] for x in chunks])
+    counts, accuracies = metrics.per_class_accuracy(probs, test.labels)
+    return {"checkpoint": str(path), "sha256": artifacts.sha256_file(path) if Path(path).is_file() else None,
+            "kind": f"export ({runner.description})", "arch": manifest["model"]["arch"],
+            "source": manifest["source"], "predictive": manifest["predictive"], "split": "test",
+            "n_examples": len(test), "metrics": metrics.classification_report(probs, test.labels, test.true_bcp,
+                                                                              recipe.evaluate.ece_bins),
+            "per_class": [{"class": name, "n": n, "accuracy": acc}
+                          for name, n, acc in zip(data.classes, counts, accuracies)],
+            "reliability": metrics.reliability(probs, test.labels, recipe.evaluate.ece_bins),
+            "data": {**manifest["data"], "classes": list(data.classes)},
+            "evaluate": {"device": "cpu", "data_fingerprint": data.fingerprint, **to_plain(recipe.evaluate)}}
+
+
 def print_table(reports: list[dict]) -> None:
     keys: list[str] = []
     for r in reports:
@@ -142,9 +175,13 @@ def run(tree: dict, paths: list[Path], out: str, force: bool = False,
     if report_path is not None and report_path.is_file() and not force:
         raise BcpkdError(f"{report_path}: a report is there already; give another --out, or add --force to replace it")
     for p in paths:
-        artifacts.load_checkpoint(p, CHECKPOINT_FORMATS)
+        if is_export(p):
+            open_model(p)
+        else:
+            artifacts.load_checkpoint(p, CHECKPOINT_FORMATS)
     announced: set[str] = set()
-    reports = [evaluate_one(Path(p), tree, announced) for p in paths]
+    reports = [evaluate_export(Path(p), tree, announced) if is_export(p) else evaluate_one(Path(p), tree, announced)
+               for p in paths]
     print_table(reports)
     if per_class:
         if len({tuple(e["class"] for e in r["per_class"]) for r in reports}) > 1:

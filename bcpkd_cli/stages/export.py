@@ -131,7 +131,7 @@ def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: i
             write_safetensors(weights, staging / FILES[ExportFormat.safetensors], manifest)
         manifest["parity"] = {"examples": len(check), "max_abs_prob_difference": parity}
         artifacts.write_json(staging / MANIFEST, manifest)
-        artifacts.write_text(staging / "README.md", modelcard.render(manifest, folder))
+        artifacts.write_text(staging / "README.md", modelcard.render(manifest))
         _replace(folder, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

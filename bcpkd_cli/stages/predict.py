@@ -109,11 +109,11 @@ def _records(runner: Runner, names: list[str], x: torch.Tensor, top_k: int) -> l
     values, ids = probs.topk(min(top_k, probs.shape[1]), dim=1)
     records = []
     for i, name in enumerate(names):
-        record = {"input": name, "class": runner.classes[int(ids[i, 0])], "probability": f"{float(values[i, 0]):.6f}",
+        record = {"input": name, "class": runner.classes[int(ids[i, 0])], "probability": round(float(values[i, 0]), 6),
                   "top_k": ";".join(f"{runner.classes[int(c)]}:{float(v):.6f}" for v, c in zip(values[i], ids[i])),
-                  "entropy": f"{float(entropy[i]):.6f}"}
+                  "entropy": round(float(entropy[i]), 6)}
         if runner.epistemic:
-            record[runner.epistemic] = f"{float(epistemic[i]):.6f}"
+            record[runner.epistemic] = round(float(epistemic[i]), 6)
         records.append(record)
     return records
 

@@ -31,6 +31,9 @@ class Deployed:
     exact: bool  # probs equal the teacher's own predictive (predict_probs at T=1) up to float rounding
     epistemic: str | None  # the third output's name ("logit_variance", "mutual_information"); None: none
 
+    def __post_init__(self):
+        self.module.eval().requires_grad_(False)  # for inference only: its networks are copies
+
 
 def check_draws(draws: int, kind: Bayes, takes_draws: bool) -> None:
     """Refuse a draw count the kind cannot honour."""

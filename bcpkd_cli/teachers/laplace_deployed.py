@@ -72,7 +72,7 @@ class FullVariance(nn.Module):
     def forward(self, phi: torch.Tensor) -> torch.Tensor:
         phi = phi.to(self.blocks.dtype)
         extended = torch.cat([phi, torch.ones_like(phi[:, :1])], dim=1)  # phi~ [B, F+1]
-        return torch.einsum("bi,cij,bj->bc", extended, self.blocks, extended)
+        return ((extended @ self.blocks) * extended).sum(dim=2).T  # [C, B, F+1] -> [B, C]
 
 
 class LastLayerProbit(nn.Module):
