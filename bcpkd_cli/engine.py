@@ -201,6 +201,15 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
+    """[start, stop) of each batch of an epoch of n rows; a last batch of a single row joins the one before it
+    (BatchNorm cannot train on one example)."""
+    bounds = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, batch_size: int, order_seed: int,
                    desc: str, group_batch_fn: GroupBatchFn, log_every: int = 0, resume: Resume | None = None,
                    report: TrainingReport | None = None,
@@ -224,7 +233,8 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
                  torch.optim.lr_scheduler.MultiStepLR(o, list(m.spec.lr_milestones), gamma=0.1)
                  for m, o in zip(members, optimizers)]
     n = len(labels)
-    total = epochs * ((n + batch_size - 1) // batch_size)
+    bounds = batch_bounds(n, batch_size)
+    total = epochs * len(bounds)
     step, first_epoch = 0, 0
     if resume is not None and resume.start is not None:
         first_epoch, step = _restore(resume.start, members, optimizers, schedules, order_gen, labels.device)
@@ -249,14 +259,14 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
             order = torch.randperm(n, generator=order_gen).to(labels.device)
             if plan is not None:
                 in_order = order.cpu()  # one copy from the device, not one per batch
-                plan([in_order[s:s + batch_size][place.rank::place.size] for s in range(0, n, batch_size)])
+                plan([in_order[start:stop][place.rank::place.size] for start, stop in bounds])
             epoch_steps = 0
             for loss_sum in loss_sums:
                 loss_sum.zero_()
-            for start in range(0, n, batch_size):
+            for start, stop in bounds:
                 if log_every and step % log_every == 0:
                     log_all(step)
-                rows = order[start:start + batch_size]
+                rows = order[start:stop]
                 share = len(rows) / place.size  # the DDP mean over processes of sum / share = the batch mean
                 rows = rows[place.rank::place.size]
                 fetch_started = time.perf_counter()

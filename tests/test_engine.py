@@ -185,3 +185,11 @@ def test_lr_milestones_divide_the_learning_rate_by_ten(tiny_data):
         torch.optim.SGD.step = original_step
     per_epoch = len(seen) // 4
     assert [seen[e * per_epoch] for e in range(4)] == pytest.approx([0.5, 0.05, 0.05, 0.005])
+
+
+def test_a_last_batch_of_one_example_joins_the_one_before():
+    from bcpkd_cli.engine import batch_bounds
+
+    assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert batch_bounds(9, 4) == [(0, 4), (4, 9)]  # BatchNorm cannot train on one example
+    assert batch_bounds(1, 4) == [(0, 1)] and batch_bounds(8, 4) == [(0, 4), (4, 8)]

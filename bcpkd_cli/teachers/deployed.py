@@ -38,10 +38,10 @@ class Deployed:
 def check_draws(draws: int, kind: Bayes, takes_draws: bool) -> None:
     """Refuse a draw count the kind cannot honour."""
     if draws < 0:
-        raise BcpkdError(f"--draws {draws}: give a number of fixed draws (0: the mean network)")
+        raise BcpkdError(f"--draws {draws}: give a number of fixed draws, or 0 for the mean network")
     if draws and not takes_draws:
-        raise BcpkdError(f"--draws {draws}: a {kind.value} teacher has no draws to fix; only {DRAW_KINDS} teachers "
-                         f"take --draws (leave it out)")
+        raise BcpkdError(f"--draws {draws}: only {DRAW_KINDS} teachers deploy as fixed draws, not a {kind.value} one; "
+                         f"leave --draws out")
 
 
 def snapshot(network: nn.Module) -> nn.Module:

@@ -45,7 +45,8 @@ class DiagVariance(nn.Module):
     def __init__(self, posterior_variance: torch.Tensor, n_classes: int, has_bias: bool):
         super().__init__()
         n_features = (len(posterior_variance) - (n_classes if has_bias else 0)) // n_classes
-        self.register_buffer("weight", posterior_variance[: n_classes * n_features].reshape(n_classes, n_features))
+        weight = posterior_variance[: n_classes * n_features].reshape(n_classes, n_features)
+        self.register_buffer("weight", weight.clone())  # [C, F]
         bias = posterior_variance[-n_classes:] if has_bias else torch.zeros_like(posterior_variance[:n_classes])
         self.register_buffer("bias", bias.clone())  # [C]
 

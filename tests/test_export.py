@@ -1,0 +1,138 @@
+"""Ship the student: export (ONNX, torch.export, the library's own weights, a model card whose snippets run as
+written), predict, evaluate of exported files, and bcpkd_cli.load."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import bcpkd_cli
+from bcpkd_cli import export_formats
+from bcpkd_cli.errors import BcpkdError
+from cli_helpers import failed_here, here, refused_here
+
+
+def _snippets(folder) -> dict[str, str]:
+    text = (folder / "README.md").read_text()
+    return dict(re.findall(r"### (\w+)\n\n```python\n(.*?)```", text, re.S))
+
+
+def _run_snippet(code: str, folder) -> str:
+    result = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def table_student(tmp_path_factory):
+    work = tmp_path_factory.mktemp("table-student")
+    student = here("distill", "--targets", "onehot", "--epochs", "1", "--set", "data.n_train=600", "--set",
+                   "data.n_test=300", "--out", "s", cwd=work).strip()
+    folder = here("export", student, "--out", "exp", cwd=work).strip()
+    return work, work / student, work / folder
+
+
+def test_a_student_exports_every_format_checked_on_the_test_split(table_student):
+    work, student, folder = table_student
+    manifest = json.loads((folder / "bcpkd-export.json").read_text())
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", "bcpkd-export.json", "model.onnx", "model.pt2",
+                                                       "model.safetensors"]
+    assert manifest["classes"] == ["0", "1", "2", "3", "4"] and manifest["outputs"] == ["logits", "probs"]
+    assert manifest["input"]["kind"] == "features" and manifest["input"]["shape"] == [30]
+    assert all(v <= export_formats.TOLERANCE for v in manifest["parity"]["max_abs_prob_difference"].values())
+    assert manifest["parity"]["examples"] == 300 and manifest["test"]["n_examples"] == 300
+    assert manifest["model"]["parameters"] == 30 * 128 + 128 + 128 * 128 + 128 + 128 * 5 + 5  # mlp 128, 128
+    assert manifest["weights"]["names"] == "bcpkd" and manifest["source"]["checkpoint"] == str(student)
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(folder / "model.onnx")).metadata_props}
+    assert json.loads(props["bcpkd"])["classes"] == manifest["classes"]  # the file alone describes itself
+    assert onnx.load(str(folder / "model.onnx")).opset_import[0].version >= 17
+
+
+def test_the_card_snippets_run_as_written_and_agree_with_predict(table_student):
+    work, student, folder = table_student
+    printed = {fmt: _run_snippet(code, folder) for fmt, code in _snippets(folder).items()}
+    assert sorted(printed) == ["onnx", "pt2", "safetensors"]
+    names = {line.split()[0] for line in printed.values()}
+    assert len(names) == 1  # every format classifies the example row alike
+    row = json.loads((folder / "bcpkd-export.json").read_text())["example_row"]
+    np.savez(work / "one.npz", x_test=np.asarray([row], dtype=np.float32))
+    rows = list(csv.DictReader(io.StringIO(here("predict", str(folder), "one.npz", cwd=work))))
+    assert rows[0]["class"] == names.pop()
+    probability = float(printed["onnx"].split()[1])
+    assert float(rows[0]["probability"]) == pytest.approx(probability, abs=1e-5)
+
+
+def test_load_evaluate_and_refusals(table_student):
+    work, student, folder = table_student
+    model = bcpkd_cli.load(student)
+    assert model.classes == ["0", "1", "2", "3", "4"] and not model.training
+    x = torch.rand(7, 30) * 6
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    assert torch.allclose(model(x), torch.from_numpy(session.run(["probs"], {"input": x.numpy()})[0]), atol=1e-5)
+    reports = json.loads(here("evaluate", str(student), str(folder / "model.onnx"), str(folder / "model.pt2"),
+                              "--json", cwd=work))
+    for report in reports[1:]:
+        for key, value in reports[0]["metrics"].items():
+            if key in report["metrics"]:
+                assert report["metrics"][key] == pytest.approx(value, abs=1e-5), key
+    assert "holds an export already" in refused_here("export", str(student), "--out", str(folder), cwd=work)
+    assert "choose from onnx, pt2, safetensors" in refused_here("export", str(student), "--format", "tflite",
+                                                                 cwd=work)
+    assert "this model classifies feature rows" in refused_here("predict", str(folder), "README.md", cwd=folder)
+
+
+def test_a_missing_export_extra_is_one_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "onnxruntime" else real(name))
+    with pytest.raises(BcpkdError, match=r"needs the export extra \(onnxruntime missing\): pip install -e '.\[export\]'"):
+        export_formats.require_onnx()
+
+
+@pytest.mark.slow
+def test_an_image_student_of_a_torchvision_network(single_thread, image_folder, tmp_path):
+    """torchvision:mobilenet_v3_small student: its weights load strictly into torchvision's own network, the card's
+    snippets classify an image as written, predict reads folders and lists unreadable files after the rows."""
+    student = here("distill", "--targets", "onehot", "--data-root", str(image_folder), "--arch",
+                   "torchvision:mobilenet_v3_small", "--epochs", "1", "--out", "s", cwd=tmp_path).strip()
+    folder = tmp_path / here("export", student, "--out", "exp", cwd=tmp_path).strip()
+    manifest = json.loads((folder / "bcpkd-export.json").read_text())
+    assert manifest["classes"] == ["bird", "cat", "ship"] and manifest["weights"]["names"] == "torchvision"
+    import torchvision
+    from safetensors.torch import load_file
+
+    net = torchvision.models.mobilenet_v3_small(num_classes=3)
+    net.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    image = image_folder / "test" / "cat" / "000.png"
+    shutil.copy(image, folder / "image.jpg")  # a PNG named .jpg: the content decides
+    printed = {fmt: _run_snippet(code, folder) for fmt, code in _snippets(folder).items()}
+    assert len({line.split()[0] for line in printed.values()}) == 1
+    model = bcpkd_cli.load(tmp_path / student)
+    expected = model(model.preprocess(image)[None])[0]
+    assert float(printed["pt2"].split()[1]) == pytest.approx(float(expected.max()), abs=1e-5)
+    (tmp_path / "new" / "deep").mkdir(parents=True)
+    for i, name in enumerate(("a.png", "deep/b.png")):
+        shutil.copy(image_folder / "test" / "ship" / f"00{i}.png", tmp_path / "new" / name)
+    (tmp_path / "new" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut")
+    (tmp_path / "new" / "notes.txt").write_text("ignored")
+    message = failed_here("predict", str(folder / "model.onnx"), "new", "--out", "rows.csv", cwd=tmp_path)
+    assert "1 unreadable input: new/broken.jpg (truncated); the rows of the other 2 were written" in message
+    rows = list(csv.DictReader(open(tmp_path / "rows.csv")))
+    assert [r["input"] for r in rows] == ["new/a.png", "new/deep/b.png"]
+    assert all(abs(sum(float(p.split(":")[1]) for p in r["top_k"].split(";")) - 1) < 1e-4 for r in rows)
+    here("predict", str(folder), "new", "--skip-unreadable", "--out", "rows.jsonl", cwd=tmp_path)
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
