@@ -128,7 +128,7 @@ class Classifier(nn.Module):
         self.classes = deployed.classes
         self.preprocess = deployed.preprocess
         self.predictive = deployed.predictive
-        self.eval()
+        self.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.core(x)[1]

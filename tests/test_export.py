@@ -11,6 +11,8 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -136,3 +138,46 @@ def test_an_image_student_of_a_torchvision_network(single_thread, image_folder, 
     assert all(abs(sum(float(p.split(":")[1]) for p in r["top_k"].split(";")) - 1) < 1e-4 for r in rows)
     here("predict", str(folder), "new", "--skip-unreadable", "--out", "rows.jsonl", cwd=tmp_path)
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize("kind", ["laplace", "ensemble"])
+def test_a_calibrated_bayesian_teacher_exports_its_cached_predictive(single_thread, tmp_path, kind):
+    """The calibrated teacher (the one whose BCPs the cache holds) as one ONNX graph: its probabilities on the
+    training inputs equal the cached rows; predict adds the epistemic column."""
+    extra = ["--members", "2"] if kind == "ensemble" else []
+    teacher = here("train-teacher", "--bayes", kind, "--epochs", "2", *extra, "--set", "data.n_train=400", "--set",
+                   "data.n_heldout=200", "--set", "data.n_test=200", "--out", "t", cwd=tmp_path).strip()
+    cache = tmp_path / here("calibrate", "--teacher", teacher, "--temperature", "fit", cwd=tmp_path).strip()
+    calibrated = cache.parent / "teacher.pt"
+    folder = tmp_path / here("export", str(calibrated), "--out", "exp", "--format", "onnx", cwd=tmp_path).strip()
+    manifest = json.loads((folder / "bcpkd-export.json").read_text())
+    assert manifest["exact"] and manifest["kind"] == "teacher"
+    assert manifest["epistemic"] == ("logit_variance" if kind == "laplace" else "mutual_information")
+    assert manifest["outputs"] == ["logits", "probs", "epistemic"]
+    from safetensors.torch import load_file
+
+    cached = load_file(str(cache))["probs"][:, 0, :].float()  # [N, C], view 0, T_t = 1
+    from bcpkd_cli.config import DataConfig
+    from bcpkd_cli.data import load_dataset
+
+    train = load_dataset(DataConfig(n_train=400, n_heldout=200, n_test=200)).train.inputs
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"))
+    probs = torch.from_numpy(session.run(["probs"], {"input": train.numpy()})[0])
+    assert (probs - cached).abs().max() < 1e-5
+    np.savez(tmp_path / "rows.npz", x_test=train[:4].numpy())
+    rows = list(csv.DictReader(io.StringIO(here("predict", str(folder), "rows.npz", cwd=tmp_path))))
+    assert len(rows) == 4 and all(float(r[manifest["epistemic"]]) >= 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_the_python_page_runs_as_written(single_thread, image_folder, tmp_path):
+    code = re.search(r"```python\n(.*?)```", (Path(__file__).resolve().parents[1] / "docs" / "python.md").read_text(), re.S).group(1)
+    here("distill", "--targets", "onehot", "--data-root", str(image_folder), "--epochs", "1", "--out",
+         "runs/birds-student", cwd=tmp_path)
+    shutil.copy(image_folder / "test" / "cat" / "001.png", tmp_path / "a.jpg")
+    shutil.copy(image_folder / "test" / "ship" / "001.png", tmp_path / "b.jpg")
+    printed = _run_snippet(code, tmp_path).splitlines()
+    assert len(printed) == 3 and printed[-1] == "True"
+    assert all(line.split()[0] in ("bird", "cat", "ship") for line in printed[:2])
