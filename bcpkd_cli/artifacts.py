@@ -184,9 +184,10 @@ def load_checkpoint(path: str | Path, expected_format: str | tuple[str, ...]) ->
     return payload
 
 
-def read_weights(path: str | Path, option: str) -> tuple[str, dict]:
+def read_weights(path: str | Path, option: str) -> tuple[str, dict, dict | None]:
     """A trained network's state dict from `.safetensors` or a `.pt`/`.pth` file read with weights_only=True: a
-    nested `state_dict` or `model` entry is unwrapped and DDP's `module.` prefix removed. (name, state dict)."""
+    nested `state_dict` or `model` entry is unwrapped and DDP's `module.` prefix removed. (name, state dict, and
+    for a bcpkd student.pt or single-network teacher.pt its model spec: its keys are bcpkd's)."""
     path = Path(path)
     if not path.is_file():
         raise BcpkdError(f"{option} {path}: no such file; give a state dict saved with torch.save(model.state_dict(), "
@@ -201,6 +202,11 @@ def read_weights(path: str | Path, option: str) -> tuple[str, dict]:
     except Exception as err:  # torch and safetensors raise many types for foreign files
         raise BcpkdError(f"{option} {path}: not a readable state dict ({str(err).strip()[:100]}); save one with "
                          f"torch.save(model.state_dict(), PATH)") from None
+    if isinstance(state, dict) and state.get("format") in (STUDENT_FORMAT, TEACHER_FORMAT):
+        if state.get("bayes") in ("ensemble", "vi"):
+            raise BcpkdError(f"{option} {path}: a {state['bayes']} teacher is not one network's weights; give a "
+                             f"student.pt, a single-network teacher.pt or a state dict")
+        return str(path), state["state_dict"], state["model"]
     while isinstance(state, dict) and len(state) and not all(isinstance(v, torch.Tensor) for v in state.values()):
         inner = state.get("state_dict", state.get("model"))
         if not isinstance(inner, dict):
@@ -211,7 +217,7 @@ def read_weights(path: str | Path, option: str) -> tuple[str, dict]:
         raise BcpkdError(f"{option} {path}: is not a state dict; save model.state_dict()")
     if all(k.startswith("module.") for k in state):
         state = {k.removeprefix("module."): v for k, v in state.items()}
-    return str(path), state
+    return str(path), state, None
 
 
 def save_training_state(path: Path, state: dict, settings: dict) -> Path:

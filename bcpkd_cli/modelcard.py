@@ -4,6 +4,7 @@ from, and a snippet per file that loads it and classifies one input (tests run t
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from bcpkd_cli import artifacts
 
@@ -81,7 +82,8 @@ def snippets(manifest: dict) -> dict[str, str]:
 
 
 def _weights_snippet(manifest: dict, image: bool) -> str:
-    """Load model.safetensors into the library's own network; normalisation is then the user's to apply."""
+    """Load model.safetensors into the bare network (the library's, the user's factory's, or network.py's);
+    normalisation is then the user's to apply."""
     names, model = manifest["weights"]["names"], manifest["model"]
     n_classes = model["n_classes"]
     if names == "torchvision":
@@ -92,29 +94,29 @@ def _weights_snippet(manifest: dict, image: bool) -> str:
                                 f"num_classes={n_classes}, **{model['arch_kwargs']!r})"]
     elif names == "factory":  # the user's own MODULE:CALLABLE or FILE.py:CALLABLE
         source, _, name = model["arch"].partition(":")
-        load = f"runpy.run_path(\"{source}\")" if source.endswith(".py") else \
+        load = f"runpy.run_path(\"{Path(source).resolve()}\")" if source.endswith(".py") else \
             f"vars(importlib.import_module(\"{source}\"))"
         build = ["import importlib, runpy", f"net = {load}[\"{name}\"](num_classes={n_classes}, "
                                             f"**{model['arch_kwargs']!r})"]
-    else:  # bcpkd's zoo: its spec is in bcpkd-export.json
-        build = ["from bcpkd_cli.models import build_model",
-                 "net = build_model(json.load(open(\"bcpkd-export.json\"))[\"model\"][\"spec\"])"]
+    else:  # a built-in network: network.py beside it, plain PyTorch
+        build = ["import network", f"net = {manifest['weights']['build']}"]
     lines = ["import json", "import torch", "from safetensors.torch import load_file"] + \
         (["from torchvision.io import ImageReadMode, decode_image",
           "from torchvision.transforms.v2 import functional as F"] if image else ["import numpy as np"]) + build
     lines += ["net.load_state_dict(load_file(\"model.safetensors\"))", "net.eval()",
-              "classes = json.load(open(\"bcpkd-export.json\"))[\"classes\"]"]
+              "info = json.load(open(\"bcpkd-export.json\"))", "classes = info[\"classes\"]"]
     if image:
         lines += _image_lines(manifest["input"], "torch")
         norm = manifest["input"]["normalize"]
-        if names != "bcpkd" and norm["mean"]:  # the library's network does not normalise itself
-            lines += [f"x = (x - torch.tensor({norm['mean']}).view(1, 3, 1, 1)) / torch.tensor({norm['std']})"
-                      f".view(1, 3, 1, 1)"]
+        if norm["mean"]:  # the bare network does not normalise itself
+            lines += ["mean, std = (torch.tensor(info[\"input\"][\"normalize\"][k]).view(1, 3, 1, 1) for k in "
+                      "(\"mean\", \"std\"))", "x = (x - mean) / std"]
     else:
         lines += [_rows_line(manifest), "x = torch.from_numpy(x)"]
         scale = manifest["input"]["standardize"]
-        if names != "bcpkd" and scale:  # the factory's network does not standardise the rows itself
-            lines += [f"x = (x - torch.tensor({scale['mean']})) / torch.tensor({scale['std']})"]
+        if scale:  # the bare network does not standardise the rows itself
+            lines += ["mean, std = (torch.tensor(info[\"input\"][\"standardize\"][k]) for k in (\"mean\", \"std\"))",
+                      "x = (x - mean) / std"]
     lines += ["probs = torch.softmax(net(x), dim=1).detach()"]
     return "\n".join(lines + ["best = int(probs[0].argmax())", "print(classes[best], float(probs[0][best]))"])
 
@@ -144,8 +146,10 @@ def render(manifest: dict) -> str:
     lines += ["## Files", ""]
     for fmt, name in manifest["files"].items():
         check = f"; max |Δprob| {parity[fmt]:.1e} against the checkpoint on {manifest['parity']['examples']} test " \
-                f"examples" if fmt in parity else f"; weights in {manifest['weights']['names']}'s key names"
+                f"examples" if fmt in parity else f"; the bare network's weights, key names of {manifest['weights']['names']}"
         lines.append(f"- `{name}`{check}")
+    if manifest["weights"]["network"]:
+        lines.append("- `network.py`: the bare network as plain PyTorch (needs only torch; inputs normalised by you)")
     if manifest["weights"]["note"]:
         lines.append(f"- no model.safetensors: {manifest['weights']['note']}")
     lines += ["", "## Use it", "", "Each snippet runs in this folder" + (", with the image as `image.jpg`."

@@ -28,8 +28,11 @@ def _snippets(folder) -> dict[str, str]:
     return dict(re.findall(r"### (\w+)\n\n```python\n(.*?)```", text, re.S))
 
 
-def _run_snippet(code: str, folder) -> str:
-    result = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=120)
+def _run_snippet(code: str, folder, without_bcpkd: bool = True) -> str:
+    """A snippet in a fresh interpreter in `folder`; bcpkd_cli cannot be imported there (`without_bcpkd`)."""
+    blocked = "import sys\nsys.modules['bcpkd_cli'] = None  # importing bcpkd fails\n" if without_bcpkd else ""
+    result = subprocess.run([sys.executable, "-c", blocked + code], cwd=folder, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 
@@ -105,27 +108,44 @@ def test_a_missing_export_extra_is_one_line(monkeypatch):
         export_formats.require_onnx()
 
 
-@pytest.mark.slow
-def test_an_image_student_of_a_torchvision_network(single_thread, image_folder, tmp_path):
-    """torchvision:mobilenet_v3_small student: its weights load strictly into torchvision's own network, the card's
-    snippets classify an image as written, predict reads folders and lists unreadable files after the rows."""
-    student = here("distill", "--targets", "onehot", "--data-root", str(image_folder), "--arch",
-                   "torchvision:mobilenet_v3_small", "--epochs", "1", "--out", "s", cwd=tmp_path).strip()
-    folder = tmp_path / here("export", student, "--out", "exp", cwd=tmp_path).strip()
-    manifest = json.loads((folder / "bcpkd-export.json").read_text())
-    assert manifest["classes"] == ["bird", "cat", "ship"] and manifest["weights"]["names"] == "torchvision"
-    import torchvision
-    from safetensors.torch import load_file
+SMALL_CNN = str(Path(__file__).resolve().parents[1] / "recipes" / "examples" / "small_cnn.py") + ":small_cnn"
 
-    net = torchvision.models.mobilenet_v3_small(num_classes=3)
-    net.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["resnet20", "torchvision:mobilenet_v3_small", "timm:test_resnet", SMALL_CNN])
+def test_every_format_of_an_image_student_reloads_without_bcpkd(single_thread, image_folder, tmp_path, arch):
+    """A built-in, a torchvision, a timm and a user-factory student: each exported file, loaded by its snippet in a
+    fresh interpreter where bcpkd cannot be imported, classifies an image as the checkpoint does; the student then
+    starts the next teacher through --init (its checkpoint, or the export's safetensors)."""
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    student = here("distill", "--targets", "onehot", "--data-root", str(image_folder), "--arch", arch, "--epochs", "1",
+                   "--out", "s", cwd=tmp_path).strip()
+    folder = tmp_path / here("export", student, "--out", "exp", "--trust-code", cwd=tmp_path).strip()
+    manifest = json.loads((folder / "bcpkd-export.json").read_text())
+    assert manifest["classes"] == ["bird", "cat", "ship"] and sorted(manifest["files"]) == ["onnx", "pt2", "safetensors"]
+    assert manifest["weights"]["names"] == {"resnet20": "network.py", "torchvision:mobilenet_v3_small": "torchvision",
+                                            "timm:test_resnet": "timm"}.get(arch, "factory")
     image = image_folder / "test" / "cat" / "000.png"
     shutil.copy(image, folder / "image.jpg")  # a PNG named .jpg: the content decides
-    printed = {fmt: _run_snippet(code, folder) for fmt, code in _snippets(folder).items()}
-    assert len({line.split()[0] for line in printed.values()}) == 1
-    model = bcpkd_cli.load(tmp_path / student)
+    model = bcpkd_cli.load(tmp_path / student, device="cpu")
     expected = model(model.preprocess(image)[None])[0]
-    assert float(printed["pt2"].split()[1]) == pytest.approx(float(expected.max()), abs=1e-5)
+    for fmt, code in _snippets(folder).items():
+        name, probability = _run_snippet(code, folder).split()
+        assert name == model.classes[int(expected.argmax())], fmt
+        assert float(probability) == pytest.approx(float(expected.max()), abs=1e-4), fmt
+    for weights in (student, str(folder / "model.safetensors")):  # round trips: the student starts a teacher
+        teacher = here("train-teacher", "--data-root", str(image_folder), "--arch", arch, "--init", weights, "--epochs",
+                       "0", "--out", f"t-{Path(weights).suffix[1:]}", "--trust-code", cwd=tmp_path).strip()
+        again = bcpkd_cli.load(tmp_path / teacher)
+        assert torch.allclose(again(again.preprocess(image)[None])[0], expected, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_predict_reads_folders_and_lists_unreadable_files_after_the_rows(single_thread, image_folder, tmp_path):
+    student = here("distill", "--targets", "onehot", "--data-root", str(image_folder), "--epochs", "1", "--out", "s",
+                   cwd=tmp_path).strip()
+    folder = tmp_path / here("export", student, "--out", "exp", "--format", "onnx", cwd=tmp_path).strip()
     (tmp_path / "new" / "deep").mkdir(parents=True)
     for i, name in enumerate(("a.png", "deep/b.png")):
         shutil.copy(image_folder / "test" / "ship" / f"00{i}.png", tmp_path / "new" / name)
@@ -136,6 +156,9 @@ def test_an_image_student_of_a_torchvision_network(single_thread, image_folder, 
     rows = list(csv.DictReader(open(tmp_path / "rows.csv")))
     assert [r["input"] for r in rows] == ["new/a.png", "new/deep/b.png"]
     assert all(abs(sum(float(p.split(":")[1]) for p in r["top_k"].split(";")) - 1) < 1e-4 for r in rows)
+    from_checkpoint = list(csv.DictReader(io.StringIO(here("predict", student, "new", "--skip-unreadable",
+                                                           cwd=tmp_path))))
+    assert [r["class"] for r in from_checkpoint] == [r["class"] for r in rows]
     here("predict", str(folder), "new", "--skip-unreadable", "--out", "rows.jsonl", cwd=tmp_path)
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
 
@@ -178,6 +201,6 @@ def test_the_python_page_runs_as_written(single_thread, image_folder, tmp_path):
          "runs/birds-student", cwd=tmp_path)
     shutil.copy(image_folder / "test" / "cat" / "001.png", tmp_path / "a.jpg")
     shutil.copy(image_folder / "test" / "ship" / "001.png", tmp_path / "b.jpg")
-    printed = _run_snippet(code, tmp_path).splitlines()
+    printed = _run_snippet(code, tmp_path, without_bcpkd=False).splitlines()
     assert len(printed) == 3 and printed[-1] == "True"
     assert all(line.split()[0] in ("bird", "cat", "ship") for line in printed[:2])

@@ -14,13 +14,14 @@ split into the same `features` and `head`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.models import mobilenetv2, resnet, resnet_cifar, vgg, wrn
+from bcpkd_cli.models import mobilenetv2, resnet, resnet_cifar, standalone, vgg, wrn
 from bcpkd_cli.models.base import FeaturesHead
 from bcpkd_cli.models.foreign import LIBRARIES, build_foreign, split_head
 
@@ -207,48 +208,92 @@ def add_dropout(model: nn.Module, rate: float) -> None:
         model.features = nn.Sequential(model.features, nn.Dropout(rate))
 
 
-def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dict] | None = None) -> nn.Module:
+def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dict, dict | None] | None = None
+                ) -> nn.Module:
     """Build from a model_spec, optionally loading the weights of a bcpkd checkpoint (`state_dict`), or importing
-    a trained network's (`init`: (file name, state dict) in the network's own key names)."""
+    a trained network's (`init`: file name, state dict, and the spec of the bcpkd checkpoint it came from, if it
+    did: see _init_state)."""
     arch, input_shape = spec["arch"], tuple(spec["input_shape"])
     # images of checkpoints that predate stored statistics were normalised with CIFAR-10's; vectors not at all
     stats = spec.get("stats", CIFAR10_STATS if len(input_shape) == 3 else None)
     if arch in ARCHITECTURES:
         model = ARCHITECTURES[arch](input_shape, spec["n_classes"], tuple(spec["hidden"]), stats=stats)
         if init is not None:
-            load_weights(model, *init)
+            load_weights(model, init[0], _init_state(spec, init[1], init[2]))
         if spec.get("dropout", 0.0) > 0.0:
             add_dropout(model, spec["dropout"])
     else:
         net = build_foreign(arch, spec["n_classes"], spec.get("arch_kwargs", {}))
         if init is not None:
-            load_weights(net, *init)
+            load_weights(net, init[0], _init_state(spec, init[1], init[2]))
         model = _rebuilt_from(net, spec)
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
 
 
-def library_state_dict(spec: dict, state_dict: dict) -> tuple[dict, str]:
-    """A checkpoint's weights in the key names of the library that builds its network: for `torchvision:NAME`,
-    `timm:NAME` and factories, what `torchvision.models.NAME(num_classes=C)` (`timm.create_model`, the factory)
-    loads with strict=True; built-in zoo networks keep bcpkd's names (bcpkd builds them). Also which it is."""
+@dataclass(frozen=True)
+class LibraryWeights:
+    """A checkpoint's network weights in the key names of what builds the bare network."""
+
+    weights: dict  # key -> tensor
+    names: str  # torchvision, timm, factory (the user's), or network.py (a built-in, as plain PyTorch)
+    source: str | None  # network.py's text, for built-ins
+    call: str | None  # the expression that builds the bare network from network.py
+
+
+def bare_key_names(spec: dict) -> tuple[dict[str, str], str, str | None, str | None]:
+    """bcpkd model key -> the key of the same tensor in the bare network: what `torchvision.models.NAME(
+    num_classes=C)` (`timm.create_model`, the user's factory) loads with strict=True, or for built-ins the
+    network in network.py (plain PyTorch). Also the naming, network.py's text and the call that builds it."""
     arch = spec["arch"]
-    if arch in ARCHITECTURES:
-        return {k: v for k, v in state_dict.items()}, "bcpkd"
+    if arch == "mlp":
+        bare = nn.Sequential()  # only its Linear layers' order matters: network.mlp's are 0, 2, 4, ...
+        for i in range(len(spec["hidden"]) + 1):
+            bare.add_module(str(2 * i), nn.Linear(1, 1))
+        return (standalone.linear_names(build_model(spec), bare), "network.py", standalone.network_source(None),
+                standalone.network_call(spec, None))
+    if arch in _IMAGE:
+        bare = _IMAGE[arch](spec["n_classes"], in_channels=spec["input_shape"][0])
+        own = standalone.tensor_names(bare)
+        bare.features = nn.Sequential(ImageInput(spec.get("stats")), bare.features)  # as build_model wraps it
+        if spec.get("dropout", 0.0) > 0.0:
+            add_dropout(bare, spec["dropout"])
+        return (standalone.mapped_names(bare, own), "network.py", standalone.network_source(_IMAGE[arch]),
+                standalone.network_call(spec, _IMAGE[arch]))
     net = build_foreign(arch, spec["n_classes"], spec.get("arch_kwargs", {}))
-    own_names = {id(t): name for name, t in net.state_dict(keep_vars=True).items()}
+    own = standalone.tensor_names(net)
     model = _rebuilt_from(net, spec)  # build_model's construction: every tensor leads back to its library name
-    names = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in own_names:
-            names[name] = own_names[id(tensor)]
-    missing = sorted(set(own_names.values()) - set(names.values()))
-    if missing:
-        raise BcpkdError(f"{arch}: weights {', '.join(missing[:3])} of the library network have no counterpart in "
-                         f"the checkpoint; export it in bcpkd's names with --format onnx,pt2")
     library = arch.split(":", 1)[0]
-    return {names[k]: v for k, v in state_dict.items() if k in names}, library if library in LIBRARIES else "factory"
+    return standalone.mapped_names(model, own), library if library in LIBRARIES else "factory", None, None
+
+
+@dataclass(frozen=True)
+class LibraryWeights:
+    """A checkpoint's network weights in the key names of what builds the bare network."""
+
+    weights: dict  # key -> tensor
+    names: str  # torchvision, timm, factory (the user's), or network.py (a built-in, as plain PyTorch)
+    source: str | None  # network.py's text, for built-ins
+    call: str | None  # the expression that builds the bare network from network.py
+
+
+def library_state_dict(spec: dict, state_dict: dict) -> LibraryWeights:
+    """A checkpoint's weights under the bare network's key names (`bare_key_names`)."""
+    names, naming, source, call = bare_key_names(spec)
+    return LibraryWeights(standalone.renamed(state_dict, names, spec["arch"]), naming, source, call)
+
+
+def _init_state(spec: dict, state: dict, made_by: dict | None) -> dict:
+    """--init weights in the names the network being built loads: a bcpkd checkpoint's (`made_by` its spec) or an
+    export's model.safetensors (bare names) are renamed; a plain state dict is taken as it is."""
+    if made_by is not None:
+        state = library_state_dict(made_by, state).weights
+    if spec["arch"] in ARCHITECTURES:  # built-ins load bcpkd's names: bare ones are renamed back
+        inverse = {bare: ours for ours, bare in bare_key_names(spec)[0].items()}
+        if set(state) and set(state) <= set(inverse) and not set(state) <= set(inverse.values()):
+            state = {inverse[k]: v for k, v in state.items()}
+    return state
 
 
 def _rebuilt_from(net: nn.Module, spec: dict) -> nn.Module:

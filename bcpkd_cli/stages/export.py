@@ -22,7 +22,7 @@ from bcpkd_cli.data import announce, load_dataset
 from bcpkd_cli.deployable import Deployable, deployable
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.export_formats import output_names, require_onnx, write_onnx, write_pt2, write_safetensors
-from bcpkd_cli.models import library_state_dict
+from bcpkd_cli.models import LibraryWeights, library_state_dict
 
 MANIFEST = "bcpkd-export.json"
 EXPORT_FORMAT, EXPORT_VERSION = "bcpkd.export", 1
@@ -39,17 +39,16 @@ def _claim(out: Path, force: bool) -> None:
         raise BcpkdError(f"--out {out}: is a folder of other files; give a new or empty folder")
 
 
-def _weights(deployed: Deployable) -> tuple[dict | None, str, str]:
-    """The network's weights in its library's names, the naming, and why there are none (a teacher of several or
-    sampled networks)."""
+def _weights(deployed: Deployable) -> tuple[LibraryWeights | None, str]:
+    """The network's weights in the bare network's names, or why there are none (a teacher of several or sampled
+    networks)."""
     payload = deployed.payload
     bayes = payload.get("bayes")
     if bayes == Bayes.ensemble.value:
-        return None, "", "an ensemble is several networks; model.onnx and model.pt2 hold their averaged predictive"
+        return None, "an ensemble is several networks; model.onnx and model.pt2 hold their averaged predictive"
     if bayes == Bayes.vi.value:
-        return None, "", "a VI teacher's weights are distributions (bayesian-torch layers), not one library network"
-    weights, names = library_state_dict(payload["model"], payload["state_dict"])
-    return weights, names, ""
+        return None, "a VI teacher's weights are distributions (bayesian-torch layers), not one network's"
+    return library_state_dict(payload["model"], payload["state_dict"]), ""
 
 
 def _inputs(split_inputs, rows: int) -> torch.Tensor:
@@ -76,7 +75,7 @@ def _flops(module: torch.nn.Module, example: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def _manifest(deployed: Deployable, checkpoint: Path, test: dict, example: torch.Tensor, weights_names: str,
+def _manifest(deployed: Deployable, checkpoint: Path, test: dict, example: torch.Tensor, weights: LibraryWeights | None,
               weights_note: str, formats: list[ExportFormat], command: str) -> dict:
     payload = deployed.payload
     spec = payload["model"]
@@ -89,7 +88,9 @@ def _manifest(deployed: Deployable, checkpoint: Path, test: dict, example: torch
         "model": {"arch": spec["arch"], "arch_kwargs": spec.get("arch_kwargs", {}), "n_classes": spec["n_classes"],
                   "spec": spec, "parameters": sum(p.numel() for p in deployed.module.parameters()),
                   "flops": _flops(deployed.module, example)},
-        "weights": {"names": weights_names, "note": weights_note},
+        "weights": {"names": weights.names if weights else None, "note": weights_note,
+                    "network": "network.py" if weights and weights.source and ExportFormat.safetensors in formats
+                    else None, "build": weights.call if weights else None},
         "teacher": modelcard.teacher_record(payload), "test": test, "data": payload["data"],
         "source": source, "files": {f.value: FILES[f] for f in formats}, "command": command,
     }
@@ -102,7 +103,7 @@ def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: i
     deployed = deployable(checkpoint, draws)
     folder = Path(out) if out else Path(checkpoint).resolve().parent / "export"
     _claim(folder, force)
-    weights, names, note = _weights(deployed)
+    weights, note = _weights(deployed)
     asked = formats or list(ExportFormat)
     if ExportFormat.safetensors in asked and weights is None:
         if formats:
@@ -115,7 +116,7 @@ def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: i
     announce(data)
     check = _inputs(data.test.inputs, CHECK_ROWS)
     test = _test_metrics(deployed, data.test, n_bins)
-    manifest = _manifest(deployed, Path(checkpoint), test, check, names, note, asked, command)
+    manifest = _manifest(deployed, Path(checkpoint), test, check, weights, note, asked, command)
     if deployed.preprocess.kind == "features":  # the card's snippets classify this row
         manifest["example_row"] = [round(v, 6) for v in check[0].tolist()]
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -128,7 +129,9 @@ def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: i
             parity["onnx"] = write_onnx(deployed.module, check[:2], check, staging / FILES[ExportFormat.onnx],
                                         manifest)
         if ExportFormat.safetensors in asked:
-            write_safetensors(weights, staging / FILES[ExportFormat.safetensors], manifest)
+            write_safetensors(weights.weights, staging / FILES[ExportFormat.safetensors], manifest)
+            if weights.source:
+                artifacts.write_text(staging / "network.py", weights.source)
         manifest["parity"] = {"examples": len(check), "max_abs_prob_difference": parity}
         artifacts.write_json(staging / MANIFEST, manifest)
         artifacts.write_text(staging / "README.md", modelcard.render(manifest))

@@ -67,7 +67,7 @@ class TrainingRun:
     starts: tuple[dict, ...]
     phase: Callable[[str], Resume]
     folder: Path  # the teacher's run folder (TensorBoard logs go to folder/tensorboard/<phase>)
-    init: tuple[str, dict] | None = None  # teacher.init: (file name, a trained network's state dict)
+    init: tuple[str, dict, dict | None] | None = None  # teacher.init: (file name, state dict, bcpkd spec or None)
 
     @property
     def base(self) -> dict | None:
