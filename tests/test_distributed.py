@@ -53,7 +53,8 @@ def test_two_processes_train_the_single_process_student(teacher):
     assert_same_student(one, work / "two" / "student.pt")
     log_one = torch.load(one, weights_only=True)["log"]
     log_two = torch.load(work / "two" / "student.pt", weights_only=True)["log"]
-    assert [e["step"] for e in log_two] == [e["step"] for e in log_one] == [0, 2, 4, 5]
+    assert [e["step"] for e in log_two] == [e["step"] for e in log_one] == [0, 2, 4]  # 2 steps an epoch: a last
+    # batch of one example joins the one before
 
 
 def test_two_processes_train_the_single_process_teacher(teacher):

@@ -30,11 +30,20 @@ def _snippets(folder) -> dict[str, str]:
 
 def _run_snippet(code: str, folder, without_bcpkd: bool = True) -> str:
     """A snippet in a fresh interpreter in `folder`; bcpkd_cli cannot be imported there (`without_bcpkd`)."""
-    blocked = "import sys\nsys.modules['bcpkd_cli'] = None  # importing bcpkd fails\n" if without_bcpkd else ""
-    result = subprocess.run([sys.executable, "-c", blocked + code], cwd=folder, capture_output=True, text=True,
-                            timeout=120)
+    return _run_snippets({"one": code}, folder, without_bcpkd)["one"]
+
+
+def _run_snippets(snippets: dict[str, str], folder, without_bcpkd: bool = True) -> dict[str, str]:
+    """Each snippet as written, in its own namespace, in one fresh interpreter in `folder` (where bcpkd_cli cannot be
+    imported, unless not `without_bcpkd`); what each printed."""
+    runner = ["import contextlib, io, json, sys", "sys.modules['bcpkd_cli'] = None" if without_bcpkd else "",
+              "printed = {}", f"for name, code in {snippets!r}.items():", "    out = io.StringIO()",
+              "    with contextlib.redirect_stdout(out):", "        exec(compile(code, name, 'exec'), {})",
+              "    printed[name] = out.getvalue().strip()", "print(json.dumps(printed))"]
+    result = subprocess.run([sys.executable, "-c", "\n".join(runner)], cwd=folder, capture_output=True, text=True,
+                            timeout=180)
     assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +59,13 @@ def test_a_student_exports_every_format_checked_on_the_test_split(table_student)
     work, student, folder = table_student
     manifest = json.loads((folder / "bcpkd-export.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "bcpkd-export.json", "model.onnx", "model.pt2",
-                                                       "model.safetensors"]
+                                                       "model.safetensors", "network.py"]
     assert manifest["classes"] == ["0", "1", "2", "3", "4"] and manifest["outputs"] == ["logits", "probs"]
     assert manifest["input"]["kind"] == "features" and manifest["input"]["shape"] == [30]
     assert all(v <= export_formats.TOLERANCE for v in manifest["parity"]["max_abs_prob_difference"].values())
     assert manifest["parity"]["examples"] == 300 and manifest["test"]["n_examples"] == 300
     assert manifest["model"]["parameters"] == 30 * 128 + 128 + 128 * 128 + 128 + 128 * 5 + 5  # mlp 128, 128
-    assert manifest["weights"]["names"] == "bcpkd" and manifest["source"]["checkpoint"] == str(student)
+    assert manifest["weights"]["names"] == "network.py" and manifest["source"]["checkpoint"] == str(student)
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(folder / "model.onnx")).metadata_props}
@@ -66,7 +75,7 @@ def test_a_student_exports_every_format_checked_on_the_test_split(table_student)
 
 def test_the_card_snippets_run_as_written_and_agree_with_predict(table_student):
     work, student, folder = table_student
-    printed = {fmt: _run_snippet(code, folder) for fmt, code in _snippets(folder).items()}
+    printed = _run_snippets(_snippets(folder), folder)
     assert sorted(printed) == ["onnx", "pt2", "safetensors"]
     names = {line.split()[0] for line in printed.values()}
     assert len(names) == 1  # every format classifies the example row alike
@@ -130,8 +139,8 @@ def test_every_format_of_an_image_student_reloads_without_bcpkd(single_thread, i
     shutil.copy(image, folder / "image.jpg")  # a PNG named .jpg: the content decides
     model = bcpkd_cli.load(tmp_path / student, device="cpu")
     expected = model(model.preprocess(image)[None])[0]
-    for fmt, code in _snippets(folder).items():
-        name, probability = _run_snippet(code, folder).split()
+    for fmt, line in _run_snippets(_snippets(folder), folder).items():
+        name, probability = line.split()
         assert name == model.classes[int(expected.argmax())], fmt
         assert float(probability) == pytest.approx(float(expected.max()), abs=1e-4), fmt
     for weights in (student, str(folder / "model.safetensors")):  # round trips: the student starts a teacher
