@@ -163,15 +163,16 @@ def _is_cache(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 100_000_000
 
 
-def load_checkpoint(path: str | Path, expected_format: str | tuple[str, ...]) -> dict:
-    """Load a checkpoint without executing code; refuse a wrong format or version."""
+def load_checkpoint(path: str | Path, expected_format: str | tuple[str, ...], mmap: bool = False) -> dict:
+    """Load a checkpoint without executing code; refuse a wrong format or version. `mmap`: its tensors are
+    memory-mapped, read only where used (to look at its plain entries)."""
     path = Path(path)
     formats = (expected_format,) if isinstance(expected_format, str) else expected_format
     hint = FIX_HINT[formats[0]]
     if not path.is_file():
         raise BcpkdError(f"{path}: no such checkpoint; {hint}")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # torch raises many types for a corrupt or foreign file
         reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
         raise BcpkdError(f"{path}: not a readable bcpkd checkpoint ({reason}); {hint}") from None

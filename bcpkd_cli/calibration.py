@@ -32,6 +32,7 @@ from bcpkd_cli.data import Dataset, require_classes, views
 from bcpkd_cli.diskspace import require_space
 from bcpkd_cli.engine import World, world
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
+from bcpkd_cli.models import predict_logits
 from bcpkd_cli.shards import shard_files, shard_name, shard_rows
 from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
 from bcpkd_cli.teachers.temperature import fit_temperature
@@ -105,6 +106,11 @@ def calibrate(teacher: Teacher, data: Dataset, cfg: CalibrateConfig, n_bins: int
     held = data.heldout
     report: dict = {"heldout_examples": len(held), "before": heldout_report(teacher, data, n_bins)}
     report.update(teacher.tune(cfg, held))
+    if "prior_precision" in report:
+        note = no_posterior_note(report, network_distance(teacher, held))
+        if note:
+            console.print(f"[yellow]note:[/] {note}")
+            report["no_posterior"] = note
     if cfg.temperature == TemperatureFit.fit:
         teacher.calibration_temperature = 1.0
         teacher.calibration_temperature = fit_temperature(
@@ -112,6 +118,39 @@ def calibrate(teacher: Teacher, data: Dataset, cfg: CalibrateConfig, n_bins: int
         report["temperature"] = teacher.calibration_temperature
     report["after"] = heldout_report(teacher, data, n_bins)
     return report
+
+
+NO_POSTERIOR_TOL = 1e-6  # a posterior predictive this close to the network's softmax adds nothing
+
+
+@torch.no_grad()
+def network_distance(teacher: Teacher, held) -> float:
+    """The largest difference, over held-out examples and classes, between the teacher's predictive and the
+    softmax of its network (the MAP network of a Laplace posterior), both at the teacher's T_cal."""
+    probs = teacher.predict_probs(held.inputs, torch.arange(len(held)))
+    logits = predict_logits(teacher.model, held.inputs, teacher.batch_size)
+    return (probs.double() - torch.softmax(logits.double() / teacher.calibration_temperature, dim=1)).abs().max().item()
+
+
+def no_posterior_note(report: dict, distance: float) -> str | None:
+    """One line when tuning left a posterior no part in the predictive: the prior precision chosen is the largest
+    the grid search tried, or the predictive equals the network's softmax within NO_POSTERIOR_TOL on held-out
+    data (`distance`); None otherwise."""
+    precision = report["prior_precision"]
+    at_top = report.get("prior_method") == "gridsearch" and "prior_grid" in report and \
+        precision >= report["prior_grid"][1] * (1 - 1e-6)
+    same = distance <= NO_POSTERIOR_TOL
+    if at_top and same:
+        return f"held-out NLL prefers the network: the Laplace posterior adds nothing here (prior precision " \
+               f"{precision:.3g}, the largest tried)"
+    if at_top:
+        return f"held-out NLL prefers the network: the Laplace posterior adds little here (prior precision " \
+               f"{precision:.3g}, the largest tried; its held-out predictive is within {distance:.1g} of the " \
+               f"network's softmax)"
+    if same:
+        return f"the Laplace posterior adds nothing here: its held-out predictive equals the network's softmax " \
+               f"within {NO_POSTERIOR_TOL:g} (prior precision {precision:.3g})"
+    return None
 
 
 def describe_tuning(report: dict) -> str | None:

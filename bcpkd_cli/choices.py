@@ -42,6 +42,12 @@ class Bayes(str, enum.Enum):
     mcmi = "mcmi"
 
 
+def teacher_label(kind: Bayes | str) -> str:
+    """What logs call a teacher of this kind: `laplace teacher`; kind `none` (no posterior) is a deterministic one."""
+    kind = Bayes(kind)
+    return f"{'deterministic' if kind == Bayes.none else kind.value} teacher"
+
+
 class Subset(str, enum.Enum):
     last_layer = "last_layer"
     all = "all"
@@ -85,6 +91,9 @@ class Targets(str, enum.Enum):
     onehot = "onehot"
     true = "true"
     noisy = "noisy"
+
+
+TARGET_LABELS = {"onehot": "one-hot labels", "true": "exact BCPs", "noisy": "noisy BCPs"}  # what logs call them
 
 
 class Precision(str, enum.Enum):

@@ -34,6 +34,8 @@ _GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
 _POSITIVE = {"n_classes", "dim", "batch_size", "prior_sigma", "lr_scale",
              "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
              "t_teacher", "t_student", "workers", "hidden", "line_seconds"}
+_AUTOMATIC_AT_ZERO = {"calibrate.batch_size", "teacher.log_every", "distill.log_every"}  # positive, or 0: by bcpkd
+_EXAMPLES = re.compile(r"^(all|0|[1-9]\d*)$")  # distill/evaluate.grad_noise_examples
 
 
 def _convert(value: Any, typ: Any, where: str, errors: list[str]) -> Any:
@@ -158,8 +160,10 @@ def _build(cls: type, values: dict, prefix: str, errors: list[str]) -> Any:
         where = f"{prefix}.{f.name}".lstrip(".")
         value = _convert(values[f.name], hints[f.name], where, errors)
         values_to_check = value if isinstance(value, tuple) else (value,)
-        if f.name in _POSITIVE and any(isinstance(v, (int, float)) and v <= 0 for v in values_to_check):
-            errors.append(f"{where}: must be positive, got {value!r}")
+        automatic = where in _AUTOMATIC_AT_ZERO
+        if f.name in _POSITIVE and any(isinstance(v, (int, float)) and (v < 0 if automatic else v <= 0)
+                                       for v in values_to_check):
+            errors.append(f"{where}: must be {'0 (automatic) or ' if automatic else ''}positive, got {value!r}")
         if value is not None:
             kwargs[f.name] = value
     return cls(**kwargs)
@@ -325,6 +329,8 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
                                  distill=dataclasses.replace(recipe.distill, arch=recipe.distill.arch or arch))
     if not _DEVICE.match(recipe.device):
         errors.append(f"device: {recipe.device!r} is not one of: auto, cpu, cuda, cuda:N")
+    if recipe.threads < 0:
+        errors.append(f"threads: must be 0 (chosen from the CPUs allowed) or positive, got {recipe.threads}")
     if not 0.0 <= recipe.distill.alpha <= 1.0:
         errors.append(f"distill.alpha: must be in [0, 1], got {recipe.distill.alpha}")
     for where, items in (("data.mean_choices", recipe.data.mean_choices), ("experiment.seeds", recipe.experiment.seeds),
@@ -363,6 +369,10 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         errors.append(f"calibrate.draws: must be 0 or positive, got {recipe.calibrate.draws}")
     if recipe.data.image_size < 0:
         errors.append(f"data.image_size: must be 0 (keep the size) or positive, got {recipe.data.image_size}")
+    for where, examples in (("distill.grad_noise_examples", recipe.distill.grad_noise_examples),
+                            ("evaluate.grad_noise_examples", recipe.evaluate.grad_noise_examples)):
+        if not _EXAMPLES.match(examples):
+            errors.append(f"{where}: {examples!r} is not a number of examples K, all, or 0 (none)")
     for item in recipe.evaluate.grad_targets:
         if not _GRAD_TARGET.match(item):
             errors.append(f"evaluate.grad_targets: {item!r} is not one of: onehot, true, noisy:ALPHA")

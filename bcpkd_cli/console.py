@@ -9,19 +9,37 @@ from __future__ import annotations
 
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from bcpkd_cli.errors import BcpkdError
 
 HELDOUT_LINE_EXAMPLES = 2048  # held-out examples measured at each epoch end for the lines of batch jobs
 _EXPLAINED = False  # what the lines of batch jobs show is said once per process
 
-# Logs of batch jobs get wide tables instead of rich's 80-column default.
+# Logs of batch jobs get 200-column lines instead of rich's 80-column default (tables: their full width, show_table).
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+
+
+def show_table(table: Table) -> None:
+    """A table on stderr. On a terminal rich fits it to the window; in a log (stderr not a terminal) it is printed at
+    its natural width, however many columns it has, so that no column name or cell is cut short or wrapped."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    natural = Measurement.get(console, console.options.update(width=1_000_000), table).maximum
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width
 
 
 def duration(seconds: float) -> str:
@@ -30,6 +48,21 @@ def duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def stamp() -> str:
+    """The local time of day to the second, ISO 8601 (2026-12-07T02:14:03): how log lines a person follows later begin."""
+    return datetime.now().isoformat(timespec="seconds")
+
+
+def epoch_count(n: int) -> str:
+    """1 epoch, 2 epochs."""
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+def header(command: str, text: str) -> None:
+    """A stage's first line: when it started, the command and what it runs (its key settings and output folder)."""
+    line(f"{stamp()} {command}: {text}")
 
 
 def line(text: str) -> None:
@@ -43,8 +76,8 @@ class TrainingReport:
     """Progress of one training loop (a group of `names` networks trained in lockstep).
 
     On a terminal: a rich progress bar. Otherwise (batch jobs): a line at every epoch end, and one at
-    least every `line_seconds` within long epochs: epoch, mean training loss, held-out accuracy and
-    NLL, examples per second, the share of time spent waiting for data (building batches: reading images,
+    least every `line_seconds` within long epochs, each beginning with the time of day: epoch, mean training
+    loss, held-out accuracy and NLL, examples per second, the share of time spent waiting for data (building batches: reading images,
     views, targets; on CUDA an upper bound on the GPU's idle time) and the time left. `tensorboard` folders (one per network) receive the
     same numbers per epoch."""
 
@@ -123,7 +156,7 @@ class TrainingReport:
         label = f" [{name}]" if name else ""
         shown = ", ".join(f"{key.replace('heldout_', 'held-out ').replace('_', ' ')} {value:.4f}"
                           for key, value in values.items())
-        line(f"{self.desc}{label} {where}: {shown}{self._pace(step)}")
+        line(f"{stamp()} {self.desc}{label} {where}: {shown}{self._pace(step)}")
         self.last_line = time.perf_counter()
 
     def close(self) -> None:

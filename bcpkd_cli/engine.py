@@ -27,6 +27,7 @@ from bcpkd_cli.resumption import Resume
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 # batch_fn(rows [B], epoch) -> (inputs [B, ...], target_probs [B, C] | None): augmentation views, online targets
 BatchFn = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
+LOG_POINTS = 20  # log_every=0 (automatic): at least this many log entries per run, and one per epoch
 
 
 @dataclass(frozen=True)
@@ -141,12 +142,14 @@ def train(
     resume: Resume | None = None,
     heldout_fn: Callable[[nn.Module], dict] | None = None,
     report: TrainingReport | None = None,
+    log: list[dict] | None = None,
 ) -> int:
     """Minimise mean loss_fn (+ penalty(epoch), e.g. a KL term) over seeded shuffled batches.
 
     Batches are rows of tensors already on the device; `batch_fn(rows, epoch)` builds a batch's
-    inputs and targets (default: the rows of `inputs` and `target_probs`). Calls log_fn(step, model)
-    at step 0 and every `log_every` steps. Returns the number of steps.
+    inputs and targets (default: the rows of `inputs` and `target_probs`). Appends log_fn(step, model)
+    to `log` at step 0, every `log_every` steps (0: automatic, `log_interval`) and at the end (a resumed
+    run's `log` holds the entries before the interruption too). Returns the number of steps.
     """
     if batch_fn is None:
         def batch_fn(rows: torch.Tensor, epoch: int):
@@ -156,7 +159,7 @@ def train(
         batch_inputs, batch_targets = batch_fn(rows, epoch)
         return batch_inputs, [batch_targets]
 
-    member = Member(model, loss_fn, spec, log_fn, penalty, heldout_fn=heldout_fn)
+    member = Member(model, loss_fn, spec, log_fn, penalty, log=[] if log is None else log, heldout_fn=heldout_fn)
     return train_lockstep([member], labels, spec.epochs, spec.batch_size, spec.seed, desc, group_batch, log_every,
                           resume, report, getattr(inputs, "plan", None))
 
@@ -201,6 +204,26 @@ def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
+def log_interval(log_every: int, total_steps: int, steps_per_epoch: int) -> int:
+    """The steps between log entries: `log_every`, or for 0 (automatic) an interval that gives at least
+    LOG_POINTS entries per run and one per epoch."""
+    return log_every if log_every > 0 else max(1, min(steps_per_epoch, total_steps // LOG_POINTS))
+
+
+def heldout_log(inputs: torch.Tensor, labels: torch.Tensor) -> Callable[[int, nn.Module], dict]:
+    """log_fn(step, model) -> {"step", "heldout_nll", "heldout_accuracy"} on every held-out example (only the step
+    without held-out data): the curve that teachers and students log (metrics.jsonl, the checkpoint's `log`)."""
+
+    def log_heldout(step: int, model: nn.Module) -> dict:
+        if len(labels) == 0:  # data.n_heldout=0: no held-out curve
+            return {"step": step}
+        probs = torch.softmax(predict_logits(model, inputs), dim=1)
+        return {"step": step, "heldout_nll": metrics.nll(probs, labels),
+                "heldout_accuracy": metrics.accuracy(probs, labels)}
+
+    return log_heldout
+
+
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """[start, stop) of each batch of an epoch of n rows; a last batch of a single row joins the one before it
     (BatchNorm cannot train on one example)."""
@@ -220,9 +243,10 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
 
     Under torchrun every process draws the same batch order and takes every world-size-th row of each
     batch; gradients are averaged so that a step is the step of the whole batch (the mean over all its
-    rows), as in one process. Only rank 0 logs and saves the state of `resume`. `report` shows the progress
-    (default: a progress bar on a terminal, a line per epoch in batch jobs). `plan(batches)` is told each
-    epoch's row batches of this process in advance (images read per batch read them ahead)."""
+    rows), as in one process. Only rank 0 logs (every `log_every` steps, 0: automatic) and saves the state
+    of `resume`. `report` shows the progress (default: a progress bar on a terminal, a line per epoch in
+    batch jobs). `plan(batches)` is told each epoch's row batches of this process in advance (images read
+    per batch read them ahead)."""
     place = world()
     torch.manual_seed(order_seed)
     order_gen = torch.Generator().manual_seed(order_seed)
@@ -235,6 +259,7 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     n = len(labels)
     bounds = batch_bounds(n, batch_size)
     total = epochs * len(bounds)
+    log_every = log_interval(log_every, total, len(bounds))
     step, first_epoch = 0, 0
     if resume is not None and resume.start is not None:
         first_epoch, step = _restore(resume.start, members, optimizers, schedules, order_gen, labels.device)
@@ -248,10 +273,11 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     def mean_losses() -> list[float]:
         return [float(s) / max(1, epoch_steps) for s in loss_sums]
 
-    def log_all(at_step: int) -> None:
+    def log_all(at_step: int) -> None:  # without touching the training's RNG streams (dropout, VI noise)
         for m in members:
             if m.log_fn is not None and place.is_main:
-                m.log.append(m.log_fn(at_step, m.model))
+                with torch.random.fork_rng(devices=[labels.device] if labels.device.type == "cuda" else []):
+                    m.log.append(m.log_fn(at_step, m.model))
                 m.model.train()
 
     try:
@@ -264,7 +290,7 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
             for loss_sum in loss_sums:
                 loss_sum.zero_()
             for start, stop in bounds:
-                if log_every and step % log_every == 0:
+                if step % log_every == 0:
                     log_all(step)
                 rows = order[start:stop]
                 share = len(rows) / place.size  # the DDP mean over processes of sum / share = the batch mean
@@ -295,11 +321,10 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
             if resume is not None:
                 rng = _every_process(_rng_state(labels.device))  # each process's dropout/VI noise stream
                 if place.is_main:
-                    resume.save(_state(epoch + 1, step, members, optimizers, schedules, order_gen, rng))
+                    resume.save(_state(epoch + 1, epochs, step, members, optimizers, schedules, order_gen, rng))
     finally:
         report.close()
-    if log_every:
-        log_all(step)
+    log_all(step)
     return step
 
 
@@ -349,12 +374,12 @@ def broadcast_buffers(model: nn.Module) -> None:
             dist.broadcast(buffer, src=0)
 
 
-def _state(epochs_done: int, step: int, members: list[Member], optimizers: list, schedules: list,
+def _state(epochs_done: int, epochs: int, step: int, members: list[Member], optimizers: list, schedules: list,
            order_gen: torch.Generator, rng: list[dict]) -> dict:
     """Everything the next epoch depends on, as tensors and plain values (loads with weights_only);
-    `rng` holds each process's torch (and CUDA) generator state."""
+    `rng` holds each process's torch (and CUDA) generator state; `epochs`, the run's, says how far it got."""
     return {
-        "epoch": epochs_done, "step": step, "order_rng": order_gen.get_state(), "rng": rng,
+        "epoch": epochs_done, "epochs": epochs, "step": step, "order_rng": order_gen.get_state(), "rng": rng,
         "members": [{"model": m.model.state_dict(), "optimizer": o.state_dict(), "schedule": _schedule_state(s),
                      "log": list(m.log)} for m, o, s in zip(members, optimizers, schedules)],
     }

@@ -23,6 +23,14 @@ def per_class_accuracy(probs: torch.Tensor, labels: torch.Tensor) -> tuple[list[
             [None if n == 0 else h / n for h, n in zip(hits.tolist(), counts.tolist())])
 
 
+def confusion_matrix(probs: torch.Tensor, labels: torch.Tensor) -> list[list[int]]:
+    """Counts [C][C] (C of probs): row = true class, column = predicted class (the top-1), both in label order."""
+    n_classes = probs.shape[1]
+    pairs = labels.long() * n_classes + probs.argmax(dim=1)
+    counts = torch.bincount(pairs, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+    return [[int(v) for v in row] for row in counts.tolist()]
+
+
 def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood of the labels (probabilities clamped at 1e-12)."""
     picked = probs.double().gather(1, labels[:, None]).squeeze(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import statistics
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -23,14 +24,15 @@ from rich.table import Table
 from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import PREDICTIVE_VERSION, ensure_cache
 from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, plain_data, to_plain
-from bcpkd_cli.data import check_sizes, load_dataset
-from bcpkd_cli.console import console
+from bcpkd_cli.data import check_sizes, decoding_workers, load_dataset
+from bcpkd_cli.console import console, show_table
 from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
-from bcpkd_cli.resumption import STUDENT_SECTIONS, TEACHER_SECTIONS, finished_artifact, has_saved_state
+from bcpkd_cli.resumption import STUDENT_SECTIONS, TEACHER_SECTIONS, finished_artifact, has_saved_state, track
 from bcpkd_cli.stages import distill, evaluate, plot, train_teacher
 from bcpkd_cli.models.foreign import trust, trusted
 from bcpkd_cli.teachers import recipe_problems
+from bcpkd_cli.threads import apply_threads
 
 STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll", "convergence_noise_accuracy",
                    "grad_noise"]
@@ -107,6 +109,7 @@ def _build_caches(jobs: list, teacher_paths: dict[str, Path]) -> None:
         path = teacher_paths[teacher_name]
         payload = artifacts.load_checkpoint(path, artifacts.TEACHER_FORMAT)
         device = resolve_device(recipe.device)
+        apply_threads(recipe.threads, decoding_workers(recipe.data))
         ensure_cache(path, payload, load_dataset(recipe.data).to(device), recipe.calibrate, recipe.distill.t_teacher,
                      device, n_bins=recipe.evaluate.ece_bins)
 
@@ -127,12 +130,13 @@ def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, 
         again = resume and (folder / "student.pt").is_file()  # made from an older teacher: replaced
         path = distill.run(recipe, teacher_path, resume=resume and has_saved_state(folder), force=force or again,
                            label=f"{name} seed={seed}")
-    eval_tree = {k: v for k, v in s_tree.items() if k in ("device", "evaluate")}
+    eval_tree = {k: v for k, v in s_tree.items() if k in ("device", "threads", "evaluate")}
     return path, evaluate.evaluate_one(path, eval_tree)
 
 
 def _worker_start(trusted_arches: list[str], trust_all: bool) -> None:
-    """A student worker: one CPU thread, and the user code this run may import."""
+    """A student worker: one CPU thread (its stages keep OMP_NUM_THREADS), and the user code this run may import."""
+    os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     trust(trusted_arches, trust_all)
 
@@ -262,6 +266,7 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
     recipe: Recipe = build_recipe(tree, source, checks=(recipe_problems,))
     out = artifacts.new_run_dir(recipe.out, "run")
     _claim(out, resume, force)
+    track(out, whole_run=True)  # a Ctrl-C names this folder, and --resume continues it
     teacher_trees, jobs = _plan(tree, source, out)
     check_sizes(recipe.data)  # images that cannot fill the splits: said now, not after the first teacher
 
@@ -318,6 +323,10 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
     n_tseeds = len(recipe.experiment.teacher_seeds)
     t_table, t_md = _table(f"teachers (test split; mean ± std over {n_tseeds} teacher seeds)" if n_tseeds > 1 else
                            "teachers (test split)", teacher_rows, TEACHER_COLUMNS)
+    notes = list(dict.fromkeys(f"{e['name']}: {e['report']['no_posterior']}" for e in teacher_reports
+                               if e["report"].get("no_posterior")))  # why a calibrated row equals its teacher's
+    if notes:
+        t_table.caption, t_md = "\n".join(notes), t_md + "\n\n" + "\n".join(f"- {note}" for note in notes)
     extra = sorted({k for r in student_rows for k in r if k.startswith("grad_noise_")})
     seeds = len(recipe.experiment.seeds)
     s_table, s_md = _table(f"students (test split; mean ± std over {seeds} seeds)" if seeds > 1 else
@@ -337,7 +346,7 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
     markdown = f"# {source}\n"
     for title, table, md, rows in sections:
         if rows:
-            console.print(table)
+            show_table(table)
             markdown += f"\n## {title}\n\n{md}\n"
     artifacts.write_text(out / "summary.md", markdown)
     return artifacts.write_json(out / "summary.json", {"recipe": source, "config": run_config(recipe),

@@ -18,7 +18,7 @@ STUDENT_SECTIONS = ("data", "distill", "calibrate", "precision", "compile")  # a
 # Paths, whose files are identified by their hashes or fingerprints instead (a folder spelled another
 # way is the same run), and settings that do not change what is trained.
 BY_CONTENT = ("teacher.base", "teacher.ensemble.checkpoints", "data.root", "data.download", "calibrate.batch_size",
-              "data.skip_unreadable")
+              "data.skip_unreadable", "distill.grad_noise_examples")
 DATA_KEYS = ("data_fingerprint", "targets")  # settings that change with the files of the data (and its cache)
 
 
@@ -30,6 +30,53 @@ class Resume:
 
     save: Callable[[dict], None]
     start: dict | None = None
+
+
+@dataclass
+class Progress:
+    """How far the command under way got, for the message of a Ctrl-C or a preemption (cli.main): `out`, the
+    folder its --out names (given, or generated), and the last epoch end a training loop saved (`epoch` of
+    `epochs`, 0: none yet) in `folder` (out itself, or under `bcpkd run` (`whole_run`) the folder of the
+    teacher or student in training), of training phase `phase` (a teacher's: member2, mcmi, ...)."""
+
+    out: Path
+    whole_run: bool = False
+    folder: Path | None = None
+    epoch: int = 0
+    epochs: int = 0
+    phase: str = ""
+
+    @property
+    def resumable(self) -> bool:
+        """Whether `--out out --resume` continues the command: a stage needs a saved state; `bcpkd run` reuses
+        what it finished and continues what was saved."""
+        return self.out.is_dir() if self.whole_run else has_saved_state(self.out)
+
+
+progress: Progress | None = None  # this process's command under way (set by track, updated by every save)
+
+
+def begin_command() -> None:
+    """A new command in this process: nothing claimed or saved yet."""
+    global progress
+    progress = None
+
+
+def track(folder: Path, whole_run: bool = False) -> None:
+    """A command claimed `folder`: a training stage its output folder, `bcpkd run` (`whole_run`) its own, below
+    which its stages then claim theirs."""
+    global progress
+    if progress is not None and progress.whole_run and not whole_run:
+        progress.folder, progress.epoch, progress.epochs, progress.phase = folder, 0, 0, ""
+    else:
+        progress = Progress(folder, whole_run, None if whole_run else folder)
+
+
+def _saved(path: Path, state: dict) -> None:
+    """The training state of `path` holds `state` (saved now, or found by --resume)."""
+    if progress is not None:
+        progress.folder, progress.epoch, progress.epochs = path.parent, state["epoch"], state.get("epochs", 0)
+        progress.phase = path.stem.removeprefix("train-state").lstrip("-")  # train-state-PHASE.pt
 
 
 def settings_of(recipe: Recipe | dict, sections: tuple[str, ...], without: tuple[str, ...] = BY_CONTENT) -> dict:
@@ -71,6 +118,7 @@ def claim_folder(folder: Path, artifacts_made: list[Path], resume: bool, force: 
             raise BcpkdError(f"--out {folder}: holds an interrupted run (train-state*.pt, no finished artifact); "
                              f"add --resume to continue it, or --force to start afresh")
         finish(folder)
+    track(folder)
 
 
 def resumable(path: Path, settings: dict, resume: bool, files_left_out: bool = False) -> Resume:
@@ -83,7 +131,13 @@ def resumable(path: Path, settings: dict, resume: bool, files_left_out: bool = F
         if changed:
             line(f"warning: the data changed since {path} was saved (data.skip_unreadable: files left out); "
                  f"continuing on the files that remain")
-    return Resume(lambda state: artifacts.save_training_state(path, state, settings), start)
+        _saved(path, start)
+
+    def save(state: dict) -> None:
+        artifacts.save_training_state(path, state, settings)
+        _saved(path, state)
+
+    return Resume(save, start)
 
 
 def finished_artifact(path: Path, expected_format: str, recipe: Recipe, sections: tuple[str, ...],
@@ -110,3 +164,5 @@ def finish(folder: Path) -> None:
     """The run's artifacts are written: its training states are no longer needed."""
     for path in folder.glob("train-state*.pt"):
         path.unlink(missing_ok=True)
+    if progress is not None and progress.folder == folder:
+        progress.folder, progress.epoch, progress.epochs, progress.phase = None, 0, 0, ""

@@ -130,6 +130,8 @@ class TeacherConfig:
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of initialisation and batch order")
+    log_every: int = _f(0, "steps between held-out NLL/accuracy log entries (metrics.jsonl); 0: automatic, at least "
+                           "20 per run and one per epoch")
     base: str = _f("", "existing deterministic teacher.pt to fit the posterior around instead of training")
     augment: bool = _f(True, "image data: train on a random view (data.crop) of each image every epoch")
     laplace: LaplaceConfig = _f(LaplaceConfig(), "Laplace approximation (bayes=laplace)")
@@ -152,7 +154,8 @@ class CalibrateConfig:
                        "rest of the mass spread evenly over the other classes); 0: the dense distribution")
     cache_dtype: CacheDtype = _f(CacheDtype.float32, "dtype of the cached BCPs")
     views: int = _f(1, "augmentation views V cached per training image (1: no augmentation; at most 162)")
-    batch_size: int = _f(1024, "inference batch size")
+    batch_size: int = _f(0, "inference batch size of the cache build; 0: chosen for the device (CPU 128, CUDA "
+                            "512; the rows do not depend on it)")
 
 
 @dataclass(frozen=True)
@@ -183,7 +186,10 @@ class DistillConfig:
     seed: int = _f(0, "seed of initialisation and noisy targets (and of the data order unless data_seed is set)")
     data_seed: int = _f(-1, "seed of batch order, view draws and few-shot subset (-1: distill.seed); students "
                             "trained in lockstep share it")
-    log_every: int = _f(100, "steps between held-out loss/accuracy log entries")
+    log_every: int = _f(0, "steps between held-out NLL/accuracy log entries (metrics.jsonl); 0: automatic, at least "
+                           "20 per run and one per epoch")
+    grad_noise_examples: str = _f("2048", "training examples the final gradient noise (grad_noise) is measured on: "
+                                          "K drawn by distill.seed (shared out under torchrun), all, or 0 (none)")
 
 
 @dataclass(frozen=True)
@@ -191,6 +197,8 @@ class EvaluateConfig:
     ece_bins: int = _f(15, "equal-width confidence bins of the ECE")
     batch_size: int = _f(4096, "inference batch size")
     grad_targets: tuple[str, ...] = _f((), "students: also measure gradient noise against onehot, true, noisy:ALPHA")
+    grad_noise_examples: str = _f("2048", "grad_targets: training examples measured, K drawn by distill.seed (as "
+                                          "distill.grad_noise_examples draws them), all, or 0 (none)")
 
 
 @dataclass(frozen=True)
@@ -217,6 +225,8 @@ class LogConfig:
 class Recipe:
     out: str = _f("", "output folder (default: runs/<stage>-<time>)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = _f(0, "intra-op CPU threads per process; 0: OMP_NUM_THREADS if set, else the CPUs this process may "
+                         "use (affinity, cgroup quota) per torchrun process, less the streaming loader workers")
     precision: Precision = _f(Precision.auto, "training arithmetic: auto (bf16 autocast and channels_last on CUDA, "
                                               "float32 on CPU) or float32 everywhere; caches are always float32")
     compile: bool = _f(False, "torch.compile the training forward pass (worth it for long GPU runs)")
@@ -260,7 +270,7 @@ def plain_data(cfg: DataConfig) -> dict:
 
 # What an artifact's stored config holds: the sections that made it (and `calibrate` for a calibrated teacher
 # and for a student of a teacher).
-RUN_KEYS = ("out", "device", "precision", "compile")
+RUN_KEYS = ("out", "device", "threads", "precision", "compile")
 TEACHER_RECORD = (*RUN_KEYS, "data", "teacher", "log")
 STUDENT_RECORD = (*RUN_KEYS, "data", "distill", "log")
 

@@ -6,7 +6,7 @@
 - onehot: the labels; true: the exact BCPs (synthetic data); noisy: one Dirichlet(alpha P) draw of them.
 
 Every source answers the same two questions: the targets [B, C] of a batch (each example's drawn view),
-and the targets [N, C] of every unaugmented example (view 0, for the gradient noise).
+and the targets [K, C] of unaugmented examples (view 0, for the gradient noise).
 """
 
 from __future__ import annotations
@@ -61,8 +61,10 @@ class TargetSource(ABC):
         Carlo draws are seeded by `sample_index()` [B]); `predictives` is shared by the students of one batch."""
 
     @abstractmethod
-    def view_zero(self, inputs: torch.Tensor, sample_index: torch.Tensor) -> torch.Tensor:
-        """Targets [N, C] of every unaugmented training example (inputs [N, ...])."""
+    def view_zero(self, inputs: torch.Tensor, sample_index: torch.Tensor,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Targets [K, C] of the unaugmented training rows `rows` [K] (default: all) (inputs [K, ...]: theirs;
+        sample_index [K]: what seeds their Monte Carlo draws)."""
 
     def subset(self, rows: torch.Tensor) -> TargetSource:
         """The source for the training rows `rows` only (few-shot students)."""
@@ -102,9 +104,9 @@ class TableTargets(TargetSource):
         weights = self._weights[rows]  # [B, K]
         return (weights[:, :, None] * picked).sum(dim=1)  # [B, C]
 
-    def view_zero(self, inputs, sample_index) -> torch.Tensor:
-        """Unaugmented targets [N, C]; with draws, their mean (the target the draws estimate)."""
-        zero = self.probs[:, 0].float()
+    def view_zero(self, inputs, sample_index, rows=None) -> torch.Tensor:
+        """Unaugmented targets [K, C]; with draws, their mean (the target the draws estimate)."""
+        zero = (self.probs[:, 0] if rows is None else self.probs[rows.to(self.probs.device), 0]).float()
         return zero.mean(dim=1) if zero.ndim == 3 else zero
 
     def subset(self, rows: torch.Tensor) -> TargetSource:
@@ -123,7 +125,7 @@ class OnlineTargets(TargetSource):
             predictives[key] = self.teacher.predictive_at(inputs, sample_index())
         return at_temperature(predictives[key], self.t_teacher, self.mode)
 
-    def view_zero(self, inputs, sample_index) -> torch.Tensor:
+    def view_zero(self, inputs, sample_index, rows=None) -> torch.Tensor:
         return at_temperature(self.teacher.predictive_at(inputs, sample_index), self.t_teacher, self.mode)
 
 

@@ -16,6 +16,7 @@ fi
 "$PY" bench/laplace_fit.py
 "$PY" bench/topk.py --epochs 10
 "$PY" bench/cache_shards.py
+"$PY" bench/threads.py
 WORK=${WORK:-/tmp/bcpkd-bench}
 "$PY" bench/miniature.py --work "$WORK" --per-class 1
 "$PY" bench/miniature.py --work "$WORK" --per-class 2

@@ -12,10 +12,13 @@ from bcpkd_cli.data import load_dataset
 @pytest.fixture(scope="module")
 def single_thread():
     """One intra-op thread while a module runs: tiny MLPs get slower, not faster, with more threads
-    (and much slower when another process competes for the cores). Restored afterwards."""
+    (and much slower when another process competes for the cores). OMP_NUM_THREADS=1 keeps the stages
+    (bcpkd_cli.threads) and the processes a test starts at one too. Restored afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
     torch.set_num_threads(before)
 
 

@@ -7,7 +7,8 @@ import typing
 
 import typer.main
 
-from bcpkd_cli.cli import app, field_help
+from bcpkd_cli.cli import app
+from bcpkd_cli.commands.options import field_help
 from bcpkd_cli.config import Recipe, config_field
 
 # Typed flags and the recipe key each one sets (the flags without a key are the CLI's own).

@@ -63,7 +63,7 @@ def test_all_problems_are_reported_in_one_error():
     assert message.startswith("my.yaml: 10 problem(s): ")
     fragments = [
         "bogus: unknown key (valid: calibrate, compile, data, device, distill, evaluate, experiment, log, out, "
-        "precision, teacher)",
+        "precision, teacher, threads)",
         "data.n_trian: unknown key (valid: crop, decode, dim, download, image_size, label_column, loader_workers, "
         "mean_choices, n_classes, n_heldout, n_test, n_train, name, noise_var, root, seed, skip_unreadable, standardize, "
         "view_padding)",

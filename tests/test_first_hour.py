@@ -43,20 +43,28 @@ def test_a_report_describes_exactly_the_checkpoint_it_measured(work):
     teacher_payload = torch.load(work["teacher"], weights_only=True)
     assert teacher["config"] == teacher_payload["config"] and student["config"] == student_payload["config"]
     assert teacher["config"]["teacher"]["epochs"] == 2 and teacher["config"]["teacher"]["bayes"] == "laplace"
-    measured = {"metrics": None, "config": None, "data": None, "evaluate": None, "reliability": None, "per_class": None}
+    measured = {"metrics": None, "config": None, "data": None, "evaluate": None, "reliability": None, "per_class": None,
+                "confusion": None}
     assert teacher | measured == {
         "checkpoint": str(work["teacher"]), "sha256": artifacts.sha256_file(work["teacher"]), "kind": "teacher",
-        "arch": "mlp", "normalize": "data", "teacher_kind": "laplace", "calibrated": False, "split": "test",
-        "n_examples": 100, **measured}
+        "arch": "mlp", "normalize": "data", "teacher_kind": "laplace", "calibrated": False,
+        "label": "laplace teacher (raw)", "split": "test", "n_examples": 100, **measured}
     assert [entry["class"] for entry in teacher["per_class"]] == ["0", "1", "2", "3", "4"]
     assert sum(entry["n"] for entry in teacher["per_class"]) == 100
     assert student["targets"] == "teacher" and student["alpha"] == 0.5 and student["t_teacher"] == 1.0
     assert student["teacher"] == str(work["teacher"].resolve()) and student["teacher_kind"] == "laplace"
     assert student["teacher_sha256"] == artifacts.sha256_file(work["teacher"])
     assert student["calibrated"] is True  # calibrate's default grid search tuned the prior
+    calibrated = torch.load(student["teacher_report"]["checkpoint"], weights_only=True)  # beside the cache
+    prior = calibrated["history"]["calibration"]["prior_precision"]
+    assert student["label"] == f"student of laplace teacher (calibrated, prior precision {prior:.3g}) t/teacher.pt"
+    assert student["teacher_report"]["label"] == f"laplace teacher (calibrated, prior precision {prior:.3g})"
+    assert Path(student["teacher_report"]["checkpoint"]) == Path(student["cache"]).parent / "teacher.pt"
     assert set(student["metrics"]) >= {"accuracy", "nll", "ece", "brier", "grad_noise"}
     one = json.loads(here("evaluate", str(work["teacher"]), "--json", "--device", "cpu", cwd=work["folder"]))
-    assert isinstance(one, list) and len(one) == 1  # --json is always a list
+    assert isinstance(one, list) and len(one) == 1  # --json is always a list, one object per checkpoint given
+    alone = json.loads(here("evaluate", str(work["student"]), "--json", "--device", "cpu", cwd=work["folder"]))
+    assert len(alone) == 1 and alone[0]["teacher_report"]["checkpoint"] == student["teacher_report"]["checkpoint"]
 
 
 def test_a_students_config_holds_the_sections_that_made_it(work):
@@ -142,7 +150,7 @@ def test_set_with_a_space_gets_the_set_message(tmp_path):
 
 def test_the_readme_settings_table_matches_config():
     """The README's 'settings you will change first' table: every key exists, with the default config.py gives."""
-    from bcpkd_cli.cli import field_help
+    from bcpkd_cli.commands.options import field_help
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     table = readme.split("## The settings you will change first", 1)[1].split("\n\n", 2)[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from bcpkd_cli.cli import field_help
+from bcpkd_cli.commands.options import field_help
 from cli_helpers import files_under, here, refused_here
 
 TINY_IMAGES = ["--epochs", "1", "--batch-size", "32", "--set", "data.n_heldout=15", "--device", "cpu"]

@@ -170,7 +170,8 @@ def test_specs_from_before_the_choice_was_recorded():
 def test_the_flags_carry_the_config_fields_help_and_list_the_choices():
     import typer.main
 
-    from bcpkd_cli.cli import app, field_help
+    from bcpkd_cli.cli import app
+    from bcpkd_cli.commands.options import field_help
 
     commands = typer.main.get_command(app).commands
     for command, section in (("train-teacher", "teacher"), ("distill", "distill")):

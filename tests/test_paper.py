@@ -114,14 +114,16 @@ def test_plot_draws_figures_with_their_data_and_names_the_missing_extra(single_t
     student = here("distill", "--teacher", teacher, "--out", "s", *TINY, "--set", "data.n_heldout=50",
                    "--set", "teacher.laplace.grid_size=3", cwd=tmp_path).strip()
     made = here("plot", teacher, student, "--out", "figs", "--device", "cpu", cwd=tmp_path).split()
-    assert {p.split("/")[-1] for p in made} == {"reliability.png", "curves-nll.png", "curves-accuracy.png"}
+    assert {p.split("/")[-1] for p in made} == {"reliability.png", "per-class.png", "confusion.png", "curves-nll.png",
+                                                "curves-accuracy.png"}
     for p in made:
         assert (tmp_path / p).read_bytes()[:4] == b"\x89PNG" and (tmp_path / p).with_suffix(".csv").is_file()
     before = (tmp_path / "figs" / "reliability.png").read_bytes()
     assert "--force" in refused_here("plot", teacher, "--out", "figs", cwd=tmp_path)
     assert (tmp_path / "figs" / "reliability.png").read_bytes() == before  # nothing replaced unasked
     rows = (tmp_path / "figs" / "reliability.csv").read_text().splitlines()
-    assert rows[0] == "model,confidence,accuracy,count" and len(rows) == 1 + 2 * 15
+    assert rows[0] == "model,checkpoint,bin_low,bin_high,confidence,accuracy,count,min_count,greyed" and \
+        len(rows) == 1 + 2 * 15
     real_import = builtins.__import__
     monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
                         if name == "matplotlib" else real_import(name, *a, **k))

@@ -8,11 +8,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from bcpkd_cli.choices import Decode
 from bcpkd_cli.config import DataConfig, DatasetName, plain_data
 from bcpkd_cli.console import line
 from bcpkd_cli.data import arrays, folders, images, synthetic, views
 from bcpkd_cli.data.decode import square
-from bcpkd_cli.data.rows import MappedRows, RowReader, StreamedRows
+from bcpkd_cli.data.rows import MappedRows, RowReader, StreamedRows, default_workers
 from bcpkd_cli.errors import BcpkdError
 
 
@@ -271,6 +272,14 @@ def announce(data: Dataset) -> None:
     """Say on stderr what data a stage works on: `summary` and the notes of how it was read."""
     for text in (summary(data), *data.notes):
         line(text)
+
+
+def decoding_workers(cfg: DataConfig) -> int:
+    """The loader worker processes that decode images while the network computes (a streamed image folder's);
+    0 when batches come from memory."""
+    if cfg.name == DatasetName.imagefolder and cfg.decode == Decode.stream:
+        return cfg.loader_workers or default_workers()
+    return 0
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:

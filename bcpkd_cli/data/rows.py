@@ -16,7 +16,6 @@ while the current one is used, and the compute stream waits for exactly the copy
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -27,16 +26,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from bcpkd_cli.data.decode import UnreadableImage, decode_files, nvjpeg_orientations, orient, read_bytes, square
 from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.threads import local_processes, usable_cpus
 
 PREFETCH = 2  # batches each worker reads ahead
 SCAN_ROWS = 256  # rows per part of a contiguous request
 
 
 def default_workers() -> int:
-    """Worker processes when data.loader_workers is 0: the CPU cores shared among this machine's torchrun
-    processes, at most 8."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, min(8, (os.cpu_count() or 1) // local))
+    """Worker processes when data.loader_workers is 0: the CPUs this process may use (affinity, cgroup quota)
+    shared among this machine's torchrun processes, at most 8."""
+    return max(1, min(8, usable_cpus() // local_processes()))
 
 
 class _Planned(Dataset):

@@ -232,16 +232,6 @@ def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dic
     return model
 
 
-@dataclass(frozen=True)
-class LibraryWeights:
-    """A checkpoint's network weights in the key names of what builds the bare network."""
-
-    weights: dict  # key -> tensor
-    names: str  # torchvision, timm, factory (the user's), or network.py (a built-in, as plain PyTorch)
-    source: str | None  # network.py's text, for built-ins
-    call: str | None  # the expression that builds the bare network from network.py
-
-
 def bare_key_names(spec: dict) -> tuple[dict[str, str], str, str | None, str | None]:
     """bcpkd model key -> the key of the same tensor in the bare network: what `torchvision.models.NAME(
     num_classes=C)` (`timm.create_model`, the user's factory) loads with strict=True, or for built-ins the

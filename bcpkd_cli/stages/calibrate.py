@@ -10,10 +10,11 @@ from rich.table import Table
 from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import describe_tuning, ensure_cache
 from bcpkd_cli.config import Recipe
-from bcpkd_cli.data import announce, load_dataset
-from bcpkd_cli.console import console
+from bcpkd_cli.data import announce, decoding_workers, load_dataset
+from bcpkd_cli.console import console, show_table
 from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.threads import apply_threads
 
 
 def run(recipe: Recipe, teacher_path: Path, force: bool = False) -> Path | None:
@@ -25,6 +26,7 @@ def run(recipe: Recipe, teacher_path: Path, force: bool = False) -> Path | None:
                          f"replace it; give another folder (or leave --out out: caches go to <teacher folder>/bcp/)")
     payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT)
     device = resolve_device(recipe.device)
+    apply_threads(recipe.threads, decoding_workers(recipe.data))
     place = join_process_group(device)
     data = load_dataset(recipe.data).to(device)
     if place.is_main:
@@ -43,7 +45,7 @@ def run(recipe: Recipe, teacher_path: Path, force: bool = False) -> Path | None:
         table.add_column(key, justify="right")
     for when in ("before", "after"):
         table.add_row(when, *(f"{v:.4f}" for v in report[when].values()))
-    console.print(table)
+    show_table(table)
     tuned = describe_tuning(report)
     if tuned:
         console.print(tuned)

@@ -13,20 +13,22 @@ from pathlib import Path
 
 import torch
 
-from bcpkd_cli import artifacts, metrics
-from bcpkd_cli.choices import Targets
+from bcpkd_cli import artifacts
+from bcpkd_cli.choices import TARGET_LABELS, Targets, teacher_label
 from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_record
-from bcpkd_cli.console import TrainingReport, line
-from bcpkd_cli.data import Dataset, announce, few_shot_rows, load_dataset, views
-from bcpkd_cli.engine import (Member, TrainSpec, heldout_metrics, join_process_group, per_example_grad_sq_norms,
+from bcpkd_cli.console import TrainingReport, epoch_count, header, line
+from bcpkd_cli.data import Dataset, Split, announce, decoding_workers, few_shot_rows, load_dataset, views
+from bcpkd_cli.engine import (Member, TrainSpec, heldout_log, heldout_metrics, join_process_group,
                               prepare_for_device, resolve_device, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.grad_noise import grad_noise, sample_rows
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model, describe_inputs, model_spec, predict_logits
+from bcpkd_cli.models import build_model, describe_inputs, model_spec
 from bcpkd_cli.resumption import (STUDENT_SECTIONS, claim_folder, finish, require_saved_state, resumable,
                                   settings_of)
 from bcpkd_cli.targets import TargetSource, student_targets, view_batches
 from bcpkd_cli.teachers import Teacher
+from bcpkd_cli.threads import apply_threads
 
 
 def data_seed(cfg: DistillConfig) -> int:
@@ -51,6 +53,42 @@ def check_group(recipes: list[Recipe]) -> None:
                              f"settings (alpha, temperatures, seed with a fixed distill.data_seed, lr, arch, ...)")
 
 
+def student_label(cfg: DistillConfig, teacher: str, arch: str = "", settings: str = "") -> str:
+    """What logs call a student: `student of laplace teacher runs/t/teacher.pt` (`teacher`: its label and file),
+    `student (one-hot labels)`, `student (exact BCPs)`, `student (noisy BCPs)`; with `arch`, `student resnet20 of
+    ...`; `settings` join the parentheses."""
+    network = f"student {arch}" if arch else "student"
+    learns = f" of {teacher}" if cfg.targets in (Targets.teacher, Targets.online) else ""
+    notes = [note for note in ("online" if cfg.targets == Targets.online else TARGET_LABELS.get(cfg.targets.value),
+                               settings) if note]
+    return f"{network}{learns}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def _teacher_named(teacher_path: Path | None) -> str:
+    """`laplace teacher runs/t/teacher.pt`: the kind read from the checkpoint (its tensors mapped, not read)."""
+    if teacher_path is None:
+        return "a teacher (none given)"
+    payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT, mmap=True)
+    return f"{teacher_label(payload['bayes'])} {teacher_path}"
+
+
+def _header(recipes: list[Recipe], teacher: str, data: Dataset, device: torch.device, processes: int,
+            names: list[str], folder: Path) -> str:
+    """What a distill run trains, for its first line: the student(s) and their targets, the training, the data,
+    the device and the output folder."""
+    cfg, source = recipes[0].distill, recipes[0].data
+    settings = f"targets {cfg.targets.value}, alpha {cfg.alpha}, T_t {cfg.t_teacher}, T_s {cfg.t_student}"
+    parts = [student_label(cfg, teacher, cfg.arch, settings),
+             f"{epoch_count(cfg.epochs)} of batch {cfg.batch_size} ({cfg.optimizer.value} lr {cfg.lr}, seed {cfg.seed})"]
+    if len(recipes) > 1:
+        parts.append(f"{len(recipes)} students in lockstep ({'; '.join(names)})")
+    shots = f", {cfg.few_shot} per class" if cfg.few_shot else ""
+    parts.append(f"data {source.name.value}{' ' + source.root if source.root else ''} "
+                 f"({len(data.train):,} train examples{shots})")
+    parts.append(f"device {device}" + (f" x {processes} processes" if processes > 1 else ""))
+    return f"{', '.join(parts)} -> {folder}"
+
+
 @dataclass
 class _Student:
     recipe: Recipe
@@ -58,6 +96,7 @@ class _Student:
     spec: dict
     source: TargetSource
     provenance: dict
+    label: str  # what logs call it (student_label)
 
 
 def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None, resume: bool = False,
@@ -98,11 +137,14 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     if resume:
         require_saved_state(state_dir)
     device = resolve_device(first.device)
+    apply_threads(first.threads, decoding_workers(first.data))
     place = join_process_group(device)
     data = load_dataset(first.data).to(device)
-    if place.is_main:
-        announce(data)
     teacher_path = Path(teacher_path) if teacher_path else None
+    teacher = _teacher_named(teacher_path) if first.distill.targets in (Targets.teacher, Targets.online) else ""
+    if place.is_main:
+        header("distill", _header(recipes, teacher, data, device, place.size, names, state_dir))
+        announce(data)
     online: dict[str, Teacher] = {}  # one teacher object per calibrated teacher file, shared by students
     sources = [student_targets(recipe, data, teacher_path, cache, device, online) for recipe in recipes]
     seed = data_seed(first.distill)
@@ -127,29 +169,30 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
             provenance["init_sha256"] = artifacts.sha256_file(Path(cfg.init))
         torch.manual_seed(cfg.seed)
         model = prepare_for_device(build_model(spec, init=init), device, recipe.precision)
-        group.append(_Student(recipe, model, spec, source, provenance))
+        group.append(_Student(recipe, model, spec, source, provenance, student_label(cfg, teacher)))
     held = data.heldout
-    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), _heldout_logger(data),
+    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), heldout_log(held.inputs, held.labels),
                       heldout_fn=heldout_metrics(held.inputs, held.labels)) for s in group]
     log = first.log
-    report = TrainingReport(f"student ({first.distill.targets.value})", names, log.line_seconds,
+    desc = group[0].label if len({s.label for s in group}) == 1 else "students"  # names tell them apart
+    report = TrainingReport(desc, names, log.line_seconds,
                             [folder / "tensorboard" for folder in folders] if log.tensorboard else None)
     settings = {"students": [settings_of(r, STUDENT_SECTIONS) for r in recipes], "processes": place.size,
                 "data_fingerprint": data.fingerprint,
                 "targets": [{k: s.provenance.get(k) for k in ("teacher_sha256", "cache_sha256")} for s in sources]}
     started = time.perf_counter()
-    steps = train_lockstep(members, data.train.labels, first.distill.epochs, first.distill.batch_size, seed,
-                           f"student ({first.distill.targets.value})",
+    steps = train_lockstep(members, data.train.labels, first.distill.epochs, first.distill.batch_size, seed, desc,
                            view_batches(data, first.calibrate, seed, [s.source for s in group], device, example_index),
                            log_every=first.distill.log_every,
                            resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume,
                                             first.data.skip_unreadable), report=report,
                            plan=getattr(data.train.inputs, "plan", None))
     seconds = time.perf_counter() - started
+    noise = [_grad_noise(s, data, example_index, member) for s, member in zip(group, members)]  # every process
     if not place.is_main:
         return []
-    paths = [_save(s, folder, data, example_index, steps, seconds / len(group), member, place.size, name)
-             for s, folder, member, name in zip(group, folders, members, names)]
+    paths = [_save(s, folder, data, steps, seconds / len(group), member, place.size, name, measured)
+             for s, folder, member, name, measured in zip(group, folders, members, names, noise)]
     finish(state_dir)
     return paths
 
@@ -167,26 +210,24 @@ def _train_spec(recipe: Recipe) -> TrainSpec:
                      cfg.lr_milestones, recipe.precision, recipe.compile)
 
 
-def _heldout_logger(data: Dataset):
-    held = data.heldout
+def _grad_noise(student: _Student, data: Dataset, example_index: torch.Tensor, member: Member) -> dict:
+    """The gradient noise at the final weights against the student's own unaugmented targets (view 0), on
+    distill.grad_noise_examples training rows drawn by distill.seed (under torchrun each process measures its
+    share of them), and how many rows that is."""
+    cfg = student.recipe.distill
+    rows = sample_rows(len(data.train), cfg.grad_noise_examples, cfg.seed)
 
-    def log_heldout(step: int, net) -> dict:
-        if len(held) == 0:  # data.n_heldout=0: no held-out curve
-            return {"step": step}
-        held_probs = torch.softmax(predict_logits(net, held.inputs), dim=1)
-        return {"step": step, "heldout_nll": metrics.nll(held_probs, held.labels),
-                "heldout_accuracy": metrics.accuracy(held_probs, held.labels)}
+    def targets(part: Split, part_rows: torch.Tensor) -> torch.Tensor:
+        ids = example_index[part_rows]  # ids in the whole training split (few-shot students: not the row numbers)
+        return student.source.view_zero(part.inputs, views.sample_index(ids, 0 * ids), part_rows)
 
-    return log_heldout
+    return {"grad_noise": grad_noise(student.model, data.train, rows, targets, member.loss_fn),
+            "grad_noise_examples": len(rows)}
 
 
-def _save(student: _Student, out: Path, data: Dataset, example_index: torch.Tensor, steps: int, seconds: float,
-          member: Member, processes: int, name: str) -> Path:
+def _save(student: _Student, out: Path, data: Dataset, steps: int, seconds: float, member: Member, processes: int,
+          name: str, noise: dict) -> Path:
     recipe, cfg = student.recipe, student.recipe.distill
-    train_split = data.train
-    zero_view = student.source.view_zero(train_split.inputs, views.sample_index(example_index, 0 * example_index))
-    grad_noise = per_example_grad_sq_norms(student.model, train_split.inputs, train_split.labels, zero_view,
-                                           member.loss_fn).mean().item()
     artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in member.log))
     with_cache = cfg.targets in (Targets.teacher, Targets.online)  # the calibration settings made its targets
     record = recipe_record(recipe, (*STUDENT_RECORD, "calibrate") if with_cache else STUDENT_RECORD)
@@ -194,13 +235,14 @@ def _save(student: _Student, out: Path, data: Dataset, example_index: torch.Tens
         "format": artifacts.STUDENT_FORMAT, "version": artifacts.VERSION, "model": student.spec,
         "state_dict": student.model.state_dict(), "config": record, "data": data.info(),
         "targets": {"kind": cfg.targets.value, **student.provenance}, "log": member.log,
-        "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, "grad_noise": grad_noise},
+        "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, **noise},
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
     artifacts.write_config(out, record)
     label = f" [{name}]" if name else ""
     final = member.log[-1].get("heldout_accuracy") if member.log else None
-    held = f"final held-out accuracy {final:.4f}, " if final is not None else ""
-    line(f"student ({cfg.targets.value}){label}: {steps} steps in {seconds:.1f}s, {held}gradient noise {grad_noise:.3g} "
-         f"-> {path}")
+    said = [f"{steps} steps in {seconds:.1f}s"] + ([f"final held-out accuracy {final:.4f}"] if final is not None else [])
+    if noise["grad_noise"] is not None:
+        said.append(f"gradient noise {noise['grad_noise']:.3g} ({noise['grad_noise_examples']} examples)")
+    line(f"{student.label}{label}: {', '.join(said)} -> {path}")
     return path

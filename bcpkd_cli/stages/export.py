@@ -17,12 +17,13 @@ from rich.table import Table
 from bcpkd_cli import artifacts, metrics, modelcard
 from bcpkd_cli.choices import Bayes, ExportFormat
 from bcpkd_cli.config import recipe_for_checkpoint
-from bcpkd_cli.console import console
+from bcpkd_cli.console import console, show_table
 from bcpkd_cli.data import announce, load_dataset
 from bcpkd_cli.deployable import Deployable, deployable
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.export_formats import output_names, require_onnx, write_onnx, write_pt2, write_safetensors
 from bcpkd_cli.models import LibraryWeights, library_state_dict
+from bcpkd_cli.threads import apply_threads
 
 MANIFEST = "bcpkd-export.json"
 EXPORT_FORMAT, EXPORT_VERSION = "bcpkd.export", 1
@@ -100,6 +101,7 @@ def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: i
         n_bins: int = 15) -> Path:
     """Export `checkpoint` into `out` (default: <its folder>/export); every file checked against the module on the
     test split's first CHECK_ROWS examples. Returns the folder."""
+    apply_threads()
     deployed = deployable(checkpoint, draws)
     folder = Path(out) if out else Path(checkpoint).resolve().parent / "export"
     _claim(folder, force)
@@ -162,7 +164,7 @@ def _report(folder: Path, manifest: dict) -> None:
         difference = manifest["parity"]["max_abs_prob_difference"].get(fmt)
         table.add_row(str(folder / name), f"{manifest['parity']['examples']} test examples" if difference is not None
                       else "-", f"{difference:.2e}" if difference is not None else "(weights)")
-    console.print(table)
+    show_table(table)
     test = manifest["test"]
     console.print(f"{manifest['kind']} {manifest['model']['arch']}: {manifest['predictive']}; test accuracy "
                   f"{test['accuracy']:.4f}, NLL {test['nll']:.4f}, ECE {test['ece']:.4f} ({test['n_examples']} examples)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from bcpkd_cli import artifacts, figures
@@ -26,9 +27,22 @@ def _entries(paths: list[Path], tree: dict) -> list[tuple[str, dict]]:
     return entries
 
 
-def draw(entries: list[tuple[str, dict]], out: Path) -> list[Path]:
-    """Every figure the reports allow, into `out`."""
+def source_of(entries: list[tuple[str, dict]]) -> str:
+    """What the figures show, for their titles, when not told: the folder all checkpoints lie under (a run
+    folder), else the checkpoint files."""
+    files = list(dict.fromkeys(report["checkpoint"] for _, report in entries))
+    try:
+        common = os.path.commonpath(files) if len(files) > 1 else ""
+    except ValueError:  # absolute and relative paths
+        common = ""
+    return f"{common} ({len(files)} checkpoints)" if common not in ("", ".", "/") else figures.sources(files)
+
+
+def draw(entries: list[tuple[str, dict]], out: Path, source: str = "") -> list[Path]:
+    """Every figure the reports allow, into `out`; `source` (the run folders or checkpoints given) goes into the
+    figures' titles (default: `source_of` the reports)."""
     figures.pyplot()  # the extra is missing: said before any work
+    source = source or source_of(entries)
     first: dict[str, dict] = {}
     logs: dict[str, list[list[dict]]] = {}
     draws: dict[int, list[float]] = {}
@@ -41,11 +55,13 @@ def draw(entries: list[tuple[str, dict]], out: Path) -> list[Path]:
         if kept.get("draws"):
             k = kept["draws"] if draw_mode == "mean" else 1 if draw_mode == "one" else int(draw_mode)
             draws.setdefault(k, []).append(report["metrics"]["accuracy"])
-    made = [figures.reliability(list(first.items())[:12], out)]
+    models = list(first.items())[:figures.MAX_PANELS]
+    made = [figures.reliability(models, out, source), figures.per_class(models, out, source),
+            figures.confusion(models, out, source)]
     if logs:
-        made += [figures.curves(logs, key, out) for key in ("heldout_nll", "heldout_accuracy")]
-    made += [figures.noise_vs_alpha([r for _, r in entries if r.get("targets") == "true"], out),
-             figures.accuracy_vs_draws(draws, out)]
+        made += [figures.curves(logs, key, out, source) for key in ("heldout_nll", "heldout_accuracy")]
+    made += [figures.noise_vs_alpha([r for _, r in entries if r.get("targets") == "true"], out, source),
+             figures.accuracy_vs_draws(draws, out, source)]
     return [m for m in made if m is not None]
 
 
@@ -60,6 +76,6 @@ def run(paths: list[Path], out: str, tree: dict, force: bool = False) -> list[Pa
     entries = _entries(paths, tree)
     if not entries:
         raise BcpkdError("plot: nothing to draw; give run folders or teacher.pt / student.pt files")
-    made = draw(entries, Path(out))
+    made = draw(entries, Path(out), figures.sources([str(p) for p in paths]))
     console.print(f"{len(made)} figures (PNG, with their data as CSV) in {out}")
     return made

@@ -23,6 +23,7 @@ from bcpkd_cli.console import line
 from bcpkd_cli.data.decode import IMAGE_SUFFIXES, UnreadableImage
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.runners import Runner, open_model
+from bcpkd_cli.threads import apply_threads
 
 LISTED = 20  # unreadable inputs named in the final line
 TABLE_SUFFIXES = (".csv", ".npz")
@@ -122,6 +123,7 @@ def run(model: str, inputs: list[Path], out: str, top_k: int, batch_size: int, s
         draws: int = 0, label_column: str = "label") -> int:
     """Classify the inputs; the number of rows written. Unreadable inputs: an error after the rows of the others
     (unless `skip_unreadable`)."""
+    apply_threads()
     runner = open_model(model, draws)
     pre = runner.preprocess
     fields = ["input", "class", "probability", "top_k", "entropy"] + ([runner.epistemic] if runner.epistemic else [])

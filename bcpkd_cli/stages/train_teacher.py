@@ -6,6 +6,7 @@ kind train, measures the result on held-out data and writes the checkpoint.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import torch
 
 from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.config import TEACHER_RECORD, Recipe, recipe_record
-from bcpkd_cli.choices import Normalize
-from bcpkd_cli.console import console, line
-from bcpkd_cli.data import announce, load_dataset
+from bcpkd_cli.choices import Normalize, teacher_label
+from bcpkd_cli.console import console, epoch_count, header, line
+from bcpkd_cli.data import Dataset, announce, decoding_workers, load_dataset
 from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, describe_inputs, model_spec, scaling_name
@@ -23,6 +24,7 @@ from bcpkd_cli.resumption import (TEACHER_SECTIONS, claim_folder, finish, requir
                                   settings_of)
 from bcpkd_cli.teachers import TEACHER_KINDS, teacher_payload
 from bcpkd_cli.teachers.training import TrainingRun
+from bcpkd_cli.threads import apply_threads
 
 
 def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | None:
@@ -34,6 +36,7 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     if problems:
         raise BcpkdError("; ".join(problems))
     device = resolve_device(recipe.device)
+    apply_threads(recipe.threads, decoding_workers(recipe.data))
     place = join_process_group(device)
     data = load_dataset(recipe.data).to(device)  # its fingerprint is the one on the device (nvJPEG)
     if len(data.heldout) == 0 and kind.needs_heldout(recipe.teacher):
@@ -62,13 +65,14 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     if init is not None:
         build_model(spec, init=init)  # weights that do not fit the network: refused before any line or work
     if place.is_main:
+        header("train-teacher", _header(recipe, data, device, place.size, out))
         announce(data)
         if describe_inputs(spec, "teacher.normalize"):
             line(describe_inputs(spec, "teacher.normalize"))
-    teacher, history = kind.train(TrainingRun(  # one resumable state file per training phase
-        recipe, data, device, spec, tuple(starts),
-        phase=lambda name: resumable(out / f"train-state-{name}.pt", settings, resume,
-                                     recipe.data.skip_unreadable), folder=out, init=init))
+    run = TrainingRun(recipe, data, device, spec, tuple(starts),  # one resumable state file per training phase
+                      phase=lambda name: resumable(out / f"train-state-{name}.pt", settings, resume,
+                                                   recipe.data.skip_unreadable), folder=out, init=init)
+    teacher, history = kind.train(run)
     if init is not None:
         history["init_sha256"] = artifacts.sha256_file(Path(cfg.init))
 
@@ -79,10 +83,31 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
         return None
     history["processes"] = place.size
     record = recipe_record(recipe, TEACHER_RECORD)
-    path = artifacts.save_checkpoint(out / "teacher.pt", teacher_payload(teacher, spec, record, data.info(), parent_sha,
-                                                                         history))
+    log = _log(run.logs)  # the held-out curve, as a student's (metrics.jsonl and the checkpoint's `log`)
+    artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
+    path = artifacts.save_checkpoint(out / "teacher.pt", {**teacher_payload(teacher, spec, record, data.info(),
+                                                                            parent_sha, history), "log": log})
     artifacts.write_config(out, record)
     finish(out)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items()) or "none (data.n_heldout=0)"
-    console.print(f"{cfg.bayes.value} teacher: held-out {summary}")
+    console.print(f"{teacher_label(cfg.bayes)}: held-out {summary}")
     return path
+
+
+def _header(recipe: Recipe, data: Dataset, device: torch.device, processes: int, out: Path) -> str:
+    """What a train-teacher run trains, for its first line: the kind and network, where it starts from, the
+    training, the data, the device and the output folder."""
+    cfg, source = recipe.teacher, recipe.data
+    start = f" around {cfg.base}" if cfg.base else f" from {cfg.init}" if cfg.init else ""
+    return (f"{teacher_label(cfg.bayes)} {cfg.arch}{start}, {epoch_count(cfg.epochs)} of batch {cfg.batch_size} "
+            f"({cfg.optimizer.value} lr {cfg.lr}, seed {cfg.seed}), data {source.name.value}"
+            f"{' ' + source.root if source.root else ''} ({len(data.train):,} train examples), device {device}"
+            f"{f' x {processes} processes' if processes > 1 else ''} -> {out}")
+
+
+def _log(logs: dict[str, list[dict]]) -> list[dict]:
+    """The log entries of the training phases; where there were several (ensemble members, mcmi fine-tuning after
+    the network's training), each entry names its phase."""
+    if len(logs) == 1:
+        return next(iter(logs.values()))
+    return [{"phase": phase, **entry} for phase, entries in logs.items() for entry in entries]

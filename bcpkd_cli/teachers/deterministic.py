@@ -11,7 +11,7 @@ from typing import Callable, ClassVar
 import torch
 from torch import nn
 
-from bcpkd_cli.choices import Bayes
+from bcpkd_cli.choices import Bayes, teacher_label
 from bcpkd_cli.config import TeacherConfig
 from bcpkd_cli.engine import LossFn
 from bcpkd_cli.models import build_model, predict_logits
@@ -32,7 +32,7 @@ class DeterministicTeacher(Teacher):
     @classmethod
     def train(cls, run: TrainingRun) -> tuple[Teacher, dict]:
         model = run.network()
-        history = run.fit_unless_base(model, cls.loss, f"{cls.kind.value} teacher")
+        history = run.fit_unless_base(model, cls.loss, teacher_label(cls.kind))
         return cls(model.eval()), history
 
     @classmethod

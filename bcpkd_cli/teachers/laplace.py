@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bcpkd_cli import metrics
-from bcpkd_cli.choices import Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset
+from bcpkd_cli.choices import Bayes, Hessian, Link, PriorMethod, PriorTuning, Subset, teacher_label
 from bcpkd_cli.config import CalibrateConfig, LaplaceConfig, TeacherConfig
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Split
@@ -138,7 +138,7 @@ class LaplaceTeacher(Teacher):
         cfg, held = run.recipe.teacher, run.data.heldout
         model = run.network()
         check_hessian_size(model, cfg.laplace)  # before spending any time on training
-        history = run.fit_unless_base(model, cross_entropy, f"{cls.kind.value} teacher")
+        history = run.fit_unless_base(model, cross_entropy, teacher_label(cls.kind))
         teacher = cls(model, cfg.laplace, noise_seed=cfg.seed)
         teacher.fit(run.data.train.inputs, run.data.train.labels)
         teacher.tune_prior(cfg.laplace.prior, held.inputs, held.labels)

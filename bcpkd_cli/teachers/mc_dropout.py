@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bcpkd_cli.choices import Bayes
+from bcpkd_cli.choices import Bayes, teacher_label
 from bcpkd_cli.config import TeacherConfig
 from bcpkd_cli.models import build_model, feature_input
 from bcpkd_cli.teachers.base import Teacher
@@ -114,7 +114,7 @@ class MCDropoutTeacher(SampledTeacher):
     @classmethod
     def train(cls, run: TrainingRun) -> tuple[Teacher, dict]:
         model = run.network()
-        history = run.fit(model, cross_entropy, "teacher", f"{cls.kind.value} teacher")
+        history = run.fit(model, cross_entropy, "teacher", teacher_label(cls.kind))
         return cls(model, run.recipe.teacher.mc_dropout.samples, noise_seed=run.recipe.teacher.seed), history
 
     @classmethod

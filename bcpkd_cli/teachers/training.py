@@ -7,7 +7,7 @@ it starts from (`teacher.base`, or ensemble members) and one resumable state per
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +21,7 @@ from bcpkd_cli.config import Recipe
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
 from bcpkd_cli.console import TrainingReport
-from bcpkd_cli.engine import BatchFn, LossFn, TrainSpec, heldout_metrics, prepare_for_device, train
+from bcpkd_cli.engine import BatchFn, LossFn, TrainSpec, heldout_log, heldout_metrics, prepare_for_device, train
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model
 from bcpkd_cli.resumption import Resume
@@ -58,7 +58,8 @@ def load_single_network(path: str, option: str, data_fingerprint: str, kinds: tu
 class TrainingRun:
     """Everything a kind's `train` needs. `starts` are the payloads of the teacher.pt files the kind
     starts from (teacher.base, or an ensemble's members); `phase(name)` is the resumable state of one
-    training phase (the network, an ensemble member, MCMI fine-tuning)."""
+    training phase (the network, an ensemble member, MCMI fine-tuning); `logs` collects each phase's held-out
+    curve (as a student's log: {"step", "heldout_nll", "heldout_accuracy"} every teacher.log_every steps)."""
 
     recipe: Recipe
     data: Dataset
@@ -68,6 +69,7 @@ class TrainingRun:
     phase: Callable[[str], Resume]
     folder: Path  # the teacher's run folder (TensorBoard logs go to folder/tensorboard/<phase>)
     init: tuple[str, dict, dict | None] | None = None  # teacher.init: (file name, state dict, bcpkd spec or None)
+    logs: dict[str, list[dict]] = field(default_factory=dict)  # phase -> its log entries (filled by `fit`)
 
     @property
     def base(self) -> dict | None:
@@ -99,13 +101,16 @@ class TrainingRun:
         report = TrainingReport(desc, line_seconds=log.line_seconds,
                                 tensorboard=[self.folder / "tensorboard" / phase] if log.tensorboard else None)
         held = self.data.heldout
+        self.logs[phase] = []
         steps = train(model, self.data.train.inputs, self.data.train.labels, None, loss_fn, spec, desc=desc,
+                      log_every=cfg.log_every, log_fn=heldout_log(held.inputs, held.labels),
                       batch_fn=batch_fn or self.augmented(seed), penalty=penalty, resume=self.phase(phase),
-                      heldout_fn=heldout_metrics(held.inputs, held.labels), report=report)
+                      heldout_fn=heldout_metrics(held.inputs, held.labels), report=report, log=self.logs[phase])
         return {"steps": steps, "seconds": round(time.perf_counter() - started, 2)}
 
     def fit_unless_base(self, model: nn.Module, loss_fn: LossFn, desc: str) -> dict:
-        """Train the network, or keep teacher.base's weights (and its history) when there is a base."""
+        """Train the network, or keep teacher.base's weights (and its history and log) when there is a base."""
         if self.base is not None:
+            self.logs["teacher"] = list(self.base.get("log", []))
             return dict(self.base["history"])
         return self.fit(model, loss_fn, "teacher", desc)
