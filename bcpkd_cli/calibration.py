@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from bcpkd_cli import artifacts, metrics, topk
-from bcpkd_cli.choices import CacheDtype, PriorTuning, Temper, TemperatureFit
+from bcpkd_cli.choices import CacheDtype, PriorTuning, Temper, TemperatureFit, teacher_label
 from bcpkd_cli.config import TEACHER_RECORD, CalibrateConfig, Recipe, build_recipe, recipe_record, to_plain
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, require_classes, views
@@ -167,6 +167,18 @@ def describe_tuning(report: dict) -> str | None:
     return f"tuned on {report.get('heldout_examples', '?')} held-out examples: {' and '.join(tuned)}"
 
 
+# calibrate.batch_size=0: the inference batch of the cache build per device type. On a CPU large batches run
+# slower (resnet56: 319 images/s at 128, 158 at 1024: their activations leave the caches); docs/benchmarks.md.
+AUTOMATIC_BATCH = {"cpu": 128, "cuda": 512}
+
+
+def inference_batch(cfg: CalibrateConfig, device: torch.device | str) -> int:
+    """The batch the cache is built in: calibrate.batch_size, or for 0 the one of this type of device
+    (AUTOMATIC_BATCH). Every row is computed in a batch of exactly this size (`build_cache_probs` fills the last
+    one up), so the rows do not depend on where the data ends or how it is sharded."""
+    return cfg.batch_size or AUTOMATIC_BATCH.get(torch.device(device).type, AUTOMATIC_BATCH["cpu"])
+
+
 def cache_view_ids(data: Dataset, cfg: CalibrateConfig) -> torch.Tensor:
     """The view ids of the cache's V slots (view 0, the image itself, first)."""
     return views.select_views(cfg.views, data.seed)
@@ -178,15 +190,22 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
     calibrate.draws K, the first K Monte Carlo draws instead -> [N, V, K, C]; with calibrate.top_k K, the top-k
     form (compressed chunk by chunk, so the dense cache never exists whole). `rows` (start, stop): those
     training rows only -> [stop - start, ...], in batches from `start` (their example ids, which seed draws and
-    views, stay the row numbers of the whole split)."""
+    views, stay the row numbers of the whole split). The batches hold `inference_batch` rows each, the last one
+    filled up with copies of its last row (dropped after), so that no row is computed in a smaller batch, whose
+    kernels may round differently."""
     start, stop = rows or (0, len(data.train))
     train = data.train
     view_ids = cache_view_ids(data, cfg)
     view_space = data.views
+    batch = inference_batch(cfg, train.inputs.device)
     chunks = []  # per batch of rows: [B, V, C] (or [B, V, K, C]; top-k: values and ids [B, V, K])
-    for i in range(start, stop, cfg.batch_size):
-        index = torch.arange(i, min(i + cfg.batch_size, stop))
+    for i in range(start, stop, batch):
+        index = torch.arange(i, min(i + batch, stop))
         images = train.inputs[index.to(train.inputs.device)]  # read once for all views (decoded, when streamed)
+        kept, filler = len(index), batch - len(index)
+        if filler:
+            index = torch.cat([index, index[-1:].expand(filler)])
+            images = torch.cat([images, images[-1:].expand(filler, *images.shape[1:])])
         per_view = []
         for view_id in view_ids.tolist():
             ids = torch.full_like(index, view_id)
@@ -203,9 +222,9 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
                 probs = at_temperature(teacher.predictive_at(inputs, sample_index), t_teacher, cfg.temper)
                 per_view.append(topk.compress(probs, min(cfg.top_k, data.n_classes)) if cfg.top_k else probs)
         if cfg.top_k:
-            chunks.append(tuple(torch.stack(part, dim=1).cpu() for part in zip(*per_view)))
+            chunks.append(tuple(torch.stack(part, dim=1)[:kept].cpu() for part in zip(*per_view)))
         else:
-            chunks.append(torch.stack(per_view, dim=1).cpu())
+            chunks.append(torch.stack(per_view, dim=1)[:kept].cpu())
     dtype = getattr(torch, cfg.cache_dtype.value)
     if cfg.top_k:
         return TopKProbs(torch.cat([v for v, _ in chunks]).to(dtype), torch.cat([i for _, i in chunks]), data.n_classes)
@@ -312,7 +331,7 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
     its block of rows; rank 0 writes the calibrated teacher, the report and, once every shard is written, the
     manifest."""
     teacher = load_teacher(payload, device)
-    console.print(f"calibrating {teacher.kind.value} teacher {teacher_path} on {len(data.heldout)} held-out examples "
+    console.print(f"calibrating {teacher_label(teacher.kind)} {teacher_path} on {len(data.heldout)} held-out examples "
                   f"(prior {cfg.prior.value}, temperature {cfg.temperature.value}) for a cache at T_t = {t_teacher} "
                   f"(tempering the {cfg.temper.value})")
     report = calibrate(teacher, data, cfg, n_bins)
@@ -324,33 +343,39 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
                                      parent_sha256=expect["teacher_sha256"], history={"calibration": report})
         artifacts.save_checkpoint(path.parent / "teacher.pt", calibrated)
         artifacts.write_json(path.parent / "report.json", report)
-    if place.size > 1:
-        console.print(f"building the cache in {place.size} shards, one per process")
-    rows = shard_rows(len(data.train), cfg.batch_size, place.rank, place.size)
-    probs = build_cache_probs(teacher, data, t_teacher, cfg, rows) if rows[1] > rows[0] else None
+    batch = inference_batch(cfg, device)
+    chosen = f" (calibrate.batch_size=0: chosen for {device.type})" if not cfg.batch_size else ""
+    in_shards = f" in {place.size} shards, one per process," if place.size > 1 else ""
+    console.print(f"building the cache{in_shards} in batches of {batch}{chosen}")
+    rows = shard_rows(len(data.train), batch, place.rank, place.size)
+    probs = build_cache_probs(teacher, data, t_teacher, replace(cfg, batch_size=batch), rows) \
+        if rows[1] > rows[0] else None
     if place.size == 1:
-        artifacts.save_cache(path, probs, _cache_metadata(path, teacher, teacher_recipe, data, cfg, expect))
+        artifacts.save_cache(path, probs, _cache_metadata(path, teacher, teacher_recipe, data, cfg, expect, batch))
         _remove_shards(path, keep=[])
         return
     shard = None if probs is None else \
         artifacts.save_cache_shard(path.parent / shard_name(path, place.rank, place.size), probs, rows, path)
     shards = [entry for entry in _gathered(shard, place) if entry is not None]  # every shard is written
     if place.is_main:
-        artifacts.save_cache_manifest(path, shards, _cache_metadata(path, teacher, teacher_recipe, data, cfg, expect))
+        artifacts.save_cache_manifest(path, shards,
+                                      _cache_metadata(path, teacher, teacher_recipe, data, cfg, expect, batch))
         _remove_shards(path, keep=[entry["file"] for entry in shards])
     dist.barrier()  # the manifest is there before any process reads the cache
 
 
 def _cache_metadata(path: Path, teacher: Teacher, teacher_recipe: Recipe, data: Dataset, cfg: CalibrateConfig,
-                    expect: dict) -> dict:
-    """The cache's provenance header (after the calibrated teacher.pt is written)."""
+                    expect: dict, batch: int) -> dict:
+    """The cache's provenance header (after the calibrated teacher.pt is written); `batch`: the inference batch
+    it was built in."""
     augmentation = data.views.describe() if data.is_image else "none"
     return {**expect, "n_classes": data.n_classes, "classes": list(data.classes),
             "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
             "split": "train", "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": augmentation},
             "bayes": teacher.kind.value, "method": teacher.method_settings(teacher_recipe.teacher),
             "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
-            "dtype": cfg.cache_dtype.value, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            "dtype": cfg.cache_dtype.value, "inference_batch_size": batch,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def _gathered(value, place: World) -> list:

@@ -51,7 +51,7 @@ def duration(seconds: float) -> str:
 
 
 def stamp() -> str:
-    """The local time of day to the second, ISO 8601 (2026-12-07T02:14:03): how log lines a person follows later begin."""
+    """The local time of day to the second, ISO 8601 (2026-12-07T02:14:03): how the lines of a log begin."""
     return datetime.now().isoformat(timespec="seconds")
 
 
@@ -60,9 +60,11 @@ def epoch_count(n: int) -> str:
     return f"{n} epoch{'s' if n != 1 else ''}"
 
 
-def header(command: str, text: str) -> None:
-    """A stage's first line: when it started, the command and what it runs (its key settings and output folder)."""
-    line(f"{stamp()} {command}: {text}")
+def header(command: str, what: str, data: str, device: object, processes: int, out: object) -> None:
+    """A stage's first line, for a person reading its log later: when it started, the command, what it runs (its
+    key settings), on what data (`brief`), where (device, torchrun processes) and into which folder."""
+    ranks = f" x {processes} processes" if processes > 1 else ""
+    line(f"{stamp()} {command}: {what}, data {data}, device {device}{ranks} -> {out}")
 
 
 def line(text: str) -> None:

@@ -36,7 +36,8 @@ def rows_of(split: Split, rows: torch.Tensor) -> Split:
     memory-mapped store is not copied)."""
     if len(rows) and int(rows[-1]) - int(rows[0]) + 1 == len(rows) and isinstance(split.inputs, torch.Tensor):
         block = slice(int(rows[0]), int(rows[-1]) + 1)
-        return Split(split.inputs[block], split.labels[block], None if split.true_bcp is None else split.true_bcp[block])
+        bcp = None if split.true_bcp is None else split.true_bcp[block]
+        return Split(split.inputs[block], split.labels[block], bcp)
     return split.subset(rows)
 
 

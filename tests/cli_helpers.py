@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from bcpkd_cli.cli import main
+
+STAGE_HEADER = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d [a-z-]+: ")  # a stage's first line: its time, command
 
 
 def bcpkd(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
@@ -54,7 +57,7 @@ def refused_here(*args: str, cwd: Path) -> str:
     lines = stderr.getvalue().splitlines(keepends=True)
     errors = [text for text in lines if text.startswith("error: ")]
     described = [text for text in lines[:-1] if text.startswith(("data: ", "train ", "inputs: ", "no test images",
-                                                                 "training classes under"))]
+                                                                 "training classes under")) or STAGE_HEADER.match(text)]
     assert exit_info.value.code == 2 and errors == lines[-1:] and len(described) == len(lines) - 1, stderr.getvalue()
     return lines[-1]
 

@@ -171,7 +171,7 @@ def test_batch_jobs_get_a_line_per_epoch_naming_the_job(tmp_path):
     for alpha in ("0.5", "1.0"):
         epochs = [line for line in lines if f"[alpha={alpha}] epoch" in line]
         assert len(epochs) == 3 and all(re.search(r"loss \d\.\d{4}, held-out accuracy \d\.\d{4}", e) for e in epochs)
-        assert any(line.startswith(f"student (true) [alpha={alpha}]: ") for line in lines)
+        assert any(line.startswith(f"student (exact BCPs) [alpha={alpha}]: ") for line in lines)
 
 
 @pytest.mark.slow

@@ -83,7 +83,7 @@ def test_a_sample_is_seeded_and_near_the_full_value(tmp_path, teacher):
 
 def test_zero_is_off_and_reports_say_the_size(tmp_path, teacher):
     path = distill.run(build_recipe({**BASE, "out": str(tmp_path / "off"),
-                                     "distill": {**BASE["distill"], "targets": "true", "grad_noise_examples": 0}}))
+                                     "distill": {**BASE["distill"], "targets": "true", "grad_noise_examples": 0}}), None)
     history = torch.load(path, weights_only=True)["history"]
     assert history["grad_noise"] is None and history["grad_noise_examples"] == 0
     off = evaluate.evaluate_one(path, {"device": "cpu", "evaluate": {"grad_targets": ["onehot"],

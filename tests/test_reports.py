@@ -182,8 +182,10 @@ def test_rows_are_named_by_what_they_are(work):
     folder = work["folder"]
     out, err = here_both("evaluate", "s", "t", "--json", "--device", "cpu", cwd=folder)
     student, teacher = json.loads(out)  # one object per checkpoint given
-    temperature = torch.load(work["calibrated"], weights_only=True)["history"]["calibration"]["temperature"]
-    calibrated = f"laplace teacher (calibrated, T={temperature:.3g}, prior precision 1e+10)"
+    tuned = torch.load(work["calibrated"], weights_only=True)["history"]["calibration"]
+    assert tuned["prior_precision"] in (pytest.approx(1e10), pytest.approx(1e12))
+    calibrated = f"laplace teacher (calibrated, T={tuned['temperature']:.3g}, prior precision " \
+                 f"{tuned['prior_precision']:.3g})"
     assert teacher["label"] == "laplace teacher (raw)" and "no_posterior" not in teacher
     assert student["label"] == f"student of {calibrated} t/teacher.pt"  # relative where it lies under the cwd
     assert student["cache"] == str(work["cache"].resolve())
@@ -236,3 +238,27 @@ def test_reports_carry_a_confusion_matrix_and_plot_draws_it(work, monkeypatch):
     assert mine == [v for row in confusion for v in row]
     per_class = [r for r in read_csv(folder / "figs" / "per-class.csv") if r["model"] == "t/teacher.pt"]
     assert [(r["class"], int(r["n"])) for r in per_class] == [(e["class"], e["n"]) for e in teacher["per_class"]]
+
+
+def test_a_run_says_under_its_teachers_why_a_calibrated_row_equals_its_teacher(single_thread, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""
+device: cpu
+data: {n_train: 300, n_heldout: 100, n_test: 100}
+teacher: {hidden: [16], epochs: 2}
+distill: {hidden: [8], batch_size: 32, log_every: 5, epochs: 1}
+experiment:
+  teachers: {lap: {bayes: laplace, laplace: {grid_min: 10, grid_max: 12, grid_size: 2}}}
+  students: {from_lap: {targets: teacher, teacher: lap}}
+  seeds: [0]
+  workers: 1
+""")
+    out, err = here_both("run", str(recipe), "--out", "run", cwd=tmp_path)
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    note = "teacher lap -> from_lap (as calibrated): the Laplace posterior adds nothing here"
+    assert f"- {note}" in summary and note in " ".join(err.split())
+    reports = json.loads((tmp_path / "run" / "reports.json").read_text())
+    labels = {e["name"]: e["report"]["label"] for e in reports}
+    assert labels["teacher lap"] == "laplace teacher (raw)"
+    assert labels["teacher lap -> from_lap (as calibrated)"] in ("laplace teacher (calibrated, prior precision 1e+10)",
+                                                                 "laplace teacher (calibrated, prior precision 1e+12)")

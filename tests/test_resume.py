@@ -129,7 +129,7 @@ def test_a_killed_distill_resumes_to_the_uninterrupted_student(tmp_path, capsys)
     assert not (tmp_path / "cut" / "student.pt").exists(), "the run ended before it could be killed"
     capsys.readouterr()
     assert here(*distill, "--out", "cut", "--resume", cwd=tmp_path).strip() == "cut/student.pt"
-    assert "resuming student (teacher) after epoch" in capsys.readouterr().err  # not trained from scratch
+    assert "resuming student of deterministic teacher t/teacher.pt after epoch" in capsys.readouterr().err  # not afresh
     a, b = torch.load(whole, weights_only=True), torch.load(tmp_path / "cut" / "student.pt", weights_only=True)
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["log"] == b["log"] and a["history"]["grad_noise"] == b["history"]["grad_noise"]

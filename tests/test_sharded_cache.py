@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.calibration import build_cache_probs
+from bcpkd_cli.calibration import build_cache_probs, ensure_cache
 from bcpkd_cli.config import CalibrateConfig, build_recipe
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.errors import BcpkdError
@@ -186,3 +186,20 @@ def test_distill_under_torchrun_builds_a_missing_cache_in_shards(teacher):
     assert len(meta["shards"]) == 2
     one = Path(here("calibrate", "--teacher", str(teacher_path), "--out", "one-again", *SMALL, cwd=work).strip())
     assert torch.equal(probs[:], artifacts.load_cache(one, {})[0])
+
+
+def test_the_automatic_batch_is_recorded_and_builds_the_explicit_batchs_cache(teacher):
+    """calibrate.batch_size=0 builds in batches of 128 on the CPU, says so in the cache's metadata, and gives the
+    rows of an explicit batch size bit for bit."""
+    work, teacher_path = teacher
+    payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT)
+    data = load_dataset(build_recipe(payload["config"], "test").data)
+    built = {}
+    for batch in (0, 100):
+        path, _ = ensure_cache(teacher_path, payload, data, CalibrateConfig(batch_size=batch), 1.0,
+                               torch.device("cpu"), out=str(work / f"batch-{batch}"))
+        built[batch] = artifacts.load_cache(path, {})
+    (auto, auto_meta), (explicit, explicit_meta) = built[0], built[100]
+    assert auto_meta["inference_batch_size"] == 128 and auto_meta["calibrate"]["batch_size"] == 0
+    assert explicit_meta["inference_batch_size"] == 100
+    assert torch.equal(auto[:], explicit[:])

@@ -268,6 +268,13 @@ def summary(data: Dataset) -> str:
             f"{len(data.train)} train, {len(data.heldout)} held-out, {len(data.test)} test examples")
 
 
+def brief(data: Dataset) -> str:
+    """The dataset in a few words, for a stage's first line: `cifar10 data/cifar (45,000 train examples)`."""
+    cfg = data.config
+    where = f" {cfg.root}" if cfg is not None and cfg.root else ""
+    return f"{getattr(cfg.name, 'value', cfg.name) if cfg else 'dataset'}{where} ({len(data.train):,} train examples)"
+
+
 def announce(data: Dataset) -> None:
     """Say on stderr what data a stage works on: `summary` and the notes of how it was read."""
     for text in (summary(data), *data.notes):

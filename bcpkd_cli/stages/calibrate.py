@@ -10,8 +10,9 @@ from rich.table import Table
 from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import describe_tuning, ensure_cache
 from bcpkd_cli.config import Recipe
-from bcpkd_cli.data import announce, decoding_workers, load_dataset
-from bcpkd_cli.console import console, show_table
+from bcpkd_cli.data import announce, brief, decoding_workers, load_dataset
+from bcpkd_cli.choices import teacher_label
+from bcpkd_cli.console import console, header, show_table
 from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.threads import apply_threads
@@ -30,6 +31,10 @@ def run(recipe: Recipe, teacher_path: Path, force: bool = False) -> Path | None:
     place = join_process_group(device)
     data = load_dataset(recipe.data).to(device)
     if place.is_main:
+        cfg = recipe.calibrate
+        header("calibrate", f"{teacher_label(payload['bayes'])} {teacher_path} (prior {cfg.prior.value}, temperature "
+                            f"{cfg.temperature.value}, T_t {recipe.distill.t_teacher}, views {cfg.views})", brief(data),
+               device, place.size, recipe.out or Path(teacher_path).parent / "bcp")
         announce(data)
     path, built = ensure_cache(Path(teacher_path), payload, data, recipe.calibrate, recipe.distill.t_teacher,
                                device, recipe.out, recipe.evaluate.ece_bins, force)

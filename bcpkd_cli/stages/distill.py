@@ -17,7 +17,8 @@ from bcpkd_cli import artifacts
 from bcpkd_cli.choices import TARGET_LABELS, Targets, teacher_label
 from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_record
 from bcpkd_cli.console import TrainingReport, epoch_count, header, line
-from bcpkd_cli.data import Dataset, Split, announce, decoding_workers, few_shot_rows, load_dataset, views
+from bcpkd_cli.data import (Dataset, Split, announce, brief, decoding_workers, few_shot_rows, load_dataset,
+                            views)
 from bcpkd_cli.engine import (Member, TrainSpec, heldout_log, heldout_metrics, join_process_group,
                               prepare_for_device, resolve_device, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
@@ -72,21 +73,17 @@ def _teacher_named(teacher_path: Path | None) -> str:
     return f"{teacher_label(payload['bayes'])} {teacher_path}"
 
 
-def _header(recipes: list[Recipe], teacher: str, data: Dataset, device: torch.device, processes: int,
-            names: list[str], folder: Path) -> str:
-    """What a distill run trains, for its first line: the student(s) and their targets, the training, the data,
-    the device and the output folder."""
-    cfg, source = recipes[0].distill, recipes[0].data
+def _header(recipes: list[Recipe], teacher: str, names: list[str]) -> str:
+    """What a distill run trains, for its first line: the student(s) and their targets, the training."""
+    cfg = recipes[0].distill
     settings = f"targets {cfg.targets.value}, alpha {cfg.alpha}, T_t {cfg.t_teacher}, T_s {cfg.t_student}"
-    parts = [student_label(cfg, teacher, cfg.arch, settings),
-             f"{epoch_count(cfg.epochs)} of batch {cfg.batch_size} ({cfg.optimizer.value} lr {cfg.lr}, seed {cfg.seed})"]
+    parts = [student_label(cfg, teacher, cfg.arch, settings), f"{epoch_count(cfg.epochs)} of batch {cfg.batch_size} "
+                                                               f"({cfg.optimizer.value} lr {cfg.lr}, seed {cfg.seed})"]
+    if cfg.few_shot:
+        parts.append(f"{cfg.few_shot} examples per class")
     if len(recipes) > 1:
-        parts.append(f"{len(recipes)} students in lockstep ({'; '.join(names)})")
-    shots = f", {cfg.few_shot} per class" if cfg.few_shot else ""
-    parts.append(f"data {source.name.value}{' ' + source.root if source.root else ''} "
-                 f"({len(data.train):,} train examples{shots})")
-    parts.append(f"device {device}" + (f" x {processes} processes" if processes > 1 else ""))
-    return f"{', '.join(parts)} -> {folder}"
+        parts.append(f"{len(recipes)} students in lockstep" + (f" ({'; '.join(names)})" if any(names) else ""))
+    return ", ".join(parts)
 
 
 @dataclass
@@ -143,7 +140,7 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     teacher_path = Path(teacher_path) if teacher_path else None
     teacher = _teacher_named(teacher_path) if first.distill.targets in (Targets.teacher, Targets.online) else ""
     if place.is_main:
-        header("distill", _header(recipes, teacher, data, device, place.size, names, state_dir))
+        header("distill", _header(recipes, teacher, names), brief(data), device, place.size, state_dir)
         announce(data)
     online: dict[str, Teacher] = {}  # one teacher object per calibrated teacher file, shared by students
     sources = [student_targets(recipe, data, teacher_path, cache, device, online) for recipe in recipes]
@@ -241,7 +238,9 @@ def _save(student: _Student, out: Path, data: Dataset, steps: int, seconds: floa
     artifacts.write_config(out, record)
     label = f" [{name}]" if name else ""
     final = member.log[-1].get("heldout_accuracy") if member.log else None
-    said = [f"{steps} steps in {seconds:.1f}s"] + ([f"final held-out accuracy {final:.4f}"] if final is not None else [])
+    said = [f"{steps} steps in {seconds:.1f}s"]
+    if final is not None:
+        said.append(f"final held-out accuracy {final:.4f}")
     if noise["grad_noise"] is not None:
         said.append(f"gradient noise {noise['grad_noise']:.3g} ({noise['grad_noise_examples']} examples)")
     line(f"{student.label}{label}: {', '.join(said)} -> {path}")

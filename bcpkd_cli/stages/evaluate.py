@@ -242,7 +242,8 @@ def print_per_class(reports: list[dict]) -> None:
     table.add_column("class")
     table.add_column("n", justify="right")
     for r in reports:
-        table.add_column(Path(r["checkpoint"]).parent.name or r["checkpoint"], justify="right")
+        table.add_column((Path(r["checkpoint"]).parent.name or r["checkpoint"]) +
+                         (" (calibrated)" if r["kind"] == "teacher" and r.get("calibrated") else ""), justify="right")
     for i, entry in enumerate(reports[0]["per_class"]):
         table.add_row(entry["class"], str(entry["n"]),
                       *("-" if r["per_class"][i]["accuracy"] is None else f"{r['per_class'][i]['accuracy']:.3f}"

@@ -16,7 +16,7 @@ from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.config import TEACHER_RECORD, Recipe, recipe_record
 from bcpkd_cli.choices import Normalize, teacher_label
 from bcpkd_cli.console import console, epoch_count, header, line
-from bcpkd_cli.data import Dataset, announce, decoding_workers, load_dataset
+from bcpkd_cli.data import announce, brief, decoding_workers, load_dataset
 from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, describe_inputs, model_spec, scaling_name
@@ -65,7 +65,7 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     if init is not None:
         build_model(spec, init=init)  # weights that do not fit the network: refused before any line or work
     if place.is_main:
-        header("train-teacher", _header(recipe, data, device, place.size, out))
+        header("train-teacher", _header(recipe), brief(data), device, place.size, out)
         announce(data)
         if describe_inputs(spec, "teacher.normalize"):
             line(describe_inputs(spec, "teacher.normalize"))
@@ -94,15 +94,13 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     return path
 
 
-def _header(recipe: Recipe, data: Dataset, device: torch.device, processes: int, out: Path) -> str:
+def _header(recipe: Recipe) -> str:
     """What a train-teacher run trains, for its first line: the kind and network, where it starts from, the
-    training, the data, the device and the output folder."""
-    cfg, source = recipe.teacher, recipe.data
+    training."""
+    cfg = recipe.teacher
     start = f" around {cfg.base}" if cfg.base else f" from {cfg.init}" if cfg.init else ""
     return (f"{teacher_label(cfg.bayes)} {cfg.arch}{start}, {epoch_count(cfg.epochs)} of batch {cfg.batch_size} "
-            f"({cfg.optimizer.value} lr {cfg.lr}, seed {cfg.seed}), data {source.name.value}"
-            f"{' ' + source.root if source.root else ''} ({len(data.train):,} train examples), device {device}"
-            f"{f' x {processes} processes' if processes > 1 else ''} -> {out}")
+            f"({cfg.optimizer.value} lr {cfg.lr}, seed {cfg.seed})")
 
 
 def _log(logs: dict[str, list[dict]]) -> list[dict]:

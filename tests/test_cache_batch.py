@@ -1,0 +1,61 @@
+"""The BCP cache does not depend on the inference batch (calibrate.batch_size, 0: chosen per device): every row
+is computed in a batch of the chosen size (the last one filled up), and eval-mode networks compute each example
+on its own, so the rows are equal bit for bit on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bcpkd_cli.calibration import AUTOMATIC_BATCH, build_cache_probs, inference_batch
+from bcpkd_cli.config import CalibrateConfig, build_recipe
+from bcpkd_cli.data import Dataset, Split
+from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.models import build_model, model_spec
+from bcpkd_cli.teachers.deterministic import DeterministicTeacher
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def image_data():
+    gen = torch.Generator().manual_seed(0)
+
+    def split(n):
+        return Split(torch.randint(0, 256, (n, 3, 16, 16), generator=gen, dtype=torch.uint8),
+                     torch.randint(0, 100, (n,), generator=gen), None)
+
+    return Dataset(split(300), split(4), split(4), n_classes=100, input_shape=(3, 16, 16), fingerprint="f", seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    """A resnet20 with BatchNorm statistics of its own (not 0 and 1) and a 100-class head."""
+    torch.manual_seed(0)
+    model = build_model(model_spec("resnet20", (3, 16, 16), 100, ()))
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    return DeterministicTeacher(model.eval())
+
+
+def test_the_automatic_batch_follows_the_device():
+    assert inference_batch(CalibrateConfig(), "cpu") == AUTOMATIC_BATCH["cpu"] == 128
+    assert inference_batch(CalibrateConfig(), torch.device("cuda", 1)) == AUTOMATIC_BATCH["cuda"]
+    assert inference_batch(CalibrateConfig(batch_size=64), "cuda") == 64
+    assert build_recipe({}).calibrate.batch_size == 0
+    assert build_recipe({"calibrate": {"batch_size": 0}}).calibrate.batch_size == 0
+    with pytest.raises(BcpkdError, match=r"calibrate.batch_size: must be 0 \(automatic\) or positive"):
+        build_recipe({"calibrate": {"batch_size": -1}})
+    with pytest.raises(BcpkdError, match="distill.batch_size: must be positive"):
+        build_recipe({"distill": {"batch_size": 0}})
+
+
+@pytest.mark.parametrize("views", [1, 3])
+def test_any_batch_builds_the_automatic_batchs_cache(image_data, teacher, views):
+    automatic = build_cache_probs(teacher, image_data, 1.0, CalibrateConfig(views=views))
+    assert automatic.shape == (300, views, 100)
+    for batch in (64, 100, 256, 1024):  # 300 rows: last batches of 44, 100, 44 and 300 rows, filled up
+        assert torch.equal(build_cache_probs(teacher, image_data, 1.0, CalibrateConfig(views=views, batch_size=batch)),
+                           automatic), batch

@@ -1,0 +1,158 @@
+"""What a batch job leaves for a person who reads its log later, and for `bcpkd plot`: a first line naming what
+each stage runs and where it writes, epoch lines that begin with the time, labels that say what the network is,
+an interruption (Ctrl-C, or SIGTERM as SLURM sends it) that names the exact command that continues, and held-out
+curves from teachers as from students."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+import torch
+
+from bcpkd_cli.cli import resume_command
+from bcpkd_cli.engine import LOG_POINTS, batch_bounds, log_interval
+from cli_helpers import bcpkd, here
+
+TINY = ["--set", "data.n_train=300", "--set", "data.n_heldout=100", "--set", "data.n_test=100",
+        "--set", "teacher.hidden=[16]", "--set", "distill.hidden=[8]", "--set", "distill.batch_size=32",
+        "--set", "teacher.laplace.grid_size=3", "--set", "calibrate.batch_size=256", "--device", "cpu"]
+STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d"  # ISO 8601, local time, to the second
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # the jobs too (OMP_NUM_THREADS=1)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict:
+    """A deterministic teacher and a student of a laplace teacher, as batch jobs (stderr to a pipe)."""
+    folder = tmp_path_factory.mktemp("logs")
+    deterministic = bcpkd("train-teacher", "--epochs", "2", "--batch-size", "8", "--out", "det", *TINY, cwd=folder)
+    here("train-teacher", "--bayes", "laplace", "--epochs", "2", "--out", "lap", *TINY, cwd=folder)
+    student = bcpkd("distill", "--teacher", "lap/teacher.pt", "--epochs", "2", "--out", "s", *TINY, cwd=folder)
+    return {"folder": folder, "deterministic": deterministic.stderr, "student": student.stderr}
+
+
+def _header(stderr: str, command: str) -> tuple[int, str]:
+    lines = stderr.splitlines()
+    found = [(i, text) for i, text in enumerate(lines) if re.match(f"{STAMP} {command}: ", text)]
+    assert len(found) == 1, stderr
+    return found[0]
+
+
+def test_a_stage_begins_with_what_it_runs_on_what_data_and_where_it_writes(runs):
+    at, teacher = _header(runs["deterministic"], "train-teacher")
+    assert re.fullmatch(rf"{STAMP} train-teacher: deterministic teacher mlp, 2 epochs of batch 8 \(adam lr 0\.001, "
+                        rf"seed 0\), data synthetic \(300 train examples\), device cpu -> det", teacher), teacher
+    assert at < runs["deterministic"].splitlines().index(next(text for text in runs["deterministic"].splitlines()
+                                                              if text.startswith("data: ")))  # before the data lines
+    at, student = _header(runs["student"], "distill")
+    assert re.fullmatch(rf"{STAMP} distill: student mlp of laplace teacher lap/teacher\.pt \(targets teacher, alpha "
+                        rf"1\.0, T_t 1\.0, T_s 1\.0\), 2 epochs of batch 32 \(sgd lr 0\.01, seed 0\), data synthetic "
+                        rf"\(300 train examples\), device cpu -> s", student), student
+    assert runs["student"].splitlines()[at + 1].startswith("data: ")
+
+
+def test_epoch_lines_of_batch_jobs_begin_with_the_time_of_day(runs):
+    for stderr in (runs["deterministic"], runs["student"]):
+        epochs = [text for text in stderr.splitlines() if re.search(r" epoch \d+/2: loss", text)]
+        assert len(epochs) == 2, stderr
+        for text in epochs:
+            when = datetime.fromisoformat(text.split(" ", 1)[0])
+            assert abs((datetime.now() - when).total_seconds()) < 600 and re.match(f"{STAMP} ", text)
+
+
+def test_labels_say_what_the_network_is(runs):
+    assert "training deterministic teacher: " in runs["deterministic"]
+    assert re.search(f"{STAMP} deterministic teacher epoch 1/2: ", runs["deterministic"])
+    assert "training student of laplace teacher lap/teacher.pt: " in runs["student"]
+    assert "calibrating laplace teacher lap/teacher.pt" in runs["student"]
+    assert re.search(r"^student of laplace teacher lap/teacher\.pt: \d+ steps", runs["student"], re.MULTILINE)
+    assert "none teacher" not in runs["deterministic"] + runs["student"]
+    assert "student (teacher)" not in runs["student"]
+
+
+def test_teachers_log_held_out_curves_as_students_do(runs):
+    folder = runs["folder"]
+    teacher_log = [json.loads(text) for text in (folder / "det" / "metrics.jsonl").read_text().splitlines()]
+    student_log = [json.loads(text) for text in (folder / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert len(teacher_log) >= LOG_POINTS and len(student_log) >= LOG_POINTS
+    assert {tuple(entry) for entry in teacher_log} == {tuple(entry) for entry in student_log} == \
+        {("step", "heldout_nll", "heldout_accuracy")}
+    steps = [entry["step"] for entry in teacher_log]  # 300 / 8: 38 steps per epoch, 76 in all, every 76 // 20
+    assert steps == list(range(0, 76, 3)) + [76]
+    assert torch.load(folder / "det" / "teacher.pt", weights_only=True)["log"] == teacher_log  # as a student's
+    assert torch.load(folder / "s" / "student.pt", weights_only=True)["log"] == student_log
+
+
+@pytest.mark.parametrize("total_steps", [1, 7, 19, 20, 21, 39, 204, 1000, 78_200])
+@pytest.mark.parametrize("steps_per_epoch", [1, 5, 391])
+def test_the_automatic_log_interval_gives_20_entries_and_one_per_epoch(total_steps, steps_per_epoch):
+    every = log_interval(0, total_steps, steps_per_epoch)
+    entries = len(range(0, total_steps, every)) + 1  # and the last step
+    assert entries >= min(LOG_POINTS, total_steps + 1) and every <= steps_per_epoch
+    assert log_interval(50, total_steps, steps_per_epoch) == 50  # a chosen interval is kept
+    assert log_interval(0, 2 * len(batch_bounds(300, 8)), len(batch_bounds(300, 8))) == 3  # the teacher above
+
+
+def test_the_resume_command_is_the_typed_one_with_the_folder_and_resume():
+    typed = ["distill", "--teacher", "runs/t/teacher.pt", "--epochs", "10", "--set", "distill.hidden=[16]"]
+    assert resume_command(typed, Path("runs/s")) == \
+        "bcpkd distill --teacher runs/t/teacher.pt --epochs 10 --set 'distill.hidden=[16]' --out runs/s --resume"
+    assert resume_command(["train-teacher", "-o", "t", "--force"], Path("t")) == "bcpkd train-teacher -o t --resume"
+    assert resume_command(["distill", "--out=s", "--resume"], Path("s")) == "bcpkd distill --out=s --resume"
+    assert resume_command(["distill", "--force"], Path("s"), resume=False) == "bcpkd distill --force --out s"
+
+
+def _interrupt(args: list[str], cwd: Path, sig: signal.Signals) -> tuple[int, str]:
+    """Start the CLI, send `sig` once the state of its first epoch is saved; its exit code and stderr."""
+    job = subprocess.Popen([sys.executable, "-m", "bcpkd_cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    seen = []
+    for text in job.stderr:  # the first line names the folder
+        seen.append(text)
+        if re.match(f"{STAMP} distill: ", text):
+            break
+    state = cwd / text.rstrip("\n").rsplit(" -> ", 1)[1] / "train-state.pt"
+    while not state.exists() and job.poll() is None:
+        time.sleep(0.02)
+    job.send_signal(sig)
+    stdout, rest = job.communicate(timeout=120)
+    assert stdout == ""  # no artifact path: nothing finished
+    return job.returncode, "".join(seen) + rest
+
+
+SLOW_EPOCHS = ["--targets", "true", "--epochs", "4", "--set", "data.n_train=1000", "--set", "data.n_heldout=100",
+               "--set", "data.n_test=100", "--set", "distill.hidden=[8]", "--set", "distill.batch_size=8",
+               "--device", "cpu"]  # 125 steps an epoch: a signal arrives long before the end
+
+
+def test_a_preempted_run_names_the_command_that_continues_it(tmp_path):
+    code, stderr = _interrupt(["distill", *SLOW_EPOCHS], tmp_path, signal.SIGTERM)  # as SLURM preempts a job
+    assert code == 143, stderr
+    said = re.search(r"^terminated \(SIGTERM\): (runs/student-true-[\d-]+) holds the state of epoch (\d+) of 4; "
+                     r"continue with: (.+)$", stderr, re.MULTILINE)
+    assert said, stderr
+    folder, epoch, command = said.groups()
+    assert command == shlex.join(["bcpkd", "distill", *SLOW_EPOCHS, "--out", folder, "--resume"])  # generated folder
+    assert not (tmp_path / folder / "student.pt").exists()
+    bcpkd_args = shlex.split(command)
+    assert bcpkd_args[0] == "bcpkd"
+    resumed = bcpkd(*bcpkd_args[1:], cwd=tmp_path)
+    assert f"resuming student (exact BCPs) after epoch {epoch} " in resumed.stderr
+    assert resumed.stdout.strip() == f"{folder}/student.pt" and (tmp_path / folder / "student.pt").is_file()
+
+
+def test_ctrl_c_names_the_given_folder_and_the_saved_epoch(tmp_path):
+    code, stderr = _interrupt(["distill", *SLOW_EPOCHS, "--out", "s"], tmp_path, signal.SIGINT)
+    assert code == 130, stderr
+    assert re.search(r"^interrupted: s holds the state of epoch \d+ of 4; continue with: bcpkd distill .* --out s "
+                     r"--resume$", stderr, re.MULTILINE), stderr
+    assert stderr.count("--out s") == 1
