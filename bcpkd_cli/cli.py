@@ -100,8 +100,9 @@ def interrupted_message(terminated: bool) -> str:
     if run is None:
         return (f"{what}: finished artifacts are kept, unfinished ones were not written (train-teacher and distill "
                 f"continue from their last epoch end with --resume)")
-    phase = f" of {run.phase}" if run.phase not in ("", "teacher") else ""  # train-state-PHASE.pt
-    saved = f"{run.folder} holds the state of epoch {run.epoch} of {run.epochs}{phase}" if run.epoch else ""
+    of = f" of {run.epochs}" if run.epochs else ""  # (states saved before they held their run's epochs: not)
+    phase = f" ({run.phase})" if run.phase not in ("", "teacher") else ""  # train-state-PHASE.pt: member2, mcmi
+    saved = f"{run.folder} holds the state of epoch {run.epoch}{of}{phase}" if run.epoch else ""
     if run.whole_run:
         saved = f"{run.out} keeps the teachers and students that finished" + (f"; {saved}" if saved else "")
     if run.resumable:

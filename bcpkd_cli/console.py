@@ -79,9 +79,9 @@ class TrainingReport:
 
     On a terminal: a rich progress bar. Otherwise (batch jobs): a line at every epoch end, and one at
     least every `line_seconds` within long epochs, each beginning with the time of day: epoch, mean training
-    loss, held-out accuracy and NLL, examples per second, the share of time spent waiting for data (building batches: reading images,
-    views, targets; on CUDA an upper bound on the GPU's idle time) and the time left. `tensorboard` folders (one per network) receive the
-    same numbers per epoch."""
+    loss, held-out accuracy and NLL, examples per second, the share of time spent waiting for data (building
+    batches: reading images, views, targets; on CUDA an upper bound on the GPU's idle time) and the time left.
+    `tensorboard` folders (one per network) receive the same numbers per epoch."""
 
     def __init__(self, desc: str, names: list[str] | None = None, line_seconds: float = 60.0,
                  tensorboard: list[Path] | None = None):

@@ -70,6 +70,21 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def in_process_group():
+    """A command's work, after which its processes leave torchrun's process group together (leave_process_group);
+    after a Ctrl-C or SIGTERM each leaves at once, without waiting for the others: they may be in the middle of a
+    step, or gone, and a process waiting for them would not end until torchrun kills it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    finally:
+        leave_process_group()
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when present; an unavailable CUDA device is a user error. Under torchrun each
     process takes the GPU of its LOCAL_RANK."""

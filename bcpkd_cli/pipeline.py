@@ -161,7 +161,13 @@ def _executor(workers: int):
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                  initializer=_worker_start, initargs=trusted()) as pool:
-            yield pool
+            try:
+                yield pool
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the students in training stop (each keeps the state of
+                for worker in list((pool._processes or {}).values()):  # its last epoch end), no other one starts
+                    worker.terminate()  # (ProcessPoolExecutor.terminate_workers from Python 3.14)
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
     finally:
         torch.set_num_threads(threads)
 

@@ -51,6 +51,9 @@ def test_two_processes_train_the_single_process_student(teacher):
     assert result.stdout.strip() == "two/student.pt"  # one path, printed by rank 0 only
     assert {p.name for p in files_under(work / "two")} == {p.name for p in files_under(work / "one")}
     assert_same_student(one, work / "two" / "student.pt")
+    history_one, history_two = (torch.load(p, weights_only=True)["history"] for p in (one, work / "two" / "student.pt"))
+    assert history_one["grad_noise_examples"] == history_two["grad_noise_examples"] == 601  # each process half
+    assert history_two["grad_noise"] == pytest.approx(history_one["grad_noise"], rel=1e-4)
     log_one = torch.load(one, weights_only=True)["log"]
     log_two = torch.load(work / "two" / "student.pt", weights_only=True)["log"]
     assert [e["step"] for e in log_two] == [e["step"] for e in log_one] == [0, 2, 4]  # 2 steps an epoch: a last
@@ -64,7 +67,7 @@ def test_two_processes_train_the_single_process_teacher(teacher):
     a, b = weights(one), weights(work / "t-two" / "teacher.pt")
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-6)
-    assert {p.name for p in files_under(work / "t-two")} == {"teacher.pt", "config.yaml"}
+    assert {p.name for p in files_under(work / "t-two")} == {"teacher.pt", "config.yaml", "metrics.jsonl"}
 
 
 def test_a_lockstep_sweep_with_an_online_teacher_under_torchrun(teacher):

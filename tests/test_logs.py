@@ -92,6 +92,15 @@ def test_teachers_log_held_out_curves_as_students_do(runs):
     assert torch.load(folder / "s" / "student.pt", weights_only=True)["log"] == student_log
 
 
+def test_each_entry_of_a_teacher_trained_in_phases_names_its_phase(tmp_path):
+    here("train-teacher", "--bayes", "ensemble", "--members", "2", "--epochs", "1", "--batch-size", "64", "--out", "e",
+         *TINY, cwd=tmp_path)
+    log = [json.loads(text) for text in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
+    steps = list(range(6))  # 300 / 64: 5 steps, each logged (and the end)
+    assert [(entry["phase"], entry["step"]) for entry in log] == [(m, s) for m in ("member1", "member2") for s in steps]
+    assert torch.load(tmp_path / "e" / "teacher.pt", weights_only=True)["log"] == log
+
+
 @pytest.mark.parametrize("total_steps", [1, 7, 19, 20, 21, 39, 204, 1000, 78_200])
 @pytest.mark.parametrize("steps_per_epoch", [1, 5, 391])
 def test_the_automatic_log_interval_gives_20_entries_and_one_per_epoch(total_steps, steps_per_epoch):

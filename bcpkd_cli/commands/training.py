@@ -50,7 +50,7 @@ def train_teacher(
 ) -> None:
     """Train a teacher of any kind and save a self-describing teacher.pt (path printed on stdout).
     Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli train-teacher ..."""
-    from bcpkd_cli.engine import leave_process_group
+    from bcpkd_cli.engine import in_process_group
     from bcpkd_cli.stages import train_teacher as stage
 
     trust(everything=trust_code)
@@ -73,10 +73,8 @@ def train_teacher(
     if print_config:
         return show_config(config, TEACHER_RECORD)
     check_resume(resume, force, out)
-    try:  # under torchrun: data-parallel training; rank 0 writes and prints
+    with in_process_group():  # under torchrun: data-parallel training; rank 0 writes and prints
         path = stage.run(config, resume, force)
-    finally:
-        leave_process_group()
     if path is not None:
         print(path)
 
@@ -99,7 +97,7 @@ def calibrate(
     """Calibrate a teacher on held-out data and cache its BCPs for the training split (path on stdout).
     Data default to the teacher's own.
     In shards on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli calibrate ..."""
-    from bcpkd_cli.engine import leave_process_group
+    from bcpkd_cli.engine import in_process_group
     from bcpkd_cli.stages import calibrate as stage
 
     trust(everything=trust_code)
@@ -111,10 +109,8 @@ def calibrate(
     config = checked(tree, source_of(recipe), payload)
     if print_config:
         return show_config(config, (*RUN_KEYS, "data", "calibrate", "distill"))
-    try:  # under torchrun: each process computes a shard of the cache; rank 0 writes the rest and prints
+    with in_process_group():  # under torchrun: each process computes a shard of the cache; rank 0 writes the rest
         path = stage.run(config, teacher, force)
-    finally:
-        leave_process_group()
     if path is not None:
         print(path)
 
@@ -153,7 +149,7 @@ def distill(
     """Train a student against the teacher's cached BCPs; save student.pt (path on stdout).
     Data default to the teacher's own.
     Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli distill ..."""
-    from bcpkd_cli.engine import leave_process_group
+    from bcpkd_cli.engine import in_process_group
     from bcpkd_cli.stages import distill as stage
 
     trust(everything=trust_code)
@@ -173,11 +169,9 @@ def distill(
         with_cache = configs[0].distill.targets in (Targets.teacher, Targets.online)
         return show_config(configs[0], (*STUDENT_RECORD, "calibrate") if with_cache else STUDENT_RECORD)
     check_resume(resume, force, out)
-    try:  # under torchrun: one process per GPU (or CPU share); rank 0 writes and prints
+    with in_process_group():  # under torchrun: one process per GPU (or CPU share); rank 0 writes and prints
         paths = stage.run_sweep(configs, grid, teacher, cache, out, resume, force) if sweep else \
             [p for p in [stage.run(configs[0], teacher, cache, resume, force)] if p is not None]
-    finally:
-        leave_process_group()
     if paths:
         print("\n".join(str(p) for p in paths))
 
