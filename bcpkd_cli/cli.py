@@ -75,6 +75,7 @@ def _terminate(signum, frame) -> None:
 
 
 def _names_out(args: list[str]) -> bool:
+    """Whether a command line names its output folder (--out DIR, --out=DIR, -o DIR, -oDIR)."""
     return any(a in ("--out", "-o") or a.startswith("--out=") or (a.startswith("-o") and not a.startswith("--"))
                for a in args)
 

@@ -23,9 +23,11 @@ cell first, then --repeats rounds in which every (model, runtime, batch) cell ru
 rotated each round, so that the machine's load changes hit every model alike; the figures are medians of the
 rounds, in milliseconds per call (the whole batch). The load average is printed before and after the timed part.
 
-Each student is set against its teacher: the exported teacher whose checkpoint's SHA-256 the student's targets
-name (calibrated or not), else the nearest teacher before it among the arguments. Prints a markdown table with
-one row per model and a "student / teacher" row under each student.
+Each student is set against its teacher: the exported teacher whose checkpoint the student's targets name (the
+uncalibrated teacher.pt by SHA-256, the calibrated one by the cache's folder), else the nearest teacher before it
+among the arguments. A student whose teacher is not among the arguments gets the calibrated teacher.pt beside its
+cache added (exported into --work) unless --given-only: the students alone are enough. Prints a markdown table
+with one row per model and a "student / teacher" row under each student.
 """
 
 from __future__ import annotations
@@ -78,13 +80,14 @@ def checkpoint_of(path: Path) -> Path:
     raise SystemExit(f"{path}: neither an export folder ({MANIFEST}) nor a checkpoint or run folder")
 
 
-def export_folder(path: Path, work: Path, index: int) -> Path:
+def export_folder(path: Path, work: Path) -> Path:
     """`path` if it is an export folder; otherwise the checkpoint exported into `work` (reused when an export of the
     same checkpoint file is there already)."""
     if (path / MANIFEST).is_file():
         return path
     checkpoint = checkpoint_of(path)
-    out = work / f"{index}-{checkpoint.parent.name}-{checkpoint.stem}"
+    where = hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:8]
+    out = work / f"{checkpoint.parent.name}-{checkpoint.stem}-{where}"
     if (out / MANIFEST).is_file():
         done = json.loads((out / MANIFEST).read_text())
         if done["source"]["sha256"] == sha256_file(checkpoint):
@@ -114,22 +117,57 @@ def load(folder: Path) -> Model:
     return model
 
 
+def teacher_keys(m: Model) -> set[str]:
+    """What a student's record may name a teacher export by: its checkpoint's SHA-256 and its folder (a calibrated
+    teacher's folder is the folder of the cache it wrote)."""
+    source = m.manifest["source"]
+    return {source["sha256"], str(Path(source["checkpoint"]).resolve().parent)}
+
+
+def student_keys(m: Model) -> list[str]:
+    targets = m.manifest.get("teacher") or {}
+    keys = [targets.get(k) for k in ("calibrated_teacher_sha256", "teacher_sha256")]
+    if targets.get("cache"):
+        keys.append(str(Path(targets["cache"]).resolve().parent))
+    return [k for k in keys if k]
+
+
+def calibrated_teacher(m: Model) -> Path | None:
+    """The calibrated teacher.pt written beside the cache a student learned from, if it is still there."""
+    cache = (m.manifest.get("teacher") or {}).get("cache")
+    path = Path(cache).parent / "teacher.pt" if cache else None
+    return path if path is not None and path.is_file() else None
+
+
 def pair(models: list[Model]) -> dict[int, int]:
-    """Student index -> its teacher's index."""
-    by_sha = {m.manifest["source"]["sha256"]: i for i, m in enumerate(models) if m.is_teacher}
+    """Student index -> its teacher's index: the teacher its targets name, else the nearest teacher before it."""
     pairs = {}
     for i, m in enumerate(models):
         if m.is_teacher:
             continue
-        targets = m.manifest.get("teacher") or {}
-        named = [targets.get(k) for k in ("calibrated_teacher_sha256", "teacher_sha256")]
-        match = next((by_sha[s] for s in named if s in by_sha), None)
+        named = set(student_keys(m))
+        match = next((j for j, t in enumerate(models) if t.is_teacher and teacher_keys(t) & named), None)
         if match is None:
             before = [j for j in range(i) if models[j].is_teacher]
             match = before[-1] if before else None
         if match is not None:
             pairs[i] = match
     return pairs
+
+
+def with_teachers(models: list[Model], work: Path) -> list[Model]:
+    """`models` with, before each student whose teacher is not among them, the calibrated teacher it learned from
+    (exported into `work`)."""
+    out: list[Model] = []
+    for m in models:
+        if not m.is_teacher and not any(t.is_teacher and teacher_keys(t) & set(student_keys(m))
+                                        for t in models + out):
+            path = calibrated_teacher(m)
+            if path is not None:
+                print(f"{m.label}: adding its calibrated teacher {path}", file=sys.stderr)
+                out.append(load(export_folder(path, work)))
+        out.append(m)
+    return out
 
 
 def ort_session(path: Path, threads: int):
@@ -247,6 +285,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/deploy-payoff"),
                         help="where checkpoints are exported (default: runs/deploy-payoff)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (default: the usable CPUs)")
+    parser.add_argument("--given-only", action="store_true",
+                        help="do not add the calibrated teacher of a student whose teacher is not given")
     parser.add_argument("--batches", default="1,64")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=30)
@@ -256,7 +296,9 @@ def main() -> None:
     threads = args.threads or usable_cpus()
     torch.set_num_threads(threads)
     batches = [int(b) for b in args.batches.split(",")]
-    models = [load(export_folder(p, args.work, i)) for i, p in enumerate(args.paths)]
+    models = [load(export_folder(p, args.work)) for p in args.paths]
+    if not args.given_only:
+        models = with_teachers(models, args.work)
     pairs = pair(models)
     print(f"machine: {cpu_name()}, {usable_cpus()} usable CPUs ({platform.machine()}); torch {torch.__version__}, "
           f"onnxruntime {onnxruntime.__version__}; {threads} intra-op threads in both runtimes; "

@@ -13,7 +13,7 @@ from bcpkd_cli.choices import Normalize
 from bcpkd_cli.config import build_recipe, parse_set, read_recipe
 from bcpkd_cli.models import CIFAR10_STATS, IMAGENET_STATS, ImageInput, build_model, model_spec, scaling_name
 from bcpkd_cli.teachers import load_teacher
-from cli_helpers import files_under, here, refused_here
+from cli_helpers import STAGE_HEADER, files_under, here, refused_here
 
 DATA_STATS = {"mean": [0.25, 0.5, 0.75], "std": [0.125, 0.25, 0.5]}  # exact in binary: exact expected values
 MINE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
@@ -109,7 +109,7 @@ def test_channel_statistics_are_refused_for_vectors(tmp_path):
 def _first_lines(capsys) -> list[str]:
     """What a run said on stderr before its training began (or said it had nothing to train)."""
     said = capsys.readouterr().err.splitlines()
-    return said[:next(i for i, s in enumerate(said) if " epochs" in s)]
+    return said[:next(i for i, s in enumerate(said) if " epochs" in s and not STAGE_HEADER.match(s))]
 
 
 def test_the_first_line_names_the_choice(single_thread, image_folder, tmp_path, capsys):
