@@ -155,7 +155,7 @@ class CalibrateConfig:
     cache_dtype: CacheDtype = _f(CacheDtype.float32, "dtype of the cached BCPs")
     views: int = _f(1, "augmentation views V cached per training image (1: no augmentation; at most 162)")
     batch_size: int = _f(0, "inference batch size of the cache build; 0: chosen for the device (CPU 128, CUDA "
-                            "512; the rows do not depend on it)")
+                            "512), recorded in the cache as inference_batch_size")
 
 
 @dataclass(frozen=True)
