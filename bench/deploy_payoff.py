@@ -33,7 +33,6 @@ with one row per model and a "student / teacher" row under each student.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -46,6 +45,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from bcpkd_cli.artifacts import sha256_file
 
 MANIFEST = "bcpkd-export.json"
 
@@ -60,14 +61,6 @@ class Model:
     @property
     def is_teacher(self) -> bool:
         return self.manifest["kind"] == "teacher"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def checkpoint_of(path: Path) -> Path:

@@ -175,6 +175,8 @@ def test_predict_reads_folders_and_lists_unreadable_files_after_the_rows(single_
     assert [r["class"] for r in from_checkpoint] == [r["class"] for r in rows]
     here("predict", str(folder), "new", "--skip-unreadable", "--out", "rows.jsonl", cwd=tmp_path)
     assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2
+    assert "exists already" in refused_here("predict", str(folder), "new", "--out", "rows.jsonl", cwd=tmp_path)
+    assert len((tmp_path / "rows.jsonl").read_text().splitlines()) == 2  # not replaced without --force
 
 
 @pytest.mark.parametrize("kind", ["laplace", "ensemble"])

@@ -62,6 +62,7 @@ def predict(
                                                                          "exit 0 (default: exit 2 after the rows)"),
     draws: int = typer.Option(0, "--draws", metavar="K", help="a vi or mc-dropout teacher.pt: K fixed seeded draws "
                                                               "instead of the mean network"),
+    force: bool = typer.Option(False, "--force", help="replace the file --out names"),
     trust_code: bool = TrustOpt,
 ) -> None:
     """Classify new inputs: CSV rows of input, class, probability, top-k, entropy and, for Bayesian teachers, the
@@ -71,4 +72,4 @@ def predict(
     trust(everything=trust_code)
     if top_k < 1 or batch_size < 1:
         raise BcpkdError(f"--top-k {top_k} / --batch-size {batch_size}: give positive numbers")
-    stage.run(model, inputs, out, top_k, batch_size, skip_unreadable, draws)
+    stage.run(model, inputs, out, top_k, batch_size, skip_unreadable, draws, force=force)

@@ -76,10 +76,12 @@ def _entropy(probs: torch.Tensor) -> torch.Tensor:
 class _Writer:
     """Rows as CSV on stdout (written as they come) or, with `out`, as .csv or .jsonl written at the end."""
 
-    def __init__(self, out: str, fields: list[str]):
+    def __init__(self, out: str, fields: list[str], force: bool):
         self.out, self.fields, self.records = Path(out) if out else None, fields, []
         if self.out is not None and self.out.suffix not in (".csv", ".jsonl"):
             raise BcpkdError(f"--out {out}: write .csv or .jsonl")
+        if self.out is not None and self.out.exists() and not force:
+            raise BcpkdError(f"--out {out}: exists already; give another file, or add --force to replace it")
         if self.out is None:
             self.csv = csv.DictWriter(sys.stdout, fields)
             self.csv.writeheader()
@@ -120,7 +122,7 @@ def _records(runner: Runner, names: list[str], x: torch.Tensor, top_k: int) -> l
 
 
 def run(model: str, inputs: list[Path], out: str, top_k: int, batch_size: int, skip_unreadable: bool,
-        draws: int = 0, label_column: str = "label") -> int:
+        draws: int = 0, label_column: str = "label", force: bool = False) -> int:
     """Classify the inputs; the number of rows written. Unreadable inputs: an error after the rows of the others
     (unless `skip_unreadable`)."""
     apply_threads()
@@ -140,7 +142,7 @@ def run(model: str, inputs: list[Path], out: str, top_k: int, batch_size: int, s
         items = [(str(p), p) for p in _image_files(inputs)]
     if not items:
         raise BcpkdError("INPUT: nothing to classify (no image files or rows found)")
-    writer = _Writer(out, fields)
+    writer = _Writer(out, fields, force)
     unreadable: list[tuple[str, str]] = []
     written = 0
     for start in range(0, len(items), batch_size):
