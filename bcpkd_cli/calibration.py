@@ -201,11 +201,10 @@ def build_cache_probs(teacher: Teacher, data: Dataset, t_teacher: float, cfg: Ca
     chunks = []  # per batch of rows: [B, V, C] (or [B, V, K, C]; top-k: values and ids [B, V, K])
     for i in range(start, stop, batch):
         index = torch.arange(i, min(i + batch, stop))
-        images = train.inputs[index.to(train.inputs.device)]  # read once for all views (decoded, when streamed)
         kept, filler = len(index), batch - len(index)
         if filler:
             index = torch.cat([index, index[-1:].expand(filler)])
-            images = torch.cat([images, images[-1:].expand(filler, *images.shape[1:])])
+        images = train.inputs[index.to(train.inputs.device)]  # read once for all views (decoded, when streamed)
         per_view = []
         for view_id in view_ids.tolist():
             ids = torch.full_like(index, view_id)

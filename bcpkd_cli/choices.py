@@ -11,6 +11,8 @@ class DatasetName(str, enum.Enum):
     cifar100 = "cifar100"
     imagefolder = "imagefolder"
     arrays = "arrays"
+    text = "text"
+    hf = "hf"
 
 
 class Arch(str, enum.Enum):
@@ -83,6 +85,14 @@ class TemperatureFit(str, enum.Enum):
 class Optimizer(str, enum.Enum):
     sgd = "sgd"
     adam = "adam"
+    adamw = "adamw"
+
+
+class Schedule(str, enum.Enum):
+    """How the learning rate moves over a training run (optim.make_schedule)."""
+    step = "step"
+    cosine = "cosine"
+    linear = "linear"
 
 
 class Targets(str, enum.Enum):

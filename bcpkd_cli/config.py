@@ -31,7 +31,7 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _FOREIGN = re.compile(r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")  # torchvision:NAME, timm:NAME, MODULE:CALLABLE, FILE.py:...
 BUILT_IN = tuple(a.value for a in Arch)
 _GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
-_POSITIVE = {"n_classes", "dim", "batch_size", "prior_sigma", "lr_scale",
+_POSITIVE = {"n_classes", "dim", "batch_size", "accumulate", "prior_sigma", "lr_scale",
              "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
              "t_teacher", "t_student", "workers", "hidden", "line_seconds"}
 _AUTOMATIC_AT_ZERO = {"calibrate.batch_size", "teacher.log_every", "distill.log_every"}  # positive, or 0: by bcpkd
@@ -240,24 +240,48 @@ def read_recipe(path: str | Path | None) -> dict:
     return tree
 
 
-VECTOR_DATA = (DatasetName.synthetic, DatasetName.arrays)  # the others are images
+VECTOR_DATA = (DatasetName.synthetic, DatasetName.arrays)
+TEXT_DATA = (DatasetName.text, DatasetName.hf)  # the others are images
 ROOT_FOLDERS = {DatasetName.cifar10: "cifar-10-batches-py", DatasetName.cifar100: "cifar-100-python",
                 DatasetName.imagefolder: "train"}  # what a data.root folder holds, by dataset
 TABLE_SUFFIXES = (".csv", ".npz", ".safetensors")  # arrays
+TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")  # text (a .csv with a column of words)
 ROOT_KINDS = ("a folder with train/ (imagefolder), cifar-10-batches-py/ (cifar10) or cifar-100-python/ (cifar100), "
-              "or a .csv, .npz or .safetensors file (arrays)")
+              "a .csv, .npz or .safetensors file (arrays), or a .csv/.tsv/.jsonl/.parquet file or a folder with "
+              "train.csv (or .tsv/.jsonl/.parquet) of text (text)")
+
+
+def _csv_has_words(path: Path) -> bool:
+    """Whether a .csv's first example has a value besides its label that is not a number (text, not features)."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        rows = csv.reader(f)
+        header, first = next(rows, []), next(rows, [])
+    numbers = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$|^\s*(nan|inf|-inf)\s*$", re.I)
+    return any(not numbers.match(v) for k, v in zip(header, first) if k != "label")
 
 
 def root_kind(root: str) -> DatasetName | None:
     """The dataset a data.root is, by what is there: a folder with train/ (imagefolder), cifar-10-batches-py/
-    (cifar10) or cifar-100-python/ (cifar100), or a .csv, .npz or .safetensors file (arrays); None otherwise."""
+    (cifar10) or cifar-100-python/ (cifar100), or train.csv/.tsv/.jsonl/.parquet (text); a .npz or .safetensors
+    file (arrays), a .tsv/.jsonl/.parquet file (text), a .csv file (text where it holds words, else arrays);
+    None otherwise."""
     path = Path(root)
     if path.is_file():
-        return DatasetName.arrays if path.suffix.lower() in TABLE_SUFFIXES else None
+        suffix = path.suffix.lower()
+        if suffix == ".csv":
+            return DatasetName.text if _csv_has_words(path) else DatasetName.arrays
+        return DatasetName.arrays if suffix in TABLE_SUFFIXES else DatasetName.text if suffix in TEXT_SUFFIXES \
+            else None
+    if path.is_dir() and any((path / f"train{suffix}").is_file() for suffix in TEXT_SUFFIXES):
+        return DatasetName.text
     return next((name for name, folder in ROOT_FOLDERS.items() if (path / folder).is_dir()), None)
 
 
 def _expected(name: DatasetName) -> str:
+    if name == DatasetName.text:
+        return "a .csv/.tsv/.jsonl/.parquet file or a folder with train.csv (or .tsv/.jsonl/.parquet)"
     return "a .csv, .npz or .safetensors file" if name == DatasetName.arrays else \
         f"a folder with {ROOT_FOLDERS[name]}/"
 
@@ -281,7 +305,9 @@ def _named_by_root(tree: dict, recipe: Recipe, errors: list[str]) -> Recipe:
     if cfg.name == DatasetName.synthetic:
         errors.append(f"data.root is set but data.name is synthetic, which reads no files; leave out --data-root, "
                       f"or give --data {kind.value if kind else 'imagefolder, cifar10, cifar100 or arrays'}")
-    elif kind is not None and kind != cfg.name:
+    elif cfg.name == DatasetName.hf:
+        pass  # a datasets name, or a folder that datasets reads
+    elif kind is not None and kind != cfg.name and {kind, cfg.name} != {DatasetName.text, DatasetName.arrays}:
         errors.append(f"data.root: {cfg.root} holds {kind.value} data ({_expected(kind)}), but data.name is "
                       f"{cfg.name.value}; give --data {kind.value}, or a data.root with {cfg.name.value} data "
                       f"({_expected(cfg.name)})")
@@ -292,9 +318,17 @@ def _named_by_root(tree: dict, recipe: Recipe, errors: list[str]) -> Recipe:
     return recipe
 
 
+def require_arch(where: str, arch: str) -> None:
+    """Text data have no default architecture: the stage that builds a network needs one named."""
+    if not arch:
+        raise BcpkdError(f"{where}: text data take a Hugging Face classifier; name one with --arch hf:NAME_OR_DIR "
+                         f"(e.g. hf:bert-base-uncased or a local folder with config.json and a tokenizer)")
+
+
 def default_arch(data: DatasetName) -> str:
-    """The architecture of a recipe that names none: a small CNN for images, the mlp for feature vectors."""
-    return DEFAULT_ARCH["vectors" if data in VECTOR_DATA else "images"]
+    """The architecture of a recipe that names none: a small CNN for images, the mlp for feature vectors; text has
+    none (a Hugging Face model is named: hf:NAME_OR_DIR)."""
+    return DEFAULT_ARCH["vectors" if data in VECTOR_DATA else "text" if data in TEXT_DATA else "images"]
 
 
 def _arch_problems(recipe: Recipe) -> list[str]:
@@ -304,7 +338,15 @@ def _arch_problems(recipe: Recipe) -> list[str]:
     if recipe.data.name == DatasetName.synthetic and recipe.data.root:
         return errors  # the data are not known yet: data.root names none (said already)
     for where, arch in (("teacher.arch", recipe.teacher.arch), ("distill.arch", recipe.distill.arch)):
-        if not (arch in BUILT_IN or _FOREIGN.match(arch)):
+        if recipe.data.name in TEXT_DATA or arch.startswith("hf:"):
+            if recipe.data.name not in TEXT_DATA:
+                errors.append(f"{where}: {arch} is a text classifier, but {data} data are "
+                              f"{'feature vectors' if recipe.data.name in VECTOR_DATA else 'images'}; give text "
+                              f"data (--data text --data-root FILE)")
+            elif arch and not arch.startswith("hf:") or arch == "hf:":  # unset: said by the stage that needs it
+                errors.append(f"{where}: {arch or 'no architecture'}: {data} data take a Hugging Face classifier; "
+                              f"name one with --arch hf:NAME_OR_DIR (e.g. hf:bert-base-uncased or a local folder)")
+        elif not (arch in BUILT_IN or _FOREIGN.match(arch)):
             errors.append(f"{where}: {arch!r} is not a built-in architecture ({', '.join(BUILT_IN)}) nor "
                           f"torchvision:NAME, timm:NAME, MODULE:CALLABLE or FILE.py:CALLABLE")
         elif recipe.data.name in VECTOR_DATA and (arch in BUILT_IN and arch != "mlp"
@@ -323,7 +365,7 @@ Check = typing.Callable[[Recipe], "list[str]"]  # more rules on a typed recipe, 
 def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Check] = ()) -> Recipe:
     """Validate a raw dict into a Recipe, reporting every problem (and those of `checks`) at once."""
     errors: list[str] = []
-    recipe = _named_by_root(tree, _build(Recipe, tree, "", errors), errors)
+    recipe = _named_by_root(tree, _build(Recipe, _renamed(tree), "", errors), errors)
     arch = default_arch(recipe.data.name)  # an architecture left unset follows the data
     recipe = dataclasses.replace(recipe, teacher=dataclasses.replace(recipe.teacher, arch=recipe.teacher.arch or arch),
                                  distill=dataclasses.replace(recipe.distill, arch=recipe.distill.arch or arch))
@@ -341,6 +383,8 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         errors.append(f"calibrate.views: must lie in 1..162 (the views of each image), got {recipe.calibrate.views}")
     if recipe.data.name == DatasetName.synthetic and recipe.calibrate.views != 1:
         errors.append("calibrate.views: the synthetic dataset has no augmentation views; use 1")
+    if recipe.data.name in TEXT_DATA and recipe.calibrate.views != 1:
+        errors.append("calibrate.views: text has no augmentation views (a view is a crop or flip of an image); use 1")
     if recipe.distill.few_shot < 0:
         errors.append(f"distill.few_shot: must be 0 (all) or positive, got {recipe.distill.few_shot}")
     if recipe.data.n_heldout < -1:
@@ -377,11 +421,27 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         if not _GRAD_TARGET.match(item):
             errors.append(f"evaluate.grad_targets: {item!r} is not one of: onehot, true, noisy:ALPHA")
     errors += _teacher_problems(recipe.teacher)
+    for where, warmup in (("teacher.warmup", recipe.teacher.warmup), ("distill.warmup", recipe.distill.warmup)):
+        if warmup < 0 or (warmup >= 1 and not float(warmup).is_integer()):
+            errors.append(f"{where}: must be 0 (none), a number of optimizer steps or a fraction < 1 of all of them, "
+                          f"got {warmup}")
     errors += _normalize_problems(recipe)
     errors += [problem for check in checks for problem in check(recipe)]  # bad values were left at their defaults
     if errors:
         raise BcpkdError(f"{source}: {len(errors)} problem(s): " + "; ".join(errors))
     return recipe
+
+
+def _renamed(tree: dict) -> dict:
+    """The tree with the keys of earlier versions (which checkpoints' configs hold) in today's spelling:
+    teacher.mcmi.cosine true/false is teacher.mcmi.schedule cosine/step."""
+    teacher = tree.get("teacher")
+    if not isinstance(teacher, dict) or not isinstance(teacher.get("mcmi"), dict) or "cosine" not in teacher["mcmi"]:
+        return tree
+    mcmi = dict(teacher["mcmi"])
+    cosine = mcmi.pop("cosine") in (True, "true")
+    mcmi.setdefault("schedule", "cosine" if cosine else "step")
+    return {**tree, "teacher": {**teacher, "mcmi": mcmi}}
 
 
 def _teacher_problems(cfg: TeacherConfig) -> list[str]:
@@ -411,7 +471,7 @@ def recipe_for_checkpoint(tree: dict, checkpoint: dict, source: str = "recipe",
         own.pop("name", None)  # named by what the root is
 
     def kind(name: DatasetName) -> str:
-        return "feature vectors" if name in VECTOR_DATA else "images"
+        return "feature vectors" if name in VECTOR_DATA else "text" if name in TEXT_DATA else "images"
 
     def same_kind(recipe: Recipe) -> list[str]:
         data = recipe.data

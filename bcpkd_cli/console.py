@@ -60,6 +60,20 @@ def epoch_count(n: int) -> str:
     return f"{n} epoch{'s' if n != 1 else ''}"
 
 
+def batch_count(batch_size: int, accumulate: int = 1) -> str:
+    """batch 128; with gradient accumulation batch 32 x 4 accumulated (an optimizer step of 128 examples)."""
+    return f"batch {batch_size}" + (f" x {accumulate} accumulated" if accumulate > 1 else "")
+
+
+def training_summary(cfg) -> str:
+    """A teacher or distill section's training for a stage's first line: `2 epochs of batch 8 (adam lr 0.001, seed
+    0)`, with gradient accumulation and a schedule other than step (`linear, warm-up 0.1`) where there are."""
+    schedule = f", {cfg.schedule.value}" if cfg.schedule.value != "step" else ""
+    schedule += f", warm-up {cfg.warmup:g}" if cfg.warmup else ""
+    return (f"{epoch_count(cfg.epochs)} of {batch_count(cfg.batch_size, cfg.accumulate)} ({cfg.optimizer.value} lr "
+            f"{cfg.lr}{schedule}, seed {cfg.seed})")
+
+
 def header(command: str, what: str, data: str, device: object, processes: int, out: object) -> None:
     """A stage's first line, for a person reading its log later: when it started, the command, what it runs (its
     key settings), on what data (`brief`), where (device, torchrun processes) and into which folder."""
@@ -96,7 +110,8 @@ class TrainingReport:
         return self.lines or bool(self.writers)
 
     def start(self, total_steps: int, step: int, epochs: int, first_epoch: int, n_examples: int, batch_size: int,
-              processes: int) -> None:
+              processes: int, accumulate: int = 1) -> None:
+        """`total_steps`, `step`: optimizer steps (of `accumulate` batches each)."""
         self.total, self.epochs, self.n_examples = total_steps, epochs, n_examples
         self.started, self.start_step, self.last_line = time.perf_counter(), step, time.perf_counter()
         self.data_seconds = 0.0  # spent building batches (the loop adds to it)
@@ -106,8 +121,8 @@ class TrainingReport:
             console.print(f"{self.desc}{group}: 0 epochs, nothing to train")
             return
         ranks = f" on {processes} processes" if processes > 1 else ""
-        console.print(f"training {self.desc}{group}: {total_steps} steps ({epochs} epochs of {n_examples} examples, "
-                      f"batch {batch_size}{ranks})")
+        console.print(f"training {self.desc}{group}: {total_steps} {'optimizer ' if accumulate > 1 else ''}steps "
+                      f"({epochs} epochs of {n_examples} examples, {batch_count(batch_size, accumulate)}{ranks})")
         global _EXPLAINED
         if self.lines and not _EXPLAINED:
             _EXPLAINED = True

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -17,10 +16,12 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.parallel import DistributedDataParallel
 
 from bcpkd_cli import metrics
-from bcpkd_cli.choices import Optimizer, Precision
+from bcpkd_cli.choices import Optimizer, Precision, Schedule
 from bcpkd_cli.console import HELDOUT_LINE_EXAMPLES, TrainingReport, console
+from bcpkd_cli.data.text import is_text
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import predict_logits
+from bcpkd_cli.optim import make_optimizer, make_schedule, per_step, restore_schedule, schedule_state
 from bcpkd_cli.resumption import Resume
 
 # loss_fn(logits [B, C], labels [B], target_probs [B, C] | None) -> per-example losses [B]
@@ -120,7 +121,7 @@ def prepare_for_device(model: nn.Module, device: torch.device, precision: Precis
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """What a training loop needs from a teacher or distill config."""
+    """What a training loop needs from a teacher or distill config (its optimiser and schedule: optim.py)."""
 
     epochs: int
     batch_size: int
@@ -132,14 +133,9 @@ class TrainSpec:
     lr_milestones: tuple[int, ...] = ()
     precision: Precision = Precision.auto
     compile: bool = False
-    cosine: bool = False  # cosine annealing of the learning rate over the epochs instead of milestones
-
-
-def make_optimizer(params, spec: TrainSpec) -> torch.optim.Optimizer:
-    if spec.optimizer == Optimizer.sgd:
-        return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay,
-                               foreach=True)  # foreach: one kernel per step for all tensors
-    return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay, foreach=True)
+    schedule: Schedule = Schedule.step
+    warmup: float = 0.0  # optimizer steps, or a fraction < 1 of all of them
+    accumulate: int = 1  # batches per optimizer step
 
 
 def train(
@@ -163,8 +159,8 @@ def train(
 
     Batches are rows of tensors already on the device; `batch_fn(rows, epoch)` builds a batch's
     inputs and targets (default: the rows of `inputs` and `target_probs`). Appends log_fn(step, model)
-    to `log` at step 0, every `log_every` steps (0: automatic, `log_interval`) and at the end (a resumed
-    run's `log` holds the entries before the interruption too). Returns the number of steps.
+    to `log` at step 0, every `log_every` optimizer steps (0: automatic, `log_interval`) and at the end (a resumed
+    run's `log` holds the entries before the interruption too). Returns the number of optimizer steps.
     """
     if batch_fn is None:
         def batch_fn(rows: torch.Tensor, epoch: int):
@@ -176,7 +172,7 @@ def train(
 
     member = Member(model, loss_fn, spec, log_fn, penalty, log=[] if log is None else log, heldout_fn=heldout_fn)
     return train_lockstep([member], labels, spec.epochs, spec.batch_size, spec.seed, desc, group_batch, log_every,
-                          resume, report, getattr(inputs, "plan", None))
+                          resume, report, getattr(inputs, "plan", None), spec.accumulate)
 
 
 @dataclass
@@ -192,17 +188,6 @@ class Member:
     penalty: Callable[[int], "torch.Tensor | float"] | None = None
     log: list[dict] = field(default_factory=list)
     heldout_fn: Callable[[nn.Module], dict] | None = None
-
-
-def _schedule_state(schedule: torch.optim.lr_scheduler.LRScheduler) -> dict:
-    state = schedule.state_dict()
-    if "milestones" in state:  # MultiStepLR's Counter does not load with weights_only
-        state = {**state, "milestones": dict(state["milestones"])}
-    return state
-
-
-def _restore_schedule(schedule: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
-    schedule.load_state_dict({**state, "milestones": Counter(state["milestones"])} if "milestones" in state else state)
 
 
 # group_batch_fn(rows [B], epoch) -> (inputs [B, ...], one target tensor [B, C] (or None) per member)
@@ -225,6 +210,12 @@ def log_interval(log_every: int, total_steps: int, steps_per_epoch: int) -> int:
     return log_every if log_every > 0 else max(1, min(steps_per_epoch, total_steps // LOG_POINTS))
 
 
+def run_log_interval(log_every: int, n: int, batch_size: int, epochs: int, accumulate: int = 1) -> int:
+    """The steps between the log entries of a training run (`train_lockstep`) over n rows: `log_interval`."""
+    per_epoch = len(accumulation_groups(batch_bounds(n, batch_size), accumulate))
+    return log_interval(log_every, epochs * per_epoch, per_epoch)
+
+
 def heldout_log(inputs: torch.Tensor, labels: torch.Tensor) -> Callable[[int, nn.Module], dict]:
     """log_fn(step, model) -> {"step", "heldout_nll", "heldout_accuracy"} on every held-out example (only the step
     without held-out data): the curve that teachers and students log (metrics.jsonl, the checkpoint's `log`)."""
@@ -239,6 +230,16 @@ def heldout_log(inputs: torch.Tensor, labels: torch.Tensor) -> Callable[[int, nn
     return log_heldout
 
 
+def accumulation_groups(bounds: list[tuple[int, int]], accumulate: int) -> list[list[tuple[int, int]]]:
+    """The batches of each optimizer step: `accumulate` consecutive batches (the epoch's last group may hold fewer)."""
+    return [bounds[i:i + accumulate] for i in range(0, len(bounds), accumulate)]
+
+
+def _synced(module: nn.Module, last: bool):
+    """DDP's gradient allreduce on the last batch of an optimizer step only (no_sync on the others)."""
+    return module.no_sync() if isinstance(module, DistributedDataParallel) and not last else contextlib.nullcontext()
+
+
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """[start, stop) of each batch of an epoch of n rows; a last batch of a single row joins the one before it
     (BatchNorm cannot train on one example)."""
@@ -251,37 +252,40 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
 def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, batch_size: int, order_seed: int,
                    desc: str, group_batch_fn: GroupBatchFn, log_every: int = 0, resume: Resume | None = None,
                    report: TrainingReport | None = None,
-                   plan: Callable[[list[torch.Tensor]], None] | None = None) -> int:
+                   plan: Callable[[list[torch.Tensor]], None] | None = None, accumulate: int = 1) -> int:
     """Train several networks on the same batches in one pass over the data: each step builds the batch
     once (rows, views, inputs) and then steps every member with its own loss, targets and optimiser.
     A member's weights are exactly those of training it alone with the same batch order.
 
     Under torchrun every process draws the same batch order and takes every world-size-th row of each
     batch; gradients are averaged so that a step is the step of the whole batch (the mean over all its
-    rows), as in one process. Only rank 0 logs (every `log_every` steps, 0: automatic) and saves the state
-    of `resume`. `report` shows the progress (default: a progress bar on a terminal, a line per epoch in
-    batch jobs). `plan(batches)` is told each epoch's row batches of this process in advance (images read
-    per batch read them ahead)."""
+    rows), as in one process. Each optimizer step takes `accumulate` consecutive batches (the epoch's last step
+    may take fewer): their gradients sum to that of the mean loss over all their rows, the step of one batch
+    `accumulate` times as large; under torchrun gradients are averaged across processes on the last of them only.
+    Steps count optimizer steps (logs, schedules, the returned total). Only rank 0 logs (every `log_every` steps,
+    0: automatic) and saves the state of `resume`. `report` shows the progress (default: a progress bar on a
+    terminal, a line per epoch in batch jobs). `plan(batches)` is told each epoch's row batches of this process in
+    advance (images read per batch read them ahead)."""
     place = world()
     torch.manual_seed(order_seed)
     order_gen = torch.Generator().manual_seed(order_seed)
     optimizers = [make_optimizer(m.model.parameters(), m.spec) for m in members]
     wrapped = [data_parallel(m.model, labels.device) for m in members]
     forwards = [torch.compile(w) if m.spec.compile else w for m, w in zip(members, wrapped)]  # same parameters
-    schedules = [torch.optim.lr_scheduler.CosineAnnealingLR(o, epochs) if m.spec.cosine else
-                 torch.optim.lr_scheduler.MultiStepLR(o, list(m.spec.lr_milestones), gamma=0.1)
-                 for m, o in zip(members, optimizers)]
     n = len(labels)
     bounds = batch_bounds(n, batch_size)
-    total = epochs * len(bounds)
-    log_every = log_interval(log_every, total, len(bounds))
+    groups = accumulation_groups(bounds, accumulate)
+    total = epochs * len(groups)
+    schedules = [make_schedule(o, m.spec, epochs, len(groups)) for m, o in zip(members, optimizers)]
+    stepwise = [per_step(m.spec) for m in members]
+    log_every = run_log_interval(log_every, n, batch_size, epochs, accumulate)
     step, first_epoch = 0, 0
     if resume is not None and resume.start is not None:
         first_epoch, step = _restore(resume.start, members, optimizers, schedules, order_gen, labels.device)
     for m in members:
         m.model.train()
     report = report or TrainingReport(desc, [""] * len(members))
-    report.start(total, step, epochs, first_epoch, n, batch_size, place.size)
+    report.start(total, step, epochs, first_epoch, n, batch_size, place.size, accumulate)
     loss_sums = [torch.zeros((), device=labels.device) for _ in members]  # this epoch's, summed over steps
     epoch_steps = 0
 
@@ -304,32 +308,43 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
             epoch_steps = 0
             for loss_sum in loss_sums:
                 loss_sum.zero_()
-            for start, stop in bounds:
+            for group in groups:
                 if step % log_every == 0:
                     log_all(step)
-                rows = order[start:stop]
-                share = len(rows) / place.size  # the DDP mean over processes of sum / share = the batch mean
-                rows = rows[place.rank::place.size]
-                fetch_started = time.perf_counter()
-                batch_inputs, batch_targets = group_batch_fn(rows, epoch)
-                report.data_seconds += time.perf_counter() - fetch_started
-                batch_labels = labels[rows]
-                for m, forward, optimizer, targets, loss_sum in zip(members, forwards, optimizers, batch_targets,
-                                                                    loss_sums):
-                    with training_precision(labels.device, m.spec.precision):
-                        losses = m.loss_fn(forward(batch_inputs).float(), batch_labels, targets)  # [B / size]
-                        loss = losses.mean() if place.size == 1 else losses.sum() / share
-                        if m.penalty is not None:
-                            loss = loss + m.penalty(epoch)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    loss_sum.add_(loss.detach())
+                group_rows = group[-1][1] - group[0][0]
+                share = group_rows / place.size  # the DDP mean over processes of sum / share = the group's mean
+                whole = place.size == 1 and len(group) == 1  # one batch in one process: its mean
+                for k, (start, stop) in enumerate(group):
+                    last = k == len(group) - 1
+                    rows = order[start:stop]
+                    weight = len(rows) / group_rows  # this batch's part of the step (of its penalty)
+                    rows = rows[place.rank::place.size]
+                    fetch_started = time.perf_counter()
+                    batch_inputs, batch_targets = group_batch_fn(rows, epoch)
+                    report.data_seconds += time.perf_counter() - fetch_started
+                    batch_labels = labels[rows]
+                    for m, module, forward, optimizer, schedule, targets, loss_sum, moves in zip(
+                            members, wrapped, forwards, optimizers, schedules, batch_targets, loss_sums, stepwise):
+                        if k == 0:
+                            optimizer.zero_grad(set_to_none=True)
+                        with _synced(module, last):
+                            with training_precision(labels.device, m.spec.precision):
+                                losses = m.loss_fn(forward(batch_inputs).float(), batch_labels, targets)  # [B / size]
+                                loss = losses.mean() if whole else losses.sum() / share
+                                if m.penalty is not None:
+                                    loss = loss + m.penalty(epoch) * weight
+                            loss.backward()
+                        loss_sum.add_(loss.detach())
+                        if last:
+                            optimizer.step()
+                            if moves:
+                                schedule.step()
                 step += 1
                 epoch_steps += 1
                 report.step(step, epoch, mean_losses)
-            for schedule in schedules:
-                schedule.step()
+            for schedule, moves in zip(schedules, stepwise):
+                if not moves:
+                    schedule.step()
             if place.is_main:
                 report.epoch_end(epoch, step, [{"loss": loss, **_heldout(m, report, labels.device)}
                                                for m, loss in zip(members, mean_losses())])
@@ -395,7 +410,7 @@ def _state(epochs_done: int, epochs: int, step: int, members: list[Member], opti
     `rng` holds each process's torch (and CUDA) generator state; `epochs`, the run's, says how far it got."""
     return {
         "epoch": epochs_done, "epochs": epochs, "step": step, "order_rng": order_gen.get_state(), "rng": rng,
-        "members": [{"model": m.model.state_dict(), "optimizer": o.state_dict(), "schedule": _schedule_state(s),
+        "members": [{"model": m.model.state_dict(), "optimizer": o.state_dict(), "schedule": schedule_state(s),
                      "log": list(m.log)} for m, o, s in zip(members, optimizers, schedules)],
     }
 
@@ -408,7 +423,7 @@ def _restore(state: dict, members: list[Member], optimizers: list, schedules: li
     for m, o, s, saved in zip(members, optimizers, schedules, state["members"]):
         m.model.load_state_dict(saved["model"])
         o.load_state_dict(saved["optimizer"])
-        _restore_schedule(s, saved["schedule"])
+        restore_schedule(s, saved["schedule"])
         m.log[:] = saved["log"]
     order_gen.set_state(state["order_rng"])
     rng = state["rng"][world().rank]
@@ -438,6 +453,14 @@ def per_example_grad_sq_norms(
         logits = functional_call(model, p, (x[None],))
         return loss_fn(logits, y[None], None if t is None else t[None]).sum()
 
+    if is_text(inputs):  # token rows are no tensor to vmap over: one example at a time
+        def example_loss(p, x, y, t):
+            return loss_fn(functional_call(model, p, (x,)), y, t).sum()
+
+        example_grad = grad(example_loss)
+        return torch.stack([sum(g.square().sum() for g in example_grad(
+            params, inputs[i:i + 1], labels[i:i + 1], None if target_probs is None else target_probs[i:i + 1]).values())
+            for i in range(len(labels))])
     in_dims = (None, 0, 0, None if target_probs is None else 0)
     per_example_grad = vmap(grad(one_loss), in_dims=in_dims)
     norms = []

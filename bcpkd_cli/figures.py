@@ -1,5 +1,5 @@
 """Figures for a paper: PNG files drawn with matplotlib (the optional `plot` extra), each with its data beside it
-as CSV. Inputs are evaluate reports (see stages/evaluate.py) and students' logged held-out curves.
+as CSV. Inputs are evaluate reports (see stages/evaluate.py) and the held-out curves students and teachers log.
 
 Every figure's title names the checkpoints (files or run folders) it shows.
 
@@ -8,8 +8,8 @@ Every figure's title names the checkpoints (files or run folders) it shows.
   1% of the examples when that is more: `min_bin_count`) are grey;
 - per-class.png: test accuracy per class (reports carry it);
 - confusion.png: confusion matrices, counts in the cells (reports carry them up to 20 classes);
-- curves-<metric>.png: held-out NLL and accuracy of several students against the step, mean and band (±1 std)
-  over seeds, from the second logged point on (the first, an untrained network, would dwarf the convergence
+- curves-<metric>.png: held-out NLL and accuracy of students and teachers against the step, mean and band
+  (±1 std) over seeds, from the second logged point on (the first, an untrained network, would dwarf the convergence
   noise; the CSV keeps it), NLL on a log axis;
 - noise-vs-alpha.png: gradient noise against Dirichlet(alpha P) targets, measured at the exact-BCP student's
   weights, as excess over exact BCPs relative to one-hot's, beside the theory 1 / (alpha + 1);
@@ -210,10 +210,10 @@ def confusion(named_reports: list[tuple[str, dict]], out: Path, source: str = ""
 
 
 def curves(groups: dict[str, list[list[dict]]], key: str, out: Path, source: str = "") -> Path:
-    """Held-out `key` (heldout_nll or heldout_accuracy) against the step: per group, mean and ±1 std over its
-    seeds' logs (the steps every log shares). Drawn from the second logged step on where there are three or more
-    (the first, an untrained network, would set the axis), NLL on a log axis; the CSV has every step (`drawn` 0
-    for the one left out)."""
+    """Held-out `key` (heldout_nll or heldout_accuracy) against the step: per group (a student over its seeds, a
+    teacher, a phase of one), mean and ±1 std over its logs (the steps every log shares). Drawn from the second
+    logged step on where there are three or more (the first, an untrained network, would set the axis), NLL on a log
+    axis; the CSV has every step (`drawn` 0 for the one left out)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
     rows, skipped = [], set()
@@ -246,7 +246,7 @@ def curves(groups: dict[str, list[list[dict]]], key: str, out: Path, source: str
     ax.legend(fontsize=7)
     _title(fig, what, source)
     return _save(fig, out / f"curves-{key.removeprefix('heldout_')}.png",
-                 ["student", "step", "mean", "std", "seeds", "drawn"], rows)
+                 ["model", "step", "mean", "std", "seeds", "drawn"], rows)
 
 
 def noise_vs_alpha(reports: list[dict], out: Path, source: str = "") -> Path | None:

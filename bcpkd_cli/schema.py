@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bcpkd_cli.choices import (Bayes, CacheDtype, Centroids, DatasetName, Hessian, Link, Normalize, Optimizer,
-                               Precision, PriorMethod, PriorTuning, Subset, Targets, Temper, TemperatureFit,
+                               Precision, PriorMethod, PriorTuning, Schedule, Subset, Targets, Temper, TemperatureFit,
                                ViewPadding, Crop, Decode)
 
 
@@ -21,26 +21,32 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
-DEFAULT_ARCH = {"images": "resnet20", "vectors": "mlp"}  # an architecture left unset follows the data (config.py)
+DEFAULT_ARCH = {"images": "resnet20", "vectors": "mlp", "text": ""}  # an architecture left unset follows the data (config.py)
 
 
 def _arch(help: str) -> Any:
     """An architecture field: unset ("") until the recipe is built, then the default of its data's kind."""
     return field(default="", metadata={"help": help, "default": ", ".join(f"{arch} for {kind}" for kind, arch
-                                                                         in DEFAULT_ARCH.items())})
+                                                                         in DEFAULT_ARCH.items() if arch)})
 
 
 @dataclass(frozen=True)
 class DataConfig:
     name: DatasetName = _f(DatasetName.synthetic, "dataset; left out, data.root names it: a folder with train/ "
                                                   "(imagefolder), cifar-10-batches-py/ (cifar10), cifar-100-python/ "
-                                                  "(cifar100), a .csv, .npz or .safetensors file (arrays)")
+                                                  "(cifar100), a .csv, .npz or .safetensors file (arrays), a .csv/.tsv/.jsonl/.parquet "
+                                                  "file or folder of them with text (text); hf: a datasets name")
     root: str = _f("", "imagefolder: a folder with train/ and test/ class trees; cifar: the batches' folder; "
-                       "arrays: a .npz, .safetensors or .csv file")
+                       "arrays: a .npz, .safetensors or .csv file; text: a .csv/.tsv/.jsonl/.parquet file or a "
+                       "folder with train.* and test.*; hf: a datasets name (glue/sst2) or folder")
     image_size: int = _f(0, "images: decode every image once at S x S (shorter side resized to S, centre crop); "
                             "0: keep their size (all must share one)")
-    label_column: str = _f("label", "arrays from a .csv: the column holding the class label (integers 0..C-1, or "
-                                    "names: classes are then the sorted names)")
+    label_column: str = _f("label", "arrays from a .csv, text: the column holding the class label (integers "
+                                    "0..C-1, or names: classes are then the sorted names)")
+    text_column: str = _f("text", "text: the column holding each example's text")
+    text_pair_column: str = _f("", "text: the column holding the second text of sentence pairs (empty: none)")
+    max_length: int = _f(128, "text: tokens per example at most (longer ones are truncated); batches are padded "
+                              "to their own longest example")
     skip_unreadable: bool = _f(False, "image folders: leave out the files that cannot be decoded (listed, counted "
                                       "and recorded in the data fingerprint) instead of refusing them")
     view_padding: ViewPadding = _f(ViewPadding.zeros, "images: how augmentation views pad before cropping: zeros, or "
@@ -107,7 +113,8 @@ class MCMIConfig:
     lr_scale: float = _f(1.0, "fine-tuning learning rate as a multiple of teacher.lr")
     centroids: Centroids = _f(Centroids.epoch, "class centroids recomputed every fine-tuning epoch, or once before "
                                                "it (the authors' script)")
-    cosine: bool = _f(False, "fine-tuning learning rate annealed on a cosine over its epochs (the authors' script)")
+    schedule: Schedule = _f(Schedule.step, "fine-tuning learning-rate schedule over its epochs, as teacher.schedule "
+                                           "(with teacher.lr_milestones and warmup); the authors' script: cosine")
 
 
 @dataclass(frozen=True)
@@ -124,14 +131,22 @@ class TeacherConfig:
     hidden: tuple[int, ...] = _f((256, 256), "hidden layer widths")
     epochs: int = _f(60, "training epochs")
     batch_size: int = _f(128, "training batch size")
-    optimizer: Optimizer = _f(Optimizer.adam, "optimizer")
-    lr: float = _f(1e-3, "learning rate")
-    lr_milestones: tuple[int, ...] = _f((), "epochs after which the learning rate is multiplied by 0.1")
+    accumulate: int = _f(1, "batches whose mean gradient makes one optimizer step (gradient accumulation): an "
+                            "effective batch of batch_size x accumulate")
+    optimizer: Optimizer = _f(Optimizer.adam, "optimizer: sgd (with momentum), adam, or adamw (decoupled weight "
+                                            "decay, none on biases and normalisation weights: the 1-D parameters)")
+    lr: float = _f(1e-3, "learning rate (the peak of a warm-up)")
+    schedule: Schedule = _f(Schedule.step, "learning-rate schedule: step (x0.1 at lr_milestones), cosine (annealed "
+                                           "to 0 over the epochs) or linear (down to 0 at the last optimizer step); "
+                                           "per epoch, but per optimizer step for linear or after a warm-up")
+    lr_milestones: tuple[int, ...] = _f((), "epochs after which the learning rate is multiplied by 0.1 (schedule step)")
+    warmup: float = _f(0.0, "linear warm-up of the learning rate from 0 before the schedule: optimizer steps, or a "
+                            "fraction of all optimizer steps if < 1 (0.1: the first tenth); 0: none")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of initialisation and batch order")
-    log_every: int = _f(0, "steps between held-out NLL/accuracy log entries (metrics.jsonl); 0: automatic, at least "
-                           "20 per run and one per epoch")
+    log_every: int = _f(0, "optimizer steps between held-out NLL/accuracy log entries (metrics.jsonl); 0: automatic, "
+                           "at least 20 per run and one per epoch")
     base: str = _f("", "existing deterministic teacher.pt to fit the posterior around instead of training")
     augment: bool = _f(True, "image data: train on a random view (data.crop) of each image every epoch")
     laplace: LaplaceConfig = _f(LaplaceConfig(), "Laplace approximation (bayes=laplace)")
@@ -178,16 +193,24 @@ class DistillConfig:
     few_shot: int = _f(0, "train the student on K seeded training examples per class (0: all of them)")
     epochs: int = _f(2, "training epochs")
     batch_size: int = _f(8, "training batch size")
-    optimizer: Optimizer = _f(Optimizer.sgd, "optimizer")
-    lr: float = _f(0.01, "learning rate")
-    lr_milestones: tuple[int, ...] = _f((), "epochs after which the learning rate is multiplied by 0.1")
+    accumulate: int = _f(1, "batches whose mean gradient makes one optimizer step (gradient accumulation): an "
+                            "effective batch of batch_size x accumulate")
+    optimizer: Optimizer = _f(Optimizer.sgd, "optimizer: sgd (with momentum), adam, or adamw (decoupled weight "
+                                            "decay, none on biases and normalisation weights: the 1-D parameters)")
+    lr: float = _f(0.01, "learning rate (the peak of a warm-up)")
+    schedule: Schedule = _f(Schedule.step, "learning-rate schedule: step (x0.1 at lr_milestones), cosine (annealed "
+                                           "to 0 over the epochs) or linear (down to 0 at the last optimizer step); "
+                                           "per epoch, but per optimizer step for linear or after a warm-up")
+    lr_milestones: tuple[int, ...] = _f((), "epochs after which the learning rate is multiplied by 0.1 (schedule step)")
+    warmup: float = _f(0.0, "linear warm-up of the learning rate from 0 before the schedule: optimizer steps, or a "
+                            "fraction of all optimizer steps if < 1 (0.1: the first tenth); 0: none")
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of initialisation and noisy targets (and of the data order unless data_seed is set)")
     data_seed: int = _f(-1, "seed of batch order, view draws and few-shot subset (-1: distill.seed); students "
                             "trained in lockstep share it")
-    log_every: int = _f(0, "steps between held-out NLL/accuracy log entries (metrics.jsonl); 0: automatic, at least "
-                           "20 per run and one per epoch")
+    log_every: int = _f(0, "optimizer steps between held-out NLL/accuracy log entries (metrics.jsonl); 0: automatic, "
+                           "at least 20 per run and one per epoch")
     grad_noise_examples: str = _f("2048", "training examples the final gradient noise (grad_noise) is measured on: "
                                           "K drawn by distill.seed (shared out under torchrun), all, or 0 (none)")
 
@@ -250,14 +273,17 @@ def config_field(dotted: str) -> dataclasses.Field:
 
 SYNTHETIC_ONLY = ("n_classes", "dim", "noise_var", "mean_choices")  # data keys that only the synthetic set reads
 IMAGE_ONLY = ("image_size", "view_padding", "crop", "decode", "loader_workers")
+TEXT_ONLY = ("text_column", "text_pair_column", "max_length")
 UNUSED_DATA_KEYS = {
-    DatasetName.synthetic: ("root", "download", *IMAGE_ONLY, "label_column", "skip_unreadable"),
-    DatasetName.arrays: (*SYNTHETIC_ONLY, "download", *IMAGE_ONLY, "skip_unreadable"),
-    DatasetName.imagefolder: (*SYNTHETIC_ONLY, "label_column", "download", "standardize"),
-    DatasetName.cifar10: (*SYNTHETIC_ONLY, "label_column", "standardize", "decode", "loader_workers",
+    DatasetName.synthetic: ("root", "download", *IMAGE_ONLY, *TEXT_ONLY, "label_column", "skip_unreadable"),
+    DatasetName.arrays: (*SYNTHETIC_ONLY, "download", *IMAGE_ONLY, *TEXT_ONLY, "skip_unreadable"),
+    DatasetName.imagefolder: (*SYNTHETIC_ONLY, *TEXT_ONLY, "label_column", "download", "standardize"),
+    DatasetName.cifar10: (*SYNTHETIC_ONLY, *TEXT_ONLY, "label_column", "standardize", "decode", "loader_workers",
                           "skip_unreadable"),
-    DatasetName.cifar100: (*SYNTHETIC_ONLY, "label_column", "standardize", "decode", "loader_workers",
+    DatasetName.cifar100: (*SYNTHETIC_ONLY, *TEXT_ONLY, "label_column", "standardize", "decode", "loader_workers",
                            "skip_unreadable"),
+    DatasetName.text: (*SYNTHETIC_ONLY, *IMAGE_ONLY, "download", "standardize", "skip_unreadable"),
+    DatasetName.hf: (*SYNTHETIC_ONLY, *IMAGE_ONLY, "download", "standardize", "skip_unreadable"),
 }
 
 

@@ -113,3 +113,32 @@ def test_a_table_in_a_log_keeps_every_column_name_whole(capsys):
     header = next(text for text in printed.splitlines() if "model" in text)
     assert all(name in header for name in names) and "…" not in printed  # one header line, nothing cut
     assert len(header) > width  # wider than the console's lines: rich alone would have cut the names
+
+
+def test_a_recipe_data_section_does_not_replace_the_teachers_data_and_a_line_says_so(single_thread, tmp_path, capsys):
+    """calibrate, distill and evaluate take the data a checkpoint was made from; --data, --data-root and --set
+    data.KEY=V change them, a recipe's data section does not (one line names what differs and the --set that would
+    use it); without --teacher, distill takes the recipe's data."""
+    teacher = here("train-teacher", "--epochs", "1", "--set", "teacher.hidden=[8]", *TINY, "--out", "t",
+                   cwd=tmp_path).strip()
+    (tmp_path / "r.yaml").write_text("data: {n_train: 120, n_heldout: 50, n_test: 50, seed: 3}\n"
+                                     "distill: {hidden: [4], epochs: 1}\n")
+    capsys.readouterr()
+    said = "data: as t/teacher.pt was made from (n_train 200, seed 0), not as the data section of recipe r.yaml says " \
+           "(n_train 120, seed 3); to use the recipe's, add --set data.n_train=120 --set data.seed=3"
+    for command in ("calibrate", "distill"):
+        config = printed_config(command, "-r", "r.yaml", "--teacher", teacher, cwd=tmp_path)
+        assert (config["data"]["n_train"], config["data"]["seed"]) == (200, 0), command  # the teacher's
+        assert capsys.readouterr().err.splitlines() == [said], command
+    config = printed_config("distill", "-r", "r.yaml", "--teacher", teacher, "--set", "data.seed=3", cwd=tmp_path)
+    assert (config["data"]["n_train"], config["data"]["seed"], config["distill"]["hidden"]) == (200, 3, [4])
+    assert capsys.readouterr().err.splitlines() == [said.replace(", seed 0", "").replace(", seed 3", "").replace(
+        " --set data.seed=3", "")]  # the --set chose the seed: only n_train differs from the recipe's
+    config = printed_config("distill", "-r", "r.yaml", "--targets", "onehot", cwd=tmp_path)
+    assert (config["data"]["n_train"], config["data"]["seed"]) == (120, 3)  # no teacher: the recipe's data
+    assert capsys.readouterr().err == ""
+    here("evaluate", teacher, "-r", "r.yaml", "--json", cwd=tmp_path)
+    assert said.replace("t/teacher.pt", teacher) in capsys.readouterr().err.splitlines()
+    assert "not its data section" in options("calibrate")["recipe"] and \
+        "not its data section" in options("evaluate")["recipe"]
+    assert "its data section without --teacher" in options("distill")["recipe"]

@@ -65,8 +65,8 @@ def test_all_problems_are_reported_in_one_error():
         "bogus: unknown key (valid: calibrate, compile, data, device, distill, evaluate, experiment, log, out, "
         "precision, teacher, threads)",
         "data.n_trian: unknown key (valid: crop, decode, dim, download, image_size, label_column, loader_workers, "
-        "mean_choices, n_classes, n_heldout, n_test, n_train, name, noise_var, root, seed, skip_unreadable, standardize, "
-        "view_padding)",
+        "max_length, mean_choices, n_classes, n_heldout, n_test, n_train, name, noise_var, root, seed, skip_unreadable, "
+        "standardize, text_column, text_pair_column, view_padding)",
         "data.n_test: expected int, got 'many'",
         "data.noise_var: must be positive, got 0.0",
         "teacher.bayes: 'gaussian' is not one of: none, laplace",

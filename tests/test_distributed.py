@@ -70,6 +70,20 @@ def test_two_processes_train_the_single_process_teacher(teacher):
     assert {p.name for p in files_under(work / "t-two")} == {"teacher.pt", "config.yaml", "metrics.jsonl"}
 
 
+def test_accumulated_batches_under_torchrun_train_the_single_process_student(teacher):
+    """Two processes stepping on 2 accumulated batches of 75 (gradients averaged across them on the second only:
+    no_sync) train the student of one process with batches of 150, on the same per-step linear schedule."""
+    work, teacher_path = teacher
+    schedule = ["--set", "distill.schedule=linear", "--set", "distill.warmup=1"]
+    one = work / here("distill", "--teacher", str(teacher_path), "--out", "one-b150", *SMALL, *schedule,
+                      cwd=work).strip()
+    torchrun("distill", "--teacher", str(teacher_path), "--out", "two-75x2", *SMALL, *schedule,
+             "--set", "distill.batch_size=75", "--set", "distill.accumulate=2", cwd=work)
+    assert_same_student(one, work / "two-75x2" / "student.pt")
+    log = torch.load(work / "two-75x2" / "student.pt", weights_only=True)["log"]
+    assert [e["step"] for e in log] == [0, 2, 4]  # optimizer steps, as one process with batches of 150
+
+
 def test_a_lockstep_sweep_with_an_online_teacher_under_torchrun(teacher):
     work, teacher_path = teacher
     sweep = ["distill", "--teacher", str(teacher_path), "--targets", "online", "--sweep", "alpha=0.5,1.0", *SMALL]

@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
+from bcpkd_cli import artifacts
 from bcpkd_cli.cli import resume_command
 from bcpkd_cli.engine import LOG_POINTS, batch_bounds, log_interval
 from cli_helpers import bcpkd, here
@@ -92,13 +94,35 @@ def test_teachers_log_held_out_curves_as_students_do(runs):
     assert torch.load(folder / "s" / "student.pt", weights_only=True)["log"] == student_log
 
 
+def test_what_bcpkd_chose_for_automatic_settings_is_written_beside_them(runs, tmp_path):
+    """threads: 0 and log_every: 0 stay as given (config.yaml is the recipe as given, for --recipe); the values the
+    run used are in the checkpoint's history and beside those keys in config.yaml, as comments."""
+    folder = runs["folder"]
+    for name, file, section in (("det", "teacher.pt", "teacher"), ("s", "student.pt", "distill")):
+        payload = torch.load(folder / name / file, weights_only=True)
+        history, text = payload["history"], (folder / name / "config.yaml").read_text()
+        steps = [json.loads(entry)["step"] for entry in (folder / name / "metrics.jsonl").read_text().splitlines()]
+        assert history["threads"] == 1  # OMP_NUM_THREADS=1 (single_thread)
+        assert history["log_every"] == steps[1] - steps[0] == {"det": 3, "s": 1}[name]
+        assert "\nthreads: 0  # automatic: 1 in this run\n" in text, text
+        assert f"\n{section}:\n" in text and \
+            f"\n  log_every: 0  # automatic: {history['log_every']} in this run\n" in text, text
+        assert yaml.safe_load(text) == payload["config"]  # the settings as given: a recipe that chooses again
+    record = {"threads": 4, "distill": {"log_every": 0, "hidden": [8]}}
+    written = artifacts.write_config(tmp_path, record, {"threads": 4, "distill.log_every": 7}).read_text()
+    assert written.splitlines()[:3] == ["threads: 4", "distill:", "  log_every: 0  # automatic: 7 in this run"]
+
+
 def test_each_entry_of_a_teacher_trained_in_phases_names_its_phase(tmp_path):
     here("train-teacher", "--bayes", "ensemble", "--members", "2", "--epochs", "1", "--batch-size", "64", "--out", "e",
          *TINY, cwd=tmp_path)
     log = [json.loads(text) for text in (tmp_path / "e" / "metrics.jsonl").read_text().splitlines()]
     steps = list(range(6))  # 300 / 64: 5 steps, each logged (and the end)
     assert [(entry["phase"], entry["step"]) for entry in log] == [(m, s) for m in ("member1", "member2") for s in steps]
-    assert torch.load(tmp_path / "e" / "teacher.pt", weights_only=True)["log"] == log
+    payload = torch.load(tmp_path / "e" / "teacher.pt", weights_only=True)
+    assert payload["log"] == log
+    assert payload["history"]["log_every"] == {"member1": 1, "member2": 1}  # per phase, as the log names them
+    assert "  log_every: 0  # automatic: 1 in this run\n" in (tmp_path / "e" / "config.yaml").read_text()
 
 
 @pytest.mark.parametrize("total_steps", [1, 7, 19, 20, 21, 39, 204, 1000, 78_200])

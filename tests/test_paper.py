@@ -36,7 +36,7 @@ def test_no_heldout_split_when_nothing_is_tuned_on_it(single_thread, tmp_path):
 
 def test_mcmi_as_the_authors_script_centroids_once_and_a_cosine_schedule(single_thread, tmp_path, monkeypatch):
     """mcmi.centroids=once computes the class centroids from the network before fine-tuning and keeps them;
-    mcmi.cosine anneals the fine-tuning learning rate as lr * (1 + cos(pi * epoch / epochs)) / 2."""
+    mcmi.schedule cosine anneals the fine-tuning learning rate as lr * (1 + cos(pi * epoch / epochs)) / 2."""
     from bcpkd_cli import engine
     from bcpkd_cli.config import build_recipe
     from bcpkd_cli.stages import train_teacher
@@ -57,13 +57,13 @@ def test_mcmi_as_the_authors_script_centroids_once_and_a_cosine_schedule(single_
     monkeypatch.setattr(torch.optim.Adam, "step", step)
     tree = {"data": {"n_train": 100, "n_heldout": 20, "n_test": 20}, "device": "cpu", "out": str(tmp_path / "t"),
             "teacher": {"bayes": "mcmi", "hidden": [8], "epochs": 1, "batch_size": 50, "lr": 0.001,
-                        "mcmi": {"weight": -0.2, "epochs": 4, "lr_scale": 0.2, "centroids": "once", "cosine": True}}}
+                        "mcmi": {"weight": -0.2, "epochs": 4, "lr_scale": 0.2, "centroids": "once", "schedule": "cosine"}}}
     train_teacher.run(build_recipe(tree))
     assert len(calls) == 1  # once, not every epoch
     want = [0.0002 * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(4) for _ in range(2)]  # 2 steps an epoch
     assert lrs == pytest.approx(want)
     calls.clear()
-    tree["teacher"]["mcmi"].update(centroids="epoch", cosine=False)
+    tree["teacher"]["mcmi"].update(centroids="epoch", schedule="step")
     train_teacher.run(build_recipe({**tree, "out": str(tmp_path / "t2")}))
     assert len(calls) == 4
 

@@ -240,6 +240,24 @@ def test_reports_carry_a_confusion_matrix_and_plot_draws_it(work, monkeypatch):
     assert [(r["class"], int(r["n"])) for r in per_class] == [(e["class"], e["n"]) for e in teacher["per_class"]]
 
 
+def test_plot_draws_the_held_out_curves_of_teachers_as_of_students(work, monkeypatch):
+    pytest.importorskip("matplotlib")
+    folder = work["folder"]
+    saved = saved_figures(monkeypatch)
+    here("plot", "t", "s", "--out", "curves", "--device", "cpu", cwd=folder)
+    logs = {name: torch.load(folder / name / file, weights_only=True)["log"]
+            for name, file in (("t", "teacher.pt"), ("s", "student.pt"))}
+    named = {"t": "laplace teacher t/teacher.pt", "s": "s/student.pt"}  # checkpoints given as files: their paths
+    for key in ("nll", "accuracy"):
+        rows = read_csv(folder / "curves" / f"curves-{key}.csv")
+        assert {r["model"] for r in rows} == set(named.values())
+        for name, curve in named.items():
+            assert [(int(r["step"]), float(r["mean"])) for r in rows if r["model"] == curve] == \
+                [(e["step"], pytest.approx(e[f"heldout_{key}"])) for e in logs[name]], (key, name)
+        drawn = {line.get_label(): list(line.get_xdata()) for line in saved[f"curves-{key}.png"].axes[0].lines}
+        assert drawn[f"{named['t']} (1 seed)"] == [e["step"] for e in logs["t"]][1:]  # from the second point on
+
+
 def test_a_run_says_under_its_teachers_why_a_calibrated_row_equals_its_teacher(single_thread, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("""
@@ -260,5 +278,8 @@ experiment:
     reports = json.loads((tmp_path / "run" / "reports.json").read_text())
     labels = {e["name"]: e["report"]["label"] for e in reports}
     assert labels["teacher lap"] == "laplace teacher (raw)"
+    if (tmp_path / "run" / "figures").is_dir():  # matplotlib: the teacher's curve beside its student's, by name
+        curves = {r["model"] for r in read_csv(tmp_path / "run" / "figures" / "curves-nll.csv")}
+        assert curves == {"teacher lap", "from_lap"}  # the calibrated teacher trained nothing: no curve
     assert labels["teacher lap -> from_lap (as calibrated)"] in ("laplace teacher (calibrated, prior precision 1e+10)",
                                                                  "laplace teacher (calibrated, prior precision 1e+12)")

@@ -15,7 +15,7 @@ from bcpkd_cli import artifacts
 from bcpkd_cli.choices import DatasetName
 from bcpkd_cli.commands.options import (DeviceOpt, OutOpt, PrintConfigOpt, TrustOpt, check_resume, checked, data_option,
                                         data_root_option, field_help, one_process, recipe_option, recipe_tree,
-                                        set_option, show_config, source_of)
+                                        say_data, set_option, show_config, source_of)
 from bcpkd_cli.config import to_plain
 from bcpkd_cli.models.foreign import trust
 
@@ -26,8 +26,8 @@ def evaluate(
     checkpoints: list[Path] = typer.Argument(..., metavar="CHECKPOINT...",
                                              help="teacher.pt or student.pt files (or their run folders), or "
                                                   "exported model.onnx / model.pt2 files or folders"),
-    recipe: Optional[Path] = recipe_option("YAML recipe, for its evaluate keys (default: built-in settings, "
-                                           f"on {CHECKPOINTS_DATA})"),
+    recipe: Optional[Path] = recipe_option("YAML recipe, for its evaluate keys, not its data section (default: "
+                                           f"built-in settings, on {CHECKPOINTS_DATA})"),
     as_json: bool = typer.Option(False, "--json", help="print the reports on stdout as JSON: a list with one "
                                                        "object per checkpoint"),
     grad_targets: Optional[str] = typer.Option(None, metavar="onehot,true,noisy:ALPHA",
@@ -49,7 +49,7 @@ def evaluate(
     trust(everything=trust_code)
 
     tree = recipe_tree(recipe, set_, {"device": device, "data.name": data, "data.root": data_root,
-                                      "evaluate.grad_targets": grad_targets})
+                                      "evaluate.grad_targets": grad_targets}, recipe_data=False)
     config = checked(tree, source_of(recipe))  # report every problem before any work
     if print_config:
         return show_config(config, ("device", "evaluate"))
@@ -57,7 +57,9 @@ def evaluate(
              for p in checkpoints]
     for p in paths:  # and with the data each is evaluated on: a network of images given vectors, ...
         if not stage.is_export(p):
-            checked(tree, str(p), artifacts.load_checkpoint(p, stage.CHECKPOINT_FORMATS))
+            payload = artifacts.load_checkpoint(p, stage.CHECKPOINT_FORMATS)
+            checked(tree, str(p), payload)
+            say_data(recipe, tree, payload, p)
     path, reports = stage.run(tree, paths, out, force, per_class)
     if as_json:
         print(json.dumps(reports, indent=2))

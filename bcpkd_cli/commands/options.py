@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 from pathlib import Path
 from typing import Optional
 
@@ -11,8 +13,9 @@ import yaml
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import refuse_calibrated
-from bcpkd_cli.config import Recipe, build_recipe, config_field, merge, parse_set, read_recipe, recipe_for_checkpoint, \
-    recipe_record, set_path
+from bcpkd_cli.config import Recipe, build_recipe, config_field, merge, parse_set, plain_data, read_recipe, \
+    recipe_for_checkpoint, recipe_record, set_path
+from bcpkd_cli.console import line
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models.foreign import trust
 from bcpkd_cli.teachers import recipe_problems
@@ -73,15 +76,48 @@ PrintConfigOpt = typer.Option(False, "--print-config", help="print the resolved 
                                                             "(nothing is run)")
 
 
-def recipe_tree(recipe: Optional[Path], sets: Optional[list[str]], flags: dict) -> dict:
-    """Recipe file, then typed flags, then --set items (later wins). Flags given as None are skipped."""
+def recipe_tree(recipe: Optional[Path], sets: Optional[list[str]], flags: dict, recipe_data: bool = True) -> dict:
+    """Recipe file, then typed flags, then --set items (later wins). Flags given as None are skipped. Without
+    `recipe_data` the recipe's data section is left out: the command's data are a checkpoint's (`say_data`)."""
     typed: dict = {}
     for dotted, value in flags.items():
         if value is None or value == "":
             continue
         value = value.value if hasattr(value, "value") else value
         set_path(typed, dotted, str(value) if isinstance(value, Path) else value)
-    return merge(merge(read_recipe(recipe), typed), parse_set(sets or []))
+    given = {k: v for k, v in read_recipe(recipe).items() if recipe_data or k != "data"}
+    return merge(merge(given, typed), parse_set(sets or []))
+
+
+def say_data(recipe: Optional[Path], tree: dict, checkpoint: dict, path: Path) -> None:
+    """One line when the data section of `recipe` asks for other data than `checkpoint` (at `path`) was made from:
+    the checkpoint's are used (--data, --data-root and --set data.KEY=V change them: they are in `tree`), and the
+    --set items that would use the recipe's."""
+    section = read_recipe(recipe).get("data") if recipe else None
+    if not isinstance(section, dict) or not section or os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 says it
+        return
+    used = plain_data(recipe_for_checkpoint(tree, checkpoint).data)
+    try:
+        asked = plain_data(recipe_for_checkpoint(merge({"data": section}, tree), checkpoint).data)
+    except BcpkdError:  # the recipe's data would be refused (of the other kind, ...): its keys as written
+        asked = {**used, **{k: v for k, v in section.items() if k not in (tree.get("data") or {})}}
+    differ = [k for k in asked if asked[k] != used.get(k)]
+    if not differ:
+        return
+
+    def shown(keys: list[str], values: dict) -> str:
+        return ", ".join(f"{k} {_value(values.get(k))}" for k in keys)
+
+    sets = " ".join(f"--set {shlex.quote(f'data.{k}={_value(asked[k])}')}" for k in differ)
+    line(f"data: as {path} was made from ({shown(differ, used)}), not as the data section of recipe {recipe} says "
+         f"({shown(differ, asked)}); to use the recipe's, add {sets}")
+
+
+def _value(value) -> str:
+    """A config value as --set takes it: lists as [a,b], booleans as true/false."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_value(v) for v in value) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def source_of(recipe: Optional[Path]) -> str:

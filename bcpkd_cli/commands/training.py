@@ -12,8 +12,8 @@ from bcpkd_cli.choices import (Bayes, DatasetName, Hessian, Link, PriorMethod, P
                                TemperatureFit)
 from bcpkd_cli.commands.options import (NORMALIZE, TEACHERS_DATA, DeviceOpt, ForceOpt, OutOpt, PrintConfigOpt,
                                         ResumeOpt, TrustOpt, check_resume, checked, config_option, data_option,
-                                        data_root_option, field_help, recipe_option, recipe_tree, set_option,
-                                        show_config, source_of, teacher_checkpoint)
+                                        data_root_option, field_help, recipe_option, recipe_tree, say_data,
+                                        set_option, show_config, source_of, teacher_checkpoint)
 from bcpkd_cli.config import (RUN_KEYS, STUDENT_RECORD, TEACHER_RECORD, build_recipe, merge, parse_sweep,
                               set_path)
 from bcpkd_cli.errors import BcpkdError
@@ -81,8 +81,8 @@ def train_teacher(
 
 def calibrate(
     teacher: Path = typer.Option(..., metavar="TEACHER.pt", help="teacher.pt from train-teacher (or its folder)"),
-    recipe: Optional[Path] = recipe_option("YAML recipe, for its calibrate keys and distill.t_teacher "
-                                           f"(default: built-in settings, on {TEACHERS_DATA})"),
+    recipe: Optional[Path] = recipe_option("YAML recipe, for its calibrate keys and distill.t_teacher, not its data "
+                                           f"section (default: built-in settings, on {TEACHERS_DATA})"),
     prior: Optional[PriorTuning] = config_option("calibrate.prior"),
     temperature: Optional[TemperatureFit] = config_option("calibrate.temperature"),
     t_teacher: Optional[float] = config_option("distill.t_teacher"),
@@ -95,7 +95,8 @@ def calibrate(
     print_config: bool = PrintConfigOpt, trust_code: bool = TrustOpt,
 ) -> None:
     """Calibrate a teacher on held-out data and cache its BCPs for the training split (path on stdout).
-    Data default to the teacher's own.
+    The data are the teacher's own unless --data, --data-root or --set data.KEY=V change them (a recipe's data
+    section does not: a line says so where it differs).
     In shards on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli calibrate ..."""
     from bcpkd_cli.engine import in_process_group
     from bcpkd_cli.stages import calibrate as stage
@@ -104,9 +105,10 @@ def calibrate(
 
     tree = recipe_tree(recipe, set_, {"out": out, "device": device, "data.name": data, "data.root": data_root,
                                       "calibrate.prior": prior, "calibrate.temperature": temperature,
-                                      "calibrate.views": views, "distill.t_teacher": t_teacher})
+                                      "calibrate.views": views, "distill.t_teacher": t_teacher}, recipe_data=False)
     teacher, payload = teacher_checkpoint(teacher)
     config = checked(tree, source_of(recipe), payload)
+    say_data(recipe, tree, payload, teacher)
     if print_config:
         return show_config(config, (*RUN_KEYS, "data", "calibrate", "distill"))
     with in_process_group():  # under torchrun: each process computes a shard of the cache; rank 0 writes the rest
@@ -120,8 +122,9 @@ def distill(
                                            help="teacher.pt or its folder (its cached BCPs are found or built)"),
     cache: Optional[Path] = typer.Option(None, metavar="BCP.safetensors",
                                          help="bcp.safetensors from `calibrate --out` (default: found by key)"),
-    recipe: Optional[Path] = recipe_option("YAML recipe, for its distill and calibrate keys (default: built-in "
-                                           f"settings, on {TEACHERS_DATA}; synthetic without --teacher)"),
+    recipe: Optional[Path] = recipe_option("YAML recipe, for its distill and calibrate keys, and its data section "
+                                           f"without --teacher (default: built-in settings, on {TEACHERS_DATA}; "
+                                           f"synthetic without --teacher)"),
     targets: Optional[Targets] = config_option("distill.targets"),
     arch: Optional[str] = typer.Option(None, metavar="ARCH", help=field_help("distill.arch")),
     init: Optional[Path] = typer.Option(None, metavar="WEIGHTS", help=field_help("distill.init")),
@@ -147,7 +150,8 @@ def distill(
     trust_code: bool = TrustOpt,
 ) -> None:
     """Train a student against the teacher's cached BCPs; save student.pt (path on stdout).
-    Data default to the teacher's own.
+    The data are the teacher's own unless --data, --data-root or --set data.KEY=V change them (a recipe's data
+    section does not: a line says so where it differs).
     Data-parallel on N GPUs (or CPU processes): torchrun --nproc-per-node N -m bcpkd_cli distill ..."""
     from bcpkd_cli.engine import in_process_group
     from bcpkd_cli.stages import distill as stage
@@ -159,12 +163,15 @@ def distill(
                                       "distill.t_teacher": t_teacher, "distill.t_student": t_student,
                                       "distill.dirichlet_alpha": dirichlet_alpha, "distill.epochs": epochs,
                                       "distill.lr": lr, "distill.batch_size": batch_size, "distill.seed": seed,
-                                      "calibrate.temperature": temperature, "calibrate.views": views})
+                                      "calibrate.temperature": temperature, "calibrate.views": views},
+                       recipe_data=teacher is None)
     grid = parse_sweep(sweep or [])
     payload = None
     if teacher is not None:
         teacher, payload = teacher_checkpoint(teacher)
     configs = [checked(merge(tree, {"distill": point}), source_of(recipe), payload) for point in grid]
+    if payload is not None:
+        say_data(recipe, tree, payload, teacher)
     if print_config:
         with_cache = configs[0].distill.targets in (Targets.teacher, Targets.online)
         return show_config(configs[0], (*STUDENT_RECORD, "calibrate") if with_cache else STUDENT_RECORD)

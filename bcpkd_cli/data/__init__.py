@@ -11,7 +11,8 @@ import torch
 from bcpkd_cli.choices import Decode
 from bcpkd_cli.config import DataConfig, DatasetName, plain_data
 from bcpkd_cli.console import line
-from bcpkd_cli.data import arrays, folders, images, synthetic, views
+from bcpkd_cli.data import arrays, folders, images, synthetic, text_tables, views
+from bcpkd_cli.data.text import Corpus, TextRows, split_fingerprint
 from bcpkd_cli.data.decode import square
 from bcpkd_cli.data.rows import MappedRows, RowReader, StreamedRows, default_workers
 from bcpkd_cli.errors import BcpkdError
@@ -21,7 +22,8 @@ from bcpkd_cli.errors import BcpkdError
 class Split:
     """One split: inputs [N, ...], labels [N], and exact BCPs [N, C] where the dataset knows them."""
 
-    inputs: torch.Tensor | RowReader  # RowReader: images read per batch (a mapped store, or the files)
+    inputs: torch.Tensor | RowReader | TextRows  # RowReader: images read per batch (a mapped store, or the files);
+    # TextRows: text, read as token ids of the model's own tokenizer
     labels: torch.Tensor
     true_bcp: torch.Tensor | None
 
@@ -30,7 +32,7 @@ class Split:
 
     def subset(self, rows: torch.Tensor) -> "Split":
         rows = rows.to(self.labels.device)
-        inputs = self.inputs.subset(rows) if isinstance(self.inputs, RowReader) else self.inputs[rows]
+        inputs = self.inputs.subset(rows) if isinstance(self.inputs, (RowReader, TextRows)) else self.inputs[rows]
         return Split(inputs, self.labels[rows], None if self.true_bcp is None else self.true_bcp[rows])
 
     def to(self, device: torch.device) -> "Split":
@@ -62,6 +64,10 @@ class Dataset:
     @property
     def is_image(self) -> bool:
         return len(self.input_shape) == 3
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.train.inputs, TextRows)
 
     @property
     def views(self) -> views.ViewSpace:
@@ -177,14 +183,14 @@ def check_sizes(cfg: DataConfig, counts: tuple[int, int] | None = None) -> int:
     """Refuse split sizes the images (or rows) cannot fill, before any work; the held-out size it uses."""
     if cfg.name == DatasetName.synthetic:
         return SYNTHETIC_SIZES[1] if cfg.n_heldout < 0 else cfg.n_heldout
-    if counts is None and cfg.name == DatasetName.arrays:
+    if counts is None and cfg.name in (DatasetName.arrays, DatasetName.text, DatasetName.hf):
         return 0  # checked when the file is read
     n_files, n_test_files = counts or image_counts(cfg)
     n_heldout = min(IMAGE_HELDOUT, n_files // 10) if cfg.n_heldout < 0 else cfg.n_heldout
     fix = "lower them with --set data.n_train=N --set data.n_heldout=N --set data.n_test=N (0: all that is there)"
     if n_heldout + max(cfg.n_train, 1) > n_files:
         raise BcpkdError(f"data.n_train={cfg.n_train} + data.n_heldout={n_heldout}: {cfg.root} holds only {n_files} "
-                         f"training {'rows' if cfg.name == DatasetName.arrays else 'images'}; {fix}")
+                         f"training {'images' if cfg.name in (DatasetName.imagefolder, DatasetName.cifar10, DatasetName.cifar100) else 'examples'}; {fix}")
     if cfg.n_test > n_test_files:
         raise BcpkdError(f"data.n_test={cfg.n_test}: {cfg.root} holds only {n_test_files} test images; {fix}")
     return n_heldout
@@ -247,6 +253,65 @@ def _arrays(cfg: DataConfig) -> Dataset:
                    seed=cfg.seed, classes=tuple(classes), config=cfg, stats=feature_stats(splits[0].inputs) if cfg.standardize else None)
 
 
+def _class_ids(source: text_tables.TextSource, where: str) -> tuple[list[str], list[torch.Tensor]]:
+    """Class names and each split's label ids: integer labels index the source's names (else "0".."C-1"); string
+    labels are named by the training split's sorted distinct values, and every split is labelled by name."""
+    splits = [source.train] + ([source.test] if source.test is not None else [])
+    if all(isinstance(v, int) for s in splits for v in s.labels):
+        top = max(max(s.labels) for s in splits)
+        classes = source.classes or [str(c) for c in range(max(source.train.labels) + 1)]
+        if min(min(s.labels) for s in splits) < 0 or top >= len(classes):
+            raise BcpkdError(f"{where}: labels run from {min(min(s.labels) for s in splits)} to {top}, but there are "
+                             f"{len(classes)} training classes; labels must be 0..C-1 (or class names)")
+        return classes, [torch.tensor(s.labels, dtype=torch.int64) for s in splits]
+    classes = sorted({str(v) for v in source.train.labels})
+    index = {name: label for label, name in enumerate(classes)}
+    for s in splits:
+        unknown = sorted({str(v) for v in s.labels} - set(index))
+        if unknown:
+            raise BcpkdError(f"{where}: label {unknown[0]!r} of the test examples is no training class "
+                             f"({', '.join(classes[:8])}{', ...' if len(classes) > 8 else ''})")
+    return classes, [torch.tensor([index[str(v)] for v in s.labels], dtype=torch.int64) for s in splits]
+
+
+def _text(cfg: DataConfig) -> Dataset:
+    """Text: train / held-out from the training examples (seeded split); test from the test examples, or else a
+    seeded fifth of the training examples (data.n_test of them, if set). Token ids are kept beside a local
+    source (or in the user's cache folder) per tokenizer."""
+    columns = (cfg.text_column, cfg.text_pair_column, cfg.label_column)
+    if cfg.name == DatasetName.hf:
+        source = text_tables.read_hf(cfg.root, *columns)
+        store = images.store_folder(Path(cfg.root)) if Path(cfg.root).is_dir() else \
+            images.store_folder(Path.home() / ".cache" / "bcpkd" / "text")
+    else:
+        root = Path(cfg.root)
+        source = text_tables.read_tables(root, *columns)
+        store = images.store_folder(root if root.is_dir() else root.parent)
+    classes, labels = _class_ids(source, cfg.root)
+    n_train = len(source.train.texts)
+    texts = source.train.texts + (source.test.texts if source.test else [])
+    pairs = None if cfg.text_pair_column == "" else source.train.pairs + (source.test.pairs if source.test else [])
+    corpus = Corpus(texts, pairs, cfg.max_length, store)
+    if source.test is None:
+        order = torch.randperm(n_train, generator=_generator(cfg.seed, "test"))
+        n_test = cfg.n_test or max(1, n_train // 5)
+        if n_test >= n_train:
+            raise BcpkdError(f"data.n_test={n_test}: {cfg.root} holds only {n_train} examples")
+        test_rows, rest = order[:n_test].sort().values, order[n_test:].sort().values
+    else:
+        test_rows = torch.arange(n_train, len(texts))[: cfg.n_test or None]
+        rest = torch.arange(n_train)
+    all_labels = torch.cat(labels)
+    n_heldout = check_sizes(cfg, (len(rest), len(test_rows)))
+    order = torch.randperm(len(rest), generator=_generator(cfg.seed, "heldout"))
+    heldout_rows = rest[order[:n_heldout].sort().values]
+    train_rows = rest[order[n_heldout:][: cfg.n_train or None].sort().values]
+    rows = [train_rows, heldout_rows, test_rows]
+    splits = [Split(TextRows(corpus, r), all_labels[r], None) for r in rows]
+    return Dataset(*splits, n_classes=len(classes), input_shape=(), seed=cfg.seed, classes=tuple(classes),
+                   fingerprint=split_fingerprint(corpus, rows, [s.labels for s in splits]), config=cfg)
+
+
 def require_classes(artifact: str, classes: list[str] | None, data: Dataset) -> None:
     """Refuse data whose class names (in label order) are not those an artifact was made for (an artifact from
     before class names were stored passes)."""
@@ -293,4 +358,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     """Build the dataset a config names; the class means / held-out carving and each split come from cfg.seed."""
     if cfg.name == DatasetName.synthetic:
         return _synthetic(cfg)
+    if cfg.name in (DatasetName.text, DatasetName.hf):
+        return _text(cfg)
     return _arrays(cfg) if cfg.name == DatasetName.arrays else _images(cfg)

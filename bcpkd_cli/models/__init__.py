@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.models import mobilenetv2, resnet, resnet_cifar, standalone, vgg, wrn
+from bcpkd_cli.data.text import is_text
+from bcpkd_cli.models import huggingface, mobilenetv2, resnet, resnet_cifar, standalone, vgg, wrn
 from bcpkd_cli.models.base import FeaturesHead
 from bcpkd_cli.models.foreign import LIBRARIES, build_foreign, split_head
 
@@ -150,8 +151,11 @@ def model_spec(arch: str, input_shape: tuple[int, ...], n_classes: int, hidden: 
     keyword arguments (never code), and how its inputs are scaled (`input_scaling`): the name of the choice
     ("normalize") and the statistics its inputs are normalised with ("stats", None: none)."""
     name, used = input_scaling(normalize, stats, input_shape)
-    return {"arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "input_shape": list(input_shape),
+    spec = {"arch": arch, "arch_kwargs": dict(arch_kwargs or {}), "input_shape": list(input_shape),
             "n_classes": n_classes, "hidden": list(hidden), "dropout": dropout, "stats": used, "normalize": name}
+    if huggingface.is_hf(arch):  # its config and tokenizer, so that the checkpoint rebuilds it alone
+        spec["hf"] = huggingface.describe(arch, n_classes, spec["arch_kwargs"])
+    return spec
 
 
 def input_scaling(normalize: str | dict | bool, stats: dict | None,
@@ -216,7 +220,15 @@ def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dic
     arch, input_shape = spec["arch"], tuple(spec["input_shape"])
     # images of checkpoints that predate stored statistics were normalised with CIFAR-10's; vectors not at all
     stats = spec.get("stats", CIFAR10_STATS if len(input_shape) == 3 else None)
-    if arch in ARCHITECTURES:
+    if huggingface.is_hf(arch):
+        pretrained = spec["arch_kwargs"].get("pretrained", True) and state_dict is None and init is None
+        net = huggingface.network(arch, spec["hf"], pretrained)
+        if init is not None:
+            load_weights(net, init[0], _init_state(spec, init[1], init[2]))
+        model = huggingface.split(net, huggingface.tokenizer_of(spec["hf"]), arch)
+        if spec.get("dropout", 0.0) > 0.0:
+            add_dropout(model, spec["dropout"])
+    elif arch in ARCHITECTURES:
         model = ARCHITECTURES[arch](input_shape, spec["n_classes"], tuple(spec["hidden"]), stats=stats)
         if init is not None:
             load_weights(model, init[0], _init_state(spec, init[1], init[2]))
@@ -251,6 +263,13 @@ def bare_key_names(spec: dict) -> tuple[dict[str, str], str, str | None, str | N
             add_dropout(bare, spec["dropout"])
         return (standalone.mapped_names(bare, own), "network.py", standalone.network_source(_IMAGE[arch]),
                 standalone.network_call(spec, _IMAGE[arch]))
+    if huggingface.is_hf(arch):
+        net = huggingface.network(arch, spec["hf"], pretrained=False)
+        own = standalone.tensor_names(net)
+        model = huggingface.split(net, huggingface.tokenizer_of(spec["hf"]), arch)
+        if spec.get("dropout", 0.0) > 0.0:
+            add_dropout(model, spec["dropout"])
+        return standalone.mapped_names(model, own), "transformers", None, None
     net = build_foreign(arch, spec["n_classes"], spec.get("arch_kwargs", {}))
     own = standalone.tensor_names(net)
     model = _rebuilt_from(net, spec)  # build_model's construction: every tensor leads back to its library name
@@ -323,4 +342,9 @@ def load_weights(network: nn.Module, source: str, state: dict) -> None:
 def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     """Logits [N, C] of an eval-mode model, computed in chunks."""
     model.eval()
+    if is_text(inputs):
+        batch_size = min(batch_size, TEXT_BATCH)
     return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])
+
+
+TEXT_BATCH = 256  # texts per inference call at most (a transformer's activations grow with batch x length^2)

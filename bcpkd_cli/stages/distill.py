@@ -15,12 +15,12 @@ import torch
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.choices import TARGET_LABELS, Targets, teacher_label
-from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_record
-from bcpkd_cli.console import TrainingReport, epoch_count, header, line
+from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_record, require_arch
+from bcpkd_cli.console import TrainingReport, header, line, training_summary
 from bcpkd_cli.data import (Dataset, Split, announce, brief, decoding_workers, few_shot_rows, load_dataset,
                             views)
 from bcpkd_cli.engine import (Member, TrainSpec, heldout_log, heldout_metrics, join_process_group,
-                              prepare_for_device, resolve_device, train_lockstep)
+                              prepare_for_device, resolve_device, run_log_interval, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import grad_noise, sample_rows
 from bcpkd_cli.losses import kd_loss
@@ -37,7 +37,8 @@ def data_seed(cfg: DistillConfig) -> int:
     return cfg.data_seed if cfg.data_seed >= 0 else cfg.seed
 
 
-SHARED_KEYS = ("epochs", "batch_size", "few_shot", "log_every")  # a lockstep group shares these (and the data)
+# a lockstep group shares these (and the data): its batches and optimizer steps
+SHARED_KEYS = ("epochs", "batch_size", "accumulate", "few_shot", "log_every")
 
 
 def check_group(recipes: list[Recipe]) -> None:
@@ -77,8 +78,7 @@ def _header(recipes: list[Recipe], teacher: str, names: list[str]) -> str:
     """What a distill run trains, for its first line: the student(s) and their targets, the training."""
     cfg = recipes[0].distill
     settings = f"targets {cfg.targets.value}, alpha {cfg.alpha}, T_t {cfg.t_teacher}, T_s {cfg.t_student}"
-    parts = [student_label(cfg, teacher, cfg.arch, settings), f"{epoch_count(cfg.epochs)} of batch {cfg.batch_size} "
-                                                               f"({cfg.optimizer.value} lr {cfg.lr}, seed {cfg.seed})"]
+    parts = [student_label(cfg, teacher, cfg.arch, settings), training_summary(cfg)]
     if cfg.few_shot:
         parts.append(f"{cfg.few_shot} examples per class")
     if len(recipes) > 1:
@@ -125,6 +125,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     first student's folder) at every epoch end; `resume` continues from it; `force` replaces finished
     students. `names` label the students in progress and finish lines."""
     check_group(recipes)
+    for recipe in recipes:
+        require_arch("distill.arch", recipe.distill.arch)
     first = recipes[0]
     names = names or [""] * len(recipes)
     outs = outs or [r.out for r in recipes]
@@ -134,7 +136,7 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     if resume:
         require_saved_state(state_dir)
     device = resolve_device(first.device)
-    apply_threads(first.threads, decoding_workers(first.data))
+    threads, _ = apply_threads(first.threads, decoding_workers(first.data))
     place = join_process_group(device)
     data = load_dataset(first.data).to(device)
     teacher_path = Path(teacher_path) if teacher_path else None
@@ -183,12 +185,15 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
                            log_every=first.distill.log_every,
                            resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume,
                                             first.data.skip_unreadable), report=report,
-                           plan=getattr(data.train.inputs, "plan", None))
+                           plan=getattr(data.train.inputs, "plan", None), accumulate=first.distill.accumulate)
     seconds = time.perf_counter() - started
     noise = [_grad_noise(s, data, example_index, member) for s, member in zip(group, members)]  # every process
     if not place.is_main:
         return []
-    paths = [_save(s, folder, data, steps, seconds / len(group), member, place.size, name, measured)
+    shared = first.distill  # what this run used where bcpkd chooses (0: automatic): the students share it
+    chosen = {"threads": threads, "log_every": run_log_interval(shared.log_every, len(data.train), shared.batch_size,
+                                                                shared.epochs, shared.accumulate)}
+    paths = [_save(s, folder, data, steps, seconds / len(group), member, place.size, name, measured, chosen)
              for s, folder, member, name, measured in zip(group, folders, members, names, noise)]
     finish(state_dir)
     return paths
@@ -204,7 +209,7 @@ def _kd(cfg: DistillConfig):
 def _train_spec(recipe: Recipe) -> TrainSpec:
     cfg = recipe.distill
     return TrainSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.seed,
-                     cfg.lr_milestones, recipe.precision, recipe.compile)
+                     cfg.lr_milestones, recipe.precision, recipe.compile, cfg.schedule, cfg.warmup, cfg.accumulate)
 
 
 def _grad_noise(student: _Student, data: Dataset, example_index: torch.Tensor, member: Member) -> dict:
@@ -223,7 +228,9 @@ def _grad_noise(student: _Student, data: Dataset, example_index: torch.Tensor, m
 
 
 def _save(student: _Student, out: Path, data: Dataset, steps: int, seconds: float, member: Member, processes: int,
-          name: str, noise: dict) -> Path:
+          name: str, noise: dict, chosen: dict) -> Path:
+    """student.pt, metrics.jsonl and config.yaml; `chosen`: the threads and log interval used, in the history and
+    beside their keys in config.yaml."""
     recipe, cfg = student.recipe, student.recipe.distill
     artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in member.log))
     with_cache = cfg.targets in (Targets.teacher, Targets.online)  # the calibration settings made its targets
@@ -232,10 +239,10 @@ def _save(student: _Student, out: Path, data: Dataset, steps: int, seconds: floa
         "format": artifacts.STUDENT_FORMAT, "version": artifacts.VERSION, "model": student.spec,
         "state_dict": student.model.state_dict(), "config": record, "data": data.info(),
         "targets": {"kind": cfg.targets.value, **student.provenance}, "log": member.log,
-        "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, **noise},
+        "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, **noise, **chosen},
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
-    artifacts.write_config(out, record)
+    artifacts.write_config(out, record, {"threads": chosen["threads"], "distill.log_every": chosen["log_every"]})
     label = f" [{name}]" if name else ""
     final = member.log[-1].get("heldout_accuracy") if member.log else None
     said = [f"{steps} steps in {seconds:.1f}s"]

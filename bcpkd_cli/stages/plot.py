@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from bcpkd_cli import artifacts, figures
+from bcpkd_cli.choices import teacher_label
 from bcpkd_cli.console import console
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.stages import evaluate
@@ -38,6 +39,20 @@ def source_of(entries: list[tuple[str, dict]]) -> str:
     return f"{common} ({len(files)} checkpoints)" if common not in ("", ".", "/") else figures.sources(files)
 
 
+def teacher_curves(name: str, report: dict) -> dict[str, list[dict]]:
+    """A teacher's held-out curves as the checkpoint's `log` keeps them, by curve name: its name in the run (a
+    checkpoint given as a file: `laplace teacher runs/t/teacher.pt`), and the phase where the log has several
+    (ensemble members, MCMI fine-tuning); none for a calibrated teacher (calibrate trains nothing) or a teacher
+    saved before teachers logged."""
+    log = artifacts.load_checkpoint(report["checkpoint"], artifacts.TEACHER_FORMAT, mmap=True).get("log", [])
+    if name == report["checkpoint"]:
+        name = f"{teacher_label(report['teacher_kind'])} {name}"
+    curves: dict[str, list[dict]] = {}
+    for entry in log:
+        curves.setdefault(f"{name} ({entry['phase']})" if "phase" in entry else name, []).append(entry)
+    return curves
+
+
 def draw(entries: list[tuple[str, dict]], out: Path, source: str = "") -> list[Path]:
     """Every figure the reports allow, into `out`; `source` (the run folders or checkpoints given) goes into the
     figures' titles (default: `source_of` the reports)."""
@@ -48,6 +63,9 @@ def draw(entries: list[tuple[str, dict]], out: Path, source: str = "") -> list[P
     draws: dict[int, list[float]] = {}
     for name, report in entries:
         first.setdefault(name, report)
+        if report["kind"] == "teacher":
+            for curve, log in teacher_curves(name, report).items():
+                logs.setdefault(curve, []).append(log)
         if report["kind"] != "student":
             continue
         logs.setdefault(name, []).append(artifacts.load_checkpoint(report["checkpoint"], artifacts.STUDENT_FORMAT)["log"])

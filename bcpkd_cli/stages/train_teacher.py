@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from bcpkd_cli import artifacts, metrics
-from bcpkd_cli.config import TEACHER_RECORD, Recipe, recipe_record
+from bcpkd_cli.config import TEACHER_RECORD, Recipe, recipe_record, require_arch
 from bcpkd_cli.choices import Normalize, teacher_label
-from bcpkd_cli.console import console, epoch_count, header, line
+from bcpkd_cli.console import console, header, line, training_summary
 from bcpkd_cli.data import announce, brief, decoding_workers, load_dataset
 from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
@@ -32,11 +32,13 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     epoch end of its unfinished training phase, `force` replaces a finished or interrupted one. Under
     torchrun the processes share every batch (DDP) and rank 0 writes the teacher (the others return None)."""
     kind = TEACHER_KINDS[recipe.teacher.bayes]
+    if not recipe.teacher.base:
+        require_arch("teacher.arch", recipe.teacher.arch)
     problems = kind.problems(recipe.teacher)
     if problems:
         raise BcpkdError("; ".join(problems))
     device = resolve_device(recipe.device)
-    apply_threads(recipe.threads, decoding_workers(recipe.data))
+    threads, _ = apply_threads(recipe.threads, decoding_workers(recipe.data))
     place = join_process_group(device)
     data = load_dataset(recipe.data).to(device)  # its fingerprint is the one on the device (nvJPEG)
     if len(data.heldout) == 0 and kind.needs_heldout(recipe.teacher):
@@ -82,12 +84,13 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     if not place.is_main:
         return None
     history["processes"] = place.size
+    chosen = _chosen(threads, run, history)
     record = recipe_record(recipe, TEACHER_RECORD)
     log = _log(run.logs)  # the held-out curve, as a student's (metrics.jsonl and the checkpoint's `log`)
     artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
     path = artifacts.save_checkpoint(out / "teacher.pt", {**teacher_payload(teacher, spec, record, data.info(),
                                                                             parent_sha, history), "log": log})
-    artifacts.write_config(out, record)
+    artifacts.write_config(out, record, chosen)
     finish(out)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items()) or "none (data.n_heldout=0)"
     console.print(f"{teacher_label(cfg.bayes)}: held-out {summary}")
@@ -99,8 +102,22 @@ def _header(recipe: Recipe) -> str:
     training."""
     cfg = recipe.teacher
     start = f" around {cfg.base}" if cfg.base else f" from {cfg.init}" if cfg.init else ""
-    return (f"{teacher_label(cfg.bayes)} {cfg.arch}{start}, {epoch_count(cfg.epochs)} of batch {cfg.batch_size} "
-            f"({cfg.optimizer.value} lr {cfg.lr}, seed {cfg.seed})")
+    return f"{teacher_label(cfg.bayes)} {cfg.arch}{start}, {training_summary(cfg)}"
+
+
+def _chosen(threads: int, run: TrainingRun, history: dict) -> dict:
+    """What this run used where the recipe lets bcpkd choose (0: automatic), into `history` (`threads`, and
+    `log_every` of the phases trained here: one number, or per phase where the log names its phases); returned as
+    config.yaml says it beside those keys (a teacher around a base logged nothing: its log and interval are the
+    base's)."""
+    history["threads"] = threads
+    chosen: dict = {"threads": threads}
+    intervals = run.log_intervals
+    if intervals:
+        history["log_every"] = next(iter(intervals.values())) if len(run.logs) == 1 else dict(intervals)
+        chosen["teacher.log_every"] = next(iter(intervals.values())) if len(set(intervals.values())) == 1 else \
+            ", ".join(f"{phase} {every}" for phase, every in intervals.items())
+    return chosen
 
 
 def _log(logs: dict[str, list[dict]]) -> list[dict]:

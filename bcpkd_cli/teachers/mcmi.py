@@ -48,7 +48,7 @@ def fine_tune(model: nn.Module, run: TrainingRun) -> dict:
         return F.cross_entropy(logits, labels, reduction="none") - cfg.mcmi.weight * cmi
 
     return run.fit(model, loss_fn, "mcmi", "mcmi fine-tuning", seed=cfg.seed + 1, epochs=cfg.mcmi.epochs,
-                   lr=cfg.lr * cfg.mcmi.lr_scale, batch_fn=batch, cosine=cfg.mcmi.cosine)
+                   lr=cfg.lr * cfg.mcmi.lr_scale, batch_fn=batch, schedule=cfg.mcmi.schedule)
 
 
 class MCMITeacher(DeterministicTeacher):

@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.choices import Bayes
+from bcpkd_cli.choices import Bayes, Schedule
 from bcpkd_cli.config import Recipe
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
 from bcpkd_cli.console import TrainingReport
-from bcpkd_cli.engine import BatchFn, LossFn, TrainSpec, heldout_log, heldout_metrics, prepare_for_device, train
+from bcpkd_cli.engine import (BatchFn, LossFn, TrainSpec, heldout_log, heldout_metrics, prepare_for_device,
+                              run_log_interval, train)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model
 from bcpkd_cli.resumption import Resume
@@ -70,6 +71,7 @@ class TrainingRun:
     folder: Path  # the teacher's run folder (TensorBoard logs go to folder/tensorboard/<phase>)
     init: tuple[str, dict, dict | None] | None = None  # teacher.init: (file name, state dict, bcpkd spec or None)
     logs: dict[str, list[dict]] = field(default_factory=dict)  # phase -> its log entries (filled by `fit`)
+    log_intervals: dict[str, int] = field(default_factory=dict)  # phase -> the steps between them (by `fit`)
 
     @property
     def base(self) -> dict | None:
@@ -89,19 +91,24 @@ class TrainingRun:
 
     def fit(self, model: nn.Module, loss_fn: LossFn, phase: str, desc: str, seed: int | None = None,
             epochs: int | None = None, lr: float | None = None, batch_fn: BatchFn | None = None,
-            penalty: Callable[[int], "torch.Tensor | float"] | None = None, cosine: bool = False) -> dict:
-        """Train `model` in place with the teacher section's optimiser settings; steps and seconds."""
+            penalty: Callable[[int], "torch.Tensor | float"] | None = None,
+            schedule: Schedule | None = None) -> dict:
+        """Train `model` in place with the teacher section's optimiser settings (its schedule unless `schedule` is
+        given); optimizer steps and seconds."""
         cfg = self.recipe.teacher
         seed = cfg.seed if seed is None else seed
         spec = TrainSpec(cfg.epochs if epochs is None else epochs, cfg.batch_size, cfg.optimizer,
                          cfg.lr if lr is None else lr, cfg.momentum, cfg.weight_decay, seed, cfg.lr_milestones,
-                         self.recipe.precision, self.recipe.compile, cosine)
+                         self.recipe.precision, self.recipe.compile, schedule or cfg.schedule, cfg.warmup,
+                         cfg.accumulate)
         started = time.perf_counter()
         log = self.recipe.log
         report = TrainingReport(desc, line_seconds=log.line_seconds,
                                 tensorboard=[self.folder / "tensorboard" / phase] if log.tensorboard else None)
         held = self.data.heldout
         self.logs[phase] = []
+        self.log_intervals[phase] = run_log_interval(cfg.log_every, len(self.data.train), spec.batch_size, spec.epochs,
+                                                     spec.accumulate)
         steps = train(model, self.data.train.inputs, self.data.train.labels, None, loss_fn, spec, desc=desc,
                       log_every=cfg.log_every, log_fn=heldout_log(held.inputs, held.labels),
                       batch_fn=batch_fn or self.augmented(seed), penalty=penalty, resume=self.phase(phase),

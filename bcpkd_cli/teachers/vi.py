@@ -134,6 +134,11 @@ class VITeacher(SampledTeacher):
     @classmethod
     def problems(cls, cfg: TeacherConfig) -> list[str]:
         errors = super().problems(cfg)
+        if cfg.arch.startswith("hf:"):
+            errors.append(f"--bayes vi: {cfg.arch} is a transformer, and this VI makes every weight of the network "
+                          f"Gaussian (bayesian-torch's layer conversion), which doubles its parameters and does not "
+                          f"reach the attention projections inside it; use --bayes laplace (last layer), mc-dropout "
+                          f"or ensemble")
         if cfg.epochs <= cfg.vi.ml_epochs:
             errors.append(f"teacher.vi.ml_epochs: {cfg.vi.ml_epochs} maximum-likelihood epochs leave no epoch of "
                           f"the {cfg.epochs} for the KL term; lower it or raise teacher.epochs")

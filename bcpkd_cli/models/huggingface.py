@@ -1,0 +1,158 @@
+"""Hugging Face text classifiers (`hf:NAME_OR_DIR`): `AutoModelForSequenceClassification` with num_labels=C and the
+tokenizer from the same place, split into `features` and `head` like every bcpkd model.
+
+`describe` reads the config and the tokenizer once (from the Hub or a local folder) and returns them as plain values
+that a checkpoint stores, so that `build` rebuilds the network from the checkpoint alone (no Hub, no folder).
+`arch_kwargs`: `pretrained` (default true: the weights of NAME_OR_DIR; false: a fresh network from its config)
+and config overrides (e.g. num_hidden_layers: 4). The head is the network's last nn.Linear (BERT's and
+DistilBERT's `classifier`, RoBERTa's `classifier.out_proj`, GPT-2's `score`); `features` is the network with that
+layer replaced by an identity, checked to give head(features(x)) == the network's logits. Code from the Hub
+(`trust_remote_code`) runs only with --trust-code.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bcpkd_cli.data.text import TextRows, need_text_extra
+from bcpkd_cli.errors import BcpkdError
+from bcpkd_cli.models.base import FeaturesHead
+from bcpkd_cli.models.foreign import trusted
+
+PREFIX = "hf:"
+
+
+def _remote_code() -> bool:
+    """--trust-code: transformers may run the code a model's folder or Hub page ships (never otherwise)."""
+    return trusted()[1]
+
+
+def is_hf(arch: str) -> bool:
+    return arch.startswith(PREFIX)
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise need_text_extra("hf: architectures") from None
+    transformers.logging.set_verbosity_error()  # its notes on freshly initialised heads: bcpkd says what it does
+    return transformers
+
+
+def describe(arch: str, n_classes: int, arch_kwargs: dict) -> dict:
+    """{"config": the model config as a dict (num_labels=C, overrides applied), "tokenizer": {file name: text}}."""
+    transformers = _transformers()
+    source = arch[len(PREFIX):]
+    overrides = {k: v for k, v in arch_kwargs.items() if k != "pretrained"}
+    try:
+        config = transformers.AutoConfig.from_pretrained(source, num_labels=n_classes,
+                                                         trust_remote_code=_remote_code(), **overrides)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source, trust_remote_code=_remote_code())
+    except (OSError, ValueError) as err:
+        raise BcpkdError(f"{arch}: transformers could not load it ({str(err).splitlines()[0][:200]}); give a Hub "
+                         f"name (on a connected machine) or a folder with config.json and the tokenizer's files"
+                         f"{'' if _remote_code() else ', or --trust-code for a model that ships its own code'}") \
+            from None
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.pad_token_id is None:
+        raise BcpkdError(f"{arch}: bcpkd needs a fast tokenizer with a padding token "
+                         f"({type(tokenizer).__name__}, pad token {tokenizer.pad_token!r})")
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        files = {p.name: p.read_text(encoding="utf-8") for p in Path(folder).iterdir() if p.is_file()}
+    return {"config": config.to_dict(), "tokenizer": files}
+
+
+def tokenizer_of(description: dict):
+    """The tokenizer a description holds."""
+    transformers = _transformers()
+    with tempfile.TemporaryDirectory() as folder:
+        for name, text in description["tokenizer"].items():
+            Path(folder, name).write_text(text, encoding="utf-8")
+        return transformers.AutoTokenizer.from_pretrained(folder, trust_remote_code=_remote_code())
+
+
+def config_of(description: dict):
+    transformers = _transformers()
+    values = dict(description["config"])
+    return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def network(arch: str, description: dict, pretrained: bool) -> nn.Module:
+    """The bare AutoModelForSequenceClassification: NAME_OR_DIR's weights (`pretrained`) or fresh from the config."""
+    transformers = _transformers()
+    config = config_of(description)
+    auto = transformers.AutoModelForSequenceClassification
+    if not pretrained:
+        return auto.from_config(config, trust_remote_code=_remote_code())
+    try:
+        return auto.from_pretrained(arch[len(PREFIX):], config=config, ignore_mismatched_sizes=True,
+                                    trust_remote_code=_remote_code())
+    except (OSError, ValueError) as err:
+        raise BcpkdError(f"{arch}: no pretrained weights could be loaded ({str(err).splitlines()[0][:200]}); give "
+                         f"a folder with model.safetensors, or arch_kwargs {{pretrained: false}} for a fresh "
+                         f"network") from None
+
+
+class TextFeatures(nn.Module):
+    """Text rows -> the network's input to its head [B, F]: the rows' ids under the network's own tokenizer,
+    padded per batch, through the network whose head is an identity."""
+
+    def __init__(self, net: nn.Module, tokenizer):
+        super().__init__()
+        self.net, self.tokenizer = net, tokenizer
+        accepted = inspect.signature(net.forward).parameters
+        self.takes_types = "token_type_ids" in accepted
+
+    def forward(self, texts: TextRows) -> torch.Tensor:
+        inputs = texts.encode(self.tokenizer)
+        if not self.takes_types:
+            inputs.pop("token_type_ids", None)
+        return self.net(**inputs).logits
+
+
+class TextClassifier(FeaturesHead):
+    """A Hugging Face sequence classifier as features and a linear head."""
+
+    def __init__(self, features: TextFeatures, head: nn.Linear, head_name: str):
+        super().__init__()
+        self.features, self.head = features, head
+        self.head_name = head_name  # where the head sits in the bare network (classifier, classifier.out_proj)
+
+
+def split(net: nn.Module, tokenizer, arch: str) -> TextClassifier:
+    """Take the network's last nn.Linear out as the head; checked on two short example texts."""
+    linears = [(name, module) for name, module in net.named_modules() if isinstance(module, nn.Linear)]
+    name, head = linears[-1]
+    parent_name, _, leaf = name.rpartition(".")
+    parent = net.get_submodule(parent_name) if parent_name else net
+    was_training = net.training
+    net.eval()
+    example = tokenizer(["a short example", "and another one, longer than that"], padding=True, return_tensors="pt")
+    example = {k: v for k, v in example.items() if k in inspect.signature(net.forward).parameters}
+    with torch.no_grad():
+        logits = net(**example).logits
+        setattr(parent, leaf, nn.Identity())
+        features = net(**example).logits
+    net.train(was_training)
+    if not (features.ndim == 2 and features.shape[1] == head.in_features
+            and torch.allclose(head(features), logits, rtol=1e-4, atol=1e-5)):
+        setattr(parent, leaf, head)
+        raise BcpkdError(f"{arch}: its last nn.Linear ({name}) is not the network's last operation; bcpkd needs "
+                         f"features -> linear head -> logits")
+    return TextClassifier(TextFeatures(net, tokenizer), head, name)
+
+
+def bare(model: TextClassifier) -> nn.Module:
+    """A copy of the bare network with its head put back: what save_pretrained writes."""
+    import copy
+
+    net = copy.deepcopy(model.features.net)
+    parent_name, _, leaf = model.head_name.rpartition(".")
+    setattr(net.get_submodule(parent_name) if parent_name else net, leaf, copy.deepcopy(model.head))
+    return net
