@@ -21,6 +21,7 @@ from bcpkd_cli.console import HELDOUT_LINE_EXAMPLES, TrainingReport, console
 from bcpkd_cli.data.text import is_text
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import predict_logits
+from bcpkd_cli.models.huggingface import text_grad_sq_norms
 from bcpkd_cli.optim import make_optimizer, make_schedule, per_step, restore_schedule, schedule_state
 from bcpkd_cli.resumption import Resume
 
@@ -453,14 +454,8 @@ def per_example_grad_sq_norms(
         logits = functional_call(model, p, (x[None],))
         return loss_fn(logits, y[None], None if t is None else t[None]).sum()
 
-    if is_text(inputs):  # token rows are no tensor to vmap over: one example at a time
-        def example_loss(p, x, y, t):
-            return loss_fn(functional_call(model, p, (x,)), y, t).sum()
-
-        example_grad = grad(example_loss)
-        return torch.stack([sum(g.square().sum() for g in example_grad(
-            params, inputs[i:i + 1], labels[i:i + 1], None if target_probs is None else target_probs[i:i + 1]).values())
-            for i in range(len(labels))])
+    if is_text(inputs):  # token rows are no tensor to vmap over (models/huggingface.py)
+        return text_grad_sq_norms(model, inputs, labels, target_probs, loss_fn, chunk)
     in_dims = (None, 0, 0, None if target_probs is None else 0)
     per_example_grad = vmap(grad(one_loss), in_dims=in_dims)
     norms = []

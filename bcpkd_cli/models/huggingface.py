@@ -101,7 +101,8 @@ def network(arch: str, description: dict, pretrained: bool) -> nn.Module:
 
 class TextFeatures(nn.Module):
     """Text rows -> the network's input to its head [B, F]: the rows' ids under the network's own tokenizer,
-    padded per batch, through the network whose head is an identity."""
+    padded per batch, through the network whose head is an identity. Rows already encoded (a dict of input_ids,
+    attention_mask [, token_type_ids] [B, L], as exported models take them) go in as they are."""
 
     def __init__(self, net: nn.Module, tokenizer):
         super().__init__()
@@ -109,8 +110,8 @@ class TextFeatures(nn.Module):
         accepted = inspect.signature(net.forward).parameters
         self.takes_types = "token_type_ids" in accepted
 
-    def forward(self, texts: TextRows) -> torch.Tensor:
-        inputs = texts.encode(self.tokenizer)
+    def forward(self, texts: TextRows | dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = dict(texts) if isinstance(texts, dict) else texts.encode(self.tokenizer)
         if not self.takes_types:
             inputs.pop("token_type_ids", None)
         return self.net(**inputs).logits
@@ -156,3 +157,78 @@ def bare(model: TextClassifier) -> nn.Module:
     parent_name, _, leaf = model.head_name.rpartition(".")
     setattr(net.get_submodule(parent_name) if parent_name else net, leaf, copy.deepcopy(model.head))
     return net
+
+
+def text_grad_sq_norms(model: TextClassifier, texts: TextRows, labels: torch.Tensor, target_probs: torch.Tensor | None,
+                       loss_fn, chunk: int) -> torch.Tensor:
+    """||grad_w loss_i(w)||^2 of every example [N] of a text classifier in eval mode: per chunk in one backward pass
+    through torch's per-sample-gradient weights (Embedding, Linear and LayerNorm layers: what BERT-like networks
+    are made of), checked on the chunk's first example against its gradient alone; one example at a time where
+    the network has layers those weights do not cover."""
+    model.eval()
+    norms, batched = [], True
+    for start in range(0, len(labels), chunk):
+        stop = min(start + chunk, len(labels))
+        part = (texts[start:stop], labels[start:stop], None if target_probs is None else target_probs[start:stop])
+        alone = _one_at_a_time(model, *(x[:1] if x is not None else None for x in part), loss_fn)
+        got = _in_one_pass(model, *part, loss_fn) if batched else None
+        batched = got is not None and torch.allclose(got[:1], alone, rtol=1e-3, atol=1e-8)
+        norms.append(got if batched else torch.cat([alone, _one_at_a_time(
+            model, *(x[1:] if x is not None else None for x in part), loss_fn)]))
+    return torch.cat(norms)
+
+
+def _one_at_a_time(model: nn.Module, texts: TextRows, labels: torch.Tensor, targets: torch.Tensor | None,
+                   loss_fn) -> torch.Tensor:
+    from torch.func import functional_call, grad
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def example_loss(p, i):
+        return loss_fn(functional_call(model, p, (texts[i:i + 1],)), labels[i:i + 1],
+                       None if targets is None else targets[i:i + 1]).sum()
+
+    return torch.stack([sum(g.square().sum() for g in grad(example_loss)(params, i).values())
+                        for i in range(len(labels))]) if len(labels) else torch.zeros(0)
+
+
+def _in_one_pass(model: TextClassifier, texts: TextRows, labels: torch.Tensor, targets: torch.Tensor | None,
+                 loss_fn) -> torch.Tensor | None:
+    """Per-example squared gradient norms from one backward pass, or None where the network does not allow it.
+    Token type and position ids are given per example (BERT-like networks otherwise expand a buffer of one)."""
+    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
+
+    inputs = texts.encode(model.features.tokenizer)
+    if not model.features.takes_types:
+        inputs.pop("token_type_ids", None)
+    elif "token_type_ids" not in inputs:
+        inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
+    accepted = inspect.signature(model.features.net.forward).parameters
+    positions = torch.arange(inputs["input_ids"].shape[1], device=inputs["input_ids"].device)
+    attempts = [inputs] + ([{**inputs, "position_ids": positions.expand_as(inputs["input_ids"])}]
+                           if "position_ids" in accepted else [])
+
+    class Logits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **encoded):
+            return self.model.head(self.model.features.net(**encoded).logits)
+
+    wrapper = Logits()
+    for encoded in attempts:
+        try:
+            logits = call_for_per_sample_grads(wrapper, batch_size=len(labels), loss_reduction="sum")(**encoded)
+            loss_fn(logits, labels, targets).sum().backward()
+        except (RuntimeError, NotImplementedError):
+            model.zero_grad(set_to_none=True)
+            continue
+        samples = [getattr(p, "grad_sample", None) for p in model.parameters() if p.requires_grad]
+        model.zero_grad(set_to_none=True)
+        for p in model.parameters():
+            p.grad_sample = None
+        if any(s is None for s in samples):
+            return None
+        return sum(s.detach().flatten(1).square().sum(1) for s in samples)
+    return None

@@ -1,0 +1,92 @@
+"""The text recipe through the real CLI, as a shell script runs it: tiny BERTs with their own tokenizers, one BCP
+cache per teacher read by students that tokenise differently, and token ids kept once per tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import bcpkd, here, refused_here
+
+pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A folder holding data/text-example as make_text.py writes it (smaller: 30 sentences per topic, BERTs of
+    width 16 and 8), where recipes/text-example.yaml runs as written."""
+    spec = importlib.util.spec_from_file_location("make_text", ROOT / "recipes/examples/make_text.py")
+    make_text = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_text)
+    folder = tmp_path_factory.mktemp("textcli")
+    data = folder / "data/text-example"
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    texts = make_text.write_split(data / "train.csv", 30, rng)
+    make_text.write_split(data / "test.csv", 8, rng)
+    make_text.write_model(data / "teacher-bert", texts, vocab_size=120, hidden=16, layers=1)
+    make_text.write_model(data / "student-bert", texts, vocab_size=90, hidden=8, layers=1)
+    return folder
+
+
+def test_text_recipe_runs_end_to_end_and_students_share_the_teachers_cache(workdir):
+    bcpkd("run", str(ROOT / "recipes/text-example.yaml"), "--out", "runs", "--set", "teacher.epochs=2",
+          "--set", "distill.epochs=2", "--set", "data.n_heldout=20", cwd=workdir)
+    summary = json.loads((workdir / "runs/summary.json").read_text())
+    students = {row["name"]: row for row in summary["students"]}
+    assert set(students) == {"onehot", "from_bert", "from_laplace"}
+    for row in students.values():
+        assert 0.0 <= row["accuracy"][0] <= 1.0 and row["grad_noise"][0] > 0  # [mean, std] over seeds
+    student = torch.load(workdir / "runs/students/from_laplace-seed0/student.pt", weights_only=True, mmap=True)
+    teacher = torch.load(workdir / "runs/teachers/bert_laplace/teacher.pt", weights_only=True, mmap=True)
+    assert student["model"]["hf"]["tokenizer"] != teacher["model"]["hf"]["tokenizer"]  # another vocabulary
+    cache = Path(student["targets"]["cache"])
+    assert cache.parent.parent == (workdir / "runs/teachers/bert_laplace/bcp").resolve()
+    assert student["data"]["classes"] == ["food", "music", "sports", "weather"]
+    assert student["data"]["fingerprint"] == teacher["data"]["fingerprint"]
+    # five networks trained and evaluated, two tokenizers at max_length 64: each tokenised the corpus once
+    kept = sorted((workdir / "data/text-example/.bcpkd-store").glob("tokens-*.safetensors"))
+    assert len(kept) == 2
+
+
+def test_a_student_with_another_tokenizer_learns_the_cached_rows(workdir):
+    """distill --teacher reads the teacher's cache (built by calibrate) without building another, and the
+    student's targets are exactly its rows."""
+    from safetensors.torch import load_file
+
+    data = ["--data-root", "data/text-example", "--set", "data.n_heldout=20"]
+    here("train-teacher", "--bayes", "laplace", "--arch", "hf:data/text-example/teacher-bert", *data,
+         "--set", "teacher.arch_kwargs.pretrained=false", "--epochs", "1", "--out", "t", cwd=workdir)
+    calibrated = here("calibrate", "--teacher", "t/teacher.pt", cwd=workdir)
+    caches = list((workdir / "t/bcp").glob("*/bcp.safetensors"))
+    assert len(caches) == 1 and caches[0].parent.name in calibrated
+    here("distill", "--teacher", "t/teacher.pt", "--arch", "hf:data/text-example/student-bert",
+         "--set", "distill.arch_kwargs.pretrained=false", "--epochs", "1", "--out", "s", cwd=workdir)
+    assert list((workdir / "t/bcp").glob("*/bcp.safetensors")) == caches  # no other cache was built
+    student = torch.load(workdir / "s/student.pt", weights_only=True, mmap=True)
+    assert Path(student["targets"]["cache"]).resolve() == caches[0].resolve()
+    rows = load_file(str(caches[0]))["probs"]  # [N, V=1, C]
+    assert rows.shape == (120 - 20, 1, 4) and torch.allclose(rows.sum(-1), torch.ones(100, 1))
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    ([], "teacher.arch: text data take a Hugging Face classifier; name one with --arch hf:NAME_OR_DIR"),
+    (["--arch", "resnet20"], "text data take a Hugging Face classifier"),
+    (["--bayes", "vi", "--arch", "hf:data/text-example/teacher-bert"],
+     "--bayes vi: hf:data/text-example/teacher-bert is a transformer"),
+    (["--arch", "hf:data/nothing-here"], "hf:data/nothing-here: transformers could not load it"),
+    (["--arch", "hf:data/text-example/teacher-bert", "--set", "data.text_column=sentence"],
+     "no column 'sentence' (found: text, label); name it with --set data.text_column=NAME"),
+], ids=["no-arch", "image-arch", "vi", "no-such-model", "no-such-column"])
+def test_text_mistakes_are_one_line_before_any_work(workdir, args, says):
+    error = refused_here("train-teacher", "--data-root", "data/text-example", *args, "--out", "x", cwd=workdir)
+    assert says in error
+    assert not (workdir / "x").exists()
