@@ -8,9 +8,9 @@ Every figure's title names the checkpoints (files or run folders) it shows.
   1% of the examples when that is more: `min_bin_count`) are grey;
 - per-class.png: test accuracy per class (reports carry it);
 - confusion.png: confusion matrices, counts in the cells (reports carry them up to 20 classes);
-- curves-<metric>.png: held-out NLL and accuracy of students and teachers against the step, mean and band
-  (±1 std) over seeds, from the second logged point on (the first, an untrained network, would dwarf the convergence
-  noise; the CSV keeps it), NLL on a log axis;
+- curves-<metric>.png: held-out NLL and accuracy of students (and, in a panel beside them, teachers) against the
+  step, mean and band (±1 std) over seeds, from the second logged point on (the first, an untrained network,
+  would dwarf the convergence noise; the CSV keeps it), NLL on a log axis;
 - noise-vs-alpha.png: gradient noise against Dirichlet(alpha P) targets, measured at the exact-BCP student's
   weights, as excess over exact BCPs relative to one-hot's, beside the theory 1 / (alpha + 1);
 - accuracy-vs-draws.png: student accuracy against the number of cached Monte Carlo draws it averaged.
@@ -209,41 +209,51 @@ def confusion(named_reports: list[tuple[str, dict]], out: Path, source: str = ""
     return _save(fig, out / "confusion.png", ["model", "checkpoint", "true", "predicted", "count"], rows)
 
 
-def curves(groups: dict[str, list[list[dict]]], key: str, out: Path, source: str = "") -> Path:
+def curves(groups: dict[str, list[list[dict]]], key: str, out: Path, source: str = "",
+           teachers: frozenset[str] = frozenset()) -> Path:
     """Held-out `key` (heldout_nll or heldout_accuracy) against the step: per group (a student over its seeds, a
-    teacher, a phase of one), mean and ±1 std over its logs (the steps every log shares). Drawn from the second
-    logged step on where there are three or more (the first, an untrained network, would set the axis), NLL on a log
-    axis; the CSV has every step (`drawn` 0 for the one left out)."""
+    teacher, a phase of one), mean and ±1 std over its logs (the steps every log shares). The groups named in
+    `teachers` go in a panel of their own beside the students' (teachers train for other steps, and an over-fitting
+    teacher's NLL would flatten the students' convergence noise). Drawn from the second logged step on where there
+    are three or more (the first, an untrained network, would set the axis), NLL on a log axis; the CSV has every
+    step (`drawn` 0 for the one left out)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4), constrained_layout=True)
-    rows, skipped = [], set()
-    for name, logs in groups.items():
-        steps = sorted(set.intersection(*({e["step"] for e in log if key in e} for log in logs)))
-        if not steps:
-            continue
-        series = [[{e["step"]: e[key] for e in log}[s] for s in steps] for log in logs]
-        mean = [statistics.fmean(v) for v in zip(*series)]
-        std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*series)]
-        start = 1 if len(steps) >= 3 else 0
-        skipped.update(steps[:start])
-        ax.plot(steps[start:], mean[start:], label=f"{name} ({len(logs)} seed{'s' if len(logs) > 1 else ''})",
-                linewidth=1)
-        ax.fill_between(steps[start:], [m - s for m, s in zip(mean[start:], std[start:])],
-                        [m + s for m, s in zip(mean[start:], std[start:])], alpha=0.2)
-        rows += [[name, s, m, d, len(logs), int(i >= start)] for i, (s, m, d) in enumerate(zip(steps, mean, std))]
+    panels = [(title, {name: logs for name, logs in groups.items() if (name in teachers) == of_teachers})
+              for title, of_teachers in (("students", False), ("teachers", True))]
+    panels = [(title, members) for title, members in panels if members]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False, constrained_layout=True)
     what = key.replace("heldout_", "held-out ").replace("nll", "NLL")
-    if key == "heldout_nll":
-        from matplotlib.ticker import FormatStrFormatter
+    rows = []
+    for ax, (title, members) in zip(axes[0], panels):
+        skipped = set()
+        for name, logs in members.items():
+            steps = sorted(set.intersection(*({e["step"] for e in log if key in e} for log in logs)))
+            if not steps:
+                continue
+            series = [[{e["step"]: e[key] for e in log}[s] for s in steps] for log in logs]
+            mean = [statistics.fmean(v) for v in zip(*series)]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in zip(*series)]
+            start = 1 if len(steps) >= 3 else 0
+            skipped.update(steps[:start])
+            ax.plot(steps[start:], mean[start:], label=f"{name} ({len(logs)} seed{'s' if len(logs) > 1 else ''})",
+                    linewidth=1)
+            ax.fill_between(steps[start:], [m - s for m, s in zip(mean[start:], std[start:])],
+                            [m + s for m, s in zip(mean[start:], std[start:])], alpha=0.2)
+            rows += [[name, s, m, d, len(logs), int(i >= start)] for i, (s, m, d) in enumerate(zip(steps, mean, std))]
+        if key == "heldout_nll":
+            from matplotlib.ticker import FormatStrFormatter
 
-        ax.set_yscale("log")
-        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            axis(FormatStrFormatter("%.3g"))
-    left_out = f" (from the second logged point; step {', '.join(map(str, sorted(skipped)))} is in the CSV)" \
-        if skipped else ""
-    ax.set_xlabel(f"step{left_out}", fontsize=8)
-    ax.set_ylabel(what + (" (log scale)" if key == "heldout_nll" else ""))
-    ax.tick_params(which="both", labelsize=7)
-    ax.legend(fontsize=7)
+            ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(FormatStrFormatter("%.3g"))
+        left_out = f" (from the second logged point; step {', '.join(map(str, sorted(skipped)))} is in the CSV)" \
+            if skipped else ""
+        ax.set_xlabel(f"step{left_out}", fontsize=8)
+        ax.set_ylabel(what + (" (log scale)" if key == "heldout_nll" else ""))
+        ax.tick_params(which="both", labelsize=7)
+        ax.legend(fontsize=7)
+        if len(panels) > 1:
+            ax.set_title(title, fontsize=8)
     _title(fig, what, source)
     return _save(fig, out / f"curves-{key.removeprefix('heldout_')}.png",
                  ["model", "step", "mean", "std", "seeds", "drawn"], rows)

@@ -111,7 +111,9 @@ def test_a_data_root_that_is_no_dataset_is_refused_naming_it(tmp_path, root):
         message = refused_here(*command, "--data-root", root, "--out", "o", cwd=tmp_path)
         there = "does not exist" if root == "missing" else "is no dataset bcpkd reads"
         assert f"data.root: {root} {there}; expected a folder with train/ (imagefolder), cifar-10-batches-py/ " \
-               f"(cifar10) or cifar-100-python/ (cifar100), or a .csv, .npz or .safetensors file (arrays)" in message
+               f"(cifar10) or cifar-100-python/ (cifar100), a .csv, .npz or .safetensors file (arrays), or a " \
+               f".csv/.tsv/.jsonl/.parquet file or a folder with train.csv (or .tsv/.jsonl/.parquet) of text (text)" \
+               in message
     assert files_under(tmp_path) == {tmp_path / "notes.txt", tmp_path / "r.yaml"}
 
 

@@ -254,8 +254,22 @@ def test_plot_draws_the_held_out_curves_of_teachers_as_of_students(work, monkeyp
         for name, curve in named.items():
             assert [(int(r["step"]), float(r["mean"])) for r in rows if r["model"] == curve] == \
                 [(e["step"], pytest.approx(e[f"heldout_{key}"])) for e in logs[name]], (key, name)
-        drawn = {line.get_label(): list(line.get_xdata()) for line in saved[f"curves-{key}.png"].axes[0].lines}
-        assert drawn[f"{named['t']} (1 seed)"] == [e["step"] for e in logs["t"]][1:]  # from the second point on
+        students, teachers = saved[f"curves-{key}.png"].axes  # teachers in a panel of their own
+        assert (students.get_title(), teachers.get_title()) == ("students", "teachers")
+        drawn = {line.get_label(): list(line.get_xdata()) for line in teachers.lines}
+        assert drawn == {f"{named['t']} (1 seed)": [e["step"] for e in logs["t"]][1:]}  # from the second point on
+        assert [line.get_label() for line in students.lines] == [f"{named['s']} (1 seed)"]
+
+
+def test_a_teacher_around_a_base_shares_the_bases_curve(single_thread, tmp_path):
+    pytest.importorskip("matplotlib")
+    here("train-teacher", "--epochs", "2", "--out", "d", *TINY, cwd=tmp_path)
+    here("train-teacher", "--bayes", "laplace", "--base", "d/teacher.pt", "--out", "l", *TINY, cwd=tmp_path)
+    here("plot", "d", "l", "--out", "figs", "--device", "cpu", cwd=tmp_path)
+    rows = read_csv(tmp_path / "figs" / "curves-nll.csv")  # the base's network and log: one curve, both names
+    assert {r["model"] for r in rows} == {"deterministic teacher d/teacher.pt, laplace teacher l/teacher.pt"}
+    assert [int(r["step"]) for r in rows] == [e["step"] for e in torch.load(tmp_path / "d" / "teacher.pt",
+                                                                            weights_only=True)["log"]]
 
 
 def test_a_run_says_under_its_teachers_why_a_calibrated_row_equals_its_teacher(single_thread, tmp_path):

@@ -55,17 +55,25 @@ def teacher_curves(name: str, report: dict) -> dict[str, list[dict]]:
 
 def draw(entries: list[tuple[str, dict]], out: Path, source: str = "") -> list[Path]:
     """Every figure the reports allow, into `out`; `source` (the run folders or checkpoints given) goes into the
-    figures' titles (default: `source_of` the reports)."""
+    figures' titles (default: `source_of` the reports). Checkpoints are named relative to the working folder where
+    they lie under it (calibrated teachers' paths, beside their caches, are absolute)."""
     figures.pyplot()  # the extra is missing: said before any work
+    entries = [(evaluate.shown(name) if name == report["checkpoint"] else name,
+                {**report, "checkpoint": evaluate.shown(report["checkpoint"])}) for name, report in entries]
     source = source or source_of(entries)
     first: dict[str, dict] = {}
     logs: dict[str, list[list[dict]]] = {}
+    teachers: dict[str, list[dict]] = {}  # curve -> a teacher's log
     draws: dict[int, list[float]] = {}
     for name, report in entries:
         first.setdefault(name, report)
         if report["kind"] == "teacher":
             for curve, log in teacher_curves(name, report).items():
-                logs.setdefault(curve, []).append(log)
+                same = next((drawn for drawn, known in teachers.items() if known == log), None)
+                if same is None:
+                    teachers[curve] = log
+                else:  # a teacher around a base has the base's network and log: one curve, named after both
+                    teachers[f"{same}, {curve}"] = teachers.pop(same)
         if report["kind"] != "student":
             continue
         logs.setdefault(name, []).append(artifacts.load_checkpoint(report["checkpoint"], artifacts.STUDENT_FORMAT)["log"])
@@ -76,8 +84,9 @@ def draw(entries: list[tuple[str, dict]], out: Path, source: str = "") -> list[P
     models = list(first.items())[:figures.MAX_PANELS]
     made = [figures.reliability(models, out, source), figures.per_class(models, out, source),
             figures.confusion(models, out, source)]
-    if logs:
-        made += [figures.curves(logs, key, out, source) for key in ("heldout_nll", "heldout_accuracy")]
+    if logs or teachers:
+        made += [figures.curves({**logs, **{curve: [log] for curve, log in teachers.items()}}, key, out, source,
+                                frozenset(teachers)) for key in ("heldout_nll", "heldout_accuracy")]
     made += [figures.noise_vs_alpha([r for _, r in entries if r.get("targets") == "true"], out, source),
              figures.accuracy_vs_draws(draws, out, source)]
     return [m for m in made if m is not None]
