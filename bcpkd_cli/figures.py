@@ -41,8 +41,13 @@ def pyplot():
 
 
 def _save(fig, path: Path, header: list[str], rows: list[list]) -> Path:
-    """The figure as PNG and its data as CSV of the same name (both written atomically)."""
-    artifacts.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    """The figure as PNG and its data as CSV of the same name (both written atomically); the figure is closed."""
+    import matplotlib.pyplot as plt
+
+    try:
+        artifacts.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
     def write_csv(p: Path) -> None:
         with open(p, "w", newline="") as f:
