@@ -304,11 +304,15 @@ STUDENT_RECORD = (*RUN_KEYS, "data", "distill", "log")
 def recipe_record(recipe: Recipe, sections: typing.Iterable[str]) -> dict:
     """The plain config an artifact stores: only the top-level keys and sections that made it (its data
     section without the keys its dataset does not read, a network's without `hidden` unless it is the mlp, the
-    one that reads it); a valid recipe for `--recipe`."""
+    one that reads it, and on text without the image/vector keys `normalize` and `augment`); a valid recipe for
+    `--recipe`."""
     plain = to_plain(recipe)
     for network in ("teacher", "distill"):
         if plain[network]["arch"] != "mlp":
             del plain[network]["hidden"]
+        if recipe.data.name in (DatasetName.text, DatasetName.hf):  # keys of image and vector inputs
+            for key in ("normalize", "augment"):
+                plain[network].pop(key, None)
     return {k: plain_data(recipe.data) if k == "data" else plain[k] for k in sections}
 
 

@@ -52,6 +52,8 @@ def test_text_recipe_runs_end_to_end_and_students_share_the_teachers_cache(workd
     assert cache.parent.parent == (workdir / "runs/teachers/bert_laplace/bcp").resolve()
     assert student["data"]["classes"] == ["food", "music", "sports", "weather"]
     assert student["data"]["fingerprint"] == teacher["data"]["fingerprint"]
+    assert not {"normalize", "augment", "hidden"} & set(teacher["config"]["teacher"])  # keys text does not read
+    assert teacher["config"]["teacher"]["optimizer"] == "adamw" and teacher["config"]["data"]["max_length"] == 64
     # five networks trained and evaluated, two tokenizers at max_length 64: each tokenised the corpus once
     kept = sorted((workdir / "data/text-example/.bcpkd-store").glob("tokens-*.safetensors"))
     assert len(kept) == 2
