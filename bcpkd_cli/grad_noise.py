@@ -14,9 +14,13 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.func import functional_call, grad, vmap
 
 from bcpkd_cli.data import Split
-from bcpkd_cli.engine import LossFn, broadcast_buffers, per_example_grad_sq_norms, world
+from bcpkd_cli.data.text import is_text
+from bcpkd_cli.engine import LossFn, broadcast_buffers, world
+from bcpkd_cli.models.huggingface import text_grad_sq_norms
 
 # targets(part, rows) -> the targets [K, C] of training rows `rows` [K] (`part`: the split's rows `rows`), or None
 TargetsFn = Callable[[Split, torch.Tensor], "torch.Tensor | None"]
@@ -61,3 +65,35 @@ def grad_noise(model: torch.nn.Module, split: Split, rows: torch.Tensor, targets
                                                                        dtype=torch.float64)])
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
+
+
+def per_example_grad_sq_norms(
+    model: nn.Module,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    target_probs: torch.Tensor | None,
+    loss_fn: LossFn,
+    floats_per_chunk: int = 32_000_000,
+) -> torch.Tensor:
+    """||grad_w loss_i(w)||^2 for every example i at the model's current weights -> [N].
+
+    Examples are taken in chunks whose per-example gradients hold about `floats_per_chunk` numbers
+    (128 MB in float32), so memory stays bounded for large networks."""
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    chunk = max(1, min(4096, floats_per_chunk // sum(p.numel() for p in params.values())))
+
+    def one_loss(p, x, y, t):
+        logits = functional_call(model, p, (x[None],))
+        return loss_fn(logits, y[None], None if t is None else t[None]).sum()
+
+    if is_text(inputs):  # token rows are no tensor to vmap over (models/huggingface.py)
+        return text_grad_sq_norms(model, inputs, labels, target_probs, loss_fn, chunk)
+    in_dims = (None, 0, 0, None if target_probs is None else 0)
+    per_example_grad = vmap(grad(one_loss), in_dims=in_dims)
+    norms = []
+    for i in range(0, len(labels), chunk):
+        t = None if target_probs is None else target_probs[i:i + chunk]
+        grads = per_example_grad(params, inputs[i:i + chunk], labels[i:i + chunk], t)
+        norms.append(sum(g.flatten(1).square().sum(1) for g in grads.values()))
+    return torch.cat(norms)

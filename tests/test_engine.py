@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from bcpkd_cli import targets
 from bcpkd_cli.config import Optimizer
-from bcpkd_cli.engine import TrainSpec, per_example_grad_sq_norms, train
+from bcpkd_cli.engine import TrainSpec, train
+from bcpkd_cli.grad_noise import per_example_grad_sq_norms
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, predict_logits
 from bcpkd_cli.teachers.temperature import fit_temperature

@@ -9,7 +9,7 @@ import torch
 from bcpkd_cli import artifacts
 from bcpkd_cli.config import build_recipe
 from bcpkd_cli.data import load_dataset
-from bcpkd_cli.engine import per_example_grad_sq_norms
+from bcpkd_cli.grad_noise import per_example_grad_sq_norms
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import sample_rows
 from bcpkd_cli.losses import kd_loss
