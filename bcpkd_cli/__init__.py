@@ -4,8 +4,9 @@ __version__ = "0.1.0"
 
 
 def load(path, draws: int = 0, device="cpu"):
-    """A student.pt or teacher.pt (or its run folder) as an eval-mode torch module: inputs [B, ...] -> probabilities
-    [B, C] (a teacher: its calibrated predictive), with `.classes` and `.preprocess` (bcpkd_cli.deployable)."""
+    """A student.pt or teacher.pt (or its run folder) as an eval-mode torch module: inputs [B, ...], or a list of
+    image files, feature rows or texts, -> probabilities [B, C] (a teacher: its calibrated predictive), with
+    `.classes` and `.preprocess` (bcpkd_cli.deployable)."""
     from bcpkd_cli.deployable import load as load_classifier
 
     return load_classifier(path, draws, device)
@@ -13,7 +14,7 @@ def load(path, draws: int = 0, device="cpu"):
 
 def export(checkpoint, out: str = "", formats=None, draws: int = 0, force: bool = False):
     """`bcpkd export` from Python: the export folder (a pathlib.Path) of a student.pt or teacher.pt; `formats` a
-    list of "onnx", "pt2", "safetensors" (default: every one that applies)."""
+    list of "onnx", "pt2", "safetensors", "hf" (default: every one that applies)."""
     import shlex
     from pathlib import Path
 

@@ -149,7 +149,9 @@ class Normalize(str, enum.Enum):
 
 
 class ExportFormat(str, enum.Enum):
-    """What `bcpkd export` writes: ONNX, a torch.export program, the weights in the source library's names."""
+    """What `bcpkd export` writes: ONNX, a torch.export program, the weights in the source library's names, a
+    Hugging Face folder (save_pretrained of an `hf:` network and its tokenizer)."""
     onnx = "onnx"
     pt2 = "pt2"
     safetensors = "safetensors"
+    hf = "hf"

@@ -4,7 +4,9 @@ its class names and the preprocessing its inputs need.
 A student is its network and a softmax. A teacher is its calibrated predictive where that is a deterministic
 function of the input (teachers/deployed.py: Laplace probit, ensembles, temperature, single networks), else its
 mean network or K fixed seeded draws (VI, MC dropout), and says which. Images go in as float32 RGB in [0, 1]
-[B, 3, H, W] (normalised inside); feature rows as float32 [B, D] (standardised inside).
+[B, 3, H, W] (normalised inside); feature rows as float32 [B, D] (standardised inside); text as the model's own
+tokenizer's ids, a dict of int64 input_ids, attention_mask (and token_type_ids) [B, L], truncated at data.max_length
+and padded per batch as in training.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from torch import nn
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.data.decode import decode_file, square
+from bcpkd_cli.data.text import Corpus, TextRows
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, scaling_name
+from bcpkd_cli.models.huggingface import TextFeatures
 from bcpkd_cli.teachers import load_teacher
 
 
-class _Softmaxed(nn.Module):
+class Softmaxed(nn.Module):
     """A network -> (logits [B, C], probs [B, C])."""
 
     def __init__(self, network: nn.Module):
@@ -59,6 +63,10 @@ class Preprocess:
                              f"resize the image first)")
         return image.float() / 255.0 if image.dtype == torch.uint8 else image.float()
 
+    def collate(self, items: list[torch.Tensor]) -> torch.Tensor:
+        """Preprocessed inputs -> one batch [B, ...]."""
+        return torch.stack(items)
+
     def record(self) -> dict:
         rule = f"shorter side resized to {self.image_size} (antialiased bilinear), centre crop {self.image_size} x " \
                f"{self.image_size}" if self.image_size else "taken at the training images' size, not resized"
@@ -71,9 +79,70 @@ class Preprocess:
                               "std": list(self.std) if self.std else None, "where": "inside the model"}}
 
 
-def preprocess_of(payload: dict) -> Preprocess:
-    """The preprocessing of a checkpoint's inputs, from its model spec and data config."""
+@dataclass(frozen=True)
+class TextPreprocess:
+    """How texts become what a text classifier takes: its own tokenizer's ids, truncated at data.max_length and
+    padded to the longest text of each batch, exactly as in training."""
+
+    tokenizer: object  # a transformers fast tokenizer
+    max_length: int
+    inputs: tuple[str, ...]  # the token tensors the classifier takes, in order
+    text_column: str  # the data's columns, for tables given to predict
+    pair_column: str  # "": one text per example; else the column of the second text of sentence pairs
+    kind: str = "text"
+
+    def __call__(self, item) -> tuple[str, str | None]:
+        """A text (sentence pairs: a (text, second text) pair, or one string with a tab between) -> (text, second
+        text or None)."""
+        text, pair = item if isinstance(item, (tuple, list)) else (item, None)
+        if pair is not None and not self.pair_column:
+            raise BcpkdError("a second text: this model classifies single texts, give one")
+        if self.pair_column and pair is None:
+            text, _, pair = str(text).partition("\t")
+            if not pair.strip():
+                raise BcpkdError("no second text: this model classifies sentence pairs, a tab between the two")
+        if not str(text).strip():
+            raise BcpkdError("empty text")
+        return str(text), str(pair) if self.pair_column else None
+
+    def collate(self, items: list[tuple[str, str | None]]) -> dict[str, torch.Tensor]:
+        """Preprocessed texts -> the batch's token tensors [B, L] (int64)."""
+        corpus = Corpus([t for t, _ in items], [p for _, p in items] if self.pair_column else None, self.max_length,
+                        None)
+        encoded = TextRows(corpus, torch.arange(len(items))).encode(self.tokenizer)
+        return {name: encoded[name] for name in self.inputs}
+
+    def record(self) -> dict:
+        return {"kind": "text", "inputs": list(self.inputs), "dtype": "int64", "max_length": self.max_length,
+                "truncation": f"at {self.max_length} tokens", "padding": "to the longest text of the batch",
+                "text_column": self.text_column, "text_pair_column": self.pair_column or None}
+
+
+def model_input(inputs, preprocess: Preprocess | TextPreprocess):
+    """Some of a split's inputs as the deployed module takes them: float32 images in [0, 1] or feature rows, or the
+    text rows' token tensors."""
+    if preprocess.kind == "text":
+        encoded = inputs.encode(preprocess.tokenizer)
+        return {name: encoded[name] for name in preprocess.inputs}
+    return inputs.float() / 255.0 if inputs.dtype == torch.uint8 else inputs.float()
+
+
+def text_preprocess(features: TextFeatures, data: dict) -> TextPreprocess:
+    """The preprocessing of a text classifier (`features`: its TextFeatures) trained on data config `data`."""
+    pair = data.get("text_pair_column") or ""
+    tokens = "token_type_ids" in features.tokenizer.model_input_names or bool(pair)  # as Corpus encodes
+    inputs = ("input_ids", "attention_mask") + (("token_type_ids",) if tokens and features.takes_types else ())
+    return TextPreprocess(features.tokenizer, int(data.get("max_length") or 128), inputs,
+                          data.get("text_column") or "text", pair)
+
+
+def preprocess_of(payload: dict, module: nn.Module) -> Preprocess | TextPreprocess:
+    """The preprocessing of a checkpoint's inputs, from its model spec and data config (text: from the tokenizer of
+    the text network in `module`)."""
     spec, data = payload["model"], payload["data"]["config"]
+    features = next((m for m in module.modules() if isinstance(m, TextFeatures)), None)
+    if features is not None:
+        return text_preprocess(features, data)
     stats = spec.get("stats") or {}
     mean, std = tuple(stats.get("mean") or ()) or None, tuple(stats.get("std") or ()) or None
     shape = tuple(spec["input_shape"])
@@ -86,9 +155,9 @@ def preprocess_of(payload: dict) -> Preprocess:
 class Deployable:
     """What export, predict and load hand on: the module, its class names and preprocessing, and what it is."""
 
-    module: nn.Module  # float32 inputs [B, ...] -> (logits [B, C], probs [B, C][, epistemic [B]]), eval mode
+    module: nn.Module  # inputs [B, ...] (model_input) -> (logits [B, C], probs [B, C][, epistemic [B]]), eval mode
     classes: list[str]
-    preprocess: Preprocess
+    preprocess: Preprocess | TextPreprocess
     kind: str  # "student" or "teacher"
     predictive: str  # what the probabilities are, one line
     exact: bool  # they equal the checkpoint's own predictive (a student's softmax, a teacher's calibrated one)
@@ -110,17 +179,17 @@ def deployable(path: str | Path, draws: int = 0, device: torch.device | str = "c
         if draws:
             raise BcpkdError("--draws: a student is one network; draws apply to vi and mc-dropout teachers")
         network = build_model(payload["model"], payload["state_dict"]).to(device).eval()
-        return Deployable(_Softmaxed(network).eval(), class_names(payload), preprocess_of(payload), "student",
-                          "softmax(logits) of the student network", True, None, payload)
+        return Deployable(Softmaxed(network).eval(), class_names(payload), preprocess_of(payload, network),
+                          "student", "softmax(logits) of the student network", True, None, payload)
     deployed = load_teacher(payload, torch.device(device)).deployable(draws)
-    return Deployable(deployed.module.eval(), class_names(payload), preprocess_of(payload), "teacher",
-                      deployed.predictive, deployed.exact, deployed.epistemic, payload)
+    return Deployable(deployed.module.eval(), class_names(payload), preprocess_of(payload, deployed.module),
+                      "teacher", deployed.predictive, deployed.exact, deployed.epistemic, payload)
 
 
 class Classifier(nn.Module):
-    """A model for the user's code: raw inputs (after `preprocess`) [B, ...] -> probabilities [B, C], in eval mode,
-    with `.classes` (names in label order) and `.preprocess` (a file path, uint8 image or feature row -> one
-    input)."""
+    """A model for the user's code: raw inputs (after `preprocess`) [B, ...], or a list of raw items (image files,
+    feature rows, texts), -> probabilities [B, C], in eval mode, with `.classes` (names in label order) and
+    `.preprocess` (a file path, uint8 image, feature row or text -> one input; `.preprocess.collate` batches them)."""
 
     def __init__(self, deployed: Deployable):
         super().__init__()
@@ -130,7 +199,9 @@ class Classifier(nn.Module):
         self.predictive = deployed.predictive
         self.eval().requires_grad_(False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x) -> torch.Tensor:
+        if isinstance(x, (list, tuple)):
+            x = self.preprocess.collate([self.preprocess(item) for item in x])
         return self.core(x)[1]
 
 

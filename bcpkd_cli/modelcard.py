@@ -22,6 +22,14 @@ def teacher_record(payload: dict) -> dict:
 
 
 def _preprocessing_lines(record: dict) -> list[str]:
+    if record["kind"] == "text":
+        column = f"columns `{record['text_column']}` and `{record['text_pair_column']}` (sentence pairs: the " \
+                 f"tokenizer takes both)" if record["text_pair_column"] else f"column `{record['text_column']}`"
+        return [f"- input: text, as in the training data's {column}",
+                f"- tokenizer: `{record['tokenizer']}/` (`AutoTokenizer.from_pretrained`), truncating at "
+                f"{record['max_length']} tokens (its model_max_length), padding to the longest text of a batch",
+                f"- model.onnx and model.pt2 take its int64 `[B, L]` "
+                f"{', '.join('`' + name + '`' for name in record['inputs'])}"]
     if record["kind"] == "features":
         return [f"- input `input`: float32 `[B, {record['shape'][0]}]` feature rows in the training file's column "
                 f"order; the per-feature standardisation is inside the model."]
@@ -54,10 +62,44 @@ def _rows_line(manifest: dict) -> str:
     return "x = np.asarray([" + json.dumps(manifest["example_row"]) + "], dtype=np.float32)  # one feature row"
 
 
+def _text_snippets(manifest: dict) -> dict[str, str]:
+    """Per file of a text classifier, a snippet that loads it with its tokenizer and classifies one text."""
+    record, example = manifest["input"], manifest["example_text"]
+    texts = f"[{example[0]!r}], [{example[1]!r}]" if record["text_pair_column"] else f"[{example!r}]"
+    tokens = f"tokenizer({texts}, truncation=True, max_length={record['max_length']}, padding=True, return_tensors="
+    tokenizer = f"tokenizer = AutoTokenizer.from_pretrained(\"{record['tokenizer']}\")"
+    found = ["best = int(probs[0].argmax())", "print(classes[best], float(probs[0][best]))"]
+    info = ["info = json.load(open(\"bcpkd-export.json\"))",
+            "classes, names = info[\"classes\"], info[\"input\"][\"inputs\"]"]
+    code: dict[str, str] = {}
+    if "hf" in manifest["files"]:
+        code["hf"] = "\n".join([
+            "import torch", "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+            "model = AutoModelForSequenceClassification.from_pretrained(\"hf\").eval()", tokenizer,
+            f"inputs = {tokens}\"pt\")", "with torch.no_grad():",
+            "    probs = torch.softmax(model(**inputs).logits, dim=1)", "best = int(probs[0].argmax())",
+            "print(model.config.id2label[best], float(probs[0][best]))"])
+    if "onnx" in manifest["files"]:
+        code["onnx"] = "\n".join([
+            "import json", "import onnxruntime", "from transformers import AutoTokenizer",
+            "session = onnxruntime.InferenceSession(\"model.onnx\")", *info, tokenizer,
+            f"inputs = {tokens}\"np\")",
+            "logits, probs = session.run([\"logits\", \"probs\"], {n: inputs[n].astype(\"int64\") for n in names})",
+            *found])
+    if "pt2" in manifest["files"]:
+        code["pt2"] = "\n".join([
+            "import json", "import torch", "from transformers import AutoTokenizer",
+            "model = torch.export.load(\"model.pt2\").module()", *info, tokenizer, f"inputs = {tokens}\"pt\")",
+            "with torch.no_grad():", "    logits, probs = model(*(inputs[n] for n in names))[:2]", *found])
+    return code
+
+
 def snippets(manifest: dict) -> dict[str, str]:
-    """Per file, a Python snippet that loads it and classifies `image.jpg` (or one feature row), run in the export
-    folder."""
+    """Per file, a Python snippet that loads it and classifies `image.jpg` (or one feature row, or one text), run
+    in the export folder."""
     record = manifest["input"]
+    if record["kind"] == "text":
+        return _text_snippets(manifest)
     image = record["kind"] == "image"
     found = ["best = int(probs[0].argmax())", "print(classes[best], float(probs[0][best]))"]
     code: dict[str, str] = {}
@@ -121,6 +163,12 @@ def _weights_snippet(manifest: dict, image: bool) -> str:
     return "\n".join(lines + ["best = int(probs[0].argmax())", "print(classes[best], float(probs[0][best]))"])
 
 
+def _folded(manifest: dict) -> str:
+    t = manifest.get("hf", {}).get("t_cal_in_head", 1.0)
+    return f"; T_cal {t:.4g} is folded into its head (weight and bias divided by it): its logits are calibrated" \
+        if t != 1.0 else ""
+
+
 def render(manifest: dict) -> str:
     """The README.md of an export folder."""
     model, test, teacher = manifest["model"], manifest["test"], manifest["teacher"]
@@ -131,7 +179,9 @@ def render(manifest: dict) -> str:
                                                           " (not the checkpoint's exact predictive)"),
              f"- outputs: {', '.join('`' + o + '`' for o in manifest['outputs'])}"
              + (f" (`epistemic`: {manifest['epistemic']})" if manifest["epistemic"] else ""),
-             f"- parameters {model['parameters']:,}, forward FLOPs per example {model['flops']:,}",
+             f"- parameters {model['parameters']:,}, forward FLOPs per example {model['flops']:,}"
+             + (f" (a text of {manifest['input']['flops_tokens']} tokens)" if "flops_tokens" in manifest["input"]
+                else ""),
              f"- classes, in output order: {', '.join(classes[:50])}{' ...' if len(classes) > 50 else ''}", "",
              "## Inputs", "", *_preprocessing_lines(manifest["input"]), "",
              "## Test split", "",
@@ -147,13 +197,22 @@ def render(manifest: dict) -> str:
     for fmt, name in manifest["files"].items():
         check = f"; max |Δprob| {parity[fmt]:.1e} against the checkpoint on {manifest['parity']['examples']} test " \
                 f"examples" if fmt in parity else f"; the bare network's weights, key names of {manifest['weights']['names']}"
-        lines.append(f"- `{name}`{check}")
+        if fmt == "hf":
+            lines.append(f"- `{name}/`: the network (config.json's id2label: the class names) and its tokenizer, as "
+                         f"transformers saves them{check}{_folded(manifest)}")
+        else:
+            lines.append(f"- `{name}`{check}")
+    if manifest["input"].get("tokenizer") == "tokenizer":
+        lines.append("- `tokenizer/`: the tokenizer, as transformers saves it")
     if manifest["weights"]["network"]:
         lines.append("- `network.py`: the bare network as plain PyTorch (needs only torch; inputs normalised by you)")
     if manifest["weights"]["note"]:
         lines.append(f"- no model.safetensors: {manifest['weights']['note']}")
-    lines += ["", "## Use it", "", "Each snippet runs in this folder" + (", with the image as `image.jpg`."
-                                                                        if manifest["input"]["kind"] == "image" else ".")]
+    image = manifest["input"]["kind"] == "image"
+    lines += ["", "## Use it", "", "Each snippet runs in this folder" + (", with the image as `image.jpg`." if image
+                                                                        else ".")
+              + (" They need `transformers`; its pipeline runs the folder too: `pipeline(\"text-classification\", "
+                 "model=\"hf\")(text, truncation=True)`." if "hf" in manifest["files"] else "")]
     for fmt, code in snippets(manifest).items():
         lines += ["", f"### {fmt}", "", "```python", code, "```"]
     return "\n".join(lines) + "\n"

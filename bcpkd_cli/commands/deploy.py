@@ -1,4 +1,5 @@
-"""The commands that ship a model: export (ONNX, torch.export, safetensors, a model card) and predict (new inputs).
+"""The commands that ship a model: export (ONNX, torch.export, safetensors, a Hugging Face folder, a model card) and
+predict (new inputs).
 Each runs in one process."""
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ def export(
     checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="student.pt or teacher.pt (or its run folder)"),
     out: str = typer.Option("", "--out", "-o", metavar="DIR", help="the export folder (default: <checkpoint "
                                                                     "folder>/export)"),
-    formats: Optional[str] = typer.Option(None, "--format", metavar="onnx,pt2,safetensors",
+    formats: Optional[str] = typer.Option(None, "--format", metavar="onnx,pt2,safetensors,hf",
                                           help="the files to write (default: every one that applies; onnx needs the "
-                                               "export extra)"),
+                                               "export extra; hf: a Hugging Face folder, for hf: models)"),
     draws: int = typer.Option(0, "--draws", metavar="K", help="vi and mc-dropout teachers: K fixed seeded draws "
                                                               "averaged in the graph instead of the mean network"),
     force: bool = typer.Option(False, "--force", help="replace the export --out holds"),
     trust_code: bool = TrustOpt,
 ) -> None:
-    """Export a student (or a teacher's calibrated predictive) as model.onnx, model.pt2 and model.safetensors with
-    bcpkd-export.json and a model card (README.md), each file checked against the checkpoint on the test split.
-    The folder's path goes to stdout."""
+    """Export a student (or a teacher's calibrated predictive) as model.onnx, model.pt2 and model.safetensors (an
+    hf: model: hf/, a folder transformers loads, model.onnx and model.pt2 over token ids) with bcpkd-export.json and
+    a model card (README.md), each file checked against the checkpoint on the test split. The folder's path goes to
+    stdout."""
     from bcpkd_cli.choices import ExportFormat
     from bcpkd_cli.stages import export as stage
     one_process("export")
@@ -41,7 +43,8 @@ def export(
         names = [f.strip() for f in formats.split(",") if f.strip()]
         unknown = [f for f in names if f not in [e.value for e in ExportFormat]]
         if unknown or not names:
-            raise BcpkdError(f"--format {formats}: choose from onnx, pt2, safetensors (comma-separated)")
+            raise BcpkdError(f"--format {formats}: choose from {', '.join(e.value for e in ExportFormat)} "
+                             f"(comma-separated)")
         chosen = [ExportFormat(f) for f in names]
     if draws < 0:
         raise BcpkdError(f"--draws {draws}: give K >= 1 draws, or leave it out for the mean network")
@@ -51,9 +54,10 @@ def export(
 
 def predict(
     model: str = typer.Argument(..., metavar="MODEL", help="student.pt, teacher.pt, model.onnx, model.pt2 or an "
-                                                           "export folder"),
-    inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="image files or folders (recursive), or "
-                                                                      ".csv/.npz files of feature rows"),
+                                                           "export folder (or its hf/ folder)"),
+    inputs: list[Path] = typer.Argument(..., metavar="INPUT...", help="image files or folders (recursive), "
+                                                                      ".csv/.npz files of feature rows, or text: "
+                                                                      ".txt (one a line), .csv/.tsv/.jsonl/.parquet"),
     out: str = typer.Option("", "--out", "-o", metavar="FILE.csv|FILE.jsonl",
                             help="write the rows there (default: CSV on stdout)"),
     top_k: int = typer.Option(3, "--top-k", metavar="K", help="classes listed per input, most probable first"),
@@ -63,6 +67,9 @@ def predict(
     draws: int = typer.Option(0, "--draws", metavar="K", help="a vi or mc-dropout teacher.pt: K fixed seeded draws "
                                                               "instead of the mean network"),
     force: bool = typer.Option(False, "--force", help="replace the file --out names"),
+    text_column: str = typer.Option("", "--text-column", metavar="NAME", help="text models: the tables' column of "
+                                                                             "texts (default: the one it was "
+                                                                             "trained on)"),
     trust_code: bool = TrustOpt,
 ) -> None:
     """Classify new inputs: CSV rows of input, class, probability, top-k, entropy and, for Bayesian teachers, the
@@ -72,4 +79,4 @@ def predict(
     trust(everything=trust_code)
     if top_k < 1 or batch_size < 1:
         raise BcpkdError(f"--top-k {top_k} / --batch-size {batch_size}: give positive numbers")
-    stage.run(model, inputs, out, top_k, batch_size, skip_unreadable, draws, force=force)
+    stage.run(model, inputs, out, top_k, batch_size, skip_unreadable, draws, force=force, text_column=text_column)

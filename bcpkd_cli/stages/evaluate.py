@@ -14,6 +14,7 @@ from bcpkd_cli import artifacts, metrics, targets
 from bcpkd_cli.config import Recipe, recipe_for_checkpoint, to_plain
 from bcpkd_cli.data import Dataset, announce, decoding_workers, load_dataset, require_classes
 from bcpkd_cli.console import line, show_table
+from bcpkd_cli.deployable import model_input
 from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import grad_noise, sample_rows
@@ -162,8 +163,10 @@ def evaluate_one(path: Path, tree: dict, announced: set[str] | None = None) -> d
 
 
 def is_export(path: Path) -> bool:
-    """An exported model.onnx / model.pt2 or an export folder (not a checkpoint)."""
-    return Path(path).suffix in (".onnx", ".pt2") or (Path(path) / MANIFEST).is_file()
+    """An exported model.onnx / model.pt2, an export folder or its hf/ folder (not a checkpoint)."""
+    path = Path(path)
+    return path.suffix in (".onnx", ".pt2") or (path / MANIFEST).is_file() or \
+        path.is_dir() and (path / "config.json").is_file() and (path.parent / MANIFEST).is_file()
 
 
 def evaluate_export(path: Path, tree: dict, announced: set[str]) -> dict:
@@ -180,7 +183,7 @@ def evaluate_export(path: Path, tree: dict, announced: set[str]) -> dict:
     require_classes(str(path), manifest["classes"], data)
     test, batch = data.test, recipe.evaluate.batch_size
     chunks = [test.inputs[start:start + batch] for start in range(0, len(test), batch)]
-    probs = torch.cat([runner.run(x.float() / 255.0 if x.dtype == torch.uint8 else x.float())[1] for x in chunks])
+    probs = torch.cat([runner.run(model_input(x, runner.preprocess))[1] for x in chunks])
     return {"checkpoint": str(path), "sha256": artifacts.sha256_file(path) if Path(path).is_file() else None,
             "kind": f"export ({runner.description})", "arch": manifest["model"]["arch"],
             "label": f"export ({runner.description}) of {shown(manifest['source']['checkpoint'])}",

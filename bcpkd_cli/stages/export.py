@@ -1,8 +1,9 @@
 """export: a student (or a teacher's calibrated predictive) as files the user's code loads, checked on the test split.
 
-The folder gets model.onnx, model.pt2 and model.safetensors (those asked for that apply), bcpkd-export.json
-(class names, preprocessing, what the model computes, its test metrics, where it came from) and README.md, a
-model card with a snippet per format. It is written beside the destination and moved into place whole.
+The folder gets model.onnx, model.pt2 and model.safetensors, or for `hf:` text classifiers hf/ (a Hugging Face
+folder), model.onnx and model.pt2 over token ids (those asked for that apply), bcpkd-export.json (class names,
+preprocessing, what the model computes, its test metrics, where it came from) and README.md, a model card with a
+snippet per format. It is written beside the destination and moved into place whole.
 """
 
 from __future__ import annotations
@@ -19,16 +20,20 @@ from bcpkd_cli.choices import Bayes, ExportFormat
 from bcpkd_cli.config import recipe_for_checkpoint
 from bcpkd_cli.console import console, show_table
 from bcpkd_cli.data import announce, load_dataset
-from bcpkd_cli.deployable import Deployable, deployable
+from bcpkd_cli.deployable import Deployable, deployable, model_input
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.export_formats import output_names, require_onnx, write_onnx, write_pt2, write_safetensors
+from bcpkd_cli.export_formats import graph, output_names, require_onnx, write_onnx, write_pt2, write_safetensors
+from bcpkd_cli.export_hf import one_network, save_tokenizer, unfit_reason, write_hf
 from bcpkd_cli.models import LibraryWeights, library_state_dict
 from bcpkd_cli.threads import apply_threads
 
 MANIFEST = "bcpkd-export.json"
 EXPORT_FORMAT, EXPORT_VERSION = "bcpkd.export", 1
 CHECK_ROWS = 512  # test examples every exported file is compared on
-FILES = {ExportFormat.onnx: "model.onnx", ExportFormat.pt2: "model.pt2", ExportFormat.safetensors: "model.safetensors"}
+TEXT_CHECK_BATCH = 64  # test texts per checked batch (each padded to its longest, so sequence lengths vary)
+FILES = {ExportFormat.onnx: "model.onnx", ExportFormat.pt2: "model.pt2", ExportFormat.safetensors: "model.safetensors",
+         ExportFormat.hf: "hf"}
+TOKENIZER = "tokenizer"  # a text model's tokenizer folder where there is no hf folder to hold it
 
 
 def _claim(out: Path, force: bool) -> None:
@@ -45,6 +50,8 @@ def _weights(deployed: Deployable) -> tuple[LibraryWeights | None, str]:
     networks)."""
     payload = deployed.payload
     bayes = payload.get("bayes")
+    if deployed.preprocess.kind == "text":
+        return None, ""
     if bayes == Bayes.ensemble.value:
         return None, "an ensemble is several networks; model.onnx and model.pt2 hold their averaged predictive"
     if bayes == Bayes.vi.value:
@@ -52,39 +59,59 @@ def _weights(deployed: Deployable) -> tuple[LibraryWeights | None, str]:
     return library_state_dict(payload["model"], payload["state_dict"]), ""
 
 
-def _inputs(split_inputs, rows: int) -> torch.Tensor:
-    """What the exported model takes: float32 images in [0, 1] or feature rows, the first `rows` of a split."""
-    x = split_inputs[:rows]
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+def _formats(deployed: Deployable, formats: list[ExportFormat] | None, weights_note: str) -> list[ExportFormat]:
+    """The formats asked for (refused, with the reason, where one does not apply), or every one that applies."""
+    text = deployed.preprocess.kind == "text"
+    reasons = {ExportFormat.hf: unfit_reason(deployed),
+               ExportFormat.safetensors: "the weights of an hf: model are the hf folder's model.safetensors, in "
+                                         "transformers' key names" if text else weights_note}
+    fitting = [f for f in ExportFormat if not reasons.get(f)]
+    for f in formats or []:
+        if reasons.get(f):
+            raise BcpkdError(f"--format {f.value}: {reasons[f]}; choose --format {','.join(g.value for g in fitting)}")
+    return formats or fitting
+
+
+def _checks(split_inputs, deployed: Deployable) -> list:
+    """The batches every exported file is compared on, as the module takes them: the test split's first CHECK_ROWS
+    examples, in one batch (texts: in batches of TEXT_CHECK_BATCH, each padded to its longest)."""
+    rows = min(CHECK_ROWS, len(split_inputs))
+    step = TEXT_CHECK_BATCH if deployed.preprocess.kind == "text" else rows
+    return [model_input(split_inputs[start:min(start + step, rows)], deployed.preprocess)
+            for start in range(0, rows, step)]
 
 
 def _test_metrics(deployed: Deployable, test, n_bins: int, batch: int = 512) -> dict:
     """The exported module's classification report on the whole test split."""
     with torch.no_grad():
-        probs = torch.cat([deployed.module(_inputs(test.inputs[start:start + batch], batch))[1]
+        probs = torch.cat([deployed.module(model_input(test.inputs[start:start + batch], deployed.preprocess))[1]
                            for start in range(0, len(test), batch)])
     return {"split": "test", "n_examples": len(test), **metrics.classification_report(probs, test.labels, None, n_bins)}
 
 
-def _flops(module: torch.nn.Module, example: torch.Tensor) -> int:
+def _flops(module: torch.nn.Module, example) -> int:
     """Floating-point operations of one example's forward pass (torch's FLOP counter: matmuls and convolutions)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        module(example[:1])
+        module(example)
     return int(counter.get_total_flops())
 
 
-def _manifest(deployed: Deployable, checkpoint: Path, test: dict, example: torch.Tensor, weights: LibraryWeights | None,
+def _manifest(deployed: Deployable, checkpoint: Path, test: dict, example, weights: LibraryWeights | None,
               weights_note: str, formats: list[ExportFormat], command: str) -> dict:
     payload = deployed.payload
     spec = payload["model"]
     source = {"checkpoint": str(checkpoint.resolve()), "sha256": artifacts.sha256_file(checkpoint),
               "config": str(checkpoint.resolve().parent / "config.yaml")}
+    record = deployed.preprocess.record()
+    if record["kind"] == "text":  # where the tokenizer's files are, and how many tokens the FLOPs are of
+        record["tokenizer"] = FILES[ExportFormat.hf] if ExportFormat.hf in formats else TOKENIZER
+        record["flops_tokens"] = int(example["attention_mask"].sum())
     return {
         "format": EXPORT_FORMAT, "version": EXPORT_VERSION, "kind": deployed.kind, "classes": deployed.classes,
-        "input": deployed.preprocess.record(), "outputs": output_names(3 if deployed.epistemic else 2),
+        "input": record, "outputs": output_names(3 if deployed.epistemic else 2),
         "predictive": deployed.predictive, "exact": deployed.exact, "epistemic": deployed.epistemic,
         "model": {"arch": spec["arch"], "arch_kwargs": spec.get("arch_kwargs", {}), "n_classes": spec["n_classes"],
                   "spec": spec, "parameters": sum(p.numel() for p in deployed.module.parameters()),
@@ -106,35 +133,43 @@ def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: i
     folder = Path(out) if out else Path(checkpoint).resolve().parent / "export"
     _claim(folder, force)
     weights, note = _weights(deployed)
-    asked = formats or list(ExportFormat)
-    if ExportFormat.safetensors in asked and weights is None:
-        if formats:
-            raise BcpkdError(f"--format safetensors: {note}; choose --format onnx,pt2")
-        asked = [f for f in asked if f != ExportFormat.safetensors]
+    asked = _formats(deployed, formats, note)
     if ExportFormat.onnx in asked:
         require_onnx()
     recipe = recipe_for_checkpoint({}, deployed.payload, f"{checkpoint}")
     data = load_dataset(recipe.data)
     announce(data)
-    check = _inputs(data.test.inputs, CHECK_ROWS)
+    pre, test_inputs = deployed.preprocess, data.test.inputs
+    checks, example = _checks(test_inputs, deployed), model_input(test_inputs[:2], pre)
     test = _test_metrics(deployed, data.test, n_bins)
-    manifest = _manifest(deployed, Path(checkpoint), test, check, weights, note, asked, command)
-    if deployed.preprocess.kind == "features":  # the card's snippets classify this row
-        manifest["example_row"] = [round(v, 6) for v in check[0].tolist()]
+    manifest = _manifest(deployed, Path(checkpoint), test, model_input(test_inputs[:1], pre), weights, note, asked,
+                         command)
+    if pre.kind == "features":  # the card's snippets classify this row
+        manifest["example_row"] = [round(v, 6) for v in checks[0][0].tolist()]
+    if pre.kind == "text":  # ... or this text (a pair: both texts)
+        corpus, row = test_inputs.corpus, int(test_inputs.rows[0])
+        manifest["example_text"] = [corpus.texts[row], corpus.pairs[row]] if pre.pair_column else corpus.texts[row]
+    if ExportFormat.hf in asked:  # a teacher's T_cal is in the folder's head
+        manifest["hf"] = {"t_cal_in_head": one_network(deployed)[1]}
+    exported = graph(deployed.module, pre.inputs if pre.kind == "text" else ())
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     try:
         parity = {}
+        if ExportFormat.hf in asked:
+            parity["hf"] = write_hf(deployed, test_inputs[:CHECK_ROWS], staging / FILES[ExportFormat.hf],
+                                    TEXT_CHECK_BATCH)
+        elif pre.kind == "text":
+            save_tokenizer(deployed, staging / TOKENIZER)
         if ExportFormat.pt2 in asked:
-            parity["pt2"] = write_pt2(deployed.module, check[:2], check, staging / FILES[ExportFormat.pt2], manifest)
+            parity["pt2"] = write_pt2(exported, example, checks, staging / FILES[ExportFormat.pt2], manifest)
         if ExportFormat.onnx in asked:
-            parity["onnx"] = write_onnx(deployed.module, check[:2], check, staging / FILES[ExportFormat.onnx],
-                                        manifest)
+            parity["onnx"] = write_onnx(exported, example, checks, staging / FILES[ExportFormat.onnx], manifest)
         if ExportFormat.safetensors in asked:
             write_safetensors(weights.weights, staging / FILES[ExportFormat.safetensors], manifest)
             if weights.source:
                 artifacts.write_text(staging / "network.py", weights.source)
-        manifest["parity"] = {"examples": len(check), "max_abs_prob_difference": parity}
+        manifest["parity"] = {"examples": min(CHECK_ROWS, len(test_inputs)), "max_abs_prob_difference": parity}
         artifacts.write_json(staging / MANIFEST, manifest)
         artifacts.write_text(staging / "README.md", modelcard.render(manifest))
         _replace(folder, staging)

@@ -1,9 +1,12 @@
 """predict: class names and probabilities for new inputs, as CSV (stdout or --out .csv/.jsonl).
 
 Inputs are image files and folders (read recursively by the image-folder rules: image suffixes, hidden entries
-ignored) for image models, or .csv/.npz files of feature rows for table models. Each row: the input, the
-predicted class and its probability, the top-k classes, the predictive entropy and, where the model has one,
-its epistemic part. Unreadable inputs are listed on stderr; the rows of the others are written first.
+ignored) for image models, .csv/.npz files of feature rows for table models, or for text models .txt files (one
+text a line, blank lines skipped; sentence pairs: a tab between) and .csv/.tsv/.jsonl/.parquet tables (the
+text in --text-column, by default the column the model was trained on). Each row: the input (a table's or text
+file's rows as FILE:LINE; Parquet: FILE:ROW), the predicted class and its probability, the top-k classes, the
+predictive entropy and, where the model has one, its epistemic part. Unreadable inputs (empty texts among them)
+are listed on stderr; the rows of the others are written first.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import torch
 from bcpkd_cli import artifacts
 from bcpkd_cli.console import line
 from bcpkd_cli.data.decode import IMAGE_SUFFIXES, UnreadableImage
+from bcpkd_cli.data.text import need_text_extra
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.runners import Runner, open_model
 from bcpkd_cli.threads import apply_threads
 
 LISTED = 20  # unreadable inputs named in the final line
 TABLE_SUFFIXES = (".csv", ".npz")
+TEXT_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 
 
 def _image_files(inputs: list[Path]) -> list[Path]:
@@ -67,6 +72,67 @@ def _rows(path: Path, width: int, label_column: str) -> tuple[list[str], np.ndar
     if rows.ndim != 2 or rows.shape[1] != width:
         raise BcpkdError(f"{path}: rows of {rows.shape[-1] if rows.ndim else 0} features; this model takes {width}")
     return names, rows
+
+
+def _text_lines(path: Path) -> list[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file."""
+    try:
+        return list(enumerate(path.read_text(encoding="utf-8").splitlines(), start=1))
+    except UnicodeDecodeError:
+        raise BcpkdError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+
+
+def _table(path: Path, columns: list[str], option: str) -> list[tuple[str, list]]:
+    """(FILE:LINE, the values of `columns`) of every record of a .csv/.tsv/.jsonl/.parquet table (Parquet: FILE:ROW);
+    a missing column is refused, naming `option`."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        records = []
+        for number, text in _text_lines(path):
+            if text.strip():
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError:
+                    record = None
+                if not isinstance(record, dict):
+                    raise BcpkdError(f"{path}: line {number} is not a JSON object; one object per line")
+                records.append((number, record))
+        found = list(records[0][1]) if records else []
+    elif suffix == ".parquet":
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise need_text_extra(f"{path}: reading Parquet") from None
+        table = pyarrow.parquet.read_table(path)
+        records, found = list(enumerate(table.to_pylist(), start=1)), table.column_names
+    else:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            records = [(reader.line_num, record) for record in reader]
+            found = list(reader.fieldnames or [])
+    for column in columns:
+        if records and column not in found:
+            raise BcpkdError(f"{path}: no column {column!r} (found: {', '.join(map(str, found[:8]))}); name it with "
+                             f"{option} NAME")
+    return [(f"{path}:{number}", ["" if record.get(c) is None else str(record[c]) for c in columns])
+            for number, record in records]
+
+
+def _texts(inputs: list[Path], pre, text_column: str) -> list[tuple[str, object]]:
+    """(name, text or (text, second text)) of every example of the text files and tables."""
+    items = []
+    for path in inputs:
+        if not path.is_file() or path.suffix.lower() not in TEXT_SUFFIXES:
+            raise BcpkdError(f"{path}: {'no such file' if not path.exists() else 'this model classifies text'}; give "
+                             f".txt files (one text a line) or .csv/.tsv/.jsonl/.parquet tables with the text in "
+                             f"--text-column")
+        if path.suffix.lower() == ".txt":
+            items += [(f"{path}:{number}", text) for number, text in _text_lines(path) if text.strip()]
+            continue
+        columns = [text_column or pre.text_column] + ([pre.pair_column] if pre.pair_column else [])
+        items += [(name, tuple(values) if pre.pair_column else values[0])
+                  for name, values in _table(path, columns, "--text-column")]
+    return items
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -122,26 +188,31 @@ def _records(runner: Runner, names: list[str], x: torch.Tensor, top_k: int) -> l
 
 
 def run(model: str, inputs: list[Path], out: str, top_k: int, batch_size: int, skip_unreadable: bool,
-        draws: int = 0, label_column: str = "label", force: bool = False) -> int:
+        draws: int = 0, label_column: str = "label", force: bool = False, text_column: str = "") -> int:
     """Classify the inputs; the number of rows written. Unreadable inputs: an error after the rows of the others
     (unless `skip_unreadable`)."""
     apply_threads()
     runner = open_model(model, draws)
     pre = runner.preprocess
     fields = ["input", "class", "probability", "top_k", "entropy"] + ([runner.epistemic] if runner.epistemic else [])
+    if text_column and pre.kind != "text":
+        raise BcpkdError(f"--text-column {text_column}: this model classifies "
+                         f"{'feature rows' if pre.kind == 'features' else 'images'}, not text; leave it out")
     if pre.kind == "features":
         tables = [p for p in inputs if p.suffix.lower() in TABLE_SUFFIXES]
         if len(tables) != len(inputs):
             raise BcpkdError(f"{next(p for p in inputs if p not in tables)}: this model classifies feature rows; give "
                              f".csv or .npz files of them")
         items = [(name, row) for table in tables for name, row in zip(*_rows(table, pre.shape[0], label_column))]
+    elif pre.kind == "text":
+        items = _texts(inputs, pre, text_column)
     else:
         tables = [p for p in inputs if p.suffix.lower() in TABLE_SUFFIXES]
         if tables:
             raise BcpkdError(f"{tables[0]}: this model classifies images; give image files or folders")
         items = [(str(p), p) for p in _image_files(inputs)]
     if not items:
-        raise BcpkdError("INPUT: nothing to classify (no image files or rows found)")
+        raise BcpkdError("INPUT: nothing to classify (no image files, rows or texts found)")
     writer = _Writer(out, fields, force)
     unreadable: list[tuple[str, str]] = []
     written = 0
@@ -154,7 +225,7 @@ def run(model: str, inputs: list[Path], out: str, top_k: int, batch_size: int, s
             except (UnreadableImage, BcpkdError) as err:
                 unreadable.append((name, getattr(err, "reason", str(err))))
         if batch:
-            for record in _records(runner, names, torch.stack(batch), max(top_k, 1)):
+            for record in _records(runner, names, pre.collate(batch), max(top_k, 1)):
                 writer.write(record)
                 written += 1
         if len(items) > batch_size:
