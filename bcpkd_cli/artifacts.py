@@ -48,6 +48,14 @@ FIX_HINT = {
 }
 
 
+def share_like_umask(folder: Path) -> None:
+    """Give a folder written through a private staging folder (mkdtemp makes 0700) and everything in it the modes
+    the umask gives new files and folders, so others on a shared disk read it as they read every artifact."""
+    for path in [folder, *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
+
 def atomic_write(path: Path, write: Callable[[Path], None], size: int | None = None) -> Path:
     """Write through a temporary file in the same folder, then os.replace: never a half-written file. A full
     disk (or quota) is a BcpkdFailure naming `path` (and `size`, the bytes it needs, when known)."""

@@ -216,3 +216,17 @@ def test_a_teachers_calibrated_predictive_is_in_its_export_or_hf_is_refused_in_o
     assert [r["class"] for r in rows] == [CLASSES[int(i)] for i in probs.argmax(dim=1)]
     assert [float(r["probability"]) for r in rows] == pytest.approx(probs.max(dim=1).values.tolist(), abs=1e-5)
     assert all(float(r["logit_variance"]) > 0 for r in rows)
+
+
+def test_an_export_is_readable_by_others_as_the_umask_allows(text_run):
+    """Written through a private staging folder (mkdtemp: 0700), the export takes the umask's modes like every
+    other artifact, so colleagues on a shared disk can load it."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    folder = text_run[2]
+    for path in [folder, *folder.rglob("*")]:
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path

@@ -23,6 +23,8 @@ from bcpkd_cli.errors import BcpkdError
 
 TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl", ".parquet")
 TOKENS_PER_CALL = 8192  # examples the tokenizer takes per call while a corpus is tokenised
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def tokenizer_fingerprint(tokenizer, max_length: int) -> str:
@@ -122,6 +124,7 @@ def _write(path: Path, encoded: Encoded) -> None:
         handle, temp = tempfile.mkstemp(dir=path.parent, prefix=".tokens-", suffix=".tmp")
         os.close(handle)
         save_file(tensors, temp, metadata={"pad_id": str(encoded.pad_id)})
+        os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600: others reading the data read its ids too
         os.replace(temp, path)
     except OSError:
         Path(locals().get("temp", path.parent / ".none")).unlink(missing_ok=True)

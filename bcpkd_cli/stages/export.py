@@ -172,6 +172,7 @@ def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: i
         manifest["parity"] = {"examples": min(CHECK_ROWS, len(test_inputs)), "max_abs_prob_difference": parity}
         artifacts.write_json(staging / MANIFEST, manifest)
         artifacts.write_text(staging / "README.md", modelcard.render(manifest))
+        artifacts.share_like_umask(staging)
         _replace(folder, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
