@@ -169,6 +169,15 @@ def _folded(manifest: dict) -> str:
         if t != 1.0 else ""
 
 
+def _repeat(manifest: dict) -> str:
+    """The command that trains the exported network again from its settings file."""
+    config = manifest["source"]["config"]
+    if manifest["kind"] != "student":
+        return f"bcpkd train-teacher --recipe {config}"
+    teacher = manifest["teacher"].get("teacher")
+    return f"bcpkd distill --recipe {config}" + (f" --teacher {teacher}" if teacher else "")
+
+
 def render(manifest: dict) -> str:
     """The README.md of an export folder."""
     model, test, teacher = manifest["model"], manifest["test"], manifest["teacher"]
@@ -189,8 +198,8 @@ def render(manifest: dict) -> str:
              f"ECE {test['ece']:.4f}, Brier {test['brier']:.4f}.", "",
              "## What it learned from" if manifest["kind"] == "student" else "## Teacher", "", *[f"- {k}: {json.dumps(v)}" for k, v in teacher.items()], "",
              "## Where it came from", "",
-             f"- made with the settings in `{manifest['source']['config']}` (`bcpkd COMMAND --recipe` of it repeats "
-             f"the run)", f"- exported with `{manifest['command']}`",
+             f"- made with the settings in `{manifest['source']['config']}` (`{_repeat(manifest)}` repeats the "
+             f"run)", f"- exported with `{manifest['command']}`",
              f"- data fingerprint `{manifest['data']['fingerprint']}`", ""]
     parity = manifest["parity"]["max_abs_prob_difference"]
     lines += ["## Files", ""]

@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from bcpkd_cli import artifacts
 from bcpkd_cli.calibration import PREDICTIVE_VERSION, ensure_cache
 from bcpkd_cli.config import Recipe, Targets, build_recipe, merge, plain_data, to_plain
 from bcpkd_cli.data import check_sizes, decoding_workers, load_dataset
-from bcpkd_cli.console import console, show_table
+from bcpkd_cli.console import console, duration, show_table, stamp
 from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 from bcpkd_cli.resumption import STUDENT_SECTIONS, TEACHER_SECTIONS, finished_artifact, has_saved_state, track
@@ -269,6 +270,7 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
     """Every teacher and student of a recipe into its out folder; `resume` reuses and continues what an
     earlier run left there, `force` trains everything again over it; `plot_figures` draws the run's figures
     into out/figures (matplotlib)."""
+    started = time.monotonic()
     recipe: Recipe = build_recipe(tree, source, checks=(recipe_problems,))
     out = artifacts.new_run_dir(recipe.out, "run")
     _claim(out, resume, force)
@@ -339,11 +341,11 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
                            "students (test split; one seed)",
                            student_rows, STUDENT_COLUMNS[:1] + ["paper_accuracy"] + STUDENT_COLUMNS[1:] + extra)
     paired_rows = _paired_rows(student_reports)
-    p_table, p_md = _table(f"paired with the {BASELINE} student of the same seed (mean ± standard error)",
+    spread = "mean ± standard error over seeds" if seeds > 1 else "one seed: no standard error"
+    p_table, p_md = _table(f"paired with the {BASELINE} student of the same seed ({spread})",
                            paired_rows, [f"{k} {how}" for k, how in PAIRED.items()])
     sections = [("Teachers", t_table, t_md, teacher_rows), ("Students", s_table, s_md, student_rows),
-                (f"Paired with the {BASELINE} student of the same seed (mean ± standard error over seeds)", p_table,
-                 p_md, paired_rows)]
+                (f"Paired with the {BASELINE} student of the same seed ({spread})", p_table, p_md, paired_rows)]
     artifacts.write_json(out / plot.REPORTS, teacher_reports + [{"name": name, "report": r}
                                                                 for name, reports in student_reports.items()
                                                                 for r in reports])
@@ -355,6 +357,9 @@ def run(tree: dict, source: str, resume: bool = False, force: bool = False, plot
             show_table(table)
             markdown += f"\n## {title}\n\n{md}\n"
     artifacts.write_text(out / "summary.md", markdown)
-    return artifacts.write_json(out / "summary.json", {"recipe": source, "config": run_config(recipe),
-                                                       "teachers": teacher_rows, "students": student_rows,
-                                                       "paired": paired_rows})
+    summary = artifacts.write_json(out / "summary.json", {"recipe": source, "config": run_config(recipe),
+                                                          "teachers": teacher_rows, "students": student_rows,
+                                                          "paired": paired_rows})
+    figures = f", {out / 'figures'}/" if plot_figures else ""
+    console.print(f"{stamp()} run finished in {duration(time.monotonic() - started)}: {out / 'summary.md'}{figures}")
+    return summary

@@ -38,8 +38,13 @@ def workdir(tmp_path_factory) -> Path:
 
 
 def test_text_recipe_runs_end_to_end_and_students_share_the_teachers_cache(workdir):
-    bcpkd("run", str(ROOT / "recipes/text-example.yaml"), "--out", "runs", "--set", "teacher.epochs=2",
-          "--set", "distill.epochs=2", "--set", "data.n_heldout=20", cwd=workdir)
+    result = bcpkd("run", str(ROOT / "recipes/text-example.yaml"), "--out", "runs", "--set", "teacher.epochs=2",
+                   "--set", "distill.epochs=2", "--set", "data.n_heldout=20", cwd=workdir)
+    log = result.stderr  # as a batch job leaves it
+    assert "laplace teacher hf:data/text-example/teacher-bert around " in log
+    assert ": last_layer kron posterior, prior marglik (nothing trained)" in log
+    assert " run finished in " in log and "runs/summary.md" in log
+    assert "one seed: no standard error" in (workdir / "runs/summary.md").read_text()
     summary = json.loads((workdir / "runs/summary.json").read_text())
     students = {row["name"]: row for row in summary["students"]}
     assert set(students) == {"onehot", "from_bert", "from_laplace"}

@@ -85,6 +85,7 @@ def test_the_hf_folder_loads_in_plain_transformers_with_the_checkpoints_classes_
                       "card": _snippets(folder)["hf"]}, folder)  # the card's snippet, as written
     reloaded = json.loads(printed["mine"])
     assert reloaded["labels"] == CLASSES
+    assert "`bcpkd distill --recipe " in (folder / "README.md").read_text()  # the command that repeats the run
     want = bcpkd_cli.load(student)(texts)  # the checkpoint's own softmax, batch by batch as trained
     assert torch.allclose(torch.tensor(reloaded["probs"]), want, atol=1e-5, rtol=0)
     assert want.argmax(dim=1).unique().numel() > 1  # a trained student, not a constant one

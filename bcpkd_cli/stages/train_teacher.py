@@ -14,7 +14,7 @@ import torch
 
 from bcpkd_cli import artifacts, metrics
 from bcpkd_cli.config import TEACHER_RECORD, Recipe, recipe_record, require_arch
-from bcpkd_cli.choices import Normalize, teacher_label
+from bcpkd_cli.choices import Bayes, Normalize, teacher_label
 from bcpkd_cli.console import console, header, line, training_summary
 from bcpkd_cli.data import announce, brief, decoding_workers, load_dataset
 from bcpkd_cli.engine import join_process_group, resolve_device
@@ -102,6 +102,10 @@ def _header(recipe: Recipe) -> str:
     training."""
     cfg = recipe.teacher
     start = f" around {cfg.base}" if cfg.base else f" from {cfg.init}" if cfg.init else ""
+    if cfg.base and cfg.bayes in (Bayes.laplace, Bayes.temperature):  # fitted around the base network, not trained
+        fitted = f"{cfg.laplace.subset.value} {cfg.laplace.hessian.value} posterior, prior {cfg.laplace.prior.value}" \
+            if cfg.bayes == Bayes.laplace else "a temperature on held-out NLL"
+        return f"{teacher_label(cfg.bayes)} {cfg.arch}{start}: {fitted} (nothing trained)"
     return f"{teacher_label(cfg.bayes)} {cfg.arch}{start}, {training_summary(cfg)}"
 
 
