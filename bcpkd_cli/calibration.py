@@ -117,7 +117,21 @@ def calibrate(teacher: Teacher, data: Dataset, cfg: CalibrateConfig, n_bins: int
             teacher.predictive_at(held.inputs, torch.arange(len(held))), held.labels)
         report["temperature"] = teacher.calibration_temperature
     report["after"] = heldout_report(teacher, data, n_bins)
+    console.print(calibration_line(report))
     return report
+
+
+def calibration_line(report: dict) -> str:
+    """What calibration chose and did, in one line: `calibrated: prior precision 15.8; held-out NLL 0.4198 -> 0.4195,
+    ECE 0.0523 -> 0.0491 (200 examples)`, or that there was nothing to tune."""
+    chosen = [f"{name} {report[key]:.4g}" for key, name in (("prior_precision", "prior precision"),
+                                                             ("temperature", "temperature")) if key in report]
+    before, after = report["before"], report["after"]
+    change = "; ".join(f"held-out {m.upper()} {before[m]:.4f} -> {after[m]:.4f}" for m in ("nll", "ece")
+                       if m in before) if before else "no held-out examples"
+    if not chosen:
+        return f"calibrated: nothing to tune for this teacher with these settings ({change})"
+    return f"calibrated: {', '.join(chosen)}; {change} ({report['heldout_examples']} examples)"
 
 
 NO_POSTERIOR_TOL = 1e-6  # a posterior predictive this close to the network's softmax adds nothing

@@ -62,3 +62,15 @@ def test_any_batch_builds_the_automatic_batchs_cache(image_data, teacher, views)
                            automatic), batch
     torch.testing.assert_close(build_cache_probs(teacher, image_data, 1.0, CalibrateConfig(views=views, batch_size=7)),
                                automatic, rtol=0, atol=1e-6)
+
+
+def test_the_calibration_line_says_what_was_chosen_and_what_it_did():
+    from bcpkd_cli.calibration import calibration_line
+
+    report = {"heldout_examples": 200, "prior_precision": 15.848932, "before": {"nll": 0.41981, "ece": 0.05234},
+              "after": {"nll": 0.41953, "ece": 0.04911}}
+    assert calibration_line(report) == ("calibrated: prior precision 15.85; held-out NLL 0.4198 -> 0.4195; held-out "
+                                        "ECE 0.0523 -> 0.0491 (200 examples)")
+    kept = {"heldout_examples": 0, "before": {}, "after": {}}
+    assert calibration_line(kept) == "calibrated: nothing to tune for this teacher with these settings (no held-out " \
+                                     "examples)"
