@@ -152,6 +152,10 @@ def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cac
             "teacher_sha256": artifacts.sha256_file(teacher_path), "cache": str(Path(cache).resolve()),
             "cache_sha256": artifacts.sha256_file(cache),
             "calibration": {k: tuned[k] for k in ("prior_precision", "temperature") if k in tuned}}
+    calibrated = Path(cache).parent / "teacher.pt"  # the calibrated teacher whose predictive the cache holds
+    if calibrated.is_file():
+        info |= {"calibrated_teacher": str(calibrated.resolve()),
+                 "calibrated_teacher_sha256": artifacts.sha256_file(calibrated)}
     return Path(cache), info
 
 

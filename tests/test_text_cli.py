@@ -80,6 +80,7 @@ def test_a_student_with_another_tokenizer_learns_the_cached_rows(workdir):
     assert list((workdir / "t/bcp").glob("*/bcp.safetensors")) == caches  # no other cache was built
     student = torch.load(workdir / "s/student.pt", weights_only=True, mmap=True)
     assert Path(student["targets"]["cache"]).resolve() == caches[0].resolve()
+    assert Path(student["targets"]["calibrated_teacher"]) == (caches[0].parent / "teacher.pt").resolve()
     rows = load_file(str(caches[0]))["probs"]  # [N, V=1, C]
     assert rows.shape == (120 - 20, 1, 4) and torch.allclose(rows.sum(-1), torch.ones(100, 1))
 
