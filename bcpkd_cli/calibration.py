@@ -337,16 +337,36 @@ def _from_main(value, place: World):
     return box[0]
 
 
-def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig,
-                 t_teacher: float, device: torch.device, n_bins: int, expect: dict, place: World) -> None:
-    """Calibrate the teacher, then write the calibrated teacher.pt, report.json and bcp.safetensors. Under
-    torchrun every process calibrates the teacher (the same inputs give the same teacher: checked) and computes
-    its block of rows; rank 0 writes the calibrated teacher, the report and, once every shard is written, the
-    manifest."""
+def ensure_calibrated(teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig, t_teacher: float,
+                      device: torch.device, n_bins: int = 15) -> Path:
+    """The calibrated teacher.pt for this teacher, data and calibrate settings, without a cache: found in the
+    folder a cache of them has (or would have), or calibrated now and written there (with report.json). What
+    `--targets online` runs on every batch."""
+    require_classes(str(teacher_path), payload["data"].get("classes"), data)
+    expect = cache_expectations(teacher_path, data, t_teacher, cfg)
+    folder = cache_path(teacher_path, cache_key(expect["teacher_sha256"], data.fingerprint, cfg, t_teacher,
+                                                data.views.settings() if data.is_image else {}), "").resolve().parent
+    place = world()
+    lock = artifacts.exclusive_lock(folder / ".lock", f"waiting for another job calibrating in {folder}") \
+        if place.is_main else contextlib.nullcontext()
+    with lock:
+        if not _from_main((folder / "teacher.pt").is_file(), place):
+            _calibrate_and_save(folder, teacher_path, payload, data, cfg, device, n_bins, expect, place,
+                                "to run on every batch (no cache: --targets online)")
+    return folder / "teacher.pt"
+
+
+def _calibrate_and_save(folder: Path, teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig,
+                        device: torch.device, n_bins: int, expect: dict, place: World, purpose: str) -> Teacher:
+    """Calibrate the teacher on held-out data; rank 0 writes the calibrated teacher.pt and report.json into
+    `folder`. Under torchrun every process calibrates (the same inputs give the same teacher: checked)."""
+    if len(data.heldout) == 0 and (cfg.prior == PriorTuning.gridsearch or cfg.temperature == TemperatureFit.fit):
+        raise BcpkdError("data.n_heldout=0: calibrate tunes on held-out data (calibrate.prior=gridsearch or "
+                         "calibrate.temperature=fit); keep a held-out split, or --set calibrate.prior=keep "
+                         "(or marglik) and calibrate.temperature=none")
     teacher = load_teacher(payload, device)
     console.print(f"calibrating {teacher_label(teacher.kind)} {teacher_path} on {len(data.heldout)} held-out examples "
-                  f"(prior {cfg.prior.value}, temperature {cfg.temperature.value}) for a cache at T_t = {t_teacher} "
-                  f"(tempering the {cfg.temper.value})")
+                  f"(prior {cfg.prior.value}, temperature {cfg.temperature.value}) {purpose}")
     report = calibrate(teacher, data, cfg, n_bins)
     _require_equal_calibrations(report, place)
     teacher_recipe = build_recipe(payload["config"], "checkpoint config")
@@ -354,8 +374,20 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
         record = recipe_record(replace(teacher_recipe, calibrate=cfg), (*TEACHER_RECORD, "calibrate"))
         calibrated = teacher_payload(teacher, payload["model"], record, payload["data"],
                                      parent_sha256=expect["teacher_sha256"], history={"calibration": report})
-        artifacts.save_checkpoint(path.parent / "teacher.pt", calibrated)
-        artifacts.write_json(path.parent / "report.json", report)
+        artifacts.save_checkpoint(folder / "teacher.pt", calibrated)
+        artifacts.write_json(folder / "report.json", report)
+    return teacher
+
+
+def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, cfg: CalibrateConfig,
+                 t_teacher: float, device: torch.device, n_bins: int, expect: dict, place: World) -> None:
+    """Calibrate the teacher, then write the calibrated teacher.pt, report.json and bcp.safetensors. Under
+    torchrun every process calibrates the teacher (the same inputs give the same teacher: checked) and computes
+    its block of rows; rank 0 writes the calibrated teacher, the report and, once every shard is written, the
+    manifest."""
+    teacher = _calibrate_and_save(path.parent, teacher_path, payload, data, cfg, device, n_bins, expect, place,
+                                  f"for a cache at T_t = {t_teacher} (tempering the {cfg.temper.value})")
+    teacher_recipe = build_recipe(payload["config"], "checkpoint config")
     batch = inference_batch(cfg, device)
     chosen = f" (calibrate.batch_size=0: chosen for {device.type})" if not cfg.batch_size else ""
     in_shards = f" in {place.size} shards, one per process," if place.size > 1 else ""

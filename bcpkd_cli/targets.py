@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.calibration import (at_temperature, cache_expectations, cache_view_ids, describe_tuning,
-                                   ensure_cache, temper)
+from bcpkd_cli.calibration import (at_temperature, cache_expectations, cache_view_ids, describe_tuning, ensure_cache,
+                                   ensure_calibrated, temper)
 from bcpkd_cli.choices import Targets, Temper
 from bcpkd_cli.config import CalibrateConfig, Recipe
 from bcpkd_cli.console import console
@@ -129,9 +129,7 @@ class OnlineTargets(TargetSource):
         return at_temperature(self.teacher.predictive_at(inputs, sample_index), self.t_teacher, self.mode)
 
 
-def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cache: Path | None,
-                   device: torch.device) -> tuple[Path, dict]:
-    """The BCP cache for this teacher (found, given, or built now) and the teacher's provenance."""
+def _teacher_payload(recipe: Recipe, data: Dataset, teacher_path: Path | None) -> dict:
     if teacher_path is None:
         raise BcpkdError(f"distill --targets {recipe.distill.targets.value} needs --teacher TEACHER.pt "
                          f"(or choose --targets onehot|true|noisy)")
@@ -139,6 +137,28 @@ def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cac
     if payload["data"]["fingerprint"] != data.fingerprint:
         console.print(f"[yellow]warning:[/] {teacher_path} was trained on data {payload['data']['fingerprint']}, "
                       f"the student trains on {data.fingerprint}")
+    return payload
+
+
+def _calibrated_teacher(recipe: Recipe, data: Dataset, teacher_path: Path | None,
+                        device: torch.device) -> tuple[Path, dict]:
+    """The calibrated teacher that `--targets online` runs (found, or calibrated now; no cache is built) and the
+    teacher's provenance."""
+    payload = _teacher_payload(recipe, data, teacher_path)
+    calibrated = ensure_calibrated(teacher_path, payload, data, recipe.calibrate, recipe.distill.t_teacher, device,
+                                   n_bins=recipe.evaluate.ece_bins)
+    report = calibrated.parent / "report.json"
+    tuned = json.loads(report.read_text()) if report.is_file() else {}
+    return calibrated, {"teacher": str(Path(teacher_path).resolve()), "teacher_kind": payload["bayes"],
+                        "teacher_sha256": artifacts.sha256_file(teacher_path),
+                        "calibrated_teacher": str(calibrated), "calibrated_teacher_sha256": artifacts.sha256_file(calibrated),
+                        "calibration": {k: tuned[k] for k in ("prior_precision", "temperature") if k in tuned}}
+
+
+def _teacher_cache(recipe: Recipe, data: Dataset, teacher_path: Path | None, cache: Path | None,
+                   device: torch.device) -> tuple[Path, dict]:
+    """The BCP cache for this teacher (found, given, or built now) and the teacher's provenance."""
+    payload = _teacher_payload(recipe, data, teacher_path)
     if cache is None:
         cache, built = ensure_cache(teacher_path, payload, data, recipe.calibrate, recipe.distill.t_teacher, device,
                                     n_bins=recipe.evaluate.ece_bins)
@@ -164,14 +184,14 @@ def student_targets(recipe: Recipe, data: Dataset, teacher_path: Path | None, ca
     """The source of a student's targets at T_t for the training split. `online` keeps one teacher object
     per calibrated teacher file, shared by the students of a group."""
     cfg, train_split = recipe.distill, data.train
-    if cfg.targets in (Targets.teacher, Targets.online):
+    if cfg.targets == Targets.online:  # the calibrated teacher (no cache), run on every batch
+        calibrated, info = _calibrated_teacher(recipe, data, teacher_path, device)
+        key = info["calibrated_teacher_sha256"]  # equal calibrations (say, for other T_t) share one teacher
+        if key not in online:
+            online[key] = load_teacher(artifacts.load_checkpoint(calibrated, artifacts.TEACHER_FORMAT), device)
+        return OnlineTargets(online[key], cfg.t_teacher, info, recipe.calibrate.temper)
+    if cfg.targets == Targets.teacher:
         cache, info = _teacher_cache(recipe, data, teacher_path, cache, device)
-        if cfg.targets == Targets.online:  # the calibrated teacher that made the cache, run on every batch
-            calibrated = cache.parent / "teacher.pt"
-            key = artifacts.sha256_file(calibrated)  # equal calibrations (say, for other T_t) share one teacher
-            if key not in online:
-                online[key] = load_teacher(artifacts.load_checkpoint(calibrated, artifacts.TEACHER_FORMAT), device)
-            return OnlineTargets(online[key], cfg.t_teacher, info, recipe.calibrate.temper)
         expect = cache_expectations(teacher_path, data, cfg.t_teacher, recipe.calibrate)
         probs, _ = artifacts.load_cache(cache, expect)  # memory-mapped; on CUDA copied to the device once
         if cfg.draw != "mean" and probs.ndim == 3:
