@@ -19,14 +19,15 @@ from typing import Callable
 import torch
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.calibration import (at_temperature, cache_expectations, cache_view_ids, describe_tuning, ensure_cache,
-                                   ensure_calibrated, temper)
+from bcpkd_cli.calibration import (at_temperature, cache_expectations, cache_view_ids, ensure_cache, ensure_calibrated,
+                                   temper)
 from bcpkd_cli.choices import Targets, Temper
 from bcpkd_cli.config import CalibrateConfig, Recipe
 from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, views
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.teachers import Teacher, load_teacher
+from bcpkd_cli.tuning import describe_tuning
 
 
 def onehot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:

@@ -65,7 +65,7 @@ def test_any_batch_builds_the_automatic_batchs_cache(image_data, teacher, views)
 
 
 def test_the_calibration_line_says_what_was_chosen_and_what_it_did():
-    from bcpkd_cli.calibration import calibration_line
+    from bcpkd_cli.tuning import calibration_line
 
     report = {"heldout_examples": 200, "prior_precision": 15.848932, "before": {"nll": 0.41981, "ece": 0.05234},
               "after": {"nll": 0.41953, "ece": 0.04911}}

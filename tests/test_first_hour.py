@@ -13,11 +13,13 @@ import torch
 import yaml
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.calibration import describe_tuning
+from bcpkd_cli.tuning import describe_tuning
 from bcpkd_cli.config import build_recipe
 from bcpkd_cli.teachers.laplace import grid_search
 from bcpkd_cli.teachers.temperature import fit_temperature
-from cli_helpers import bcpkd, files_under, here, refused_here
+from cli_helpers import files_under, here, here_run, refused_here
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
 
 TINY = ["--set", "data.n_train=300", "--set", "data.n_heldout=100", "--set", "data.n_test=100",
         "--set", "teacher.hidden=[16]", "--set", "distill.hidden=[8]", "--set", "distill.batch_size=32",
@@ -127,7 +129,7 @@ def test_run_refuses_a_finished_run_folder(tmp_path):
 
 def test_version_and_typed_flags(work, tmp_path):
     assert re.fullmatch(r"bcpkd \d+\.\d+\.\d+\n", here("--version", cwd=tmp_path))
-    help_text = bcpkd("train-teacher", "--help", cwd=tmp_path).stdout
+    help_text = here_run("train-teacher", "--help", cwd=tmp_path).stdout
     for flag in ("--arch", "--epochs", "--lr", "--batch-size", "--data", "--data-root", "--force", "--print-config"):
         assert flag in help_text
     assert "[default: 60]" in help_text
@@ -165,8 +167,8 @@ def test_the_readme_settings_table_matches_config():
 # ------------------------------------------------------------------------------ 4. lines for batch jobs
 
 def test_batch_jobs_get_a_line_per_epoch_naming_the_job(tmp_path):
-    result = bcpkd("distill", "--targets", "true", "--epochs", "3", "--sweep", "alpha=0.5,1.0", "--out", "sw",
-                   *TINY, cwd=tmp_path)
+    result = here_run("distill", "--targets", "true", "--epochs", "3", "--sweep", "alpha=0.5,1.0", "--out", "sw",
+                      *TINY, cwd=tmp_path)  # stderr not a terminal, as a batch job's (real ones: test_logs.py)
     lines = result.stderr.splitlines()
     for alpha in ("0.5", "1.0"):
         epochs = [line for line in lines if f"[alpha={alpha}] epoch" in line]

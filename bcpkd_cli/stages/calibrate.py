@@ -8,7 +8,8 @@ from pathlib import Path
 from rich.table import Table
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.calibration import describe_tuning, ensure_cache
+from bcpkd_cli.calibration import ensure_cache
+from bcpkd_cli.tuning import describe_tuning
 from bcpkd_cli.config import Recipe
 from bcpkd_cli.data import announce, brief, decoding_workers, load_dataset
 from bcpkd_cli.choices import teacher_label
