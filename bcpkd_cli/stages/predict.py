@@ -214,6 +214,8 @@ def run(model: str, inputs: list[Path], out: str, top_k: int, batch_size: int, s
     if not items:
         raise BcpkdError("INPUT: nothing to classify (no image files, rows or texts found)")
     writer = _Writer(out, fields, force)
+    line(f"predict: {runner.description}: {len(items):,} input{'s' * (len(items) != 1)}"
+         f"{f' -> {out}' if out else ''}")
     unreadable: list[tuple[str, str]] = []
     written = 0
     for start in range(0, len(items), batch_size):
