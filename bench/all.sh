@@ -14,7 +14,7 @@ else
   echo "bench/data_path.py skipped: unpack CIFAR-10 as ImageFolder JPEGs into data/cifar10-jpeg first"
 fi
 if [ -d data/cifar10-jpeg ]; then  # the shortened teacher/student pairs of "What distillation buys at deployment"
-  P=${WORK:-/tmp/bcpkd-bench}/payoff
+  P=${WORK:-bench-work}/payoff
   SHORT=(-r recipes/cifar10-cpu.yaml --data-root data/cifar10-jpeg --set data.n_train=4000 --set data.n_heldout=1000 --force)
   "$PY" -m bcpkd_cli train-teacher "${SHORT[@]}" --bayes laplace --arch resnet20 --epochs 3 --out "$P/t" >/dev/null
   "$PY" -m bcpkd_cli distill "${SHORT[@]}" --teacher "$P/t/teacher.pt" --arch wrn_16_1 --epochs 3 --out "$P/s" >/dev/null
@@ -33,7 +33,7 @@ fi
 "$PY" bench/cache_speed.py --teacher resnet56 --student resnet20 --n 1024 --views 1 --batches 0,32,64,256,512,1024 --repeats 3
 "$PY" bench/grad_noise_cost.py --n 4096 --sample 2048 --repeats 3
 "$PY" bench/threads.py
-WORK=${WORK:-/tmp/bcpkd-bench}
+WORK=${WORK:-bench-work}
 "$PY" bench/miniature.py --work "$WORK" --per-class 1
 "$PY" bench/miniature.py --work "$WORK" --per-class 2
 "$PY" bench/stream_wait.py --root "$WORK/miniature-2" --image-size 128 --steps 10
