@@ -47,6 +47,24 @@ def here(*args: str, cwd: Path) -> str:
     return stdout.getvalue()
 
 
+def here_run(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """The CLI in this process, as `bcpkd` runs it in a new one (without an interpreter and a torch import to pay
+    for): its exit code, stdout and stderr; with `check`, asserts exit code 0."""
+    with pytest.MonkeyPatch.context() as patch:
+        stdout = _in_process(patch, args, cwd, "stdout")
+        stderr = io.StringIO()
+        patch.setattr(sys, "stderr", stderr)
+        try:
+            main()
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code if isinstance(exit_info.code, int) else (0 if exit_info.code is None else 1)
+    result = subprocess.CompletedProcess(["bcpkd", *args], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"bcpkd {' '.join(args)} exited {code}:\n{result.stderr}")
+    return result
+
+
 def refused_here(*args: str, cwd: Path) -> str:
     """The CLI in this process on bad input: asserts exit code 2 and one error line on stderr (after the lines that
     describe the data, where it was read before the refusal), which it returns."""
@@ -57,7 +75,8 @@ def refused_here(*args: str, cwd: Path) -> str:
     lines = stderr.getvalue().splitlines(keepends=True)
     errors = [text for text in lines if text.startswith("error: ")]
     described = [text for text in lines[:-1] if text.startswith(("data: ", "train ", "inputs: ", "no test images",
-                                                                 "training classes under")) or STAGE_HEADER.match(text)]
+                                                                 "training classes under", "predict: ", "threads: "))
+                 or STAGE_HEADER.match(text)]  # (threads: said once per process, by whichever command runs first)
     assert exit_info.value.code == 2 and errors == lines[-1:] and len(described) == len(lines) - 1, stderr.getvalue()
     return lines[-1]
 

@@ -22,6 +22,8 @@ from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.teachers import load_teacher
 from cli_helpers import bcpkd, files_under, here, refused_here
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 SMALL_CNN = str(Path(__file__).parents[1] / "recipes" / "examples" / "small_cnn.py")
 IMAGES = ["--set", "data.n_heldout=15", "--device", "cpu", "--set", "teacher.batch_size=32",
           "--set", "distill.batch_size=32", "--set", "teacher.laplace.grid_size=3"]

@@ -13,7 +13,9 @@ from bcpkd_cli.config import DataConfig, DatasetName
 from bcpkd_cli.data import images as image_data
 from bcpkd_cli.data import load_dataset
 from bcpkd_cli.errors import BcpkdError
-from cli_helpers import bcpkd, refused_here
+from cli_helpers import here_run, refused_here
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
 
 
 def _png(path, colour: int, size: int = 8) -> None:
@@ -130,18 +132,18 @@ def test_class_names_travel_through_every_artifact_and_report(single_thread, tmp
     root = _folder(tmp_path / "data", ["ant", "bee", "cat"], ["ant", "cat"], per_class=10)
     common = ["--data", "imagefolder", "--data-root", str(root), "--arch", "resnet20", "--epochs", "1",
               "--set", "data.n_heldout=6"]
-    teacher = bcpkd("train-teacher", *common, "--out", "t", cwd=tmp_path).stdout.strip()
+    teacher = here_run("train-teacher", *common, "--out", "t", cwd=tmp_path).stdout.strip()
     payload = torch.load(tmp_path / teacher, weights_only=True)
     assert payload["data"]["classes"] == ["ant", "bee", "cat"]
-    student = bcpkd("distill", "--teacher", teacher, "--arch", "resnet20", "--epochs", "1", "--out", "s",
-                    cwd=tmp_path).stdout.strip()
+    student = here_run("distill", "--teacher", teacher, "--arch", "resnet20", "--epochs", "1", "--out", "s",
+                       cwd=tmp_path).stdout.strip()
     assert torch.load(tmp_path / student, weights_only=True)["data"]["classes"] == ["ant", "bee", "cat"]
     cache = next((tmp_path / "t" / "bcp").rglob("bcp.safetensors"))
     from safetensors import safe_open
 
     with safe_open(str(cache), framework="pt") as f:
         assert json.loads(f.metadata()["classes"]) == ["ant", "bee", "cat"]
-    result = bcpkd("evaluate", student, teacher, "--json", "--per-class", cwd=tmp_path)
+    result = here_run("evaluate", student, teacher, "--json", "--per-class", cwd=tmp_path)
     reports = json.loads(result.stdout)
     for report in reports:
         assert report["data"]["classes"] == ["ant", "bee", "cat"]

@@ -1,4 +1,9 @@
-"""The real CLI in subprocesses, chained the way a shell script chains it, on tiny synthetic data."""
+"""The real CLI in subprocesses, chained the way a shell script chains it, on tiny synthetic data.
+
+The chain, a missing teacher, Ctrl-C and concurrent jobs run as real processes (exit code, stdout, stderr, signals,
+two jobs at once); the other refusals and runs call the same CLI in this process (`cli`: cli_helpers.here_run), which
+saves an interpreter and its imports (torch, laplace: 5-10 s of CPU) per call and checks the same exit code and
+streams."""
 
 from __future__ import annotations
 
@@ -13,9 +18,9 @@ import pytest
 import torch
 
 from bcpkd_cli import artifacts
-from cli_helpers import bcpkd, files_under
+from cli_helpers import bcpkd, files_under, here_run as cli
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]  # tiny MLPs: one thread, here and in jobs
 
 TINY = ["--set", "data.n_train=400", "--set", "data.n_heldout=150", "--set", "data.n_test=200",
         "--set", "teacher.hidden=[32]", "--set", "teacher.epochs=3", "--set", "distill.hidden=[16]",
@@ -77,7 +82,7 @@ def test_evaluate_json(chain):
 
 
 def test_same_command_reuses_the_cache(chain):
-    again = bcpkd("calibrate", "--teacher", str(chain["teacher"]), "--temperature", "fit", *TINY, cwd=chain["work"])
+    again = cli("calibrate", "--teacher", str(chain["teacher"]), "--temperature", "fit", *TINY, cwd=chain["work"])
     assert Path(chain["work"] / again.stdout.strip()) == chain["cache"]
     assert "already exists" in again.stderr
 
@@ -99,10 +104,10 @@ def test_missing_teacher(tmp_path):
 
 def test_corrupt_and_foreign_files(tmp_path, chain):
     (tmp_path / "corrupt.pt").write_bytes(chain["teacher"].read_bytes()[:500])
-    _assert_bad_input(bcpkd("calibrate", "--teacher", "corrupt.pt", *TINY, cwd=tmp_path, check=False), "corrupt.pt")
+    _assert_bad_input(cli("calibrate", "--teacher", "corrupt.pt", *TINY, cwd=tmp_path, check=False), "corrupt.pt")
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    _assert_bad_input(bcpkd("evaluate", "notes.txt", *TINY, cwd=tmp_path, check=False), "notes.txt")
-    _assert_bad_input(bcpkd("distill", "--teacher", str(chain["student"]), *TINY, cwd=tmp_path, check=False),
+    _assert_bad_input(cli("evaluate", "notes.txt", *TINY, cwd=tmp_path, check=False), "notes.txt")
+    _assert_bad_input(cli("distill", "--teacher", str(chain["student"]), *TINY, cwd=tmp_path, check=False),
                       "bcpkd.teacher", "student.pt")
     assert files_under(tmp_path) == {tmp_path / "corrupt.pt", tmp_path / "notes.txt"}
 
@@ -115,8 +120,8 @@ def test_a_cache_of_an_older_predictive_is_neither_found_nor_accepted(chain, tmp
     probs, meta = artifacts.load_cache(chain["cache"], {})
     assert meta["predictive_version"] == calibration.PREDICTIVE_VERSION
     old = artifacts.save_cache(tmp_path / "old.safetensors", probs.clone(), dict(meta, predictive_version=1))
-    result = bcpkd("distill", "--teacher", str(chain["teacher"]), "--temperature", "fit", "--cache", str(old),
-                   *TINY, cwd=tmp_path, check=False)
+    result = cli("distill", "--teacher", str(chain["teacher"]), "--temperature", "fit", "--cache", str(old),
+                 *TINY, cwd=tmp_path, check=False)
     _assert_bad_input(result, "old.safetensors", "predictive_version", "bcpkd calibrate")
     key = calibration.cache_key("sha", "data", CalibrateConfig(), 1.0)
     monkeypatch.setattr(calibration, "PREDICTIVE_VERSION", calibration.PREDICTIVE_VERSION + 1)
@@ -133,34 +138,34 @@ def test_cache_for_other_data_is_refused(tmp_path, chain):
     target = tmp_path / cache.relative_to(chain["teacher"].parent)
     target.parent.mkdir(parents=True)
     artifacts.save_cache(target, probs, forged)
-    result = bcpkd("distill", "--teacher", "teacher.pt", "--temperature", "fit", *TINY, cwd=tmp_path, check=False)
+    result = cli("distill", "--teacher", "teacher.pt", "--temperature", "fit", *TINY, cwd=tmp_path, check=False)
     _assert_bad_input(result, str(target.relative_to(tmp_path)), "data_fingerprint", "bcpkd calibrate")
     assert not (tmp_path / "runs").exists()
 
 
 def test_recipe_typos_reported_together(tmp_path):
     (tmp_path / "r.yaml").write_text("teacher:\n  bayes: laplce\n  epoch: 3\ndistill:\n  alpha: 2\n")
-    result = bcpkd("train-teacher", "--recipe", "r.yaml", cwd=tmp_path, check=False)
+    result = cli("train-teacher", "--recipe", "r.yaml", cwd=tmp_path, check=False)
     _assert_bad_input(result, "r.yaml", "3 problem(s)", "laplce", "none, laplace", "teacher.epoch", "distill.alpha")
     assert files_under(tmp_path) == {tmp_path / "r.yaml"}
 
 
 def test_bad_set_and_choice(tmp_path):
-    _assert_bad_input(bcpkd("distill", "--set", "distill.nope=1", cwd=tmp_path, check=False), "distill.nope")
-    result = bcpkd("train-teacher", "--bayes", "magic", cwd=tmp_path, check=False)
+    _assert_bad_input(cli("distill", "--set", "distill.nope=1", cwd=tmp_path, check=False), "distill.nope")
+    result = cli("train-teacher", "--bayes", "magic", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "magic" in result.stderr
 
 
 def test_help_lists_choices(tmp_path):
-    result = bcpkd("train-teacher", "--help", cwd=tmp_path)
+    result = cli("train-teacher", "--help", cwd=tmp_path)
     for choice in ("none", "laplace", "last_layer", "kron", "marglik", "probit"):
         assert choice in result.stdout
 
 
-def test_run_tiny_recipe(tmp_path):
+def test_run_tiny_recipe(tmp_path, monkeypatch):
     recipe = Path(__file__).parents[1] / "recipes" / "synthetic.yaml"
-    result = bcpkd("run", str(recipe), "--out", "run", *TINY, "--set", "experiment.seeds=[0,1]",
-                   "--set", "experiment.workers=1", cwd=tmp_path)
+    result = cli("run", str(recipe), "--out", "run", *TINY, "--set", "experiment.seeds=[0,1]",
+                 "--set", "experiment.workers=1", cwd=tmp_path)
     summary = json.loads((tmp_path / result.stdout.strip()).read_text())
     students = {row["name"]: row for row in summary["students"]}
     assert set(students) == {"onehot", "deterministic", "deterministic_tempscaled", "laplace", "true_bcp",
@@ -171,15 +176,22 @@ def test_run_tiny_recipe(tmp_path):
     teachers = {row["name"] for row in summary["teachers"]}
     assert {"deterministic", "laplace", "deterministic -> deterministic_tempscaled (as calibrated)"} <= teachers
     assert (tmp_path / "run" / "summary.md").read_text().startswith("# ")
+    assert {p.name for p in (tmp_path / "run" / "figures").glob("*.png")} == {  # matplotlib (the test extra) is there
+        "reliability.png", "per-class.png", "confusion.png", "curves-nll.png", "curves-accuracy.png",
+        "noise-vs-alpha.png"}
 
-    # resumed: finished teachers and students are reused, a missing student is trained again, same table
+    # resumed: finished teachers and students are reused, a missing student is trained again, same table (the same
+    # figures are not drawn a second time: 11 s of matplotlib that this test does not look at)
+    from bcpkd_cli.stages import plot
+
+    monkeypatch.setattr(plot, "draw", lambda *args, **kwargs: [])
     (tmp_path / "run" / "students" / "laplace-seed1" / "student.pt").unlink()
-    again = bcpkd("run", str(recipe), "--out", str(tmp_path / "run"), "--resume", *TINY,  # the folder spelled
-                  "--set", "experiment.seeds=[0,1]", "--set", "experiment.workers=1", cwd=tmp_path)  # another way
+    again = cli("run", str(recipe), "--out", str(tmp_path / "run"), "--resume", *TINY,  # the folder spelled
+                "--set", "experiment.seeds=[0,1]", "--set", "experiment.workers=1", cwd=tmp_path)  # another way
     assert again.stderr.count("reusing") == 2 + 13 and "training student" in again.stderr  # 2 teachers, 13 students
     assert json.loads(Path(again.stdout.strip()).read_text())["students"] == summary["students"]
-    changed = bcpkd("run", str(recipe), "--out", "run", "--resume", *TINY, "--set", "experiment.seeds=[0,1]",
-                    "--set", "teacher.epochs=4", cwd=tmp_path, check=False)
+    changed = cli("run", str(recipe), "--out", "run", "--resume", *TINY, "--set", "experiment.seeds=[0,1]",
+                  "--set", "teacher.epochs=4", cwd=tmp_path, check=False)
     assert changed.returncode == 2 and "other settings (teacher.epochs)" in changed.stderr
 
 
@@ -199,27 +211,27 @@ def test_ctrl_c_exits_130_and_writes_nothing(tmp_path):
 
 def test_out_that_is_a_file(tmp_path):
     (tmp_path / "taken").write_text("x")
-    _assert_bad_input(bcpkd("distill", "--targets", "onehot", "--out", "taken", *TINY, cwd=tmp_path, check=False),
+    _assert_bad_input(cli("distill", "--targets", "onehot", "--out", "taken", *TINY, cwd=tmp_path, check=False),
                       "--out taken", "folder")
 
 
 def test_explicit_cache_from_calibrate_out(chain, tmp_path):
-    cache = bcpkd("calibrate", "--teacher", str(chain["teacher"]), "--out", str(tmp_path / "c"), *TINY,
-                  cwd=chain["work"]).stdout.strip()
-    student = bcpkd("distill", "--teacher", str(chain["teacher"]), "--cache", cache, "--out", str(tmp_path / "s"),
-                    *TINY, cwd=chain["work"]).stdout.strip()
+    cache = cli("calibrate", "--teacher", str(chain["teacher"]), "--out", str(tmp_path / "c"), *TINY,
+                cwd=chain["work"]).stdout.strip()
+    student = cli("distill", "--teacher", str(chain["teacher"]), "--cache", cache, "--out", str(tmp_path / "s"),
+                  *TINY, cwd=chain["work"]).stdout.strip()
     assert torch.load(student, weights_only=True)["targets"]["cache"] == cache
     before = chain["teacher"].read_bytes()  # --out at the teacher's own folder would replace its teacher.pt
-    result = bcpkd("calibrate", "--teacher", str(chain["teacher"]), "--out", str(chain["teacher"].parent), *TINY,
-                   cwd=chain["work"], check=False)
+    result = cli("calibrate", "--teacher", str(chain["teacher"]), "--out", str(chain["teacher"].parent), *TINY,
+                 cwd=chain["work"], check=False)
     _assert_bad_input(result, f"--out {chain['teacher'].parent}", "would replace it")
     assert chain["teacher"].read_bytes() == before
 
 
 def test_cache_of_another_teacher_is_refused(chain, tmp_path):
-    other = bcpkd("train-teacher", "--out", str(tmp_path / "other"), "--seed", "1", *TINY, cwd=tmp_path).stdout.strip()
-    result = bcpkd("distill", "--teacher", other, "--cache", str(chain["cache"]), "--out", str(tmp_path / "s"),
-                   *TINY, cwd=tmp_path, check=False)
+    other = cli("train-teacher", "--out", str(tmp_path / "other"), "--seed", "1", *TINY, cwd=tmp_path).stdout.strip()
+    result = cli("distill", "--teacher", other, "--cache", str(chain["cache"]), "--out", str(tmp_path / "s"),
+                 *TINY, cwd=tmp_path, check=False)
     _assert_bad_input(result, str(chain["cache"]), "teacher_sha256", "bcpkd calibrate")
     assert not (tmp_path / "s").exists()
 
@@ -229,26 +241,26 @@ def test_image_folder_chain(image_folder, tmp_path):
             "--set", "teacher.arch=resnet20", "--set", "teacher.epochs=2", "--set", "teacher.batch_size=16",
             "--set", "distill.arch=wrn_16_1", "--set", "distill.epochs=1", "--set", "distill.batch_size=16",
             "--set", "distill.log_every=2", "--set", "teacher.laplace.grid_size=3", "--device", "cpu"]
-    teacher = bcpkd("train-teacher", "--bayes", "laplace", "--out", "t", *data, cwd=tmp_path).stdout.strip()
+    teacher = cli("train-teacher", "--bayes", "laplace", "--out", "t", *data, cwd=tmp_path).stdout.strip()
     data += ["--set", "calibrate.views=4"]
-    student = bcpkd("distill", "--teacher", teacher, "--out", "s", *data, cwd=tmp_path).stdout.strip()
-    report = json.loads(bcpkd("evaluate", student, teacher, "--json", *data, cwd=tmp_path).stdout)
+    student = cli("distill", "--teacher", teacher, "--out", "s", *data, cwd=tmp_path).stdout.strip()
+    report = json.loads(cli("evaluate", student, teacher, "--json", *data, cwd=tmp_path).stdout)
     assert [r["kind"] for r in report] == ["student", "teacher"]
     assert all("kl_to_bcp" not in r["metrics"] and 0 <= r["metrics"]["accuracy"] <= 1 for r in report)
     probs, meta = artifacts.load_cache(Path(torch.load(tmp_path / student, weights_only=True)["targets"]["cache"]), {})
     assert probs.shape == (75, 4, 3)  # 90 training images - 15 held out, 4 views each
     assert meta["views"]["ids"][0] == 0 and len(set(meta["views"]["ids"])) == 4
     assert not torch.allclose(probs[:, 0], probs[:, 1])  # a view's target is the teacher on that view
-    online = bcpkd("distill", "--teacher", teacher, "--targets", "online", "--out", "o", *data, cwd=tmp_path)
+    online = cli("distill", "--teacher", teacher, "--targets", "online", "--out", "o", *data, cwd=tmp_path)
     assert torch.load(tmp_path / online.stdout.strip(), weights_only=True)["targets"]["kind"] == "online"
     assert (image_folder / "train" / ".bcpkd-store").is_dir()  # decoded once, next to the data
-    result = bcpkd("distill", "--targets", "true", *data, cwd=tmp_path, check=False)
+    result = cli("distill", "--targets", "true", *data, cwd=tmp_path, check=False)
     _assert_bad_input(result, "has no true BCPs")
 
 
 def test_few_shot_student_uses_k_examples_per_class_of_the_cache(chain, tmp_path):
-    student = bcpkd("distill", "--teacher", str(chain["teacher"]), "--temperature", "fit", "--set",
-                    "distill.few_shot=10", "--out", str(tmp_path / "s"), *TINY, cwd=chain["work"]).stdout.strip()
+    student = cli("distill", "--teacher", str(chain["teacher"]), "--temperature", "fit", "--set",
+                  "distill.few_shot=10", "--out", str(tmp_path / "s"), *TINY, cwd=chain["work"]).stdout.strip()
     payload = torch.load(student, weights_only=True)
     rows = torch.tensor(payload["targets"]["few_shot_rows"])
     assert len(rows) == 50 and payload["history"]["steps"] == 4  # 5 classes x 10, batch 16
@@ -259,7 +271,7 @@ def test_concurrent_jobs_build_a_cache_once(tmp_path):
     """Two jobs asking for the same new cache at once: one builds it, the other waits and uses it."""
     slow_cache = ["--bayes", "vi", "--samples", "300", "--set", "data.n_train=8000",  # a build of a few seconds
                   "--set", "teacher.vi.ml_epochs=1"]
-    teacher = bcpkd("train-teacher", "--out", str(tmp_path / "t"), *TINY, *slow_cache, cwd=tmp_path).stdout.strip()
+    teacher = cli("train-teacher", "--out", str(tmp_path / "t"), *TINY, *slow_cache, cwd=tmp_path).stdout.strip()
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     jobs = [subprocess.Popen([sys.executable, "-m", "bcpkd_cli", "calibrate", "--teacher", teacher, *TINY],
                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)

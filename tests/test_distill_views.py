@@ -13,6 +13,8 @@ from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.targets import OnlineTargets, TableTargets, view_batches
 from bcpkd_cli.teachers.deterministic import DeterministicTeacher
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 
 @pytest.fixture(scope="module")
 def image_data():

@@ -23,6 +23,8 @@ from bcpkd_cli.models import build_model
 from bcpkd_cli.errors import BcpkdError
 from cli_helpers import failed_here, here, refused_here
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small networks: one thread, here and in the snippets' processes
+
 
 def _snippets(folder) -> dict[str, str]:
     text = (folder / "README.md").read_text()
@@ -121,17 +123,37 @@ def test_a_missing_export_extra_is_one_line(monkeypatch):
 SMALL_CNN = str(Path(__file__).resolve().parents[1] / "recipes" / "examples" / "small_cnn.py") + ":small_cnn"
 
 
+def _image_student(image_folder, work, *arch: str) -> tuple[str, Path]:
+    """A one-epoch student of one-hot labels on the image folder, exported in every format (into work)."""
+    student = here("distill", "--targets", "onehot", "--data-root", str(image_folder), *arch, "--epochs", "1",
+                   "--out", "s", cwd=work).strip()
+    return student, work / here("export", student, "--out", "exp", "--trust-code", cwd=work).strip()
+
+
+@pytest.fixture(scope="module")
+def birds_student(single_thread, image_folder, tmp_path_factory) -> tuple[Path, Path]:
+    """The image folder's student without --arch (the data choose resnet20) and its export in every format, made
+    once for the tests below that read them (each copies what it changes): the student and the export folder."""
+    work = tmp_path_factory.mktemp("birds-student")
+    student, folder = _image_student(image_folder, work)
+    assert torch.load(work / student, weights_only=True)["model"]["arch"] == "resnet20"
+    return work / student, folder
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["resnet20", "torchvision:mobilenet_v3_small", "timm:test_resnet", SMALL_CNN])
-def test_every_format_of_an_image_student_reloads_without_bcpkd(single_thread, image_folder, tmp_path, arch):
+def test_every_format_of_an_image_student_reloads_without_bcpkd(single_thread, image_folder, tmp_path, arch, request):
     """A built-in, a torchvision, a timm and a user-factory student: each exported file, loaded by its snippet in a
     fresh interpreter where bcpkd cannot be imported, classifies an image as the checkpoint does; the student then
     starts the next teacher through --init (its checkpoint, or the export's safetensors)."""
     if arch.startswith("timm:"):
         pytest.importorskip("timm")
-    student = here("distill", "--targets", "onehot", "--data-root", str(image_folder), "--arch", arch, "--epochs", "1",
-                   "--out", "s", cwd=tmp_path).strip()
-    folder = tmp_path / here("export", student, "--out", "exp", "--trust-code", cwd=tmp_path).strip()
+    if arch == "resnet20":  # the shared student (resnet20 by default on images), its export copied to change it
+        made, made_folder = request.getfixturevalue("birds_student")
+        student, folder = str(made), tmp_path / "exp"
+        shutil.copytree(made_folder, folder)
+    else:
+        student, folder = _image_student(image_folder, tmp_path, "--arch", arch)
     manifest = json.loads((folder / "bcpkd-export.json").read_text())
     assert manifest["classes"] == ["bird", "cat", "ship"] and sorted(manifest["files"]) == ["onnx", "pt2", "safetensors"]
     assert manifest["weights"]["names"] == {"resnet20": "network.py", "torchvision:mobilenet_v3_small": "torchvision",
@@ -156,10 +178,8 @@ def test_every_format_of_an_image_student_reloads_without_bcpkd(single_thread, i
 
 
 @pytest.mark.slow
-def test_predict_reads_folders_and_lists_unreadable_files_after_the_rows(single_thread, image_folder, tmp_path):
-    student = here("distill", "--targets", "onehot", "--data-root", str(image_folder), "--epochs", "1", "--out", "s",
-                   cwd=tmp_path).strip()
-    folder = tmp_path / here("export", student, "--out", "exp", "--format", "onnx", cwd=tmp_path).strip()
+def test_predict_reads_folders_and_lists_unreadable_files_after_the_rows(birds_student, image_folder, tmp_path):
+    student, folder = str(birds_student[0]), birds_student[1]  # (read only here)
     (tmp_path / "new" / "deep").mkdir(parents=True)
     for i, name in enumerate(("a.png", "deep/b.png")):
         shutil.copy(image_folder / "test" / "ship" / f"00{i}.png", tmp_path / "new" / name)
@@ -211,10 +231,9 @@ def test_a_calibrated_bayesian_teacher_exports_its_cached_predictive(single_thre
 
 
 @pytest.mark.slow
-def test_the_python_page_runs_as_written(single_thread, image_folder, tmp_path):
+def test_the_python_page_runs_as_written(birds_student, image_folder, tmp_path):
     code = re.search(r"```python\n(.*?)```", (Path(__file__).resolve().parents[1] / "docs" / "python.md").read_text(), re.S).group(1)
-    here("distill", "--targets", "onehot", "--data-root", str(image_folder), "--epochs", "1", "--out",
-         "runs/birds-student", cwd=tmp_path)
+    shutil.copytree(birds_student[0].parent, tmp_path / "runs" / "birds-student")  # distill ... --out runs/birds-student
     shutil.copy(image_folder / "test" / "cat" / "001.png", tmp_path / "a.jpg")
     shutil.copy(image_folder / "test" / "ship" / "001.png", tmp_path / "b.jpg")
     printed = _run_snippet(code, tmp_path, without_bcpkd=False).splitlines()

@@ -20,6 +20,8 @@ from bcpkd_cli.data.decode import (DECODER, UnreadableImage, decode_file, decode
                                    nvjpeg_orientations, orient, read_bytes, to_8_bits)
 from bcpkd_cli.data.rows import StreamedRows
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 RNG = np.random.default_rng(0)
 
 

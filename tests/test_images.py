@@ -13,6 +13,8 @@ from bcpkd_cli.data import images as image_data
 from bcpkd_cli.data.decode import decode_images
 from bcpkd_cli.errors import BcpkdError
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 
 def write_cifar10(root, n_per_batch=4):
     folder = root / "cifar-10-batches-py"

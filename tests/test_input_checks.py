@@ -13,6 +13,8 @@ import yaml
 from bcpkd_cli.commands.options import field_help
 from cli_helpers import files_under, here, refused_here
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 TINY_IMAGES = ["--epochs", "1", "--batch-size", "32", "--set", "data.n_heldout=15", "--device", "cpu"]
 
 

@@ -12,6 +12,8 @@ from bcpkd_cli.config import Hessian, LaplaceConfig, Link, Subset
 from bcpkd_cli.teachers.laplace import LaplaceTeacher
 from bcpkd_cli.teachers.laplace_closed_form import kron_logit_covariance
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 
 class RandomNet(nn.Module):
     def __init__(self, n_in: int, n_features: int, n_classes: int, bias: bool, seed: int):

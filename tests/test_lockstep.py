@@ -9,6 +9,8 @@ from bcpkd_cli.config import build_recipe, parse_sweep
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.stages import distill, train_teacher
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 BASE = {"device": "cpu", "data": {"n_train": 300, "n_heldout": 100, "n_test": 100},
         "teacher": {"hidden": [16], "epochs": 3, "batch_size": 32},
         "distill": {"hidden": [8], "epochs": 2, "batch_size": 16, "log_every": 7, "data_seed": 7}}

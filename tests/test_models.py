@@ -11,6 +11,8 @@ from bcpkd_cli.models import ARCHITECTURES, HEAD_NAME, MLP, build_model, model_s
 
 IMAGE_ARCHS = [name for name in ARCHITECTURES if name != "mlp"]
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # batches of 2: threads only wait for each other
+
 # Exact total parameter counts. Each was obtained by instantiating a faithful copy of the named
 # reference definition (a scratch file outside the repo) and summing p.numel(); published figures,
 # where noted, agree (rounded, from the CIFAR-100 setup table of Heo et al. 2019, "A Comprehensive

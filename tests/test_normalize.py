@@ -15,6 +15,8 @@ from bcpkd_cli.models import CIFAR10_STATS, IMAGENET_STATS, ImageInput, build_mo
 from bcpkd_cli.teachers import load_teacher
 from cli_helpers import STAGE_HEADER, files_under, here, refused_here
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 DATA_STATS = {"mean": [0.25, 0.5, 0.75], "std": [0.125, 0.25, 0.5]}  # exact in binary: exact expected values
 MINE = {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 PIXELS = torch.tensor([0, 51, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(1, 3, 1, 3).contiguous()

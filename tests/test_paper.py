@@ -12,6 +12,8 @@ import torch
 from bcpkd_cli import artifacts
 from cli_helpers import here, refused_here
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 TINY = ["--set", "data.n_train=300", "--set", "data.n_test=100", "--set", "teacher.hidden=[16]",
         "--set", "distill.hidden=[8]", "--set", "distill.batch_size=32", "--set", "distill.log_every=5",
         "--device", "cpu"]

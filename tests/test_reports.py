@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from bcpkd_cli import calibration, figures, metrics
+from bcpkd_cli import figures, metrics, tuning
 from bcpkd_cli.cli import main
 from bcpkd_cli.stages import evaluate
 from cli_helpers import here
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
 
 TINY = ["--set", "data.n_train=300", "--set", "data.n_heldout=100", "--set", "data.n_test=100",
         "--set", "teacher.hidden=[16]", "--set", "distill.hidden=[8]", "--set", "distill.batch_size=32",
@@ -101,14 +103,14 @@ def test_labels_say_which_teacher():
 
 def test_no_posterior_is_said_at_the_top_of_the_grid_or_when_nothing_changes():
     top = {"prior_precision": 1e12, "prior_method": "gridsearch", "prior_grid": [1e-4, 999999995904.0]}
-    assert calibration.no_posterior_note(top, 3e-8) == ("held-out NLL prefers the network: the Laplace posterior "
+    assert tuning.no_posterior_note(top, 3e-8) == ("held-out NLL prefers the network: the Laplace posterior "
                                                         "adds nothing here (prior precision 1e+12, the largest tried)")
-    assert "adds little here" in calibration.no_posterior_note(top, 2e-3)
-    assert "within 0.002 of the network's softmax" in calibration.no_posterior_note(top, 2e-3)
+    assert "adds little here" in tuning.no_posterior_note(top, 2e-3)
+    assert "within 0.002 of the network's softmax" in tuning.no_posterior_note(top, 2e-3)
     inside = {"prior_precision": 5.0, "prior_method": "gridsearch", "prior_grid": [1e-4, 1e4]}
-    assert calibration.no_posterior_note(inside, 0.05) is None
-    assert "equals the network's softmax within 1e-06" in calibration.no_posterior_note(inside, 1e-7)
-    assert calibration.no_posterior_note({"prior_precision": 1e9, "prior_method": "marglik"}, 0.01) is None
+    assert tuning.no_posterior_note(inside, 0.05) is None
+    assert "equals the network's softmax within 1e-06" in tuning.no_posterior_note(inside, 1e-7)
+    assert tuning.no_posterior_note({"prior_precision": 1e9, "prior_method": "marglik"}, 0.01) is None
 
 
 def test_calibration_detects_a_posterior_at_the_top_of_the_grid(tiny_data, capsys):
@@ -130,7 +132,7 @@ def test_calibration_detects_a_posterior_at_the_top_of_the_grid(tiny_data, capsy
 
     torch.manual_seed(0)
     teacher = Collapsed(torch.nn.Linear(tiny_data.train.inputs.shape[1], tiny_data.n_classes))
-    report = calibration.calibrate(teacher, tiny_data, CalibrateConfig(temperature=TemperatureFit.none))
+    report = tuning.calibrate(teacher, tiny_data, CalibrateConfig(temperature=TemperatureFit.none))
     note = "held-out NLL prefers the network: the Laplace posterior adds nothing here (prior precision 1e+12, " \
            "the largest tried)"
     assert report["no_posterior"] == note and note in capsys.readouterr().err

@@ -23,6 +23,8 @@ from bcpkd_cli.models import build_model, model_spec
 from bcpkd_cli.stages import train_teacher
 from cli_helpers import here, refused_here
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 
 def _members(seed: int = 0) -> list[Member]:
     """An SGD-momentum member with a step schedule and an Adam member, both logging."""

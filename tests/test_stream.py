@@ -19,7 +19,9 @@ from bcpkd_cli.data import load_dataset
 from bcpkd_cli.data import rows as rows_module
 from bcpkd_cli.data.decode import decode_images
 from bcpkd_cli.data.rows import MappedRows, PathTable, StreamedRows
-from cli_helpers import bcpkd, here, refused_here
+from cli_helpers import here, here_run, refused_here
+
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
 
 RUN = ["--data", "imagefolder", "--device", "cpu", "--set", "data.n_heldout=15", "--set", "data.image_size=12",
        "--set", "data.crop=resized", "--set", "data.loader_workers=2"]
@@ -91,14 +93,22 @@ def test_stream_needs_an_image_size(image_folder, tmp_path):
 @pytest.mark.slow
 def test_the_imagenet_miniature_recipe_runs(tmp_path):
     """recipes/imagenet-miniature.yaml on the generated 1,000-class folder (one JPEG per class and split), as a
-    shell script runs it: a Laplace resnet18 teacher, a top-5 cache of random-resized crops, streamed."""
+    shell script runs it (the folder's script in its own process, `bcpkd run` in this one, which has its imports
+    already: laplace alone takes 10 s of CPU to import): a Laplace resnet18 teacher, a top-5 cache of
+    random-resized crops, streamed."""
     repo = Path(__file__).parents[1]
     subprocess.run([sys.executable, str(repo / "recipes" / "examples" / "make_imagenet_miniature.py"),
                     str(tmp_path / "mini"), "--per-class", "1"], check=True, capture_output=True)
-    summary = bcpkd("run", str(repo / "recipes" / "imagenet-miniature.yaml"), "--set", f"data.root={tmp_path / 'mini'}",
-                    "--set", "data.n_heldout=200", "--out", "run", cwd=tmp_path).stdout.strip()
+    summary = here_run("run", str(repo / "recipes" / "imagenet-miniature.yaml"), "--set",
+                       f"data.root={tmp_path / 'mini'}", "--set", "data.n_heldout=200",
+                       "--set", "data.n_test=100",  # 100 of the 1,000 test JPEGs
+                       "--set", "distill.grad_noise_examples=64",  # per-example gradients of mobilenet on 64, not 800
+                       "--set", "teacher.log_every=7", "--set", "distill.log_every=7",  # held-out NLL at steps 0, 7
+                       "--set", "teacher.laplace.grid_size=5",  # (not at each of the 7 steps); 5 prior grid points
+                       "--out", "run", cwd=tmp_path).stdout.strip()
     report = json.loads(Path(tmp_path / summary).read_text())
     assert "view_padding" not in report["config"]["data"]  # resized crops do not pad
+    assert report["config"]["data"]["n_test"] == 100
     assert report["config"]["data"]["decode"] == "stream" and [r["name"] for r in report["students"]] == ["from_laplace"]
     cache = next((tmp_path / "run" / "teachers").rglob("bcp.safetensors"))
     meta = artifacts.read_cache_metadata(cache)

@@ -11,6 +11,8 @@ from torch.distributions import MultivariateNormal
 from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import load_dataset, synthetic, synthetic_means
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 
 def bayes_rule(x: torch.Tensor, means: torch.Tensor, noise_var: float) -> torch.Tensor:
     """P(y=k | x) with Gaussian class densities N(mu_k, noise_var I) and a uniform prior."""

@@ -13,6 +13,8 @@ from bcpkd_cli.stages import train_teacher
 from bcpkd_cli.teachers import load_teacher
 from bcpkd_cli.teachers.mc_dropout import fixed_masks, mask_pool, mask_stream
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 TINY = {"device": "cpu", "data": {"n_train": 300, "n_heldout": 100, "n_test": 100},
         "teacher": {"hidden": [16], "epochs": 3, "batch_size": 32,
                     "vi": {"samples": 4, "ml_epochs": 1, "anneal_epochs": 1},

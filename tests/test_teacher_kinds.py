@@ -28,6 +28,8 @@ from bcpkd_cli.teachers.mcmi import class_centroids
 from bcpkd_cli.teachers.temperature import fit_temperature
 from bcpkd_cli.teachers.vi import draw_seed, kl_divergence, kl_weight, to_bayesian
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 KINDS = [Bayes.none, Bayes.temperature, Bayes.mse, Bayes.mcmi, Bayes.mc_dropout, Bayes.vi, Bayes.ensemble]
 TINY = {"data": {"n_train": 300, "n_heldout": 100, "n_test": 100},
         "teacher": {"hidden": [16], "epochs": 3, "batch_size": 32,

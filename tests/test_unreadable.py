@@ -17,6 +17,8 @@ from bcpkd_cli.data import load_dataset
 from bcpkd_cli.errors import BcpkdError
 from cli_helpers import failed_here, here, refused_here
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 
 def _image(path, value: int, size: int = 8, kind: str = "PNG") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 from bcpkd_cli.data.views import N_VIEWS, apply_views, draw_view_slots, select_views, view_params
 
+pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thread, here and in the CLI
+
 
 @pytest.fixture(scope="module")
 def images():
