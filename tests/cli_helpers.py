@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +34,12 @@ def torchrun(*args: str, cwd: Path, processes: int = 2) -> subprocess.CompletedP
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, f"torchrun bcpkd {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
     return result
+
+
+def default_sigint() -> None:
+    """preexec_fn of a job that a test interrupts with SIGINT: handled as in a terminal (KeyboardInterrupt), also where
+    the test run was started in the background (a shell's `&` job) and its jobs would inherit SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def files_under(folder: Path) -> set[Path]:

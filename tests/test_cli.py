@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from bcpkd_cli import artifacts
-from cli_helpers import bcpkd, files_under, here_run as cli
+from cli_helpers import bcpkd, default_sigint, files_under, here_run as cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("single_thread")]  # tiny MLPs: one thread, here and in jobs
 
@@ -198,7 +198,7 @@ def test_run_tiny_recipe(tmp_path, monkeypatch):
 def test_ctrl_c_exits_130_and_writes_nothing(tmp_path):
     process = subprocess.Popen([sys.executable, "-m", "bcpkd_cli", "distill", "--targets", "true", "--epochs", "50",
                                 "--out", "s", "--device", "cpu"], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     for line in process.stderr:  # wait until training has started
         if line.startswith("training student"):
             break

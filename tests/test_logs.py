@@ -22,7 +22,7 @@ import yaml
 from bcpkd_cli import artifacts
 from bcpkd_cli.cli import resume_command
 from bcpkd_cli.engine import LOG_POINTS, batch_bounds, log_interval
-from cli_helpers import bcpkd, here, here_run
+from cli_helpers import bcpkd, default_sigint, here, here_run
 
 TINY = ["--set", "data.n_train=300", "--set", "data.n_heldout=100", "--set", "data.n_test=100",
         "--set", "teacher.hidden=[16]", "--set", "distill.hidden=[8]", "--set", "distill.batch_size=32",
@@ -147,7 +147,7 @@ def test_the_resume_command_is_the_typed_one_with_the_folder_and_resume():
 def _interrupt(args: list[str], cwd: Path, sig: signal.Signals) -> tuple[int, str]:
     """Start the CLI, send `sig` once the state of its first epoch is saved; its exit code and stderr."""
     job = subprocess.Popen([sys.executable, "-m", "bcpkd_cli", *args], cwd=cwd, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+                           stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     seen = []
     for text in job.stderr:  # the first line names the folder
         seen.append(text)
