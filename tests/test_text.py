@@ -190,3 +190,17 @@ def test_laplace_over_a_bert_classifier_is_laplace_torchs_last_layer_predictive(
         want = la(torch.arange(len(data.test)).float(), pred_type="glm", link_approx="probit")
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert (got - torch.softmax(model(data.test.inputs), 1)).abs().max() > 1e-3  # the posterior changes the predictive
+
+
+def test_a_datasets_folder_reads_through_load_dataset_and_hidden_test_labels_give_way(tmp_path, monkeypatch):
+    """data.name hf: datasets.load_dataset on a local folder (no network); a test split whose labels are -1
+    (GLUE hides them) gives way to the validation split."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    for split, count, label in (("train", 40, None), ("validation", 12, None), ("test", 9, -1)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(
+            json.dumps({"sentence": f"{split} {i}", "label": i % 2 if label is None else label}) + "\n"
+            for i in range(count)))
+    data = _data(tmp_path, name="hf", text_column="sentence", n_heldout=4)
+    assert data.classes == ("0", "1") and len(data.test) == 12 and len(data.train) == 36
+    assert data.test.inputs[:2].texts() == ["validation 0", "validation 1"]
+    assert data.test.labels[:4].tolist() == [0, 1, 0, 1]

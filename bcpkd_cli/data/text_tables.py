@@ -135,8 +135,11 @@ def read_hf(root: str, text: str, pair: str, label: str) -> TextSource:
     loaded = _load_hf(root)
     if "train" not in loaded:
         raise BcpkdError(f"data.root {root}: has no train split (splits: {', '.join(loaded)})")
-    test_name = next((s for s in ("test", "validation", "dev") if s in loaded
-                      and label in loaded[s].column_names and min(loaded[s][label]) >= 0), None)
+    def labelled(split: str) -> bool:  # GLUE's hidden test labels are -1
+        return split in loaded and label in loaded[split].column_names and all(
+            v is not None and not (isinstance(v, int) and v < 0) for v in loaded[split][label])
+
+    test_name = next((s for s in ("test", "validation", "dev") if labelled(s)), None)
     feature = loaded["train"].features.get(label)
     classes = list(feature.names) if hasattr(feature, "names") else None
     columns = [_columns(loaded[s].to_list(), f"{root} ({s})", text, pair, label) for s in ("train", test_name) if s]
