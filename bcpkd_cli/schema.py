@@ -117,6 +117,16 @@ class MCMIConfig:
                                            "(with teacher.lr_milestones and warmup); the authors' script: cosine")
 
 
+# help texts of the training keys that teacher and distill share
+OPTIMIZER_HELP = ("optimizer: sgd (with momentum), adam, or adamw (decoupled weight decay, none on biases and "
+                  "normalisation weights: the 1-D parameters)")
+SCHEDULE_HELP = ("learning-rate schedule: step (x0.1 at lr_milestones), cosine (annealed to 0 over the epochs) or "
+                 "linear (down to 0 at the last optimizer step); per epoch, but per optimizer step for linear or "
+                 "after a warm-up")
+WARMUP_HELP = ("linear warm-up of the learning rate from 0 before the schedule: optimizer steps, or a fraction of "
+               "all optimizer steps if < 1 (0.1: the first tenth); 0: none")
+
+
 @dataclass(frozen=True)
 class TeacherConfig:
     bayes: Bayes = _f(Bayes.none, "teacher kind")
@@ -133,15 +143,11 @@ class TeacherConfig:
     batch_size: int = _f(128, "training batch size")
     accumulate: int = _f(1, "batches whose mean gradient makes one optimizer step (gradient accumulation): an "
                             "effective batch of batch_size x accumulate")
-    optimizer: Optimizer = _f(Optimizer.adam, "optimizer: sgd (with momentum), adam, or adamw (decoupled weight "
-                                            "decay, none on biases and normalisation weights: the 1-D parameters)")
+    optimizer: Optimizer = _f(Optimizer.adam, OPTIMIZER_HELP)
     lr: float = _f(1e-3, "learning rate (the peak of a warm-up)")
-    schedule: Schedule = _f(Schedule.step, "learning-rate schedule: step (x0.1 at lr_milestones), cosine (annealed "
-                                           "to 0 over the epochs) or linear (down to 0 at the last optimizer step); "
-                                           "per epoch, but per optimizer step for linear or after a warm-up")
+    schedule: Schedule = _f(Schedule.step, SCHEDULE_HELP)
     lr_milestones: tuple[int, ...] = _f((), "epochs after which the learning rate is multiplied by 0.1 (schedule step)")
-    warmup: float = _f(0.0, "linear warm-up of the learning rate from 0 before the schedule: optimizer steps, or a "
-                            "fraction of all optimizer steps if < 1 (0.1: the first tenth); 0: none")
+    warmup: float = _f(0.0, WARMUP_HELP)
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of initialisation and batch order")
@@ -195,15 +201,11 @@ class DistillConfig:
     batch_size: int = _f(8, "training batch size")
     accumulate: int = _f(1, "batches whose mean gradient makes one optimizer step (gradient accumulation): an "
                             "effective batch of batch_size x accumulate")
-    optimizer: Optimizer = _f(Optimizer.sgd, "optimizer: sgd (with momentum), adam, or adamw (decoupled weight "
-                                            "decay, none on biases and normalisation weights: the 1-D parameters)")
+    optimizer: Optimizer = _f(Optimizer.sgd, OPTIMIZER_HELP)
     lr: float = _f(0.01, "learning rate (the peak of a warm-up)")
-    schedule: Schedule = _f(Schedule.step, "learning-rate schedule: step (x0.1 at lr_milestones), cosine (annealed "
-                                           "to 0 over the epochs) or linear (down to 0 at the last optimizer step); "
-                                           "per epoch, but per optimizer step for linear or after a warm-up")
+    schedule: Schedule = _f(Schedule.step, SCHEDULE_HELP)
     lr_milestones: tuple[int, ...] = _f((), "epochs after which the learning rate is multiplied by 0.1 (schedule step)")
-    warmup: float = _f(0.0, "linear warm-up of the learning rate from 0 before the schedule: optimizer steps, or a "
-                            "fraction of all optimizer steps if < 1 (0.1: the first tenth); 0: none")
+    warmup: float = _f(0.0, WARMUP_HELP)
     momentum: float = _f(0.9, "SGD momentum")
     weight_decay: float = _f(0.0, "weight decay")
     seed: int = _f(0, "seed of initialisation and noisy targets (and of the data order unless data_seed is set)")

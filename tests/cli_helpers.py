@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -108,3 +109,16 @@ def _in_process(patch: pytest.MonkeyPatch, args: tuple[str, ...], cwd: Path, cap
     stream = io.StringIO()
     patch.setattr(sys, captured, stream)
     return stream
+
+
+def run_fresh(snippets: dict[str, str], folder, without_bcpkd: bool = True) -> dict[str, str]:
+    """Each snippet as written, in its own namespace, in one fresh interpreter in `folder` (where bcpkd_cli cannot be
+    imported, unless not `without_bcpkd`); what each printed."""
+    runner = ["import contextlib, io, json, sys", "sys.modules['bcpkd_cli'] = None" if without_bcpkd else "",
+              "printed = {}", f"for name, code in {snippets!r}.items():", "    out = io.StringIO()",
+              "    with contextlib.redirect_stdout(out):", "        exec(compile(code, name, 'exec'), {})",
+              "    printed[name] = out.getvalue().strip()", "print(json.dumps(printed))"]
+    result = subprocess.run([sys.executable, "-c", "\n".join(runner)], cwd=folder, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -8,8 +8,6 @@ import io
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 from pathlib import Path
 
@@ -21,7 +19,7 @@ import bcpkd_cli
 from bcpkd_cli import artifacts, export_formats
 from bcpkd_cli.models import build_model
 from bcpkd_cli.errors import BcpkdError
-from cli_helpers import failed_here, here, refused_here
+from cli_helpers import failed_here, here, refused_here, run_fresh
 
 pytestmark = pytest.mark.usefixtures("single_thread")  # small networks: one thread, here and in the snippets' processes
 
@@ -33,20 +31,7 @@ def _snippets(folder) -> dict[str, str]:
 
 def _run_snippet(code: str, folder, without_bcpkd: bool = True) -> str:
     """A snippet in a fresh interpreter in `folder`; bcpkd_cli cannot be imported there (`without_bcpkd`)."""
-    return _run_snippets({"one": code}, folder, without_bcpkd)["one"]
-
-
-def _run_snippets(snippets: dict[str, str], folder, without_bcpkd: bool = True) -> dict[str, str]:
-    """Each snippet as written, in its own namespace, in one fresh interpreter in `folder` (where bcpkd_cli cannot be
-    imported, unless not `without_bcpkd`); what each printed."""
-    runner = ["import contextlib, io, json, sys", "sys.modules['bcpkd_cli'] = None" if without_bcpkd else "",
-              "printed = {}", f"for name, code in {snippets!r}.items():", "    out = io.StringIO()",
-              "    with contextlib.redirect_stdout(out):", "        exec(compile(code, name, 'exec'), {})",
-              "    printed[name] = out.getvalue().strip()", "print(json.dumps(printed))"]
-    result = subprocess.run([sys.executable, "-c", "\n".join(runner)], cwd=folder, capture_output=True, text=True,
-                            timeout=180)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_fresh({"one": code}, folder, without_bcpkd)["one"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +63,7 @@ def test_a_student_exports_every_format_checked_on_the_test_split(table_student)
 
 def test_the_card_snippets_run_as_written_and_agree_with_predict(table_student):
     work, student, folder = table_student
-    printed = _run_snippets(_snippets(folder), folder)
+    printed = run_fresh(_snippets(folder), folder)
     assert sorted(printed) == ["onnx", "pt2", "safetensors"]
     names = {line.split()[0] for line in printed.values()}
     assert len(names) == 1  # every format classifies the example row alike
@@ -162,7 +147,7 @@ def test_every_format_of_an_image_student_reloads_without_bcpkd(single_thread, i
     shutil.copy(image, folder / "image.jpg")  # a PNG named .jpg: the content decides
     model = bcpkd_cli.load(tmp_path / student, device="cpu")
     expected = model(model.preprocess(image)[None])[0]
-    for fmt, line in _run_snippets(_snippets(folder), folder).items():
+    for fmt, line in run_fresh(_snippets(folder), folder).items():
         name, probability = line.split()
         assert name == model.classes[int(expected.argmax())], fmt
         assert float(probability) == pytest.approx(float(expected.max()), abs=1e-4), fmt

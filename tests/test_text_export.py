@@ -9,8 +9,6 @@ import importlib.util
 import io
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ pytest.importorskip("transformers")
 
 import bcpkd_cli  # noqa: E402
 from bcpkd_cli.export_formats import TOLERANCE  # noqa: E402
-from cli_helpers import here, refused_here  # noqa: E402
+from cli_helpers import here, refused_here, run_fresh  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["food", "music", "sports", "weather"]  # make_text.py's topics: the sorted label strings
@@ -52,19 +50,6 @@ def _test_texts(work: Path) -> list[str]:
         return [row["text"] for row in csv.DictReader(f)]
 
 
-def _fresh(codes: dict[str, str], folder: Path) -> dict[str, str]:
-    """Each code in its own namespace, in one fresh interpreter in `folder` where bcpkd_cli cannot be imported;
-    what each printed."""
-    runner = ["import contextlib, io, json, sys", "sys.modules['bcpkd_cli'] = None", "printed = {}",
-              f"for name, code in {codes!r}.items():", "    out = io.StringIO()",
-              "    with contextlib.redirect_stdout(out):", "        exec(compile(code, name, 'exec'), {})",
-              "    printed[name] = out.getvalue()", "print(json.dumps(printed))"]
-    result = subprocess.run([sys.executable, "-c", "\n".join(runner)], cwd=folder, capture_output=True, text=True,
-                            timeout=180)
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def _snippets(folder: Path) -> dict[str, str]:
     """The model card's snippets, by format."""
     return dict(re.findall(r"### (\w+)\n\n```python\n(.*?)```", (folder / "README.md").read_text(), re.S))
@@ -73,7 +58,7 @@ def _snippets(folder: Path) -> dict[str, str]:
 def test_the_hf_folder_loads_in_plain_transformers_with_the_checkpoints_classes_and_probabilities(text_run):
     work, student, folder = text_run
     texts = _test_texts(work)
-    printed = _fresh({"mine": "import json, torch\n"
+    printed = run_fresh({"mine": "import json, torch\n"
                               "from transformers import AutoModelForSequenceClassification, AutoTokenizer\n"
                               "model = AutoModelForSequenceClassification.from_pretrained('hf').eval()\n"
                               "tokenizer = AutoTokenizer.from_pretrained('hf')\n"
@@ -162,7 +147,7 @@ def test_onnx_and_pt2_of_a_text_student_take_token_ids_with_any_batch_and_length
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "bcpkd-export.json", "model.onnx", "model.pt2",
                                                        "tokenizer"]
     assert all(v <= TOLERANCE for v in manifest["parity"]["max_abs_prob_difference"].values())
-    printed = _fresh(_snippets(folder), folder)  # the card's snippets, as written
+    printed = run_fresh(_snippets(folder), folder)  # the card's snippets, as written
     probs = bcpkd_cli.load(student)([manifest["example_text"]])[0]
     assert sorted(printed) == ["onnx", "pt2"]
     for line in printed.values():
