@@ -31,6 +31,7 @@ from bcpkd_cli.console import console
 from bcpkd_cli.data import Dataset, require_classes, views
 from bcpkd_cli.diskspace import require_space
 from bcpkd_cli.engine import World, world
+from bcpkd_cli.models import inference_batch_size
 from bcpkd_cli.errors import BcpkdError, BcpkdFailure
 from bcpkd_cli.shards import shard_files, shard_name, shard_rows
 from bcpkd_cli.teachers import Teacher, load_teacher, teacher_payload
@@ -91,14 +92,11 @@ def cache_path(teacher_path: Path, key: str, out: str = "") -> Path:
     return (Path(out) if out else Path(teacher_path).parent / "bcp" / key) / CACHE_FILE
 
 
-AUTOMATIC_BATCH = {"cpu": 128, "cuda": 512}
-
-
 def inference_batch(cfg: CalibrateConfig, device: torch.device | str) -> int:
     """The batch the cache is built in: calibrate.batch_size, or for 0 the one of this type of device
-    (AUTOMATIC_BATCH). Every row is computed in a batch of exactly this size (`build_cache_probs` fills the last
+    (`inference_batch_size`). Every row is computed in a batch of exactly this size (`build_cache_probs` fills the last
     one up), so the rows do not depend on where the data ends or how it is sharded."""
-    return cfg.batch_size or AUTOMATIC_BATCH.get(torch.device(device).type, AUTOMATIC_BATCH["cpu"])
+    return cfg.batch_size or inference_batch_size(device)
 
 
 def cache_view_ids(data: Dataset, cfg: CalibrateConfig) -> torch.Tensor:

@@ -33,9 +33,10 @@ _FOREIGN = re.compile(r"^[^:\s]+:[A-Za-z_][A-Za-z0-9_.]*$")  # torchvision:NAME,
 BUILT_IN = tuple(a.value for a in Arch)
 _GRAD_TARGET = re.compile(r"^(onehot|true|noisy:\d+(\.\d+)?)$")
 _POSITIVE = {"n_classes", "dim", "batch_size", "accumulate", "prior_sigma", "lr_scale",
-             "samples", "grid_size", "log_every", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
+             "samples", "grid_size", "log_every", "log_examples", "ece_bins", "noise_var", "lr", "dirichlet_alpha",
              "t_teacher", "t_student", "workers", "hidden", "line_seconds"}
-_AUTOMATIC_AT_ZERO = {"calibrate.batch_size", "teacher.log_every", "distill.log_every"}  # positive, or 0: by bcpkd
+_AUTOMATIC_AT_ZERO = {"calibrate.batch_size", "evaluate.batch_size", "teacher.log_every", "distill.log_every",
+                      "teacher.log_examples", "distill.log_examples"}  # positive, or 0: chosen by bcpkd
 _EXAMPLES = re.compile(r"^(all|0|[1-9]\d*)$")  # distill/evaluate.grad_noise_examples
 
 

@@ -20,7 +20,6 @@ from rich.table import Table
 
 from bcpkd_cli.errors import BcpkdError
 
-HELDOUT_LINE_EXAMPLES = 2048  # held-out examples measured at each epoch end for the lines of batch jobs
 _EXPLAINED = False  # what the lines of batch jobs show is said once per process
 
 # Logs of batch jobs get 200-column lines instead of rich's 80-column default (tables: their full width, show_table).
@@ -110,8 +109,8 @@ class TrainingReport:
         return self.lines or bool(self.writers)
 
     def start(self, total_steps: int, step: int, epochs: int, first_epoch: int, n_examples: int, batch_size: int,
-              processes: int, accumulate: int = 1) -> None:
-        """`total_steps`, `step`: optimizer steps (of `accumulate` batches each)."""
+              processes: int, accumulate: int = 1, curve: str = "") -> None:
+        """`total_steps`, `step`: optimizer steps (of `accumulate` batches each); `curve`: what the log measures."""
         self.total, self.epochs, self.n_examples = total_steps, epochs, n_examples
         self.started, self.start_step, self.last_line = time.perf_counter(), step, time.perf_counter()
         self.data_seconds = 0.0  # spent building batches (the loop adds to it)
@@ -122,13 +121,14 @@ class TrainingReport:
             return
         ranks = f" on {processes} processes" if processes > 1 else ""
         console.print(f"training {self.desc}{group}: {total_steps} {'optimizer ' if accumulate > 1 else ''}steps "
-                      f"({epochs} epochs of {n_examples} examples, {batch_count(batch_size, accumulate)}{ranks})")
+                      f"({epochs} epochs of {n_examples} examples, {batch_count(batch_size, accumulate)}{ranks})"
+                      f"{'; ' + curve if curve else ''}")
         global _EXPLAINED
         if self.lines and not _EXPLAINED:
             _EXPLAINED = True
-            console.print(f"a line per epoch: mean training loss, the network's held-out accuracy and NLL (on up to "
-                          f"{HELDOUT_LINE_EXAMPLES:,} held-out examples), examples/s, data wait (share of the time "
-                          f"spent building batches), time left")
+            console.print("a line per epoch: mean training loss, the network's held-out accuracy and NLL (on the "
+                          "held-out curve's examples), examples/s, data wait (share of the time spent building "
+                          "batches), time left")
         if step:
             console.print(f"resuming {self.desc} after epoch {first_epoch} (step {step})")
         if not self.lines:

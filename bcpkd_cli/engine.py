@@ -7,7 +7,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bcpkd_cli import metrics
 from bcpkd_cli.choices import Optimizer, Precision, Schedule
-from bcpkd_cli.console import HELDOUT_LINE_EXAMPLES, TrainingReport, console
+from bcpkd_cli.console import TrainingReport, console
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import predict_logits
 from bcpkd_cli.optim import make_optimizer, make_schedule, per_step, restore_schedule, schedule_state
@@ -27,6 +27,10 @@ LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Ten
 # batch_fn(rows [B], epoch) -> (inputs [B, ...], target_probs [B, C] | None): augmentation views, online targets
 BatchFn = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
 LOG_POINTS = 20  # log_every=0 (automatic): at least this many log entries per run, and one per epoch
+LOG_SHARE = 0.5  # log_examples=0 (automatic): the held-out curve costs at most this share of training's passes...
+LOG_MIN_EXAMPLES = 2048  # ...on at least this many held-out examples (a small sample inflates the convergence noise)
+TRAINING_PASSES = 3  # a training example costs about three inference passes (forward and backward)
+CurveFn = Callable[[nn.Module], dict]  # model -> {"heldout_nll", "heldout_accuracy"} (or {}: no held-out data)
 
 
 @dataclass(frozen=True)
@@ -145,18 +149,17 @@ def train(
     spec: TrainSpec,
     desc: str,
     log_every: int = 0,
-    log_fn: Callable[[int, nn.Module], dict] | None = None,
+    curve: CurveFn | None = None,
     batch_fn: BatchFn | None = None,
     penalty: Callable[[int], "torch.Tensor | float"] | None = None,
     resume: Resume | None = None,
-    heldout_fn: Callable[[nn.Module], dict] | None = None,
     report: TrainingReport | None = None,
     log: list[dict] | None = None,
 ) -> int:
     """Minimise mean loss_fn (+ penalty(epoch), e.g. a KL term) over seeded shuffled batches.
 
     Batches are rows of tensors already on the device; `batch_fn(rows, epoch)` builds a batch's
-    inputs and targets (default: the rows of `inputs` and `target_probs`). Appends log_fn(step, model)
+    inputs and targets (default: the rows of `inputs` and `target_probs`). Appends {"step", **curve(model)}
     to `log` at step 0, every `log_every` optimizer steps (0: automatic, `log_interval`) and at the end (a resumed
     run's `log` holds the entries before the interruption too). Returns the number of optimizer steps.
     """
@@ -168,24 +171,23 @@ def train(
         batch_inputs, batch_targets = batch_fn(rows, epoch)
         return batch_inputs, [batch_targets]
 
-    member = Member(model, loss_fn, spec, log_fn, penalty, log=[] if log is None else log, heldout_fn=heldout_fn)
+    member = Member(model, loss_fn, spec, curve, penalty, log=[] if log is None else log)
     return train_lockstep([member], labels, spec.epochs, spec.batch_size, spec.seed, desc, group_batch, log_every,
                           resume, report, getattr(inputs, "plan", None), spec.accumulate)
 
 
 @dataclass
 class Member:
-    """One network of a lockstep group: its loss, optimiser settings, held-out logger and penalty.
-    `log_fn(step, model)` returns an entry that the loop appends to `log`; `heldout_fn(model)` the held-out
-    metrics that the progress report shows at epoch ends (when it asks for them)."""
+    """One network of a lockstep group: its loss, optimiser settings, held-out curve and penalty.
+    `curve(model)` measures the held-out metrics of each `log` entry ({"step", **curve(model)}); the progress
+    report shows them at epoch ends (the entry of the epoch's last step where there is one)."""
 
     model: nn.Module
     loss_fn: LossFn
     spec: TrainSpec
-    log_fn: Callable[[int, nn.Module], dict] | None = None
+    curve: CurveFn | None = None
     penalty: Callable[[int], "torch.Tensor | float"] | None = None
     log: list[dict] = field(default_factory=list)
-    heldout_fn: Callable[[nn.Module], dict] | None = None
 
 
 # group_batch_fn(rows [B], epoch) -> (inputs [B, ...], one target tensor [B, C] (or None) per member)
@@ -214,18 +216,62 @@ def run_log_interval(log_every: int, n: int, batch_size: int, epochs: int, accum
     return log_interval(log_every, epochs * per_epoch, per_epoch)
 
 
-def heldout_log(inputs: torch.Tensor, labels: torch.Tensor) -> Callable[[int, nn.Module], dict]:
-    """log_fn(step, model) -> {"step", "heldout_nll", "heldout_accuracy"} on every held-out example (only the step
-    without held-out data): the curve that teachers and students log (metrics.jsonl, the checkpoint's `log`)."""
+class LogPlan(NamedTuple):
+    """How a run logs its held-out curve: every `interval` optimizer steps, on `examples` held-out examples."""
 
-    def log_heldout(step: int, model: nn.Module) -> dict:
-        if len(labels) == 0:  # data.n_heldout=0: no held-out curve
-            return {"step": step}
-        probs = torch.softmax(predict_logits(model, inputs), dim=1)
-        return {"step": step, "heldout_nll": metrics.nll(probs, labels),
-                "heldout_accuracy": metrics.accuracy(probs, labels)}
+    interval: int
+    examples: int
 
-    return log_heldout
+
+def log_plan(log_every: int, log_examples: int, n: int, n_heldout: int, batch_size: int, epochs: int,
+             accumulate: int = 1) -> LogPlan:
+    """The held-out curve of a training run over n rows: the interval of `run_log_interval` and the examples each
+    entry measures: `log_examples` (at most all), or for 0 (automatic) all of them where the run's entries cost at
+    most LOG_SHARE of training's passes over the data (a training example counting TRAINING_PASSES inference
+    passes), else as many as that allows and at least LOG_MIN_EXAMPLES."""
+    interval = run_log_interval(log_every, n, batch_size, epochs, accumulate)
+    per_epoch = len(accumulation_groups(batch_bounds(n, batch_size), accumulate)) if n else 0
+    entries = epochs * per_epoch // interval + 2  # step 0, every interval, the end
+    affordable = int(LOG_SHARE * TRAINING_PASSES * epochs * n / entries)
+    wanted = log_examples if log_examples > 0 else max(LOG_MIN_EXAMPLES, affordable)
+    return LogPlan(interval, min(n_heldout, wanted))
+
+
+def heldout_sample(n_heldout: int, examples: int) -> torch.Tensor:
+    """The rows [examples] of the held-out split that a curve of `examples` measures: a fixed draw (seed 0), in
+    order, so that every entry, and every network of the same data, measures the same examples (a smaller sample
+    is part of a larger one)."""
+    if examples >= n_heldout:
+        return torch.arange(n_heldout)
+    return torch.randperm(n_heldout, generator=torch.Generator().manual_seed(0))[:examples].sort().values
+
+
+class HeldoutCurve:
+    """curve(model) -> {"heldout_nll", "heldout_accuracy"} on the `heldout_sample` of `examples` held-out examples
+    ({} without held-out data), in the device's inference batches."""
+
+    def __init__(self, inputs, labels: torch.Tensor, examples: int):
+        rows = heldout_sample(len(labels), examples)
+        self.whole = len(labels)
+        if len(rows) < self.whole:
+            inputs = inputs.subset(rows) if hasattr(inputs, "subset") else inputs[rows.to(labels.device)]
+            labels = labels[rows.to(labels.device)]
+        self.inputs, self.labels = inputs, labels
+
+    def __call__(self, model: nn.Module) -> dict:
+        if len(self.labels) == 0:  # data.n_heldout=0: no held-out curve
+            return {}
+        probs = torch.softmax(predict_logits(model, self.inputs).float(), dim=1)
+        return {"heldout_nll": metrics.nll(probs, self.labels),
+                "heldout_accuracy": metrics.accuracy(probs, self.labels)}
+
+    def describe(self, interval: int) -> str:
+        """What the log holds, for the training header."""
+        if len(self.labels) == 0:
+            return "no held-out curve (data.n_heldout=0)"
+        of = f"{len(self.labels):,} of {self.whole:,}" if len(self.labels) < self.whole else f"all {self.whole:,}"
+        every = "every step" if interval == 1 else f"every {interval} steps"
+        return f"held-out curve {every} on {of} held-out examples"
 
 
 def accumulation_groups(bounds: list[tuple[int, int]], accumulate: int) -> list[list[tuple[int, int]]]:
@@ -283,19 +329,18 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     for m in members:
         m.model.train()
     report = report or TrainingReport(desc, [""] * len(members))
-    report.start(total, step, epochs, first_epoch, n, batch_size, place.size, accumulate)
+    curves = {m.curve.describe(log_every) for m in members if isinstance(m.curve, HeldoutCurve)}
+    report.start(total, step, epochs, first_epoch, n, batch_size, place.size, accumulate, ", ".join(sorted(curves)))
     loss_sums = [torch.zeros((), device=labels.device) for _ in members]  # this epoch's, summed over steps
     epoch_steps = 0
 
     def mean_losses() -> list[float]:
         return [float(s) / max(1, epoch_steps) for s in loss_sums]
 
-    def log_all(at_step: int) -> None:  # without touching the training's RNG streams (dropout, VI noise)
+    def log_all(at_step: int) -> None:  # once per step (a resumed run logged its epoch end before saving)
         for m in members:
-            if m.log_fn is not None and place.is_main:
-                with torch.random.fork_rng(devices=[labels.device] if labels.device.type == "cuda" else []):
-                    m.log.append(m.log_fn(at_step, m.model))
-                m.model.train()
+            if m.curve is not None and place.is_main and not (m.log and m.log[-1].get("step") == at_step):
+                m.log.append({"step": at_step, **_measured(m, labels.device)})
 
     try:
         for epoch in range(first_epoch, epochs):
@@ -343,8 +388,10 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
             for schedule, moves in zip(schedules, stepwise):
                 if not moves:
                     schedule.step()
+            if step % log_every == 0 or epoch == epochs - 1:
+                log_all(step)  # before the state is saved: a resumed run's log holds it (the last: the end's entry)
             if place.is_main:
-                report.epoch_end(epoch, step, [{"loss": loss, **_heldout(m, report, labels.device)}
+                report.epoch_end(epoch, step, [{"loss": loss, **_epoch_heldout(m, step, report, labels.device)}
                                                for m, loss in zip(members, mean_losses())])
             if resume is not None:
                 rng = _every_process(_rng_state(labels.device))  # each process's dropout/VI noise stream
@@ -356,29 +403,23 @@ def train_lockstep(members: list[Member], labels: torch.Tensor, epochs: int, bat
     return step
 
 
-def heldout_metrics(inputs: torch.Tensor, labels: torch.Tensor,
-                    limit: int = HELDOUT_LINE_EXAMPLES) -> Callable[[nn.Module], dict] | None:
-    """model -> held-out accuracy and NLL on the first `limit` held-out examples (None without held-out data)."""
-    if len(labels) == 0:
-        return None
-    inputs, labels = inputs[:limit], labels[:limit]
-
-    def measure(model: nn.Module) -> dict:
-        probs = torch.softmax(predict_logits(model, inputs, 1024).float(), dim=1)
-        return {"heldout_accuracy": metrics.accuracy(probs, labels), "heldout_nll": metrics.nll(probs, labels)}
-
-    return measure
-
-
-def _heldout(member: Member, report: TrainingReport, device: torch.device) -> dict:
-    """The member's held-out metrics for the progress report, measured without touching the training's RNG
-    streams (a run with the report equals one without), or none."""
-    if member.heldout_fn is None or not report.wants_heldout:
-        return {}
+def _measured(member: Member, device: torch.device) -> dict:
+    """The member's held-out metrics, measured without touching the training's RNG streams (dropout, VI noise: a
+    run with a curve equals one without)."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        values = member.heldout_fn(member.model)
+        values = member.curve(member.model)
     member.model.train()
     return values
+
+
+def _epoch_heldout(member: Member, step: int, report: TrainingReport, device: torch.device) -> dict:
+    """The held-out metrics of an epoch's end for the progress report: the log entry of that step, else (when
+    the report asks for them) measured on the curve's examples, else none."""
+    if member.log and member.log[-1].get("step") == step:
+        return {k: v for k, v in member.log[-1].items() if k.startswith("heldout_")}
+    if member.curve is None or not report.wants_heldout:
+        return {}
+    return _measured(member, device)
 
 
 def _rng_state(device: torch.device) -> dict:

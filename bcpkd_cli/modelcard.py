@@ -129,7 +129,7 @@ def _weights_snippet(manifest: dict, image: bool) -> str:
     names, model = manifest["weights"]["names"], manifest["model"]
     n_classes = model["n_classes"]
     if names == "torchvision":
-        build = [f"import torchvision", f"net = torchvision.models.get_model(\"{model['arch'].split(':', 1)[1]}\", "
+        build = ["import torchvision", f"net = torchvision.models.get_model(\"{model['arch'].split(':', 1)[1]}\", "
                                         f"num_classes={n_classes}, **{model['arch_kwargs']!r})"]
     elif names == "timm":
         build = ["import timm", f"net = timm.create_model(\"{model['arch'].split(':', 1)[1]}\", "

@@ -125,6 +125,9 @@ SCHEDULE_HELP = ("learning-rate schedule: step (x0.1 at lr_milestones), cosine (
                  "after a warm-up")
 WARMUP_HELP = ("linear warm-up of the learning rate from 0 before the schedule: optimizer steps, or a fraction of "
                "all optimizer steps if < 1 (0.1: the first tenth); 0: none")
+LOG_EXAMPLES_HELP = ("held-out examples each log entry measures (a fixed draw, the same at every entry); 0: "
+                     "automatic, all of them where the entries cost at most half of training, else as many as "
+                     "that allows, at least 2048")
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class TeacherConfig:
     seed: int = _f(0, "seed of initialisation and batch order")
     log_every: int = _f(0, "optimizer steps between held-out NLL/accuracy log entries (metrics.jsonl); 0: automatic, "
                            "at least 20 per run and one per epoch")
+    log_examples: int = _f(0, LOG_EXAMPLES_HELP)
     base: str = _f("", "existing deterministic teacher.pt to fit the posterior around instead of training")
     augment: bool = _f(True, "image data: train on a random view (data.crop) of each image every epoch")
     laplace: LaplaceConfig = _f(LaplaceConfig(), "Laplace approximation (bayes=laplace)")
@@ -213,6 +217,7 @@ class DistillConfig:
                             "trained in lockstep share it")
     log_every: int = _f(0, "optimizer steps between held-out NLL/accuracy log entries (metrics.jsonl); 0: automatic, "
                            "at least 20 per run and one per epoch")
+    log_examples: int = _f(0, LOG_EXAMPLES_HELP)
     grad_noise_examples: str = _f("2048", "training examples the final gradient noise (grad_noise) is measured on: "
                                           "K drawn by distill.seed (shared out under torchrun), all, or 0 (none)")
 
@@ -220,7 +225,7 @@ class DistillConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     ece_bins: int = _f(15, "equal-width confidence bins of the ECE")
-    batch_size: int = _f(4096, "inference batch size")
+    batch_size: int = _f(0, "inference batch size; 0: chosen for the device (CPU 128, CUDA 512)")
     grad_targets: tuple[str, ...] = _f((), "students: also measure gradient noise against onehot, true, noisy:ALPHA")
     grad_noise_examples: str = _f("2048", "grad_targets: training examples measured, K drawn by distill.seed (as "
                                           "distill.grad_noise_examples draws them), all, or 0 (none)")

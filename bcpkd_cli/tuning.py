@@ -103,6 +103,3 @@ def describe_tuning(report: dict) -> str | None:
         return None
     return f"tuned on {report.get('heldout_examples', '?')} held-out examples: {' and '.join(tuned)}"
 
-
-# calibrate.batch_size=0: the inference batch of the cache build per device type. On a CPU large batches run
-# slower (resnet56: 319 images/s at 128, 158 at 1024: their activations leave the caches); docs/benchmarks.md.

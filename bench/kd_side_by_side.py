@@ -67,6 +67,7 @@ def child_bcpkd(stamps: str, argv: list[str]) -> None:
     import bcpkd_cli.stages.distill as distill
     from bcpkd_cli.cli import main
     from bcpkd_cli.console import TrainingReport
+    from bcpkd_cli.engine import HeldoutCurve
 
     marks: dict = {"epoch_ends": [], "evals": [], "grad_noise": [], "build": []}
     start, epoch_end = TrainingReport.start, TrainingReport.epoch_end
@@ -82,9 +83,7 @@ def child_bcpkd(stamps: str, argv: list[str]) -> None:
     TrainingReport.start, TrainingReport.epoch_end = report_start, report_epoch_end
     distill.grad_noise = _timed(distill.grad_noise, marks["grad_noise"])
     calibration.build_cache_probs = _timed(calibration.build_cache_probs, marks["build"])
-    log, metrics = distill.heldout_log, distill.heldout_metrics
-    distill.heldout_log = lambda *a, **k: _timed(log(*a, **k), marks["evals"])
-    distill.heldout_metrics = lambda *a, **k: (lambda fn: fn and _timed(fn, marks["evals"]))(metrics(*a, **k))
+    HeldoutCurve.__call__ = _timed(HeldoutCurve.__call__, marks["evals"])  # every held-out log entry and line
     atexit.register(lambda: Path(stamps).write_text(json.dumps(_relative(marks, origin))))
     sys.argv = ["bcpkd", *argv]
     main()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bcpkd_cli.calibration import AUTOMATIC_BATCH, build_cache_probs, inference_batch
+from bcpkd_cli.calibration import build_cache_probs, inference_batch
+from bcpkd_cli.models import INFERENCE_BATCH
 from bcpkd_cli.config import CalibrateConfig, build_recipe
 from bcpkd_cli.data import Dataset, Split
 from bcpkd_cli.errors import BcpkdError
@@ -42,8 +43,8 @@ def teacher():
 
 
 def test_the_automatic_batch_follows_the_device():
-    assert inference_batch(CalibrateConfig(), "cpu") == AUTOMATIC_BATCH["cpu"] == 128
-    assert inference_batch(CalibrateConfig(), torch.device("cuda", 1)) == AUTOMATIC_BATCH["cuda"]
+    assert inference_batch(CalibrateConfig(), "cpu") == INFERENCE_BATCH["cpu"] == 128
+    assert inference_batch(CalibrateConfig(), torch.device("cuda", 1)) == INFERENCE_BATCH["cuda"]
     assert inference_batch(CalibrateConfig(batch_size=64), "cuda") == 64
     assert build_recipe({}).calibrate.batch_size == 0
     assert build_recipe({"calibrate": {"batch_size": 0}}).calibrate.batch_size == 0

@@ -80,10 +80,10 @@ def _train_once(tiny_data, seed: int, optimizer: Optimizer = Optimizer.sgd):
     model = _model(seed)
     spec = TrainSpec(epochs=2, batch_size=16, optimizer=optimizer, lr=0.05, momentum=0.9, weight_decay=1e-4,
                      seed=seed)
-    logged = []
+    log: list[dict] = []
     steps = train(model, tiny_data.train.inputs, tiny_data.train.labels, None, _cross_entropy, spec, "test",
-                  log_every=7, log_fn=lambda step, m: logged.append(step))
-    return model, steps, logged
+                  log_every=7, curve=lambda m: {}, log=log)
+    return model, steps, [entry["step"] for entry in log]
 
 
 @pytest.mark.parametrize("optimizer", [Optimizer.sgd, Optimizer.adam])

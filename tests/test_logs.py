@@ -21,7 +21,10 @@ import yaml
 
 from bcpkd_cli import artifacts
 from bcpkd_cli.cli import resume_command
-from bcpkd_cli.engine import LOG_POINTS, batch_bounds, log_interval
+from bcpkd_cli.engine import (LOG_MIN_EXAMPLES, LOG_POINTS, HeldoutCurve, TrainSpec, batch_bounds, heldout_sample,
+                              log_interval, log_plan, train)
+from bcpkd_cli.choices import Optimizer
+from bcpkd_cli.console import TrainingReport
 from cli_helpers import bcpkd, default_sigint, here, here_run
 
 TINY = ["--set", "data.n_train=300", "--set", "data.n_heldout=100", "--set", "data.n_test=100",
@@ -107,6 +110,8 @@ def test_what_bcpkd_chose_for_automatic_settings_is_written_beside_them(runs, tm
         assert "\nthreads: 0  # automatic: 1 in this run\n" in text, text
         assert f"\n{section}:\n" in text and \
             f"\n  log_every: 0  # automatic: {history['log_every']} in this run\n" in text, text
+        assert history["log_examples"] == 100  # automatic: all 100 held-out examples (fewer than 512)
+        assert f"\n  log_examples: 0  # automatic: 100 in this run\n" in text, text
         assert yaml.safe_load(text) == payload["config"]  # the settings as given: a recipe that chooses again
     record = {"threads": 4, "distill": {"log_every": 0, "hidden": [8]}}
     written = artifacts.write_config(tmp_path, record, {"threads": 4, "distill.log_every": 7}).read_text()
@@ -191,3 +196,69 @@ def test_ctrl_c_names_the_given_folder_and_the_saved_epoch(tmp_path):
     assert re.search(r"^interrupted: s holds the state of epoch \d+ of 40; continue with: bcpkd distill .* --out s "
                      r"--resume$", stderr, re.MULTILINE), stderr
     assert stderr.count("--out s") == 1
+
+
+def test_the_training_header_says_what_the_held_out_curve_measures(runs):
+    assert "; held-out curve every 3 steps on all 100 held-out examples" in runs["deterministic"]
+    assert "; held-out curve every step on all 100 held-out examples" in runs["student"]
+
+
+def test_an_epoch_line_shows_the_log_entry_of_its_last_step(runs):
+    """300 / 32: 10 steps per epoch, an entry every step: the epoch lines repeat the entries of steps 10 and 20."""
+    log = {entry["step"]: entry for entry in map(json.loads, (runs["folder"] / "s" / "metrics.jsonl").read_text()
+                                                  .splitlines())}
+    lines = [text for text in runs["student"].splitlines() if re.search(r" epoch \d/2: loss", text)]
+    for text, step in zip(lines, (10, 20)):
+        assert f"held-out nll {log[step]['heldout_nll']:.4f}, held-out accuracy {log[step]['heldout_accuracy']:.4f}" \
+            in text, text
+
+
+@pytest.mark.parametrize("n, n_heldout, epochs, log_examples, expected", [
+    (5_000, 1_000, 2, 0, (4, 1_000)),  # 22 entries of a 2-epoch run: half of training affords 681, at least 2,048
+    (5_000, 10_000, 2, 0, (4, LOG_MIN_EXAMPLES)),  # more held-out examples than that: the least
+    (20_000, 10_000, 2, 0, (15, 2_727)),  # 22 entries: as many as half of training affords
+    (50_000, 50_000, 200, 0, (391, 50_000)),  # one entry per epoch: all of them
+    (5_000, 1_000, 2, 300, (4, 300)),  # as set
+    (5_000, 1_000, 2, 10**6, (4, 1_000)),  # at most all
+    (5_000, 0, 2, 0, (4, 0)),  # data.n_heldout=0: none
+])
+def test_the_automatic_held_out_curve_costs_at_most_half_of_training(n, n_heldout, epochs, log_examples, expected):
+    plan = log_plan(0, log_examples, n, n_heldout, 128, epochs)
+    assert (plan.interval, plan.examples) == expected
+    if log_examples == 0 and LOG_MIN_EXAMPLES < plan.examples < n_heldout:
+        entries = epochs * len(batch_bounds(n, 128)) // plan.interval + 2
+        assert entries * plan.examples <= 0.5 * 3 * epochs * n  # inference passes vs training's forward + backward
+
+
+def test_the_held_out_sample_is_fixed_in_order_and_nested():
+    small, large = heldout_sample(1_000, 100), heldout_sample(1_000, 400)
+    assert torch.equal(small, heldout_sample(1_000, 100)) and torch.equal(small, small.sort().values)
+    assert len(small.unique()) == 100 and set(small.tolist()) <= set(large.tolist())
+    assert torch.equal(heldout_sample(50, 100), torch.arange(50))
+    inputs, labels = torch.randn(1_000, 3), torch.arange(1_000) % 2
+    curve = HeldoutCurve(inputs, labels, 100)
+    assert torch.equal(curve.inputs, inputs[small]) and torch.equal(curve.labels, labels[small])
+    assert curve.describe(4) == "held-out curve every 4 steps on 100 of 1,000 held-out examples"
+
+
+@pytest.mark.parametrize("log_every, entries, measured", [(5, [0, 5, 10, 15, 20], 5),  # epoch ends are entries
+                                                         (3, [0, 3, 6, 9, 12, 15, 18, 20], 9)])  # step 10 is not
+def test_epoch_ends_measure_the_held_out_curve_once(tiny_data, log_every, entries, measured):
+    """An epoch end that is a log entry's step shows that entry (one evaluation); another is measured for the
+    line of a batch job; a run that is resumed does not log a step twice (entries are unique)."""
+    calls: list[int] = []
+
+    def curve(model):
+        calls.append(1)
+        return {"heldout_nll": 1.0, "heldout_accuracy": 0.5}
+
+    model = torch.nn.Linear(tiny_data.train.inputs.shape[1], tiny_data.n_classes)
+    spec = TrainSpec(epochs=2, batch_size=32, optimizer=Optimizer.sgd, lr=0.01, momentum=0.0, weight_decay=0.0,
+                     seed=0)
+    log: list[dict] = []
+    report = TrainingReport("test")
+    report.lines = True  # a batch job: its epoch lines show held-out metrics
+    train(model, tiny_data.train.inputs[:320], tiny_data.train.labels[:320], None,
+          lambda logits, labels, targets: torch.nn.functional.cross_entropy(logits, labels, reduction="none"), spec,
+          "test", log_every=log_every, curve=curve, report=report, log=log)
+    assert [entry["step"] for entry in log] == entries and len(calls) == measured

@@ -31,8 +31,8 @@ def _members(seed: int = 0) -> list[Member]:
     def cross_entropy(logits, labels, _):
         return F.cross_entropy(logits, labels, reduction="none")
 
-    def log(step, model):
-        return {"step": step, "norm": model.head.weight.norm().item()}
+    def log(model):
+        return {"norm": model.head.weight.norm().item()}
 
     out = []
     for k, optimizer in enumerate((Optimizer.sgd, Optimizer.adam)):

@@ -132,7 +132,7 @@ def test_accumulated_batches_step_as_one_larger_batch(tiny_data, optimizer):
                      Optimizer.sgd else 1e-2, schedule=Schedule.linear, warmup=2)
         log: list = []
         steps.append(train(model, tiny_data.train.inputs, tiny_data.train.labels, None, _cross_entropy, spec, "test",
-                           log_every=3, log_fn=lambda step, m: {"step": step}, penalty=_penalty(model), log=log))
+                           log_every=3, curve=lambda m: {}, penalty=_penalty(model), log=log))
         models.append(model)
         logs.append(log)
     assert steps[0] == steps[1] == 3 * 5 and logs[0] == logs[1]
@@ -147,7 +147,7 @@ def _members(seed: int) -> list[Member]:
         spec = _spec(epochs=4, batch_size=32, accumulate=2, optimizer=optimizer, schedule=schedule, warmup=0.2,
                      lr=1e-2)
         out.append(Member(model, _cross_entropy, spec,
-                          lambda step, m: {"step": step, "norm": m.head.weight.norm().item()}))
+                          lambda m: {"norm": m.head.weight.norm().item()}))
     return out
 
 

@@ -338,10 +338,23 @@ def load_weights(network: nn.Module, source: str, state: dict) -> None:
     network.load_state_dict(state)
 
 
+# Examples per inference call by device type where bcpkd chooses (0). On a CPU large batches run slower per
+# example (activations leave the caches): resnet56 inferred 319 images/s at 128 and 158 at 1024, resnet20 2.6-2.8x
+# more at 128 than at 1024 (docs/benchmarks.md); a GPU wants larger ones.
+INFERENCE_BATCH = {"cpu": 128, "cuda": 512}
+
+
+def inference_batch_size(device: torch.device | str) -> int:
+    """The automatic inference batch of this type of device (INFERENCE_BATCH; others as a CPU)."""
+    return INFERENCE_BATCH.get(torch.device(device).type, INFERENCE_BATCH["cpu"])
+
+
 @torch.inference_mode()
-def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
-    """Logits [N, C] of an eval-mode model, computed in chunks."""
+def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 0) -> torch.Tensor:
+    """Logits [N, C] of an eval-mode model, computed in chunks of `batch_size` (0: `inference_batch_size` of the
+    inputs' device)."""
     model.eval()
+    batch_size = batch_size or inference_batch_size(getattr(inputs, "device", "cpu"))
     if is_text(inputs):
         batch_size = min(batch_size, TEXT_BATCH)
     return torch.cat([model(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)])

@@ -19,8 +19,8 @@ from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_recor
 from bcpkd_cli.console import TrainingReport, header, line, training_summary
 from bcpkd_cli.data import (Dataset, Split, announce, brief, decoding_workers, few_shot_rows, load_dataset,
                             views)
-from bcpkd_cli.engine import (Member, TrainSpec, heldout_log, heldout_metrics, join_process_group,
-                              prepare_for_device, resolve_device, run_log_interval, train_lockstep)
+from bcpkd_cli.engine import (HeldoutCurve, Member, TrainSpec, join_process_group, log_plan, prepare_for_device,
+                              resolve_device, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import grad_noise, sample_rows
 from bcpkd_cli.losses import kd_loss
@@ -38,7 +38,7 @@ def data_seed(cfg: DistillConfig) -> int:
 
 
 # a lockstep group shares these (and the data): its batches and optimizer steps
-SHARED_KEYS = ("epochs", "batch_size", "accumulate", "few_shot", "log_every")
+SHARED_KEYS = ("epochs", "batch_size", "accumulate", "few_shot", "log_every", "log_examples")
 
 
 def check_group(recipes: list[Recipe]) -> None:
@@ -169,9 +169,11 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         torch.manual_seed(cfg.seed)
         model = prepare_for_device(build_model(spec, init=init), device, recipe.precision)
         group.append(_Student(recipe, model, spec, source, provenance, student_label(cfg, teacher)))
-    held = data.heldout
-    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), heldout_log(held.inputs, held.labels),
-                      heldout_fn=heldout_metrics(held.inputs, held.labels)) for s in group]
+    held, shared = data.heldout, first.distill  # the students in lockstep share the training's shape and log
+    plan = log_plan(shared.log_every, shared.log_examples, len(data.train), len(held), shared.batch_size,
+                    shared.epochs, shared.accumulate)
+    curve = HeldoutCurve(held.inputs, held.labels, plan.examples)
+    members = [Member(s.model, _kd(s.recipe.distill), _train_spec(s.recipe), curve) for s in group]
     log = first.log
     desc = group[0].label if len({s.label for s in group}) == 1 else "students"  # names tell them apart
     report = TrainingReport(desc, names, log.line_seconds,
@@ -182,7 +184,7 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     started = time.perf_counter()
     steps = train_lockstep(members, data.train.labels, first.distill.epochs, first.distill.batch_size, seed, desc,
                            view_batches(data, first.calibrate, seed, [s.source for s in group], device, example_index),
-                           log_every=first.distill.log_every,
+                           log_every=plan.interval,
                            resume=resumable(state_dir / artifacts.TRAINING_STATE, settings, resume,
                                             first.data.skip_unreadable), report=report,
                            plan=getattr(data.train.inputs, "plan", None), accumulate=first.distill.accumulate)
@@ -190,9 +192,7 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     noise = [_grad_noise(s, data, example_index, member) for s, member in zip(group, members)]  # every process
     if not place.is_main:
         return []
-    shared = first.distill  # what this run used where bcpkd chooses (0: automatic): the students share it
-    chosen = {"threads": threads, "log_every": run_log_interval(shared.log_every, len(data.train), shared.batch_size,
-                                                                shared.epochs, shared.accumulate)}
+    chosen = {"threads": threads, "log_every": plan.interval, "log_examples": plan.examples}  # where bcpkd chose
     paths = [_save(s, folder, data, steps, seconds / len(group), member, place.size, name, measured, chosen)
              for s, folder, member, name, measured in zip(group, folders, members, names, noise)]
     finish(state_dir)
@@ -229,8 +229,8 @@ def _grad_noise(student: _Student, data: Dataset, example_index: torch.Tensor, m
 
 def _save(student: _Student, out: Path, data: Dataset, steps: int, seconds: float, member: Member, processes: int,
           name: str, noise: dict, chosen: dict) -> Path:
-    """student.pt, metrics.jsonl and config.yaml; `chosen`: the threads and log interval used, in the history and
-    beside their keys in config.yaml."""
+    """student.pt, metrics.jsonl and config.yaml; `chosen`: the threads and held-out curve (interval, examples)
+    used, in the history and beside their keys in config.yaml."""
     recipe, cfg = student.recipe, student.recipe.distill
     artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in member.log))
     with_cache = cfg.targets in (Targets.teacher, Targets.online)  # the calibration settings made its targets
@@ -242,7 +242,8 @@ def _save(student: _Student, out: Path, data: Dataset, steps: int, seconds: floa
         "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, **noise, **chosen},
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
-    artifacts.write_config(out, record, {"threads": chosen["threads"], "distill.log_every": chosen["log_every"]})
+    artifacts.write_config(out, record, {"threads": chosen["threads"], "distill.log_every": chosen["log_every"],
+                                         "distill.log_examples": chosen["log_examples"]})
     label = f" [{name}]" if name else ""
     final = member.log[-1].get("heldout_accuracy") if member.log else None
     said = [f"{steps} steps in {seconds:.1f}s"]

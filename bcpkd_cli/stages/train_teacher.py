@@ -111,16 +111,18 @@ def _header(recipe: Recipe) -> str:
 
 def _chosen(threads: int, run: TrainingRun, history: dict) -> dict:
     """What this run used where the recipe lets bcpkd choose (0: automatic), into `history` (`threads`, and
-    `log_every` of the phases trained here: one number, or per phase where the log names its phases); returned as
-    config.yaml says it beside those keys (a teacher around a base logged nothing: its log and interval are the
-    base's)."""
+    `log_every` and `log_examples` of the phases trained here: one number, or per phase where the log names its
+    phases); returned as config.yaml says it beside those keys (a teacher around a base logged nothing: its log
+    and plan are the base's)."""
     history["threads"] = threads
     chosen: dict = {"threads": threads}
-    intervals = run.log_intervals
-    if intervals:
-        history["log_every"] = next(iter(intervals.values())) if len(run.logs) == 1 else dict(intervals)
-        chosen["teacher.log_every"] = next(iter(intervals.values())) if len(set(intervals.values())) == 1 else \
-            ", ".join(f"{phase} {every}" for phase, every in intervals.items())
+    for key in ("log_every", "log_examples"):
+        values = {phase: plan.interval if key == "log_every" else plan.examples
+                  for phase, plan in run.log_plans.items()}
+        if values:
+            history[key] = next(iter(values.values())) if len(run.logs) == 1 else values
+            chosen[f"teacher.{key}"] = next(iter(values.values())) if len(set(values.values())) == 1 else \
+                ", ".join(f"{phase} {value}" for phase, value in values.items())
     return chosen
 
 

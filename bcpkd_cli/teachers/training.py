@@ -18,11 +18,10 @@ from torch import nn
 from bcpkd_cli import artifacts
 from bcpkd_cli.choices import Bayes, Schedule
 from bcpkd_cli.config import Recipe
-from bcpkd_cli.console import console
+from bcpkd_cli.console import TrainingReport, console
 from bcpkd_cli.data import Dataset, views
-from bcpkd_cli.console import TrainingReport
-from bcpkd_cli.engine import (BatchFn, LossFn, TrainSpec, heldout_log, heldout_metrics, prepare_for_device,
-                              run_log_interval, train)
+from bcpkd_cli.engine import (BatchFn, HeldoutCurve, LogPlan, LossFn, TrainSpec, log_plan, prepare_for_device,
+                              train)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model
 from bcpkd_cli.resumption import Resume
@@ -71,7 +70,7 @@ class TrainingRun:
     folder: Path  # the teacher's run folder (TensorBoard logs go to folder/tensorboard/<phase>)
     init: tuple[str, dict, dict | None] | None = None  # teacher.init: (file name, state dict, bcpkd spec or None)
     logs: dict[str, list[dict]] = field(default_factory=dict)  # phase -> its log entries (filled by `fit`)
-    log_intervals: dict[str, int] = field(default_factory=dict)  # phase -> the steps between them (by `fit`)
+    log_plans: dict[str, LogPlan] = field(default_factory=dict)  # phase -> its held-out curve's plan (by `fit`)
 
     @property
     def base(self) -> dict | None:
@@ -107,12 +106,12 @@ class TrainingRun:
                                 tensorboard=[self.folder / "tensorboard" / phase] if log.tensorboard else None)
         held = self.data.heldout
         self.logs[phase] = []
-        self.log_intervals[phase] = run_log_interval(cfg.log_every, len(self.data.train), spec.batch_size, spec.epochs,
-                                                     spec.accumulate)
+        plan = self.log_plans[phase] = log_plan(cfg.log_every, cfg.log_examples, len(self.data.train), len(held),
+                                                spec.batch_size, spec.epochs, spec.accumulate)
         steps = train(model, self.data.train.inputs, self.data.train.labels, None, loss_fn, spec, desc=desc,
-                      log_every=cfg.log_every, log_fn=heldout_log(held.inputs, held.labels),
+                      log_every=plan.interval, curve=HeldoutCurve(held.inputs, held.labels, plan.examples),
                       batch_fn=batch_fn or self.augmented(seed), penalty=penalty, resume=self.phase(phase),
-                      heldout_fn=heldout_metrics(held.inputs, held.labels), report=report, log=self.logs[phase])
+                      report=report, log=self.logs[phase])
         return {"steps": steps, "seconds": round(time.perf_counter() - started, 2)}
 
     def fit_unless_base(self, model: nn.Module, loss_fn: LossFn, desc: str) -> dict:
