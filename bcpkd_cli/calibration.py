@@ -318,14 +318,14 @@ def _build_cache(path: Path, teacher_path: Path, payload: dict, data: Dataset, c
 def _cache_metadata(path: Path, teacher: Teacher, teacher_recipe: Recipe, data: Dataset, cfg: CalibrateConfig,
                     expect: dict, batch: int) -> dict:
     """The cache's provenance header (after the calibrated teacher.pt is written); `batch`: the inference batch
-    it was built in."""
+    it was built in (and `threads`, the intra-op threads of each process that built it)."""
     augmentation = data.views.describe() if data.is_image else "none"
     return {**expect, "n_classes": data.n_classes, "classes": list(data.classes),
             "calibrated_teacher_sha256": artifacts.sha256_file(path.parent / "teacher.pt"),
             "split": "train", "views": {"ids": cache_view_ids(data, cfg).tolist(), "augmentation": augmentation},
             "bayes": teacher.kind.value, "method": teacher.method_settings(teacher_recipe.teacher),
             "predictive": teacher.predictive_settings(), "calibrate": to_plain(cfg),
-            "dtype": cfg.cache_dtype.value, "inference_batch_size": batch,
+            "dtype": cfg.cache_dtype.value, "inference_batch_size": batch, "threads": torch.get_num_threads(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 

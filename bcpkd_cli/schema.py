@@ -227,8 +227,9 @@ class EvaluateConfig:
     ece_bins: int = _f(15, "equal-width confidence bins of the ECE")
     batch_size: int = _f(0, "inference batch size; 0: chosen for the device (CPU 128, CUDA 512)")
     grad_targets: tuple[str, ...] = _f((), "students: also measure gradient noise against onehot, true, noisy:ALPHA")
-    grad_noise_examples: str = _f("2048", "grad_targets: training examples measured, K drawn by distill.seed (as "
-                                          "distill.grad_noise_examples draws them), all, or 0 (none)")
+    grad_noise_examples: str = _f("2048", "grad_targets: training examples measured, K drawn by the student's "
+                                          "distill.seed (the rows of its own grad_noise for the same K), all, or 0 "
+                                          "(none)")
 
 
 @dataclass(frozen=True)

@@ -105,3 +105,13 @@ def test_the_setting_is_checked():
     assert build_recipe({}).distill.grad_noise_examples == "2048"
     with pytest.raises(BcpkdError, match="distill.grad_noise_examples: 'some'.*evaluate.grad_noise_examples: '-1'"):
         build_recipe({"distill": {"grad_noise_examples": "some"}, "evaluate": {"grad_noise_examples": -1}})
+
+
+def test_evaluate_measures_other_targets_on_the_students_own_sample(tmp_path, teacher):
+    """A student of seed 3 that learned the true BCPs by pure KD: `evaluate --grad-targets true` with the same K
+    draws the rows its own grad_noise was measured on (its distill.seed, not evaluate's default), so the two agree."""
+    payload, _ = student(tmp_path, teacher, "s3", targets="true", alpha=1.0, seed=3, grad_noise_examples=150)
+    report = evaluate.evaluate_one(tmp_path / "s3" / "student.pt",
+                                   {"device": "cpu", "evaluate": {"grad_targets": ["true"],
+                                                                  "grad_noise_examples": 150}})["metrics"]
+    assert report["grad_noise_true"] == pytest.approx(payload["history"]["grad_noise"], rel=1e-6)

@@ -202,6 +202,7 @@ def test_the_automatic_batch_is_recorded_and_builds_the_explicit_batchs_cache(te
         built[batch] = artifacts.load_cache(path, {})
     automatic, meta = built[0]
     assert meta["inference_batch_size"] == 128 and meta["calibrate"]["batch_size"] == 0
+    assert meta["threads"] == torch.get_num_threads()  # each building process's intra-op threads
     assert [built[batch][1]["inference_batch_size"] for batch in (1024, 100)] == [1024, 100]
     assert torch.equal(built[1024][0][:], automatic[:])
     torch.testing.assert_close(built[100][0][:], automatic[:], rtol=0, atol=1e-6)

@@ -69,7 +69,7 @@ def test_a_student_with_another_tokenizer_learns_the_cached_rows(workdir):
     student's targets are exactly its rows."""
     from safetensors.torch import load_file
 
-    data = ["--data-root", "data/text-example", "--set", "data.n_heldout=20"]
+    data = ["--data-root", "data/text-example", "--set", "data.n_heldout=20", "--set", "data.max_length=64"]
     here("train-teacher", "--bayes", "laplace", "--arch", "hf:data/text-example/teacher-bert", *data,
          "--set", "teacher.arch_kwargs.pretrained=false", "--epochs", "1", "--out", "t", cwd=workdir)
     calibrated = here("calibrate", "--teacher", "t/teacher.pt", cwd=workdir)
@@ -93,7 +93,10 @@ def test_a_student_with_another_tokenizer_learns_the_cached_rows(workdir):
     (["--arch", "hf:data/nothing-here"], "hf:data/nothing-here: transformers could not load it"),
     (["--arch", "hf:data/text-example/teacher-bert", "--set", "data.text_column=sentence"],
      "no column 'sentence' (found: text, label); name it with --set data.text_column=NAME"),
-], ids=["no-arch", "image-arch", "vi", "no-such-model", "no-such-column"])
+    (["--arch", "hf:data/text-example/teacher-bert", "--set", "data.max_length=100"],
+     "data.max_length 100: hf:data/text-example/teacher-bert reads at most 64 tokens per example (its position "
+     "embeddings); set --set data.max_length=64 (or less)"),
+], ids=["no-arch", "image-arch", "vi", "no-such-model", "no-such-column", "too-long"])
 def test_text_mistakes_are_one_line_before_any_work(workdir, args, says):
     error = refused_here("train-teacher", "--data-root", "data/text-example", *args, "--out", "x", cwd=workdir)
     assert says in error

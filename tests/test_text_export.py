@@ -38,8 +38,9 @@ def text_run(tmp_path_factory, single_thread):
     make_text.write_split(work / "test.csv", 6, rng)
     make_text.write_model(work / "student-bert", texts, vocab_size=90, hidden=16, layers=1)
     make_text.write_model(work / "teacher-bert", texts, vocab_size=120, hidden=16, layers=1)
-    student = here("distill", "--targets", "onehot", "--data-root", str(work), "--arch", f"hf:{work}/student-bert",
-                   "--set", "distill.arch_kwargs.pretrained=false", "--set", "distill.optimizer=adamw", "--lr", "0.003",
+    student = here("distill", "--targets", "onehot", "--data-root", str(work), "--set", "data.max_length=64",
+                   "--arch", f"hf:{work}/student-bert", "--set", "distill.arch_kwargs.pretrained=false",
+                   "--set", "distill.optimizer=adamw", "--lr", "0.003",
                    "--epochs", "15", "--batch-size", "16", "--out", "s", cwd=work).strip()
     folder = here("export", student, "--format", "hf", "--out", "exp", cwd=work).strip()
     return work, work / student, work / folder
@@ -78,14 +79,14 @@ def test_the_hf_folder_loads_in_plain_transformers_with_the_checkpoints_classes_
     manifest = json.loads((folder / "bcpkd-export.json").read_text())
     assert manifest["files"] == {"hf": "hf"} and manifest["classes"] == CLASSES and manifest["exact"]
     assert manifest["input"] == {"kind": "text", "inputs": ["input_ids", "attention_mask", "token_type_ids"],
-                                 "dtype": "int64", "max_length": 128, "truncation": "at 128 tokens",
+                                 "dtype": "int64", "max_length": 64, "truncation": "at 64 tokens",
                                  "padding": "to the longest text of the batch", "text_column": "text",
                                  "text_pair_column": None, "tokenizer": "hf",
                                  "flops_tokens": manifest["input"]["flops_tokens"]}
     assert manifest["parity"]["examples"] == len(texts) and manifest["parity"]["max_abs_prob_difference"]["hf"] <= 1e-5
-    assert json.loads((folder / "hf" / "tokenizer_config.json").read_text())["model_max_length"] == 128
+    assert json.loads((folder / "hf" / "tokenizer_config.json").read_text())["model_max_length"] == 64
     card = (folder / "README.md").read_text()
-    assert "truncating at 128 tokens" in card and "classes, in output order: food, music, sports, weather" in card
+    assert "truncating at 64 tokens" in card and "classes, in output order: food, music, sports, weather" in card
     reports = json.loads(here("evaluate", str(student), str(folder), "--json", cwd=work))
     assert reports[1]["kind"] == f"export ({folder / 'hf'} (transformers))"
     assert reports[1]["metrics"]["nll"] == pytest.approx(reports[0]["metrics"]["nll"], abs=1e-5)
@@ -165,8 +166,9 @@ def test_a_teachers_calibrated_predictive_is_in_its_export_or_hf_is_refused_in_o
     nothing written), pt2 holds it, its tokenizer beside it, and predict adds the logit variance."""
     work, student, _ = text_run
     texts = _test_texts(work)[:6]
-    teacher = here("train-teacher", "--data-root", str(work), "--arch", f"hf:{work}/teacher-bert", "--set",
-                   "teacher.arch_kwargs.pretrained=false", "--set", "teacher.optimizer=adamw", "--lr", "0.003",
+    teacher = here("train-teacher", "--data-root", str(work), "--set", "data.max_length=64", "--arch",
+                   f"hf:{work}/teacher-bert", "--set", "teacher.arch_kwargs.pretrained=false",
+                   "--set", "teacher.optimizer=adamw", "--lr", "0.003",
                    "--epochs", "15", "--batch-size", "16", "--out", "t", cwd=work).strip()
     cache = work / here("calibrate", "--teacher", teacher, "--temperature", "fit", cwd=work).strip()
     calibrated = cache.parent / "teacher.pt"
@@ -184,8 +186,8 @@ def test_a_teachers_calibrated_predictive_is_in_its_export_or_hf_is_refused_in_o
     assert torch.allclose(torch.softmax(logits * t_cal, dim=1), bcpkd_cli.load(work / teacher)(texts), atol=1e-5, rtol=0)
 
     laplace = here("train-teacher", "--bayes", "laplace", "--init", str(work / teacher), "--epochs", "0",
-                   "--data-root", str(work), "--arch", f"hf:{work}/teacher-bert", "--set",
-                   "teacher.arch_kwargs.pretrained=false", "--out", "lt", cwd=work).strip()
+                   "--data-root", str(work), "--set", "data.max_length=64", "--arch", f"hf:{work}/teacher-bert",
+                   "--set", "teacher.arch_kwargs.pretrained=false", "--out", "lt", cwd=work).strip()
     refusal = refused_here("export", laplace, "--format", "hf", "--out", "no", cwd=work)
     assert refusal.startswith("error: --format hf: this laplace teacher's predictive (probit of the last-layer kron")
     assert refusal.rstrip().endswith("is not one network's softmax, which is all a transformers folder holds; "

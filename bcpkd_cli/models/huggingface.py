@@ -68,6 +68,30 @@ def describe(arch: str, n_classes: int, arch_kwargs: dict) -> dict:
     return {"config": config.to_dict(), "tokenizer": files}
 
 
+# Model types whose position ids start after the padding index: max_position_embeddings - (pad_token_id + 1) are
+# usable (RoBERTa's 514 are 512 tokens).
+OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text"}
+
+
+def token_limit(description: dict) -> int | None:
+    """The most tokens per example the network reads (its position embeddings), None where its config says none."""
+    config = description["config"]
+    positions = config.get("max_position_embeddings") or config.get("n_positions")
+    if not positions:
+        return None
+    if config.get("model_type") in OFFSET_POSITIONS:
+        positions -= (config.get("pad_token_id") or 1) + 1
+    return int(positions)
+
+
+def require_length(arch: str, description: dict, max_length: int) -> None:
+    """Refuse data.max_length beyond what the network reads (longer examples would index past its positions)."""
+    limit = token_limit(description)
+    if limit is not None and max_length > limit:
+        raise BcpkdError(f"data.max_length {max_length}: {arch} reads at most {limit} tokens per example (its "
+                         f"position embeddings); set --set data.max_length={limit} (or less)")
+
+
 def tokenizer_of(description: dict):
     """The tokenizer a description holds."""
     transformers = _transformers()

@@ -24,7 +24,7 @@ from bcpkd_cli.engine import (HeldoutCurve, Member, TrainSpec, join_process_grou
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import grad_noise, sample_rows
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model, describe_inputs, model_spec
+from bcpkd_cli.models import build_model, describe_inputs, huggingface, model_spec
 from bcpkd_cli.resumption import (STUDENT_SECTIONS, claim_folder, finish, require_saved_state, resumable,
                                   settings_of)
 from bcpkd_cli.targets import TargetSource, student_targets, view_batches
@@ -160,6 +160,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         cfg = recipe.distill
         spec = model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden, arch_kwargs=cfg.arch_kwargs,
                           stats=data.stats, normalize=cfg.normalize)
+        if "hf" in spec:
+            huggingface.require_length(spec["arch"], spec["hf"], recipe.data.max_length)
         inputs = describe_inputs(spec, "distill.normalize")  # said once for the students in lockstep that share it
         if place.is_main and inputs and inputs not in (describe_inputs(s.spec, "distill.normalize") for s in group):
             line(inputs)

@@ -19,7 +19,7 @@ from bcpkd_cli.engine import resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import grad_noise, sample_rows
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model, predict_logits, scaling_name
+from bcpkd_cli.models import build_model, inference_batch_size, predict_logits, scaling_name
 from bcpkd_cli.runners import MANIFEST, open_model
 from bcpkd_cli.teachers import load_teacher
 from bcpkd_cli.threads import apply_threads
@@ -62,11 +62,12 @@ def evaluate_student(payload: dict, recipe: Recipe, data: Dataset, device: torch
         report[f"convergence_noise_{key}"] = None if math.isnan(noise) else noise  # null: log too short
     report["grad_noise"] = payload["history"]["grad_noise"]
     report["grad_noise_examples"] = payload["history"].get("grad_noise_examples")  # null: an older student (all)
+    seed = payload["config"]["distill"]["seed"]  # the rows of the student's own grad_noise, where the sizes agree
     for which in recipe.evaluate.grad_targets:
-        report[f"grad_noise_{which}"] = grad_noise_against(model, data, which, recipe.distill.seed, device,
+        report[f"grad_noise_{which}"] = grad_noise_against(model, data, which, seed, device,
                                                            recipe.evaluate.grad_noise_examples)
     if recipe.evaluate.grad_targets:
-        report["grad_targets_examples"] = len(sample_rows(len(data.train), recipe.evaluate.grad_noise_examples, 0))
+        report["grad_targets_examples"] = len(sample_rows(len(data.train), recipe.evaluate.grad_noise_examples, seed))
     return report, probs
 
 
@@ -181,7 +182,7 @@ def evaluate_export(path: Path, tree: dict, announced: set[str]) -> dict:
         announced.add(data.fingerprint)
         announce(data)
     require_classes(str(path), manifest["classes"], data)
-    test, batch = data.test, recipe.evaluate.batch_size
+    test, batch = data.test, recipe.evaluate.batch_size or inference_batch_size("cpu")  # the runtimes run on CPUs
     chunks = [test.inputs[start:start + batch] for start in range(0, len(test), batch)]
     probs = torch.cat([runner.run(model_input(x, runner.preprocess))[1] for x in chunks])
     return {"checkpoint": str(path), "sha256": artifacts.sha256_file(path) if Path(path).is_file() else None,

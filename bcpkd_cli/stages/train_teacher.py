@@ -19,7 +19,7 @@ from bcpkd_cli.console import console, header, line, training_summary
 from bcpkd_cli.data import announce, brief, decoding_workers, load_dataset
 from bcpkd_cli.engine import join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.models import build_model, describe_inputs, model_spec, scaling_name
+from bcpkd_cli.models import build_model, describe_inputs, huggingface, model_spec, scaling_name
 from bcpkd_cli.resumption import (TEACHER_SECTIONS, claim_folder, finish, require_saved_state, resumable,
                                   settings_of)
 from bcpkd_cli.teachers import TEACHER_KINDS, teacher_payload
@@ -64,6 +64,8 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
                 "init_sha256": artifacts.sha256_file(Path(cfg.init)) if cfg.init else None}
     spec = starts[0]["model"] if starts else model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden,
                                                         kind.dropout(cfg), cfg.arch_kwargs, data.stats, cfg.normalize)
+    if "hf" in spec:
+        huggingface.require_length(spec["arch"], spec["hf"], recipe.data.max_length)
     if init is not None:
         build_model(spec, init=init)  # weights that do not fit the network: refused before any line or work
     if place.is_main:
