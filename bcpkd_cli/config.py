@@ -23,7 +23,7 @@ from bcpkd_cli.roots import TEXT_DATA, VECTOR_DATA, named_by_root, root_kind  # 
 from bcpkd_cli.schema import (  # noqa: F401 (re-exported: configuration is imported from here)
     DEFAULT_ARCH, RUN_KEYS, STUDENT_RECORD, TEACHER_RECORD, CalibrateConfig, DataConfig, DistillConfig, EnsembleConfig,
     EvaluateConfig, ExperimentConfig, LaplaceConfig, LogConfig, MCDropoutConfig, MCMIConfig, Recipe, TeacherConfig,
-    VIConfig, config_field, plain_data, recipe_record, to_plain)
+    VIConfig, config_field, drop_other_kinds, plain_data, recipe_record, to_plain)
 from bcpkd_cli.choices import (  # noqa: F401 (re-exported, as before the enums moved to choices.py)
     Bayes, CacheDtype, Hessian, Link, Optimizer, Precision, PriorMethod, PriorTuning, Subset, Targets, TemperatureFit)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from bcpkd_cli import artifacts
-from bcpkd_cli.config import Recipe, recipe_record
+from bcpkd_cli.config import Recipe, drop_other_kinds, recipe_record
 from bcpkd_cli.console import line
 from bcpkd_cli.errors import BcpkdError
 
@@ -84,6 +84,8 @@ def settings_of(recipe: Recipe | dict, sections: tuple[str, ...], without: tuple
     evaluates), from a recipe or the plain config an artifact stores, less the dotted keys `without`."""
     plain = recipe if isinstance(recipe, dict) else recipe_record(recipe, sections)
     kept = {k: copy.deepcopy(plain.get(k)) for k in sections}
+    if isinstance(kept.get("teacher"), dict):  # artifacts stored before configs dropped the other kinds' settings
+        drop_other_kinds(kept["teacher"])
     for section in ("teacher", "distill"):  # configs stored before normalize's choices had names: true, false
         if isinstance(kept.get(section), dict) and isinstance(kept[section].get("normalize"), bool):
             kept[section]["normalize"] = "data" if kept[section]["normalize"] else "none"

@@ -309,12 +309,27 @@ TEACHER_RECORD = (*RUN_KEYS, "data", "teacher", "log")
 STUDENT_RECORD = (*RUN_KEYS, "data", "distill", "log")
 
 
+KIND_SECTIONS = {Bayes.laplace: "laplace", Bayes.vi: "vi", Bayes.mc_dropout: "mc_dropout", Bayes.ensemble: "ensemble",
+                 Bayes.mcmi: "mcmi"}  # the teacher section's subsection that each kind reads (the others: none)
+
+
+def drop_other_kinds(teacher: dict) -> dict:
+    """A plain teacher section without the subsections of the kinds it is not (a deterministic teacher's config
+    carries no `laplace:` or `vi:` settings); the same dict."""
+    own = KIND_SECTIONS.get(Bayes(teacher.get("bayes", Bayes.none.value)))
+    for section in KIND_SECTIONS.values():
+        if section != own:
+            teacher.pop(section, None)
+    return teacher
+
+
 def recipe_record(recipe: Recipe, sections: typing.Iterable[str]) -> dict:
     """The plain config an artifact stores: only the top-level keys and sections that made it (its data
     section without the keys its dataset does not read, a network's without `hidden` unless it is the mlp, the
-    one that reads it, and on text without the image/vector keys `normalize` and `augment`); a valid recipe for
-    `--recipe`."""
+    one that reads it, on text without the image/vector keys `normalize` and `augment`, the teacher's without
+    the subsections of other kinds); a valid recipe for `--recipe`."""
     plain = to_plain(recipe)
+    drop_other_kinds(plain["teacher"])
     for network in ("teacher", "distill"):
         if plain[network]["arch"] != "mlp":
             del plain[network]["hidden"]

@@ -262,3 +262,11 @@ def test_epoch_ends_measure_the_held_out_curve_once(tiny_data, log_every, entrie
           lambda logits, labels, targets: torch.nn.functional.cross_entropy(logits, labels, reduction="none"), spec,
           "test", log_every=log_every, curve=curve, report=report, log=log)
     assert [entry["step"] for entry in log] == entries and len(calls) == measured
+
+
+def test_a_teachers_config_carries_only_its_own_kinds_settings(runs):
+    deterministic = torch.load(runs["folder"] / "det" / "teacher.pt", weights_only=True)["config"]["teacher"]
+    laplace = torch.load(runs["folder"] / "lap" / "teacher.pt", weights_only=True)["config"]["teacher"]
+    kinds = {"laplace", "vi", "mc_dropout", "ensemble", "mcmi"}
+    assert not kinds & set(deterministic) and kinds & set(laplace) == {"laplace"}
+    assert "vi:" not in (runs["folder"] / "det" / "config.yaml").read_text()

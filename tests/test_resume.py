@@ -72,10 +72,11 @@ def test_resumed_training_equals_uninterrupted_training(tiny_data, tmp_path):
 
 def test_settings_leave_out_paths_identified_by_content():
     plain = {"data": {"name": "imagefolder", "root": "a"}, "calibrate": {"batch_size": 7, "views": 8},
-             "teacher": {"base": "x/teacher.pt", "epochs": 3, "ensemble": {"checkpoints": ["m.pt"], "members": 5}}}
+             "teacher": {"bayes": "ensemble", "base": "x/teacher.pt", "epochs": 3,
+                         "ensemble": {"checkpoints": ["m.pt"], "members": 5}, "vi": {"samples": 20}}}
     settings = resumption.settings_of(plain, ("data", "calibrate", "teacher", "precision"))
     assert settings == {"data": {"name": "imagefolder"}, "calibrate": {"views": 8}, "precision": None,
-                        "teacher": {"epochs": 3, "ensemble": {"members": 5}}}
+                        "teacher": {"bayes": "ensemble", "epochs": 3, "ensemble": {"members": 5}}}  # not vi's
     assert plain["teacher"]["base"] == "x/teacher.pt" and plain["data"]["root"] == "a"  # a copy was trimmed
 
 
