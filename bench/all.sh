@@ -32,6 +32,7 @@ fi
 "$PY" bench/cache_shards.py
 "$PY" bench/cache_speed.py --teacher resnet56 --student resnet20 --n 1024 --views 1 --batches 0,32,64,256,512,1024 --repeats 3
 "$PY" bench/grad_noise_cost.py --n 4096 --sample 2048 --repeats 3
+"$PY" bench/heldout_cost.py --n 5000 --heldout 1000 --epochs 2 --repeats 3 --threads 1
 "$PY" bench/threads.py
 WORK=${WORK:-bench-work}
 "$PY" bench/miniature.py --work "$WORK" --per-class 1
