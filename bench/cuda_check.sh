@@ -5,7 +5,8 @@
 # 2. the synthetic pipeline on the device: teacher, cache, student, evaluation;
 # 3. data-parallel distillation through torchrun on every visible GPU (NCCL; skipped with one GPU),
 #    checked against the single-process student;
-# 4. images read per batch on the device: a 100-class miniature stored and streamed (nvJPEG), data wait.
+# 4. images read per batch on the device: a 100-class miniature stored and streamed (nvJPEG), data wait;
+# 5. text: recipes/text-example.yaml on the device (tiny BERTs under bf16 autocast), where transformers is there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -34,4 +35,13 @@ else
 fi
 "$PY" recipes/examples/make_imagenet_miniature.py "$WORK/mini" --classes 100 --per-class 20 > /dev/null
 "$PY" bench/stream_wait.py --root "$WORK/mini" --image-size 224 --device "$DEVICE" --batch 128 --steps 12
+if "$PY" -c "import transformers, tokenizers" 2>/dev/null; then
+  T="$WORK/text/data/text-example"
+  "$PY" recipes/examples/make_text.py "$T" > /dev/null
+  "$PY" -m bcpkd_cli run recipes/text-example.yaml --out "$WORK/text/runs" --set device="$DEVICE" \
+    --set data.root="$T" --set teacher.arch="hf:$T/teacher-bert" --set distill.arch="hf:$T/student-bert"
+  cat "$WORK/text/runs/summary.md"
+else
+  echo "text check skipped: transformers and tokenizers are not installed"
+fi
 echo "artifacts in $WORK"
