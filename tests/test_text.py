@@ -204,3 +204,19 @@ def test_a_datasets_folder_reads_through_load_dataset_and_hidden_test_labels_giv
     assert data.classes == ("0", "1") and len(data.test) == 12 and len(data.train) == 36
     assert data.test.inputs[:2].texts() == ["validation 0", "validation 1"]
     assert data.test.labels[:4].tolist() == [0, 1, 0, 1]
+
+
+def test_the_example_tokenizers_are_the_same_for_the_same_texts(text_data, tmp_path):
+    """make_text.py writes the same files for the same arguments: its WordPiece vocabulary is learned from word
+    counts (every character, then the most frequent words, ties alphabetical), not in hash order."""
+    spec = importlib.util.spec_from_file_location("make_text", ROOT / "recipes/examples/make_text.py")
+    make_text = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_text)
+    with open(text_data / "train.csv", newline="") as f:
+        texts = [row["text"] for row in csv.DictReader(f)]
+    make_text.write_model(tmp_path / "again", texts, vocab_size=90, hidden=8, layers=1)
+    assert (tmp_path / "again" / "tokenizer.json").read_text() == \
+        (text_data / "student-bert" / "tokenizer.json").read_text()
+    vocab = make_text.wordpiece_vocab(["b a b", "c b"], 11)
+    assert list(vocab) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "##a", "##b", "##c"]
+    assert list(make_text.wordpiece_vocab(["bb aa bb", "cc bb aa"], 14))[-3:] == ["bb", "aa", "cc"]

@@ -6,9 +6,10 @@ student: everything recipes/text-example.yaml needs, with no network.
 DIR/train.csv and DIR/test.csv (columns text, label): four topics (sports, weather, food, music). Each sentence
 mixes words of its own topic with words of one other topic and with filler, so the classes need the words and
 their Bayes class probabilities are not one-hot (some sentences are truly ambiguous). DIR/teacher-bert/ and
-DIR/student-bert/: a BERT config (2 layers of width 64; 1 layer of width 32) and a WordPiece tokenizer trained
-on the training texts (vocabularies of 400 and 250 tokens: teacher and student tokenise differently). Seeded:
-the same arguments write the same files.
+DIR/student-bert/: a BERT config (2 layers of width 64; 1 layer of width 32) and a WordPiece tokenizer learned
+from the training texts (`wordpiece_vocab`; at most 400 and 90 tokens: the teacher's holds every word, the
+student's the most frequent words and every character, reading the others in pieces, so teacher and student
+tokenise differently). Seeded: the same arguments write the same files.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +58,28 @@ def write_split(path: Path, per_class: int, rng: np.random.Generator) -> list[st
     return [text for text, _ in rows]
 
 
+def wordpiece_vocab(texts: list[str], size: int) -> dict[str, int]:
+    """A WordPiece vocabulary learned from the texts' word counts: the special tokens, every character alone and as
+    a continuation (##c), then whole words, most frequent first (ties alphabetical), up to `size` tokens; a word
+    left out is read in pieces. The same texts give the same vocabulary (the tokenizers library's WordPieceTrainer
+    breaks ties between equal pair counts in hash order, which differs from run to run)."""
+    counts = Counter(word for text in texts for word in text.lower().split())
+    chars = sorted({c for word in counts for c in word})
+    vocab = [*SPECIALS, *chars, *(f"##{c}" for c in chars)]
+    words = [w for w in sorted(counts, key=lambda w: (-counts[w], w)) if w not in vocab]
+    vocab += words[:max(0, size - len(vocab))]
+    return {token: i for i, token in enumerate(vocab)}
+
+
 def write_model(folder: Path, texts: list[str], vocab_size: int, hidden: int, layers: int) -> None:
-    """A WordPiece tokenizer trained on `texts` and a tiny BERT config, as transformers reads them."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A WordPiece tokenizer learned from `texts` (`wordpiece_vocab`) and a tiny BERT config, as transformers reads
+    them."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertConfig, BertTokenizerFast
 
-    tokenizer = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tokenizer = Tokenizer(models.WordPiece(wordpiece_vocab(texts, vocab_size), unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tokenizer.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS))
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
     tokenizer.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -88,7 +103,7 @@ def main() -> None:
     texts = write_split(args.folder / "train.csv", args.per_class, rng)
     write_split(args.folder / "test.csv", max(1, args.per_class // 3), rng)
     write_model(args.folder / "teacher-bert", texts, vocab_size=400, hidden=64, layers=2)
-    write_model(args.folder / "student-bert", texts, vocab_size=250, hidden=32, layers=1)
+    write_model(args.folder / "student-bert", texts, vocab_size=90, hidden=32, layers=1)
     print(args.folder)
 
 
