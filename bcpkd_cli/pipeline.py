@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 import statistics
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -33,7 +32,7 @@ from bcpkd_cli.resumption import STUDENT_SECTIONS, TEACHER_SECTIONS, finished_ar
 from bcpkd_cli.stages import distill, evaluate, plot, train_teacher
 from bcpkd_cli.models.foreign import trust, trusted
 from bcpkd_cli.teachers import recipe_problems
-from bcpkd_cli.threads import apply_threads
+from bcpkd_cli.threads import apply_threads, share_with_run_workers
 
 STUDENT_COLUMNS = ["accuracy", "nll", "ece", "kl_to_bcp", "convergence_noise_nll", "convergence_noise_accuracy",
                    "grad_noise"]
@@ -135,10 +134,10 @@ def _student_job(name: str, seed: int, s_tree: dict, teacher_path: Path | None, 
     return path, evaluate.evaluate_one(path, eval_tree)
 
 
-def _worker_start(trusted_arches: list[str], trust_all: bool) -> None:
-    """A student worker: one CPU thread (its stages keep OMP_NUM_THREADS), and the user code this run may import."""
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
+def _worker_start(workers: int, trusted_arches: list[str], trust_all: bool) -> None:
+    """A student worker: its share of the CPUs (the automatic threads and loader workers of its stages), and the
+    user code this run may import."""
+    share_with_run_workers(workers)
     trust(trusted_arches, trust_all)
 
 
@@ -153,7 +152,7 @@ class _InlineExecutor:
 
 @contextmanager
 def _executor(workers: int):
-    """A pool of `workers` spawned processes with one CPU thread each (this process too, meanwhile)."""
+    """A pool of `workers` spawned processes sharing the CPUs (this process, meanwhile, one thread)."""
     if workers == 1:
         yield _InlineExecutor()
         return
@@ -161,7 +160,7 @@ def _executor(workers: int):
     torch.set_num_threads(1)
     try:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_start, initargs=trusted()) as pool:
+                                 initializer=_worker_start, initargs=(workers, *trusted())) as pool:
             try:
                 yield pool
             except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the students in training stop (each keeps the state of

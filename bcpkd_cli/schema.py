@@ -239,7 +239,8 @@ class ExperimentConfig:
     seeds: tuple[int, ...] = _f((0,), "bcpkd run: student seeds")
     teacher_seeds: tuple[int, ...] = _f((0,), "bcpkd run: teacher seeds; with several, every teacher is trained once "
                                               "per seed and its students learn from each (teacher variance shows)")
-    workers: int = _f(1, "bcpkd run: students trained in parallel processes (one CPU thread each when > 1)")
+    workers: int = _f(1, "bcpkd run: students trained in parallel processes, which share the CPUs (each process's "
+                         "automatic threads and loader workers: its share)")
     reported: dict = _f({}, "bcpkd run: student name -> the paper's reported test accuracy in percent, printed beside "
                             "the measured mean")
 

@@ -82,9 +82,19 @@ def usable_cpus(cgroup: Path = CGROUP, membership: Path = MEMBERSHIP) -> int:
     return cpu_limits(cgroup, membership).usable
 
 
+_RUN_WORKERS = 1  # the parallel student processes of `bcpkd run` (experiment.workers) that this process is one of
+
+
+def share_with_run_workers(workers: int) -> None:
+    """In a `bcpkd run` student worker: this process is one of `workers` sharing the machine's CPUs."""
+    global _RUN_WORKERS
+    _RUN_WORKERS = max(1, workers)
+
+
 def local_processes() -> int:
-    """The processes torchrun started on this machine (1 without torchrun)."""
-    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    """The processes sharing this machine's CPUs: those torchrun started (1 without torchrun), times the parallel
+    student workers of `bcpkd run`."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1")) * _RUN_WORKERS
 
 
 def choose_threads(cpus: int, processes: int = 1, loader_workers: int = 0) -> int:

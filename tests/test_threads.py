@@ -114,3 +114,17 @@ def test_the_threads_key():
     assert build_recipe({"threads": 3}).threads == 3 and build_recipe({}).threads == 0
     with pytest.raises(BcpkdError, match="threads: must be 0"):
         build_recipe({"threads": -1})
+
+
+def test_the_workers_of_bcpkd_run_share_the_cpus(tmp_path, monkeypatch, capsys):
+    """experiment.workers=2 on 4 CPUs: each student worker's automatic threads and loader workers are its half."""
+    from bcpkd_cli.data.rows import default_workers
+
+    root, membership = cgroup(tmp_path, {})
+    monkeypatch.setattr(threads, "_RUN_WORKERS", 1)
+    threads.share_with_run_workers(2)
+    assert threads.local_processes() == 2 and default_workers() == 2
+    assert apply_threads(cgroup=root, membership=membership)[0] == 2
+    assert "; 2 processes on this machine;" in capsys.readouterr().err
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # and under torchrun, its processes too
+    assert threads.local_processes() == 4
