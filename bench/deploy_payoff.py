@@ -33,6 +33,7 @@ with one row per model and a "student / teacher" row under each student.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform

@@ -27,9 +27,10 @@ import torch
 from bcpkd_cli.config import CalibrateConfig, Optimizer
 from bcpkd_cli.console import TrainingReport
 from bcpkd_cli.data import Dataset, Split
-from bcpkd_cli.engine import HeldoutCurve, Member, TrainSpec, log_plan, train_lockstep
+from bcpkd_cli.engine import Member, TrainSpec, train_lockstep
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, model_spec, predict_logits
+from bcpkd_cli.steps import HeldoutCurve, log_plan
 from bcpkd_cli.targets import TableTargets, view_batches
 
 N_CLASSES, VIEWS, BATCH = 10, 8, 128
@@ -118,8 +119,8 @@ def main() -> None:
             train_lockstep([member], train.labels, args.epochs, BATCH, 0, name, batches, plan.interval, report=report)
             runs[name].append((time.perf_counter() - started, 0.0 if curve is None else curve.seconds))
     base = statistics.median(seconds for seconds, _ in runs["no held-out curve"])
-    print(f"\n| held-out curve | run (s, median) | of it the curve (s) | curve / run | run / no curve |\n"
-          f"|---|---|---|---|---|")
+    print("\n| held-out curve | run (s, median) | of it the curve (s) | curve / run | run / no curve |\n"
+          "|---|---|---|---|---|")
     for name, values in runs.items():
         run = statistics.median(seconds for seconds, _ in values)
         curve = statistics.median(spent for _, spent in values)

@@ -67,7 +67,7 @@ def child_bcpkd(stamps: str, argv: list[str]) -> None:
     import bcpkd_cli.stages.distill as distill
     from bcpkd_cli.cli import main
     from bcpkd_cli.console import TrainingReport
-    from bcpkd_cli.engine import HeldoutCurve
+    from bcpkd_cli.steps import HeldoutCurve
 
     marks: dict = {"epoch_ends": [], "evals": [], "grad_noise": [], "build": []}
     start, epoch_end = TrainingReport.start, TrainingReport.epoch_end

@@ -189,7 +189,7 @@ def test_lr_milestones_divide_the_learning_rate_by_ten(tiny_data):
 
 
 def test_a_last_batch_of_one_example_joins_the_one_before():
-    from bcpkd_cli.engine import batch_bounds
+    from bcpkd_cli.steps import batch_bounds
 
     assert batch_bounds(10, 4) == [(0, 4), (4, 8), (8, 10)]
     assert batch_bounds(9, 4) == [(0, 4), (4, 9)]  # BatchNorm cannot train on one example

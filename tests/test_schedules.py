@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from bcpkd_cli import artifacts
 from bcpkd_cli.choices import Optimizer, Schedule
 from bcpkd_cli.config import build_recipe
-from bcpkd_cli.engine import Member, TrainSpec, batch_bounds, train, train_lockstep
+from bcpkd_cli.engine import Member, TrainSpec, train, train_lockstep
+from bcpkd_cli.steps import batch_bounds
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model
 from bcpkd_cli.optim import make_optimizer

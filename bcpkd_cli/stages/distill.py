@@ -19,14 +19,14 @@ from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_recor
 from bcpkd_cli.console import TrainingReport, header, line, training_summary
 from bcpkd_cli.data import (Dataset, Split, announce, brief, decoding_workers, few_shot_rows, load_dataset,
                             views)
-from bcpkd_cli.engine import (HeldoutCurve, Member, TrainSpec, join_process_group, log_plan, prepare_for_device,
-                              resolve_device, train_lockstep)
+from bcpkd_cli.engine import Member, TrainSpec, join_process_group, prepare_for_device, resolve_device, train_lockstep
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import grad_noise, sample_rows
 from bcpkd_cli.losses import kd_loss
 from bcpkd_cli.models import build_model, describe_inputs, huggingface, model_spec
 from bcpkd_cli.resumption import (STUDENT_SECTIONS, claim_folder, finish, require_saved_state, resumable,
                                   settings_of)
+from bcpkd_cli.steps import HeldoutCurve, log_plan
 from bcpkd_cli.targets import TargetSource, student_targets, view_batches
 from bcpkd_cli.teachers import Teacher
 from bcpkd_cli.threads import apply_threads

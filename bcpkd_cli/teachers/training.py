@@ -20,11 +20,11 @@ from bcpkd_cli.choices import Bayes, Schedule
 from bcpkd_cli.config import Recipe
 from bcpkd_cli.console import TrainingReport, console
 from bcpkd_cli.data import Dataset, views
-from bcpkd_cli.engine import (BatchFn, HeldoutCurve, LogPlan, LossFn, TrainSpec, log_plan, prepare_for_device,
-                              train)
+from bcpkd_cli.engine import BatchFn, LossFn, TrainSpec, prepare_for_device, train
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model
 from bcpkd_cli.resumption import Resume
+from bcpkd_cli.steps import HeldoutCurve, LogPlan, log_plan
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, _targets) -> torch.Tensor:
