@@ -322,14 +322,19 @@ def _measured(member: Member, device: torch.device) -> dict:
     return values
 
 
+LINE_KEYS = ("heldout_accuracy", "heldout_nll")  # what an epoch line shows of the curve, in this order
+
+
 def _epoch_heldout(member: Member, step: int, report: TrainingReport, device: torch.device) -> dict:
     """The held-out metrics of an epoch's end for the progress report: the log entry of that step, else (when
     the report asks for them) measured on the curve's examples, else none."""
     if member.log and member.log[-1].get("step") == step:
-        return {k: v for k, v in member.log[-1].items() if k.startswith("heldout_")}
-    if member.curve is None or not report.wants_heldout:
+        measured = member.log[-1]
+    elif member.curve is None or not report.wants_heldout:
         return {}
-    return _measured(member, device)
+    else:
+        measured = _measured(member, device)
+    return {key: measured[key] for key in LINE_KEYS if key in measured}
 
 
 def _rng_state(device: torch.device) -> dict:

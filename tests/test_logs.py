@@ -210,7 +210,7 @@ def test_an_epoch_line_shows_the_log_entry_of_its_last_step(runs):
                                                   .splitlines())}
     lines = [text for text in runs["student"].splitlines() if re.search(r" epoch \d/2: loss", text)]
     for text, step in zip(lines, (10, 20)):
-        assert f"held-out nll {log[step]['heldout_nll']:.4f}, held-out accuracy {log[step]['heldout_accuracy']:.4f}" \
+        assert f"held-out accuracy {log[step]['heldout_accuracy']:.4f}, held-out nll {log[step]['heldout_nll']:.4f}" \
             in text, text
 
 
