@@ -7,7 +7,7 @@ DIR/train.csv and DIR/test.csv (columns text, label): four topics (sports, weath
 mixes words of its own topic with words of one other topic and with filler, so the classes need the words and
 their Bayes class probabilities are not one-hot (some sentences are truly ambiguous). DIR/teacher-bert/ and
 DIR/student-bert/: a BERT config (2 layers of width 64; 1 layer of width 32) and a WordPiece tokenizer learned
-from the training texts (`wordpiece_vocab`; at most 400 and 90 tokens: the teacher's holds every word, the
+from the training texts (`wordpiece_vocab`; at most 400 and 110 tokens: the teacher's holds every word, the
 student's the most frequent words and every character, reading the others in pieces, so teacher and student
 tokenise differently). Seeded: the same arguments write the same files.
 """
@@ -103,7 +103,7 @@ def main() -> None:
     texts = write_split(args.folder / "train.csv", args.per_class, rng)
     write_split(args.folder / "test.csv", max(1, args.per_class // 3), rng)
     write_model(args.folder / "teacher-bert", texts, vocab_size=400, hidden=64, layers=2)
-    write_model(args.folder / "student-bert", texts, vocab_size=90, hidden=32, layers=1)
+    write_model(args.folder / "student-bert", texts, vocab_size=110, hidden=32, layers=1)
     print(args.folder)
 
 
