@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from bcpkd_cli.config import DataConfig
 from bcpkd_cli.data import load_dataset
+
+# Tests never download: Hugging Face libraries fail at once on a name that is not on disk (instead of retrying the
+# Hub), in this process and in every process a test starts.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="module")

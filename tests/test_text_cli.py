@@ -91,13 +91,15 @@ def test_a_student_with_another_tokenizer_learns_the_cached_rows(workdir):
     (["--arch", "resnet20"], "text data take a Hugging Face classifier"),
     (["--bayes", "vi", "--arch", "hf:data/text-example/teacher-bert"],
      "--bayes vi: hf:data/text-example/teacher-bert is a transformer"),
-    (["--arch", "hf:data/nothing-here"], "hf:data/nothing-here: transformers could not load it"),
+    (["--arch", "hf:data/nothing-here"], "hf:data/nothing-here: no folder data/nothing-here here; give a folder "
+                                         "with config.json"),
+    (["--arch", "hf:nobody/no-such-model"], "hf:nobody/no-such-model: transformers could not load it"),
     (["--arch", "hf:data/text-example/teacher-bert", "--set", "data.text_column=sentence"],
      "no column 'sentence' (found: text, label); name it with --set data.text_column=NAME"),
     (["--arch", "hf:data/text-example/teacher-bert", "--set", "data.max_length=100"],
      "data.max_length 100: hf:data/text-example/teacher-bert reads at most 64 tokens per example (its position "
      "embeddings); set --set data.max_length=64 (or less)"),
-], ids=["no-arch", "image-arch", "vi", "no-such-model", "no-such-column", "too-long"])
+], ids=["no-arch", "image-arch", "vi", "no-such-folder", "no-such-model", "no-such-column", "too-long"])
 def test_text_mistakes_are_one_line_before_any_work(workdir, args, says):
     error = refused_here("train-teacher", "--data-root", "data/text-example", *args, "--out", "x", cwd=workdir)
     assert says in error

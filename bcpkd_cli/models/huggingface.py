@@ -45,10 +45,23 @@ def _transformers():
     return transformers
 
 
+def _missing_folder(source: str) -> bool:
+    """A name that can only be a local folder (a path from / . or ~, more than ORG/NAME, or under a folder that is
+    here) and is not here: said at once instead of after the Hub's retries."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return False
+    return source.startswith(("/", ".", "~")) or len(path.parts) > 2 or \
+        (len(path.parts) == 2 and Path(path.parts[0]).is_dir())
+
+
 def describe(arch: str, n_classes: int, arch_kwargs: dict) -> dict:
     """{"config": the model config as a dict (num_labels=C, overrides applied), "tokenizer": {file name: text}}."""
     transformers = _transformers()
     source = arch[len(PREFIX):]
+    if _missing_folder(source):
+        raise BcpkdError(f"{arch}: no folder {source} here; give a folder with config.json and the tokenizer's "
+                         f"files, or a Hub name (ORG/NAME) on a connected machine")
     overrides = {k: v for k, v in arch_kwargs.items() if k != "pretrained"}
     try:
         config = transformers.AutoConfig.from_pretrained(source, num_labels=n_classes,
