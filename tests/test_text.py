@@ -220,3 +220,38 @@ def test_the_example_tokenizers_are_the_same_for_the_same_texts(text_data, tmp_p
     vocab = make_text.wordpiece_vocab(["b a b", "c b"], 11)
     assert list(vocab) == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b", "c", "##a", "##b", "##c"]
     assert list(make_text.wordpiece_vocab(["bb aa bb", "cc bb aa"], 14))[-3:] == ["bb", "aa", "cc"]
+
+
+@pytest.mark.parametrize("model_type, config, head_name", [
+    ("distilbert", {"dim": 16, "n_layers": 1, "n_heads": 2, "hidden_dim": 32, "max_position_embeddings": 64},
+     "classifier"),
+    ("roberta", {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                 "max_position_embeddings": 65, "pad_token_id": 0, "type_vocab_size": 1}, "classifier.out_proj"),
+    ("gpt2", {"n_embd": 16, "n_layer": 1, "n_head": 2, "n_positions": 64, "pad_token_id": 0}, "score"),
+])
+def test_other_families_split_into_features_and_their_own_head(text_data, tmp_path, model_type, config, head_name):
+    """DistilBERT, RoBERTa and GPT-2 classifiers (tiny configs, make_text's tokenizer): the head is the family's own
+    last layer, the model's logits are the bare network's, and max_length is checked against its positions."""
+    from transformers import AutoConfig
+
+    folder = tmp_path / model_type
+    folder.mkdir()
+    for file in (text_data / "teacher-bert").iterdir():
+        if file.name != "config.json":
+            (folder / file.name).write_text(file.read_text())
+    vocab = json.loads((text_data / "teacher-bert" / "config.json").read_text())["vocab_size"]
+    AutoConfig.for_model(model_type, vocab_size=vocab, **config).save_pretrained(folder)
+    torch.manual_seed(0)
+    model = build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={"pretrained": False})).eval()
+    assert model.head_name == head_name and model.head.out_features == 4
+    batch = _data(text_data, n_heldout=8).test.inputs[:5]
+    encoded = {k: v for k, v in batch.encode(model.features.tokenizer).items()
+               if k != "token_type_ids" or model.features.takes_types}
+    from bcpkd_cli.models.huggingface import bare, require_length, token_limit
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(batch), bare(model)(**encoded).logits)
+    description = _description(folder)
+    assert token_limit(description) == 64  # RoBERTa's positions start after the padding index (0): 65 - 1 tokens
+    with pytest.raises(BcpkdError, match="reads at most 64 tokens"):
+        require_length(f"hf:{folder}", description, 65)

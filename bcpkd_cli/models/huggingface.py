@@ -93,7 +93,8 @@ def token_limit(description: dict) -> int | None:
     if not positions:
         return None
     if config.get("model_type") in OFFSET_POSITIONS:
-        positions -= (config.get("pad_token_id") or 1) + 1
+        pad = config.get("pad_token_id")
+        positions -= (1 if pad is None else pad) + 1
     return int(positions)
 
 
