@@ -224,3 +224,21 @@ def test_the_python_page_runs_as_written(birds_student, image_folder, tmp_path):
     printed = _run_snippet(code, tmp_path, without_bcpkd=False).splitlines()
     assert len(printed) == 3 and printed[-1] == "True"
     assert all(line.split()[0] in ("bird", "cat", "ship") for line in printed[:2])
+
+
+def test_predict_reads_a_headerless_csv_whole_and_refuses_missing_inputs(table_student, tmp_path):
+    """A .csv whose first row is numbers has no header: every line is a row (line numbers from 1), the same
+    probabilities as with a header; a missing input is one line, exit 2, before any row."""
+    work, _, folder = table_student
+    features = np.random.default_rng(0).normal(size=(3, 30)).round(4)
+    plain, headed = tmp_path / "plain.csv", tmp_path / "headed.csv"
+    plain.write_text("".join(",".join(map(str, row)) + "\n" for row in features))
+    headed.write_text(",".join(f"x{i}" for i in range(30)) + "\n" + plain.read_text())
+    rows = {name: list(csv.DictReader(io.StringIO(here("predict", str(folder), str(path), cwd=work))))
+            for name, path in (("plain", plain), ("headed", headed))}
+    assert [r["input"] for r in rows["plain"]] == [f"{plain}:{i}" for i in (1, 2, 3)]
+    assert [r["input"] for r in rows["headed"]] == [f"{headed}:{i}" for i in (2, 3, 4)]
+    assert [r["top_k"] for r in rows["plain"]] == [r["top_k"] for r in rows["headed"]]
+    error = refused_here("predict", str(folder), "nothere.csv", str(plain), cwd=work)
+    assert error.strip() == "error: nothere.csv: no such file or folder; give existing inputs (images or folders " \
+                            "of them, .csv/.npz feature rows, texts)"

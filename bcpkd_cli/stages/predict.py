@@ -51,8 +51,8 @@ def _image_files(inputs: list[Path]) -> list[Path]:
 
 
 def _rows(path: Path, width: int, label_column: str) -> tuple[list[str], np.ndarray]:
-    """(names, float32 rows [N, width]) of a .csv (header; a label column, if there, is dropped) or .npz (x_test,
-    else x_train, else its only array)."""
+    """(names, float32 rows [N, width]) of a .csv (a header, whose label column, if there, is dropped; a first row of
+    numbers is a row, not a header) or .npz (x_test, else x_train, else its only array)."""
     if path.suffix.lower() == ".npz":
         with np.load(path, allow_pickle=False) as archive:
             key = next((k for k in ("x_test", "x_train") if k in archive.files), archive.files[0])
@@ -61,17 +61,27 @@ def _rows(path: Path, width: int, label_column: str) -> tuple[list[str], np.ndar
     else:
         with open(path, newline="") as f:
             table = [r for r in csv.reader(f) if r]
-        header = table[0]
-        keep = [i for i, name in enumerate(header) if name != label_column]
+        headed = bool(table) and not all(_is_number(cell) for cell in table[0])  # a first row of numbers is a row
+        header = table[0] if headed else []
+        keep = [i for i, name in enumerate(header) if name != label_column] if headed else \
+            list(range(len(table[0]) if table else 0))
         try:
-            rows = np.asarray([[float(r[i]) for i in keep] for r in table[1:]], dtype=np.float32)
+            rows = np.asarray([[float(r[i]) for i in keep] for r in table[headed:]], dtype=np.float32)
         except (ValueError, IndexError):
             raise BcpkdError(f"{path}: rows are not numbers (besides a {label_column!r} column); give the feature "
                              f"columns the model was trained on") from None
-        names = [f"{path}:{i + 2}" for i in range(len(rows))]  # the line number
+        names = [f"{path}:{i + 1 + headed}" for i in range(len(rows))]  # the line number
     if rows.ndim != 2 or rows.shape[1] != width:
         raise BcpkdError(f"{path}: rows of {rows.shape[-1] if rows.ndim else 0} features; this model takes {width}")
     return names, rows
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
 
 
 def _text_lines(path: Path) -> list[tuple[int, str]]:
@@ -193,6 +203,11 @@ def run(model: str, inputs: list[Path], out: str, top_k: int, batch_size: int, s
     (unless `skip_unreadable`)."""
     apply_threads()
     runner = open_model(model, draws)
+    missing = [path for path in inputs if not path.exists()]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise BcpkdError(f"{missing[0]}: no such file or folder{more}; give existing inputs (images or folders of "
+                         f"them, .csv/.npz feature rows, texts)")
     pre = runner.preprocess
     fields = ["input", "class", "probability", "top_k", "entropy"] + ([runner.epistemic] if runner.epistemic else [])
     if text_column and pre.kind != "text":
