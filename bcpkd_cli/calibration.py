@@ -40,8 +40,9 @@ from bcpkd_cli.tuning import calibrate
 
 CACHE_FILE = "bcp.safetensors"
 # Bumped when a teacher kind's predictive changes for the same checkpoint, so caches of the old
-# predictive are neither found nor accepted (2: MC-dropout masks drawn from per-(layer, draw) pools).
-PREDICTIVE_VERSION = 2
+# predictive are neither found nor accepted (2: MC-dropout masks drawn from per-(layer, draw) pools; 3: a prior
+# grid search keeps the teacher's own prior precision where no grid point lowers held-out NLL).
+PREDICTIVE_VERSION = 3
 
 
 def refuse_calibrated(teacher_path: Path, payload: dict) -> None:
@@ -85,6 +86,8 @@ def cache_key(teacher_sha256: str, data_fingerprint: str, cfg: CalibrateConfig, 
         settings["draws"] = cfg.draws
     if cfg.top_k:
         settings["top_k"] = cfg.top_k
+    if cfg.prior_grid:
+        settings["prior_grid"] = list(cfg.prior_grid)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -333,6 +333,10 @@ def build_recipe(tree: dict, source: str = "recipe", checks: typing.Sequence[Che
         errors.append(f"calibrate.top_k: must be 0 (dense) or positive, got {recipe.calibrate.top_k}")
     elif recipe.calibrate.top_k and recipe.calibrate.draws:
         errors.append("calibrate.top_k: a top-k cache keeps no Monte Carlo draws; set calibrate.draws=0 or top_k=0")
+    grid = recipe.calibrate.prior_grid
+    if grid and not (len(grid) == 3 and grid[0] <= grid[1] and float(grid[2]).is_integer() and grid[2] >= 1):
+        errors.append(f"calibrate.prior_grid: give [log10 of the smallest, log10 of the largest, points], e.g. "
+                      f"[-4, 4, 21], got {list(grid)}")
     if recipe.calibrate.draws < 0:
         errors.append(f"calibrate.draws: must be 0 or positive, got {recipe.calibrate.draws}")
     if recipe.data.image_size < 0:

@@ -169,6 +169,9 @@ class TeacherConfig:
 @dataclass(frozen=True)
 class CalibrateConfig:
     prior: PriorTuning = _f(PriorTuning.gridsearch, "Laplace prior precision on held-out data: keep, marglik or gridsearch")
+    prior_grid: tuple[float, ...] = _f((), "prior gridsearch: [log10 of the smallest, log10 of the largest, points]; "
+                                           "empty: the teacher's teacher.laplace grid_min, grid_max, grid_size. The "
+                                           "teacher's own prior precision is kept where no point lowers held-out NLL")
     temperature: TemperatureFit = _f(TemperatureFit.none, "fit a temperature on held-out NLL (any teacher)")
     temper: Temper = _f(Temper.logits, "how T_t tempers the targets: logits (each logit draw, or the logit "
                                        "distribution, divided by T_t; bcpkd's default) or predictive (the "

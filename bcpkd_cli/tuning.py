@@ -49,6 +49,8 @@ def calibration_line(report: dict) -> str:
     ECE 0.0523 -> 0.0491 (200 examples)`, or that there was nothing to tune."""
     chosen = [f"{name} {report[key]:.4g}" for key, name in (("prior_precision", "prior precision"),
                                                              ("temperature", "temperature")) if key in report]
+    if report.get("prior_kept"):
+        chosen[0] += " (the teacher's own: no grid point lowered held-out NLL)"
     before, after = report["before"], report["after"]
     change = "; ".join(f"held-out {m.upper()} {before[m]:.4f} -> {after[m]:.4f}" for m in ("nll", "ece")
                        if m in before) if before else "no held-out examples"
@@ -95,7 +97,8 @@ def describe_tuning(report: dict) -> str | None:
     tuned = []
     if "prior_precision" in report:
         how = "marginal likelihood" if report.get("prior_method") == "marglik" else "held-out NLL over a grid " \
-            f"{report['prior_grid'][0]:.3g} .. {report['prior_grid'][1]:.3g}"
+            f"{report['prior_grid'][0]:.3g} .. {report['prior_grid'][1]:.3g}" + \
+            (" and the teacher's own, kept" if report.get("prior_kept") else "")
         tuned.append(f"prior precision {report['prior_precision']:.4g} (by {how})")
     if "temperature" in report:
         tuned.append(f"temperature {report['temperature']:.4g} (by held-out NLL)")

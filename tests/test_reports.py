@@ -24,10 +24,10 @@ pytestmark = pytest.mark.usefixtures("single_thread")  # small tensors: one thre
 TINY = ["--set", "data.n_train=300", "--set", "data.n_heldout=100", "--set", "data.n_test=100",
         "--set", "teacher.hidden=[16]", "--set", "distill.hidden=[8]", "--set", "distill.batch_size=32",
         "--set", "distill.log_every=5", "--device", "cpu"]
-# A prior precision searched only at 1e10 and 1e12 (two points: the grid is not widened): a posterior that
-# adds nothing to the network, whichever is chosen.
-NO_POSTERIOR = ["--set", "teacher.laplace.grid_min=10", "--set", "teacher.laplace.grid_max=12",
-                "--set", "teacher.laplace.grid_size=2"]
+# A prior precision searched only at 1e10 and 1e12 (two points: the grid is not widened), when the teacher is
+# trained and when it is calibrated: a posterior that adds nothing to the network, whichever is chosen.
+NO_POSTERIOR = ["--set", "teacher.laplace.prior=gridsearch", "--set", "teacher.laplace.grid_min=10",
+                "--set", "teacher.laplace.grid_max=12", "--set", "teacher.laplace.grid_size=2"]
 
 
 def here_both(*args: str, cwd: Path) -> tuple[str, str]:
@@ -282,7 +282,7 @@ data: {n_train: 300, n_heldout: 100, n_test: 100}
 teacher: {hidden: [16], epochs: 2}
 distill: {hidden: [8], batch_size: 32, log_every: 5, epochs: 1}
 experiment:
-  teachers: {lap: {bayes: laplace, laplace: {grid_min: 10, grid_max: 12, grid_size: 2}}}
+  teachers: {lap: {bayes: laplace, laplace: {prior: gridsearch, grid_min: 10, grid_max: 12, grid_size: 2}}}
   students: {from_lap: {targets: teacher, teacher: lap}}
   seeds: [0]
   workers: 1
@@ -299,3 +299,29 @@ experiment:
         assert curves == {"teacher lap", "from_lap"}  # the calibrated teacher trained nothing: no curve
     assert labels["teacher lap -> from_lap (as calibrated)"] in ("laplace teacher (calibrated, prior precision 1e+10)",
                                                                  "laplace teacher (calibrated, prior precision 1e+12)")
+
+
+def test_calibration_never_makes_held_out_nll_worse(tmp_path):
+    """calibrate.prior_grid: a grid far below the teacher's trained prior (marglik) loses to it, which is kept and
+    said; on a fine grid the best of the grid and the trained prior is taken. Held-out NLL never rises. A
+    --set teacher.KEY on calibrate that differs from the checkpoint's setting (which calibrate uses) is said."""
+    here("train-teacher", "--bayes", "laplace", "--epochs", "2", "--out", "t", *TINY, cwd=tmp_path)
+    trained = torch.load(tmp_path / "t" / "teacher.pt", weights_only=True)["predictive"]["prior_precision"]
+    said = {}
+    for name, grid in (("far", "[-12,-8,2]"), ("fine", "[-4,4,81]")):  # 2 points: not widened
+        said[name] = here_both("calibrate", "--teacher", "t/teacher.pt", "--out", name, "--set",
+                               f"calibrate.prior_grid={grid}", cwd=tmp_path)[1]
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert report["after"]["nll"] <= report["before"]["nll"] + 1e-12, said[name]
+        assert report["prior_kept"] == (report["prior_precision"] == pytest.approx(trained))
+    far = json.loads((tmp_path / "far" / "report.json").read_text())
+    assert far["prior_kept"] and far["after"] == far["before"] and far["prior_grid"][1] == pytest.approx(1e-8)
+    assert f"calibrated: prior precision {trained:.4g} (the teacher's own: no grid point lowered held-out NLL)" \
+        in said["far"]
+    same, other = ("teacher.laplace.grid_min=-4", "teacher.hidden=[16]"), "teacher.laplace.grid_min=-8"
+    err = here_both("calibrate", "--teacher", "t/teacher.pt", *[a for s in (*same, other) for a in ("--set", s)],
+                    cwd=tmp_path)[1]
+    notes = [text for text in err.splitlines() if text.startswith("note: --set")]
+    assert notes == ["note: --set teacher.laplace.grid_min=-8 is not used: t/teacher.pt was trained with "
+                     "teacher.laplace.grid_min -4.0, and this command uses its settings (calibration's own keys are "
+                     "calibrate.*, e.g. calibrate.prior_grid=[-4,4,21] for the prior grid search)"]

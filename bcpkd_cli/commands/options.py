@@ -89,6 +89,24 @@ def recipe_tree(recipe: Optional[Path], sets: Optional[list[str]], flags: dict, 
     return merge(merge(given, typed), parse_set(sets or []))
 
 
+def say_unused_teacher_sets(sets: Optional[list[str]], checkpoint: dict, path: Path) -> None:
+    """One line for each --set teacher.KEY=V that differs from the settings the teacher at `path` was trained with:
+    this command uses the checkpoint's (the same --set items passed to every stage of a script are said nothing)."""
+    trained = checkpoint["config"].get("teacher", {})
+    for item in sets or []:
+        key, _, raw = item.partition("=")
+        if not key.startswith("teacher."):
+            continue
+        node = trained
+        for part in key.split(".")[1:]:
+            node = node.get(part) if isinstance(node, dict) else None
+        value = yaml.safe_load(raw) if raw else ""
+        if not _same(value, node):
+            line(f"note: --set {key}={raw} is not used: {path} was trained with {key} {_value(node)}, and this "
+                 f"command uses its settings (calibration's own keys are calibrate.*, e.g. calibrate.prior_grid="
+                 f"[-4,4,21] for the prior grid search)")
+
+
 def say_data(recipe: Optional[Path], tree: dict, checkpoint: dict, path: Path) -> None:
     """One line when the data section of `recipe` asks for other data than `checkpoint` (at `path`) was made from:
     the checkpoint's are used (--data, --data-root and --set data.KEY=V change them: they are in `tree`), and the
@@ -111,6 +129,16 @@ def say_data(recipe: Optional[Path], tree: dict, checkpoint: dict, path: Path) -
     sets = " ".join(f"--set {shlex.quote(f'data.{k}={_value(asked[k])}')}" for k in differ)
     line(f"data: as {path} was made from ({shown(differ, used)}), not as the data section of recipe {recipe} says "
          f"({shown(differ, asked)}); to use the recipe's, add {sets}")
+
+
+def _same(a, b) -> bool:
+    """Config values equal as settings: numbers by value (-4 is -4.0), lists item by item."""
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return float(a) == float(b)
+    return _value(a) == _value(b)
 
 
 def _value(value) -> str:

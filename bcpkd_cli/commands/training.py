@@ -13,7 +13,7 @@ from bcpkd_cli.choices import (Bayes, DatasetName, Hessian, Link, PriorMethod, P
 from bcpkd_cli.commands.options import (NORMALIZE, TEACHERS_DATA, DeviceOpt, ForceOpt, OutOpt, PrintConfigOpt,
                                         ResumeOpt, TrustOpt, check_resume, checked, config_option, data_option,
                                         data_root_option, field_help, recipe_option, recipe_tree, say_data,
-                                        set_option, show_config, source_of, teacher_checkpoint)
+                                        say_unused_teacher_sets, set_option, show_config, source_of, teacher_checkpoint)
 from bcpkd_cli.config import (RUN_KEYS, STUDENT_RECORD, TEACHER_RECORD, build_recipe, merge, parse_sweep,
                               set_path)
 from bcpkd_cli.errors import BcpkdError
@@ -107,6 +107,7 @@ def calibrate(
                                       "calibrate.prior": prior, "calibrate.temperature": temperature,
                                       "calibrate.views": views, "distill.t_teacher": t_teacher}, recipe_data=False)
     teacher, payload = teacher_checkpoint(teacher)
+    say_unused_teacher_sets(set_, payload, teacher)
     config = checked(tree, source_of(recipe), payload)
     say_data(recipe, tree, payload, teacher)
     if print_config:
@@ -169,6 +170,7 @@ def distill(
     payload = None
     if teacher is not None:
         teacher, payload = teacher_checkpoint(teacher)
+        say_unused_teacher_sets(set_, payload, teacher)
     configs = [checked(merge(tree, {"distill": point}), source_of(recipe), payload) for point in grid]
     if payload is not None:
         say_data(recipe, tree, payload, teacher)

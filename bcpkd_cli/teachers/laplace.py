@@ -2,8 +2,8 @@
 
 laplace-torch fits the posterior; the mean and covariance of the logits, f_mu [B, C] and f_var
 [B, C, C], come in closed form from the penultimate features for last-layer Kron and diagonal
-posteriors (laplace_closed_form.py) and from laplace-torch's Jacobians otherwise. Temperature T (calibration T_cal times the requested T) divides the logit
-distribution: mean f_mu / T, covariance f_var / T^2; then
+posteriors (laplace_closed_form.py) and from laplace-torch's Jacobians otherwise. Temperature T (calibration
+T_cal times the requested T) divides the logit distribution: mean f_mu / T, covariance f_var / T^2; then
   probit: softmax((f_mu / T) / sqrt(1 + pi/8 * diag(f_var) / T^2))   (laplace-torch's probit at T=1)
   mc:     mean over S draws of softmax((f_mu + L eps) / T), eps seeded by example index.
 The last-layer probit predictive deploys as one graph (laplace_deployed.py); the others as the MAP network.
@@ -99,7 +99,8 @@ def grid_search(score: Callable[[float], float], lo: float, hi: float, size: int
     best = min(range(len(values)), key=scores.__getitem__)
     if best in (0, len(values) - 1) and size >= 3:
         console.print(f"[yellow]warning:[/] the best {what} is still at the edge of the searched range "
-                      f"({values[best]:.3g}); set teacher.laplace.grid_min/grid_max (log10) to search further")
+                      f"({values[best]:.3g}); search further with teacher.laplace.grid_min/grid_max (log10) when "
+                      f"training, calibrate.prior_grid when calibrating")
     return values[best], [values[0], values[-1]]
 
 
@@ -117,6 +118,7 @@ class LaplaceTeacher(Teacher):
         super().__init__(model.eval(), calibration_temperature, noise_seed, batch_size)
         self.cfg = cfg
         self.searched: list[float] = []  # the prior precisions the last grid search covered
+        self.kept_prior = False  # the last grid search found no precision with a lower held-out NLL than the start
         from laplace import Laplace  # imported here: it costs seconds at start-up, and only Laplace teachers need it
 
         kwargs = {"last_layer_name": HEAD_NAME} if cfg.subset == Subset.last_layer else {}
@@ -157,8 +159,10 @@ class LaplaceTeacher(Teacher):
         """The prior precision on held-out data (calibrate.prior), unless it is kept."""
         if cfg.prior == PriorTuning.keep:
             return {}
-        self.tune_prior(PriorMethod(cfg.prior.value), held.inputs, held.labels)
-        searched = {"prior_grid": self.searched} if cfg.prior == PriorTuning.gridsearch else {}
+        grid = tuple(cfg.prior_grid) if cfg.prior_grid else None
+        self.tune_prior(PriorMethod(cfg.prior.value), held.inputs, held.labels, keep_better=True, grid=grid)
+        searched = {"prior_grid": self.searched, "prior_kept": self.kept_prior} \
+            if cfg.prior == PriorTuning.gridsearch else {}
         return {"prior_precision": self.prior_precision, "prior_method": cfg.prior.value, **searched}
 
     def fit(self, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 256) -> None:
@@ -174,8 +178,11 @@ class LaplaceTeacher(Teacher):
         return float(self.la.prior_precision.reshape(-1)[0])
 
     def tune_prior(self, method: PriorMethod, heldout_inputs: torch.Tensor | None = None,
-                   heldout_labels: torch.Tensor | None = None) -> None:
-        """Scalar prior precision by laplace-torch's marginal likelihood, or by held-out NLL over a log grid.
+                   heldout_labels: torch.Tensor | None = None, keep_better: bool = False,
+                   grid: tuple[float, float, float] | None = None) -> None:
+        """Scalar prior precision by laplace-torch's marginal likelihood, or by held-out NLL over a log grid (with
+        `keep_better`, as calibrate tunes a trained teacher: the precision it had is kept where no grid point has a
+        lower held-out NLL). `grid`: (log10 min, log10 max, points), else teacher.laplace's.
 
         The grid search scores exactly the predictive that gets cached (probit, or MC with
         index-seeded draws), with a plain NLL computed afresh for every grid point (laplace-torch 0.3's
@@ -201,9 +208,11 @@ class LaplaceTeacher(Teacher):
             except torch.linalg.LinAlgError:  # posterior precision not positive definite at this prior
                 return math.inf
 
-        best, self.searched = grid_search(score, self.cfg.grid_min, self.cfg.grid_max, self.cfg.grid_size,
-                                          "prior precision")
-        self.la.prior_precision = torch.tensor([best])
+        start = self.prior_precision
+        low, high, size = grid or (self.cfg.grid_min, self.cfg.grid_max, self.cfg.grid_size)
+        best, self.searched = grid_search(score, low, high, int(size), "prior precision")
+        self.kept_prior = keep_better and score(start) <= score(best)  # then calibration never makes it worse
+        self.la.prior_precision = torch.tensor([start if self.kept_prior else best])
 
     def grid(self) -> torch.Tensor:
         """The configured grid of prior precisions (before any widening)."""
