@@ -413,8 +413,8 @@ def _load_top_k(path: Path, meta: dict[str, Any], rows_per_check: int = 65_536) 
 
 def write_config(folder: Path, record: dict, chosen: dict | None = None) -> Path:
     """An artifact's resolved config (`config.recipe_record`) next to it, as YAML that `--recipe` accepts. `chosen`
-    ({dotted key: value}): what the run used for keys the record leaves at 0 (automatic), said beside each of them
-    (`threads: 0  # automatic: 4 in this run`; the checkpoint's history keeps the values)."""
+    ({dotted key: value}): what the run used for keys the record leaves unset (0, -1 or '': automatic), said beside
+    each of them (`threads: 0  # automatic: 4 in this run`; the checkpoint keeps the values)."""
     lines = yaml.safe_dump(record, sort_keys=False).split("\n")
     for dotted, value in (chosen or {}).items():
         *sections, key = dotted.split(".")
@@ -422,7 +422,7 @@ def write_config(folder: Path, record: dict, chosen: dict | None = None) -> Path
         for i, text in enumerate(lines):
             name = text.lstrip(" ").split(":", 1)[0]
             del path[(len(text) - len(text.lstrip(" "))) // 2:]
-            if path == sections and name == key and text.endswith(": 0"):
+            if path == sections and name == key and text.endswith((": 0", ": -1", ": ''")):  # the unset values
                 lines[i] = f"{text}  # automatic: {value} in this run"
                 break
             path.append(name)

@@ -15,8 +15,8 @@ def teacher_record(payload: dict) -> dict:
     if payload["format"] == artifacts.TEACHER_FORMAT:
         return {"kind": payload["bayes"], "calibrated": "calibration" in payload["history"],
                 "calibration": payload["history"].get("calibration"), "predictive": payload["predictive"]}
-    targets = {k: v for k, v in payload["targets"].items() if k != "few_shot_rows"}
-    distill = payload["config"]["distill"]
+    targets = {("targets" if k == "kind" else k): v for k, v in payload["targets"].items() if k != "few_shot_rows"}
+    distill = payload["config"]["distill"]  # `targets`: what it learned from (teacher, online, onehot, true, noisy)
     return {**targets, "alpha": distill["alpha"], "t_teacher": distill["t_teacher"],
             "t_student": distill["t_student"]}
 
@@ -196,7 +196,8 @@ def render(manifest: dict) -> str:
              "## Test split", "",
              f"{test['n_examples']} examples: accuracy {test['accuracy']:.4f}, NLL {test['nll']:.4f}, "
              f"ECE {test['ece']:.4f}, Brier {test['brier']:.4f}.", "",
-             "## What it learned from" if manifest["kind"] == "student" else "## Teacher", "", *[f"- {k}: {json.dumps(v)}" for k, v in teacher.items()], "",
+             "## What it learned from" if manifest["kind"] == "student" else "## Teacher", "",
+             *[f"- {k}: {json.dumps(v)}" for k, v in teacher.items()], "",
              "## Where it came from", "",
              f"- made with the settings in `{manifest['source']['config']}` (`{_repeat(manifest)}` repeats the "
              f"run)", f"- exported with `{manifest['command']}`",

@@ -117,6 +117,11 @@ def test_what_bcpkd_chose_for_automatic_settings_is_written_beside_them(runs, tm
     record = {"threads": 4, "distill": {"log_every": 0, "hidden": [8]}}
     written = artifacts.write_config(tmp_path, record, {"threads": 4, "distill.log_every": 7}).read_text()
     assert written.splitlines()[:3] == ["threads: 4", "distill:", "  log_every: 0  # automatic: 7 in this run"]
+    record = {"out": "", "data": {"n_train": 0, "n_heldout": -1, "n_test": 100}}  # left unset, and one set
+    sizes = {"out": "runs/x", "data.n_train": 900, "data.n_heldout": 100, "data.n_test": 100}
+    assert artifacts.write_config(tmp_path, record, sizes).read_text().splitlines() == [
+        "out: ''  # automatic: runs/x in this run", "data:", "  n_train: 0  # automatic: 900 in this run",
+        "  n_heldout: -1  # automatic: 100 in this run", "  n_test: 100"]
 
 
 def test_each_entry_of_a_teacher_trained_in_phases_names_its_phase(tmp_path):

@@ -81,6 +81,11 @@ class Dataset:
     def split(self, name: str) -> Split:
         return {"train": self.train, "heldout": self.heldout, "test": self.test}[name]
 
+    def sizes(self) -> dict[str, int]:
+        """The split sizes as the data keys that set them ({"data.n_train": N, ...}): what config.yaml says beside
+        keys left to their defaults."""
+        return {"data.n_train": len(self.train), "data.n_heldout": len(self.heldout), "data.n_test": len(self.test)}
+
     def info(self) -> dict:
         """What an artifact records of the data it was made from: the fingerprint, the config (without the
         keys its dataset does not read), the class count and the split sizes."""

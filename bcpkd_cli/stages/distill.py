@@ -245,7 +245,8 @@ def _save(student: _Student, out: Path, data: Dataset, steps: int, seconds: floa
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
     artifacts.write_config(out, record, {"threads": chosen["threads"], "distill.log_every": chosen["log_every"],
-                                         "distill.log_examples": chosen["log_examples"]})
+                                         "distill.log_examples": chosen["log_examples"], **data.sizes(),
+                                         "out": str(out)})
     label = f" [{name}]" if name else ""
     final = member.log[-1].get("heldout_accuracy") if member.log else None
     said = [f"{steps} steps in {seconds:.1f}s"]

@@ -92,7 +92,7 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
     path = artifacts.save_checkpoint(out / "teacher.pt", {**teacher_payload(teacher, spec, record, data.info(),
                                                                             parent_sha, history), "log": log})
-    artifacts.write_config(out, record, chosen)
+    artifacts.write_config(out, record, {**chosen, **data.sizes(), "out": str(out)})
     finish(out)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items()) or "none (data.n_heldout=0)"
     console.print(f"{teacher_label(cfg.bayes)}: held-out {summary}")
