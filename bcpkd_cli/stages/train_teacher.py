@@ -95,7 +95,9 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     artifacts.write_config(out, record, {**chosen, **data.sizes(), "out": str(out)})
     finish(out)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items()) or "none (data.n_heldout=0)"
-    console.print(f"{teacher_label(cfg.bayes)}: held-out {summary}")
+    predictive = "the network's softmax" if cfg.bayes == Bayes.none else "its predictive"
+    console.print(f"{teacher_label(cfg.bayes)} ({predictive} on all {len(held):,} held-out examples): held-out "
+                  f"{summary}")
     return path
 
 
