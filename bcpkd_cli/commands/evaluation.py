@@ -95,7 +95,7 @@ def run(
 def plot(
     paths: list[Path] = typer.Argument(..., metavar="RUN_OR_CHECKPOINT...",
                                        help="run folders of `bcpkd run`, or teacher.pt / student.pt files"),
-    out: str = typer.Option("", "--out", "-o", metavar="DIR", help="the folder the figures go to"),
+    out: str = typer.Option("", "--out", "-o", metavar="DIR", help="the folder the figures go to (required)"),
     force: bool = typer.Option(False, "--force", help="replace the figures --out already holds"),
     device: Optional[str] = DeviceOpt, set_: Optional[list[str]] = set_option("evaluate.ece_bins=20"),
     trust_code: bool = TrustOpt,
