@@ -411,10 +411,11 @@ def _load_top_k(path: Path, meta: dict[str, Any], rows_per_check: int = 65_536) 
     return TopKProbs(values, ids, n_classes)
 
 
-def write_config(folder: Path, record: dict, chosen: dict | None = None) -> Path:
+def write_config(folder: Path, record: dict, chosen: dict | None = None, about: list[str] | None = None) -> Path:
     """An artifact's resolved config (`config.recipe_record`) next to it, as YAML that `--recipe` accepts. `chosen`
     ({dotted key: value}): what the run used for keys the record leaves unset (0, -1 or '': automatic), said beside
-    each of them (`threads: 0  # automatic: 4 in this run`; the checkpoint keeps the values)."""
+    each of them (`threads: 0  # automatic: 4 in this run`; the checkpoint keeps the values). `about`: comment
+    lines first (what the artifact was made from)."""
     lines = yaml.safe_dump(record, sort_keys=False).split("\n")
     for dotted, value in (chosen or {}).items():
         *sections, key = dotted.split(".")
@@ -426,7 +427,7 @@ def write_config(folder: Path, record: dict, chosen: dict | None = None) -> Path
                 lines[i] = f"{text}  # automatic: {value} in this run"
                 break
             path.append(name)
-    return write_text(Path(folder) / "config.yaml", "\n".join(lines))
+    return write_text(Path(folder) / "config.yaml", "".join(f"# {text}\n" for text in about or []) + "\n".join(lines))
 
 
 def new_run_dir(out: str, prefix: str) -> Path:

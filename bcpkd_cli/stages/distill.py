@@ -244,9 +244,13 @@ def _save(student: _Student, out: Path, data: Dataset, steps: int, seconds: floa
         "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, **noise, **chosen},
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
+    made_from = [f"{student.label}: {cfg.targets.value} targets"] + \
+        [f"{name} {student.provenance[key]} (SHA-256 {student.provenance[key + '_sha256']})"
+         for name, key in (("teacher", "teacher"), ("calibrated teacher", "calibrated_teacher"), ("cache", "cache"))
+         if student.provenance.get(key)]
     artifacts.write_config(out, record, {"threads": chosen["threads"], "distill.log_every": chosen["log_every"],
                                          "distill.log_examples": chosen["log_examples"], **data.sizes(),
-                                         "out": str(out)})
+                                         "out": str(out)}, made_from)
     label = f" [{name}]" if name else ""
     final = member.log[-1].get("heldout_accuracy") if member.log else None
     said = [f"{steps} steps in {seconds:.1f}s"]
