@@ -130,7 +130,7 @@ def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: i
     test split's first CHECK_ROWS examples. Returns the folder."""
     apply_threads()
     deployed = deployable(checkpoint, draws)
-    folder = Path(out) if out else Path(checkpoint).resolve().parent / "export"
+    folder = Path(out) if out else Path(checkpoint).parent / "export"  # as the checkpoint was named (relative stays)
     _claim(folder, force)
     weights, note = _weights(deployed)
     asked = _formats(deployed, formats, note)
