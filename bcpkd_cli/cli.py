@@ -131,8 +131,11 @@ def main() -> None:
     except typer.Exit as err:
         sys.exit(err.exit_code)
     except typer.TyperException as err:  # usage errors: unknown option, bad choice, missing argument
-        err.show()
-        sys.exit(err.exit_code)
+        ctx = getattr(err, "ctx", None)
+        where = f"; see {ctx.command_path} --help" if ctx is not None else ""
+        message = err.format_message() if hasattr(err, "format_message") else str(err)
+        print(f"error: {' '.join(message.split()).rstrip('.')}{where}", file=sys.stderr)  # one line, as every refusal
+        sys.exit(getattr(err, "exit_code", 2))
     except BcpkdFailure as err:
         print(f"failed: {err}", file=sys.stderr)
         sys.exit(1)

@@ -154,6 +154,10 @@ def test_bad_set_and_choice(tmp_path):
     _assert_bad_input(cli("distill", "--set", "distill.nope=1", cwd=tmp_path, check=False), "distill.nope")
     result = cli("train-teacher", "--bayes", "magic", cwd=tmp_path, check=False)
     assert result.returncode == 2 and "magic" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].endswith("; see bcpkd train-teacher --help")
+    typo = cli("train-teacher", "--epocs", "3", cwd=tmp_path, check=False)  # click's usage errors: one line too
+    assert typo.returncode == 2 and typo.stderr.strip() == \
+        "error: No such option: --epocs (Possible options: --epochs, --help); see bcpkd train-teacher --help"
 
 
 def test_help_lists_choices(tmp_path):
