@@ -4,6 +4,7 @@ and data-parallel training across the processes that torchrun starts (DDP: NCCL 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from bcpkd_cli.steps import CurveFn, HeldoutCurve, accumulation_groups, batch_bo
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 # batch_fn(rows [B], epoch) -> (inputs [B, ...], target_probs [B, C] | None): augmentation views, online targets
 BatchFn = Callable[[torch.Tensor, int], "tuple[torch.Tensor, torch.Tensor | None]"]
+LINE_KEYS = ("heldout_accuracy", "heldout_nll")  # what an epoch line shows of the curve, in this order
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ def leave_process_group() -> None:
     """Leave torchrun's process group together: the other ranks wait while rank 0 writes the artifact, so that
     no process tears its connections down under another one (a gloo rank leaving early could abort at exit)."""
     if dist.is_initialized():
+        gc.collect()  # DDP wrappers (their reducers and hooks) go while their group is alive, not at interpreter exit
         dist.barrier()
         dist.destroy_process_group()
 
@@ -320,9 +323,6 @@ def _measured(member: Member, device: torch.device) -> dict:
         values = member.curve(member.model)
     member.model.train()
     return values
-
-
-LINE_KEYS = ("heldout_accuracy", "heldout_nll")  # what an epoch line shows of the curve, in this order
 
 
 def _epoch_heldout(member: Member, step: int, report: TrainingReport, device: torch.device) -> dict:
