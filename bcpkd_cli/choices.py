@@ -107,8 +107,9 @@ TARGET_LABELS = {"onehot": "one-hot labels", "true": "exact BCPs", "noisy": "noi
 
 
 class Precision(str, enum.Enum):
-    auto = "auto"
+    auto = "auto"  # bf16 autocast on CUDA, float32 on a CPU
     float32 = "float32"
+    bf16 = "bf16"  # bf16 autocast on any device (CPUs with bf16 units)
 
 
 class CacheDtype(str, enum.Enum):

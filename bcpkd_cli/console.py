@@ -120,8 +120,8 @@ class TrainingReport:
             console.print(f"{self.desc}{group}: 0 epochs, nothing to train")
             return
         ranks = f" on {processes} processes" if processes > 1 else ""
-        console.print(f"training {self.desc}{group}: {total_steps} {'optimizer ' if accumulate > 1 else ''}steps "
-                      f"({epochs} epochs of {n_examples} examples, {batch_count(batch_size, accumulate)}{ranks})"
+        console.print(f"training {self.desc}{group}: {total_steps} {'optimizer ' if accumulate > 1 else ''}"
+                      f"step{'s' if total_steps != 1 else ''} ({epoch_count(epochs)} of {n_examples} examples, {batch_count(batch_size, accumulate)}{ranks})"
                       f"{'; ' + curve if curve else ''}")
         global _EXPLAINED
         if self.lines and not _EXPLAINED:

@@ -102,18 +102,27 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autocasts(device: torch.device, precision: Precision) -> bool:
+    """Training runs under bf16 autocast: on CUDA unless float32 is asked for, on a CPU where bf16 is asked for."""
+    return precision == Precision.bf16 or (device.type == "cuda" and precision == Precision.auto)
+
+
+def training_device(device: torch.device, precision: Precision) -> str:
+    """The device as a stage's first line names it, with its arithmetic where that is not float32."""
+    return f"{device} (bf16 autocast)" if autocasts(device, precision) else str(device)
+
+
 def training_precision(device: torch.device, precision: Precision):
-    """bf16 autocast on CUDA (unless float32 is asked for); plain float32 on the CPU."""
-    if device.type == "cuda" and precision == Precision.auto:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """The context a training forward pass runs in (`autocasts`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if autocasts(device, precision) \
+        else contextlib.nullcontext()
 
 
 def prepare_for_device(model: nn.Module, device: torch.device, precision: Precision) -> nn.Module:
     """Move to the device; on CUDA in auto precision, convolution weights go channels_last (image inputs
     follow in ImageInput), which bf16 convolutions run fastest in."""
     model = model.to(device)
-    if device.type == "cuda" and precision == Precision.auto:
+    if device.type == "cuda" and precision != Precision.float32:
         model = model.to(memory_format=torch.channels_last)
     return model
 

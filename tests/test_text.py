@@ -255,3 +255,35 @@ def test_other_families_split_into_features_and_their_own_head(text_data, tmp_pa
     assert token_limit(description) == 64  # RoBERTa's positions start after the padding index (0): 65 - 1 tokens
     with pytest.raises(BcpkdError, match="reads at most 64 tokens"):
         require_length(f"hf:{folder}", description, 65)
+
+
+def test_pretrained_weights_fill_the_body_and_the_log_says_which(text_data, tmp_path):
+    """A 3-layer pre-training checkpoint (bert-base-uncased's layout) read into a 2-layer classifier: the embeddings
+    and the first 2 layers are the checkpoint's tensors, the classifier is new, the rest goes unused, and one line
+    says so. A checkpoint whose names fit nothing is refused (training would silently start from scratch)."""
+    from safetensors.torch import load_file, save_file
+
+    from bcpkd_cli.models import pretrained_note
+    from text_stand_ins import pretrained_bert
+
+    with open(text_data / "train.csv", newline="") as f:
+        texts = [row["text"] for row in csv.DictReader(f)]
+    folder = tmp_path / "bert-like"
+    pretrained_bert(folder, texts, layers=3)
+    saved = load_file(str(folder / "model.safetensors"))
+    model = build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={"num_hidden_layers": 2}))
+    own = model.features.net.state_dict()
+    for key in ("bert.embeddings.word_embeddings.weight", "bert.encoder.layer.1.output.dense.weight",
+                "bert.pooler.dense.weight"):
+        torch.testing.assert_close(own[key], saved[key], atol=0, rtol=0)
+    assert not any(k.startswith("bert.encoder.layer.2.") for k in own)
+    unused = len([k for k in saved if k.startswith(("cls.", "bert.encoder.layer.2."))])
+    assert pretrained_note(model) == (f"hf:{folder}: pretrained weights for {len(own)} of its {len(own) + 2} tensors; "
+                                      f"new: classifier.bias, classifier.weight; {unused} of the checkpoint's not used "
+                                      f"(bert.encoder.layer.2.attention.output.LayerNorm.bias and {unused - 1} more)")
+    assert pretrained_note(build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={"pretrained": False}))) \
+        is None
+    save_file({f"encoder.{k}": v for k, v in saved.items()}, str(folder / "model.safetensors"), {"format": "pt"})
+    with pytest.raises(BcpkdError, match=r"none of its checkpoint's tensors fit BertForSequenceClassification "
+                                         r"\(its own: encoder\.bert\.embeddings"):
+        build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={}))

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import bcpkd, here, refused_here
+from cli_helpers import bcpkd, here, here_run, refused_here
 
 pytest.importorskip("transformers")
 
@@ -99,8 +99,52 @@ def test_a_student_with_another_tokenizer_learns_the_cached_rows(workdir):
     (["--arch", "hf:data/text-example/teacher-bert", "--set", "data.max_length=100"],
      "data.max_length 100: hf:data/text-example/teacher-bert reads at most 64 tokens per example (its position "
      "embeddings); set --set data.max_length=64 (or less)"),
-], ids=["no-arch", "image-arch", "vi", "no-such-folder", "no-such-model", "no-such-column", "too-long"])
+    (["--arch", "hf:data/text-example/teacher-bert", "--set", "data.max_length=64"],  # a config, no weights
+     "hf:data/text-example/teacher-bert: no pretrained weights could be loaded"),
+], ids=["no-arch", "image-arch", "vi", "no-such-folder", "no-such-model", "no-such-column", "too-long", "no-weights"])
 def test_text_mistakes_are_one_line_before_any_work(workdir, args, says):
     error = refused_here("train-teacher", "--data-root", "data/text-example", *args, "--out", "x", cwd=workdir)
     assert says in error
     assert not (workdir / "x").exists()
+
+
+def test_bf16_autocast_trains_a_text_teacher_and_says_so(workdir):
+    """precision bf16 on a CPU (the arithmetic `auto` gives on CUDA): the same seed's teacher as in float32, its
+    weights moved by bf16 rounding only, and the first line names the arithmetic."""
+    data = ["--data-root", "data/text-example", "--set", "data.n_heldout=20", "--set", "data.max_length=64",
+            "--arch", "hf:data/text-example/teacher-bert", "--set", "teacher.arch_kwargs.pretrained=false",
+            "--epochs", "2", "--set", "teacher.optimizer=adamw", "--set", "teacher.lr=0.002"]
+    runs = {}
+    for precision in ("float32", "bf16"):
+        result = here_run("train-teacher", *data, "--set", f"precision={precision}", "--out", f"p-{precision}",
+                          cwd=workdir)
+        first = next(text for text in result.stderr.splitlines() if " train-teacher: " in text)
+        assert first.split(", device ")[1].startswith("cpu (bf16 autocast) ->" if precision == "bf16" else "cpu ->")
+        runs[precision] = torch.load(workdir / f"p-{precision}/teacher.pt", weights_only=True)["state_dict"]
+    moved = {k: (runs["bf16"][k] - runs["float32"][k]).abs().max().item() for k in runs["float32"]}
+    assert 0 < max(moved.values()) < 0.05  # autocast ran (the weights differ), and trained the same network
+
+
+def test_the_glue_recipe_runs_as_written_on_offline_stand_ins(tmp_path):
+    """recipes/glue-sst2.yaml as a GPU node runs it, with its downloads replaced by local stand-ins (a 6-layer
+    pretrained BERT folder named bert-base-uncased, GLUE SST-2's parquet layout under glue/sst2) and only its sizes
+    overridden: the 4-layer student takes the checkpoint's first 4 layers, the hidden test labels give way to the
+    validation split, and every student and teacher is evaluated."""
+    from text_stand_ins import glue_like, pretrained_bert
+
+    texts = glue_like(tmp_path)
+    pretrained_bert(tmp_path / "bert-base-uncased", texts, layers=6)
+    result = here_run("run", str(ROOT / "recipes/glue-sst2.yaml"), "--out", "runs", "--set", "data.max_length=64",
+                   "--set", "data.n_heldout=16", "--set", "experiment.seeds=[0]", "--set", "teacher.epochs=1",
+                   "--set", "distill.epochs=1", "--set", "distill.grad_noise_examples=0", cwd=tmp_path)
+    log = result.stderr
+    assert "data: hf glue/sst2: 2 classes (negative, positive); 74 train, 16 held-out, 30 test examples" in log
+    assert "hf:bert-base-uncased: pretrained weights for 71 of its 73 tensors; new: classifier.bias, " \
+           "classifier.weight; 39 of the checkpoint's not used (bert.encoder.layer.4." in log  # the 4-layer students
+    assert "Generating" not in log and "Loading weights" not in log  # the libraries' progress bars stay off
+    summary = json.loads((tmp_path / "runs/summary.json").read_text())
+    assert {row["name"] for row in summary["students"]} == {"onehot", "from_bert_base", "from_laplace"}
+    assert {row["name"] for row in summary["teachers"]} >= {"bert_base", "bert_base_laplace"}
+    student = torch.load(tmp_path / "runs/students/from_laplace-seed0/student.pt", weights_only=True, mmap=True)
+    assert student["data"]["classes"] == ["negative", "positive"]
+    assert student["model"]["hf"]["config"]["num_hidden_layers"] == 4

@@ -114,6 +114,7 @@ def _load_hf(root: str):
         import datasets
     except ImportError:
         raise need_text_extra("data.name hf") from None
+    datasets.disable_progress_bars()  # its bars ("Generating train split") would fill a batch job's log
     name, config = root, None
     if "/" in root and not Path(root).exists():
         head, tail = root.rsplit("/", 1)

@@ -222,10 +222,11 @@ def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dic
     stats = spec.get("stats", CIFAR10_STATS if len(input_shape) == 3 else None)
     if huggingface.is_hf(arch):
         pretrained = spec["arch_kwargs"].get("pretrained", True) and state_dict is None and init is None
-        net = huggingface.network(arch, spec["hf"], pretrained)
+        net, loaded = huggingface.network(arch, spec["hf"], pretrained)
         if init is not None:
             load_weights(net, init[0], _init_state(spec, init[1], init[2]))
         model = huggingface.split(net, huggingface.tokenizer_of(spec["hf"]), arch)
+        model.loaded = loaded
         if spec.get("dropout", 0.0) > 0.0:
             add_dropout(model, spec["dropout"])
     elif arch in ARCHITECTURES:
@@ -242,6 +243,11 @@ def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dic
     if state_dict is not None:
         model.load_state_dict(state_dict)
     return model
+
+
+def pretrained_note(model: nn.Module) -> str | None:
+    """One line on what a network's pretrained weights gave it (Hugging Face networks), None where none were read."""
+    return model.loaded if isinstance(model, huggingface.TextClassifier) else None
 
 
 def bare_key_names(spec: dict) -> tuple[dict[str, str], str, str | None, str | None]:
@@ -264,7 +270,7 @@ def bare_key_names(spec: dict) -> tuple[dict[str, str], str, str | None, str | N
         return (standalone.mapped_names(bare, own), "network.py", standalone.network_source(_IMAGE[arch]),
                 standalone.network_call(spec, _IMAGE[arch]))
     if huggingface.is_hf(arch):
-        net = huggingface.network(arch, spec["hf"], pretrained=False)
+        net, _ = huggingface.network(arch, spec["hf"], pretrained=False)
         own = standalone.tensor_names(net)
         model = huggingface.split(net, huggingface.tokenizer_of(spec["hf"]), arch)
         if spec.get("dropout", 0.0) > 0.0:

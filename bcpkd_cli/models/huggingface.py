@@ -42,6 +42,7 @@ def _transformers():
     except ImportError:
         raise need_text_extra("hf: architectures") from None
     transformers.logging.set_verbosity_error()  # its notes on freshly initialised heads: bcpkd says what it does
+    transformers.utils.logging.disable_progress_bar()  # its bars ("Loading weights") would fill a batch job's log
     return transformers
 
 
@@ -121,20 +122,48 @@ def config_of(description: dict):
     return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
 
 
-def network(arch: str, description: dict, pretrained: bool) -> nn.Module:
-    """The bare AutoModelForSequenceClassification: NAME_OR_DIR's weights (`pretrained`) or fresh from the config."""
+def network(arch: str, description: dict, pretrained: bool) -> tuple[nn.Module, str | None]:
+    """The bare AutoModelForSequenceClassification: NAME_OR_DIR's weights (`pretrained`) or fresh from the config;
+    with weights, one line saying which tensors they gave (`loading_note`)."""
     transformers = _transformers()
     config = config_of(description)
     auto = transformers.AutoModelForSequenceClassification
     if not pretrained:
-        return auto.from_config(config, trust_remote_code=_remote_code())
+        return auto.from_config(config, trust_remote_code=_remote_code()), None
     try:
-        return auto.from_pretrained(arch[len(PREFIX):], config=config, ignore_mismatched_sizes=True,
-                                    trust_remote_code=_remote_code())
+        net, info = auto.from_pretrained(arch[len(PREFIX):], config=config, ignore_mismatched_sizes=True,
+                                         trust_remote_code=_remote_code(), output_loading_info=True)
     except (OSError, ValueError) as err:
         raise BcpkdError(f"{arch}: no pretrained weights could be loaded ({str(err).splitlines()[0][:200]}); give "
                          f"a folder with model.safetensors, or arch_kwargs {{pretrained: false}} for a fresh "
                          f"network") from None
+    return net, loading_note(arch, net, info)
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    ordered = sorted(names)
+    return ", ".join(ordered[:shown]) + (f" and {len(ordered) - shown} more" if len(ordered) > shown else "")
+
+
+def loading_note(arch: str, net: nn.Module, info: dict) -> str:
+    """What from_pretrained's loading info means for the user: how many of the network's tensors came from the
+    checkpoint, which start fresh (a new head; shapes that did not fit) and how many of the checkpoint's went
+    unused (layers beyond num_hidden_layers, pre-training heads). Refused where only the head would be loaded: the
+    names do not match, and training would silently start from scratch."""
+    own = list(net.state_dict())
+    fresh = set(info["missing_keys"]) | {key[0] if isinstance(key, tuple) else key for key in info["mismatched_keys"]}
+    head = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1]  # as `split` finds it
+    loaded = [k for k in own if k not in fresh]
+    if not [k for k in loaded if not k.startswith(head + ".")]:
+        raise BcpkdError(f"{arch}: none of its checkpoint's tensors fit {type(net).__name__} (its own: "
+                         f"{_names(list(info['unexpected_keys']) or ['none'], 2)}); give the folder of a model "
+                         f"saved with save_pretrained, or arch_kwargs {{pretrained: false}} for a fresh network")
+    note = f"{arch}: pretrained weights for {len(loaded)} of its {len(own)} tensors"
+    if fresh:
+        note += f"; new: {_names(list(fresh))}"
+    if info["unexpected_keys"]:
+        note += f"; {len(info['unexpected_keys'])} of the checkpoint's not used ({_names(list(info['unexpected_keys']), 1)})"
+    return note
 
 
 class TextFeatures(nn.Module):
@@ -162,6 +191,7 @@ class TextClassifier(FeaturesHead):
         super().__init__()
         self.features, self.head = features, head
         self.head_name = head_name  # where the head sits in the bare network (classifier, classifier.out_proj)
+        self.loaded: str | None = None  # what pretrained weights gave it (`loading_note`), for the stage to say
 
 
 def split(net: nn.Module, tokenizer, arch: str) -> TextClassifier:

@@ -19,11 +19,12 @@ from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_recor
 from bcpkd_cli.console import TrainingReport, header, line, training_summary
 from bcpkd_cli.data import (Dataset, Split, announce, brief, decoding_workers, few_shot_rows, load_dataset,
                             views)
-from bcpkd_cli.engine import Member, TrainSpec, join_process_group, prepare_for_device, resolve_device, train_lockstep
+from bcpkd_cli.engine import (Member, TrainSpec, join_process_group, prepare_for_device, resolve_device,
+                              train_lockstep, training_device)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import grad_noise, sample_rows
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model, describe_inputs, huggingface, model_spec
+from bcpkd_cli.models import build_model, describe_inputs, huggingface, model_spec, pretrained_note
 from bcpkd_cli.resumption import (STUDENT_SECTIONS, claim_folder, finish, require_saved_state, resumable,
                                   settings_of)
 from bcpkd_cli.steps import HeldoutCurve, log_plan
@@ -47,6 +48,7 @@ def check_group(recipes: list[Recipe]) -> None:
     for recipe in recipes[1:]:
         differ = [f"distill.{k}" for k in SHARED_KEYS if getattr(recipe.distill, k) != getattr(first.distill, k)]
         differ += [name for name, a, b in (("data", recipe.data, first.data), ("device", recipe.device, first.device),
+                                           ("precision", recipe.precision, first.precision),
                                            ("calibrate.views", recipe.calibrate.views, first.calibrate.views),
                                            ("distill.data_seed", data_seed(recipe.distill), data_seed(first.distill)))
                    if a != b]
@@ -142,7 +144,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     teacher_path = Path(teacher_path) if teacher_path else None
     teacher = _teacher_named(teacher_path) if first.distill.targets in (Targets.teacher, Targets.online) else ""
     if place.is_main:
-        header("distill", _header(recipes, teacher, names), brief(data), device, place.size, state_dir)
+        header("distill", _header(recipes, teacher, names), brief(data), training_device(device, first.precision),
+               place.size, state_dir)
         announce(data)
     online: dict[str, Teacher] = {}  # one teacher object per calibrated teacher file, shared by students
     sources = [student_targets(recipe, data, teacher_path, cache, device, online) for recipe in recipes]
@@ -170,6 +173,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
             provenance["init_sha256"] = artifacts.sha256_file(Path(cfg.init))
         torch.manual_seed(cfg.seed)
         model = prepare_for_device(build_model(spec, init=init), device, recipe.precision)
+        if place.is_main and pretrained_note(model):
+            line(pretrained_note(model))
         group.append(_Student(recipe, model, spec, source, provenance, student_label(cfg, teacher)))
     held, shared = data.heldout, first.distill  # the students in lockstep share the training's shape and log
     plan = log_plan(shared.log_every, shared.log_examples, len(data.train), len(held), shared.batch_size,

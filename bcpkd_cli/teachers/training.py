@@ -18,11 +18,11 @@ from torch import nn
 from bcpkd_cli import artifacts
 from bcpkd_cli.choices import Bayes, Schedule
 from bcpkd_cli.config import Recipe
-from bcpkd_cli.console import TrainingReport, console
+from bcpkd_cli.console import TrainingReport, console, line
 from bcpkd_cli.data import Dataset, views
 from bcpkd_cli.engine import BatchFn, LossFn, TrainSpec, prepare_for_device, train
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.models import build_model
+from bcpkd_cli.models import build_model, pretrained_note
 from bcpkd_cli.resumption import Resume
 from bcpkd_cli.steps import HeldoutCurve, LogPlan, log_plan
 
@@ -71,6 +71,7 @@ class TrainingRun:
     init: tuple[str, dict, dict | None] | None = None  # teacher.init: (file name, state dict, bcpkd spec or None)
     logs: dict[str, list[dict]] = field(default_factory=dict)  # phase -> its log entries (filled by `fit`)
     log_plans: dict[str, LogPlan] = field(default_factory=dict)  # phase -> its held-out curve's plan (by `fit`)
+    said: set[str] = field(default_factory=set)  # the pretrained weights' notes already printed (once per run)
 
     @property
     def base(self) -> dict | None:
@@ -82,7 +83,12 @@ class TrainingRun:
         the imported network's (teacher.init)."""
         torch.manual_seed(self.recipe.teacher.seed if seed is None else seed)
         state = self.base["state_dict"] if self.base is not None else None
-        return prepare_for_device(build_model(self.spec, state, self.init), self.device, self.recipe.precision)
+        model = prepare_for_device(build_model(self.spec, state, self.init), self.device, self.recipe.precision)
+        note = pretrained_note(model)
+        if note and note not in self.said:
+            self.said.add(note)
+            line(note)
+        return model
 
     def augmented(self, seed: int) -> BatchFn | None:
         """Random views of images when teacher.augment is on (None: the plain training rows)."""
