@@ -263,7 +263,7 @@ def test_pretrained_weights_fill_the_body_and_the_log_says_which(text_data, tmp_
     says so. A checkpoint whose names fit nothing is refused (training would silently start from scratch)."""
     from safetensors.torch import load_file, save_file
 
-    from bcpkd_cli.models import pretrained_note
+    from bcpkd_cli.models import settle_pretrained
     from text_stand_ins import pretrained_bert
 
     with open(text_data / "train.csv", newline="") as f:
@@ -278,12 +278,46 @@ def test_pretrained_weights_fill_the_body_and_the_log_says_which(text_data, tmp_
         torch.testing.assert_close(own[key], saved[key], atol=0, rtol=0)
     assert not any(k.startswith("bert.encoder.layer.2.") for k in own)
     unused = len([k for k in saved if k.startswith(("cls.", "bert.encoder.layer.2."))])
-    assert pretrained_note(model) == (f"hf:{folder}: pretrained weights for {len(own)} of its {len(own) + 2} tensors; "
+    classes = ("food", "music", "sports", "weather")
+    assert settle_pretrained(model, classes) == (f"hf:{folder}: pretrained weights for {len(own)} of its {len(own) + 2} tensors; "
                                       f"new: classifier.bias, classifier.weight; {unused} of the checkpoint's not used "
                                       f"(bert.encoder.layer.2.attention.output.LayerNorm.bias and {unused - 1} more)")
-    assert pretrained_note(build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={"pretrained": False}))) \
-        is None
+    fresh = build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={"pretrained": False}))
+    assert settle_pretrained(fresh, classes) is None
     save_file({f"encoder.{k}": v for k, v in saved.items()}, str(folder / "model.safetensors"), {"format": "pt"})
     with pytest.raises(BcpkdError, match=r"none of its checkpoint's tensors fit BertForSequenceClassification "
                                          r"\(its own: encoder\.bert\.embeddings"):
         build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={}))
+
+
+def test_a_fine_tuned_head_reads_its_classes_in_the_datas_order(text_data, tmp_path):
+    """A checkpoint that already classifies (a user's fine-tuned teacher) keeps its head; its rows follow config.json's
+    id2label, which need not be the data's (sorted) class order: they are put in the data's order, and names that
+    are not the data's classes are refused rather than read as the wrong classes."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from bcpkd_cli.models import settle_pretrained
+
+    folder = tmp_path / "fine-tuned"
+    folder.mkdir()
+    for file in (text_data / "teacher-bert").iterdir():
+        if file.name != "config.json":
+            (folder / file.name).write_text(file.read_text())
+    config = BertConfig.from_pretrained(text_data / "teacher-bert", num_labels=4,
+                                        id2label={0: "Sports", 1: "food", 2: "weather", 3: "music"})
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).eval().save_pretrained(folder)
+    batch = _data(text_data, n_heldout=8).test.inputs[:3]
+    model = build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={})).eval()
+    with torch.no_grad():
+        before = model(batch)  # [3, 4] in the checkpoint's order
+        note = settle_pretrained(model, ("food", "music", "sports", "weather"))
+        torch.testing.assert_close(model(batch), before[:, [1, 3, 0, 2]])
+    assert note == (f"hf:{folder}: pretrained weights for 25 of its 25 tensors; its head's classes (Sports, food, "
+                    f"weather, music) reordered to the data's (food, music, sports, weather)")
+    numbered = build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={}))
+    assert settle_pretrained(numbered, ("0", "1", "2", "3")).endswith(
+        "; the data's labels are numbers: read as its head's classes (0: Sports, 1: food, 2: weather, 3: music)")
+    with pytest.raises(BcpkdError, match=r"its head classifies Sports, food, weather, music \(config.json's "
+                                         r"id2label\), the data's classes are a, b, c, d; give id2label"):
+        settle_pretrained(build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={})), ("a", "b", "c", "d"))

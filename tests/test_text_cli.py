@@ -148,3 +148,28 @@ def test_the_glue_recipe_runs_as_written_on_offline_stand_ins(tmp_path):
     student = torch.load(tmp_path / "runs/students/from_laplace-seed0/student.pt", weights_only=True, mmap=True)
     assert student["data"]["classes"] == ["negative", "positive"]
     assert student["model"]["hf"]["config"]["num_hidden_layers"] == 4
+
+
+def test_two_processes_distill_the_single_process_text_student(workdir, tmp_path):
+    """torchrun on text (gloo on the CPU): without dropout, two processes train the single-process student up to
+    float summation order; both tokenise a fresh copy of the corpus at once and keep one token file. (With the
+    network's own dropout each process draws its own masks: the same training in distribution, not in bits.)"""
+    import shutil
+
+    from cli_helpers import torchrun
+
+    shutil.copytree(workdir / "data/text-example", tmp_path / "data", ignore=shutil.ignore_patterns(".bcpkd-store"))
+    data = ["--data-root", "data", "--set", "data.n_heldout=20", "--set", "data.max_length=64", "--device", "cpu"]
+    teacher = here("train-teacher", *data, "--arch", "hf:data/teacher-bert", "--set",
+                   "teacher.arch_kwargs.pretrained=false", "--epochs", "1", "--out", "t", cwd=tmp_path).strip()
+    student = ["--teacher", teacher, *data, "--arch", "hf:data/student-bert", "--set",
+               "distill.arch_kwargs={pretrained: false, hidden_dropout_prob: 0, attention_probs_dropout_prob: 0}",
+               "--epochs", "1", "--set", "distill.batch_size=16", "--set", "distill.optimizer=adamw"]
+    result = torchrun("distill", *student, "--out", "two", cwd=tmp_path)
+    assert result.stdout.strip() == "two/student.pt"
+    here("distill", *student, "--set", "threads=1", "--out", "one", cwd=tmp_path)
+    one, two = (torch.load(tmp_path / f"{name}/student.pt", weights_only=True) for name in ("one", "two"))
+    assert two["history"]["processes"] == 2
+    for name, value in one["state_dict"].items():
+        torch.testing.assert_close(two["state_dict"][name], value, rtol=0, atol=1e-5)
+    assert len(list((tmp_path / "data/.bcpkd-store").glob("tokens-*.safetensors"))) == 2  # teacher's, student's

@@ -222,11 +222,11 @@ def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dic
     stats = spec.get("stats", CIFAR10_STATS if len(input_shape) == 3 else None)
     if huggingface.is_hf(arch):
         pretrained = spec["arch_kwargs"].get("pretrained", True) and state_dict is None and init is None
-        net, loaded = huggingface.network(arch, spec["hf"], pretrained)
+        net, weights = huggingface.network(arch, spec["hf"], pretrained)
         if init is not None:
             load_weights(net, init[0], _init_state(spec, init[1], init[2]))
         model = huggingface.split(net, huggingface.tokenizer_of(spec["hf"]), arch)
-        model.loaded = loaded
+        model.pretrained = weights
         if spec.get("dropout", 0.0) > 0.0:
             add_dropout(model, spec["dropout"])
     elif arch in ARCHITECTURES:
@@ -245,9 +245,14 @@ def build_model(spec: dict, state_dict: dict | None = None, init: tuple[str, dic
     return model
 
 
-def pretrained_note(model: nn.Module) -> str | None:
-    """One line on what a network's pretrained weights gave it (Hugging Face networks), None where none were read."""
-    return model.loaded if isinstance(model, huggingface.TextClassifier) else None
+def settle_pretrained(model: nn.Module, classes: tuple[str, ...]) -> str | None:
+    """For a network built with pretrained weights (Hugging Face networks): put a loaded head's classes in the data's
+    order (`huggingface.align_head`) and return the line that says what the weights gave; None where none were
+    read."""
+    if not isinstance(model, huggingface.TextClassifier) or model.pretrained is None:
+        return None
+    head = huggingface.align_head(model, classes)
+    return model.pretrained.note + (f"; {head}" if head else "")
 
 
 def bare_key_names(spec: dict) -> tuple[dict[str, str], str, str | None, str | None]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -122,9 +123,19 @@ def config_of(description: dict):
     return transformers.AutoConfig.for_model(values.pop("model_type"), **values)
 
 
-def network(arch: str, description: dict, pretrained: bool) -> tuple[nn.Module, str | None]:
+@dataclass(frozen=True)
+class Pretrained:
+    """What pretrained weights gave a network: one line for the log, and the class names of the checkpoint's own
+    head where that head was loaded (None: a new head)."""
+
+    arch: str
+    note: str
+    head_labels: tuple[str, ...] | None
+
+
+def network(arch: str, description: dict, pretrained: bool) -> tuple[nn.Module, Pretrained | None]:
     """The bare AutoModelForSequenceClassification: NAME_OR_DIR's weights (`pretrained`) or fresh from the config;
-    with weights, one line saying which tensors they gave (`loading_note`)."""
+    with weights, what they gave (`loaded`)."""
     transformers = _transformers()
     config = config_of(description)
     auto = transformers.AutoModelForSequenceClassification
@@ -137,7 +148,7 @@ def network(arch: str, description: dict, pretrained: bool) -> tuple[nn.Module, 
         raise BcpkdError(f"{arch}: no pretrained weights could be loaded ({str(err).splitlines()[0][:200]}); give "
                          f"a folder with model.safetensors, or arch_kwargs {{pretrained: false}} for a fresh "
                          f"network") from None
-    return net, loading_note(arch, net, info)
+    return net, loaded(arch, net, info)
 
 
 def _names(names: list[str], shown: int = 3) -> str:
@@ -145,7 +156,7 @@ def _names(names: list[str], shown: int = 3) -> str:
     return ", ".join(ordered[:shown]) + (f" and {len(ordered) - shown} more" if len(ordered) > shown else "")
 
 
-def loading_note(arch: str, net: nn.Module, info: dict) -> str:
+def loaded(arch: str, net: nn.Module, info: dict) -> Pretrained:
     """What from_pretrained's loading info means for the user: how many of the network's tensors came from the
     checkpoint, which start fresh (a new head; shapes that did not fit) and how many of the checkpoint's went
     unused (layers beyond num_hidden_layers, pre-training heads). Refused where only the head would be loaded: the
@@ -163,7 +174,39 @@ def loading_note(arch: str, net: nn.Module, info: dict) -> str:
         note += f"; new: {_names(list(fresh))}"
     if info["unexpected_keys"]:
         note += f"; {len(info['unexpected_keys'])} of the checkpoint's not used ({_names(list(info['unexpected_keys']), 1)})"
-    return note
+    own_head = not any(k.startswith(head + ".") for k in fresh)
+    labels = net.config.id2label
+    return Pretrained(arch, note, tuple(str(labels[i]) for i in range(len(labels))) if own_head else None)
+
+
+def align_head(model: "TextClassifier", classes: tuple[str, ...]) -> str | None:
+    """A head loaded with the checkpoint classifies in the checkpoint's class order (config.json's id2label): put
+    its rows in the data's order where the names are the data's classes in another order (case aside), and say
+    so; refuse names that are not the data's classes (its logits would be read as the wrong classes). Unnamed
+    classes (LABEL_0, ...), and integer labels (classes "0", "1", ...), are taken in the head's order, and said. None
+    where nothing needs saying."""
+    labels = model.pretrained.head_labels if model.pretrained is not None else None
+    if labels is None:
+        return None
+    if all(label == f"LABEL_{i}" for i, label in enumerate(labels)):
+        return f"its head's classes are unnamed (LABEL_0 .. LABEL_{len(labels) - 1}): read in the data's order " \
+               f"({', '.join(classes)})"
+    if list(classes) == [str(i) for i in range(len(labels))]:  # integer labels: class k is the head's row k
+        return f"the data's labels are numbers: read as its head's classes " \
+               f"({', '.join(f'{i}: {label}' for i, label in enumerate(labels))})"
+    folded = [label.casefold() for label in labels]
+    wanted = [name.casefold() for name in classes]
+    if folded == wanted:
+        return None
+    if sorted(folded) != sorted(wanted):
+        raise BcpkdError(f"{model.pretrained.arch}: its head classifies {', '.join(labels)} (config.json's id2label), "
+                         f"the data's classes are {', '.join(classes)}; give id2label the data's class names in the "
+                         f"head's order, or name the data's classes as the checkpoint does")
+    order = [folded.index(name) for name in wanted]  # data class k is the checkpoint's row order[k]
+    with torch.no_grad():
+        model.head.weight.copy_(model.head.weight[order])
+        model.head.bias.copy_(model.head.bias[order])
+    return f"its head's classes ({', '.join(labels)}) reordered to the data's ({', '.join(classes)})"
 
 
 class TextFeatures(nn.Module):
@@ -191,7 +234,7 @@ class TextClassifier(FeaturesHead):
         super().__init__()
         self.features, self.head = features, head
         self.head_name = head_name  # where the head sits in the bare network (classifier, classifier.out_proj)
-        self.loaded: str | None = None  # what pretrained weights gave it (`loading_note`), for the stage to say
+        self.pretrained: Pretrained | None = None  # what pretrained weights gave it, for the stage to say
 
 
 def split(net: nn.Module, tokenizer, arch: str) -> TextClassifier:

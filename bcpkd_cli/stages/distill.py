@@ -24,7 +24,7 @@ from bcpkd_cli.engine import (Member, TrainSpec, join_process_group, prepare_for
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import grad_noise, sample_rows
 from bcpkd_cli.losses import kd_loss
-from bcpkd_cli.models import build_model, describe_inputs, huggingface, model_spec, pretrained_note
+from bcpkd_cli.models import build_model, describe_inputs, huggingface, model_spec, settle_pretrained
 from bcpkd_cli.resumption import (STUDENT_SECTIONS, claim_folder, finish, require_saved_state, resumable,
                                   settings_of)
 from bcpkd_cli.steps import HeldoutCurve, log_plan
@@ -173,8 +173,9 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
             provenance["init_sha256"] = artifacts.sha256_file(Path(cfg.init))
         torch.manual_seed(cfg.seed)
         model = prepare_for_device(build_model(spec, init=init), device, recipe.precision)
-        if place.is_main and pretrained_note(model):
-            line(pretrained_note(model))
+        weights = settle_pretrained(model, data.classes)  # every process: a loaded head's rows in the data's order
+        if place.is_main and weights:
+            line(weights)
         group.append(_Student(recipe, model, spec, source, provenance, student_label(cfg, teacher)))
     held, shared = data.heldout, first.distill  # the students in lockstep share the training's shape and log
     plan = log_plan(shared.log_every, shared.log_examples, len(data.train), len(held), shared.batch_size,

@@ -22,7 +22,7 @@ from bcpkd_cli.console import TrainingReport, console, line
 from bcpkd_cli.data import Dataset, views
 from bcpkd_cli.engine import BatchFn, LossFn, TrainSpec, prepare_for_device, train
 from bcpkd_cli.errors import BcpkdError
-from bcpkd_cli.models import build_model, pretrained_note
+from bcpkd_cli.models import build_model, settle_pretrained
 from bcpkd_cli.resumption import Resume
 from bcpkd_cli.steps import HeldoutCurve, LogPlan, log_plan
 
@@ -84,7 +84,7 @@ class TrainingRun:
         torch.manual_seed(self.recipe.teacher.seed if seed is None else seed)
         state = self.base["state_dict"] if self.base is not None else None
         model = prepare_for_device(build_model(self.spec, state, self.init), self.device, self.recipe.precision)
-        note = pretrained_note(model)
+        note = settle_pretrained(model, self.data.classes)
         if note and note not in self.said:
             self.said.add(note)
             line(note)
