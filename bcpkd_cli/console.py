@@ -121,7 +121,8 @@ class TrainingReport:
             return
         ranks = f" on {processes} processes" if processes > 1 else ""
         console.print(f"training {self.desc}{group}: {total_steps} {'optimizer ' if accumulate > 1 else ''}"
-                      f"step{'s' if total_steps != 1 else ''} ({epoch_count(epochs)} of {n_examples} examples, {batch_count(batch_size, accumulate)}{ranks})"
+                      f"step{'s' if total_steps != 1 else ''} ({epoch_count(epochs)} of {n_examples} examples, "
+                      f"{batch_count(batch_size, accumulate)}{ranks})"
                       f"{'; ' + curve if curve else ''}")
         global _EXPLAINED
         if self.lines and not _EXPLAINED:

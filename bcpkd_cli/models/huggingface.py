@@ -164,16 +164,17 @@ def loaded(arch: str, net: nn.Module, info: dict) -> Pretrained:
     own = list(net.state_dict())
     fresh = set(info["missing_keys"]) | {key[0] if isinstance(key, tuple) else key for key in info["mismatched_keys"]}
     head = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1]  # as `split` finds it
-    loaded = [k for k in own if k not in fresh]
-    if not [k for k in loaded if not k.startswith(head + ".")]:
+    read = [k for k in own if k not in fresh]  # the tensors the checkpoint gave
+    if not [k for k in read if not k.startswith(head + ".")]:
         raise BcpkdError(f"{arch}: none of its checkpoint's tensors fit {type(net).__name__} (its own: "
                          f"{_names(list(info['unexpected_keys']) or ['none'], 2)}); give the folder of a model "
                          f"saved with save_pretrained, or arch_kwargs {{pretrained: false}} for a fresh network")
-    note = f"{arch}: pretrained weights for {len(loaded)} of its {len(own)} tensors"
+    note = f"{arch}: pretrained weights for {len(read)} of its {len(own)} tensors"
     if fresh:
         note += f"; new: {_names(list(fresh))}"
     if info["unexpected_keys"]:
-        note += f"; {len(info['unexpected_keys'])} of the checkpoint's not used ({_names(list(info['unexpected_keys']), 1)})"
+        unused = list(info["unexpected_keys"])
+        note += f"; {len(unused)} of the checkpoint's not used ({_names(unused, 1)})"
     own_head = not any(k.startswith(head + ".") for k in fresh)
     labels = net.config.id2label
     return Pretrained(arch, note, tuple(str(labels[i]) for i in range(len(labels))) if own_head else None)
