@@ -26,6 +26,7 @@ from bcpkd_cli.models.base import FeaturesHead
 from bcpkd_cli.models.foreign import trusted
 
 PREFIX = "hf:"
+FRESH = "--set teacher.arch_kwargs.pretrained=false (a student: distill.arch_kwargs.pretrained=false)"
 
 
 def _remote_code() -> bool:
@@ -146,8 +147,7 @@ def network(arch: str, description: dict, pretrained: bool) -> tuple[nn.Module, 
                                          trust_remote_code=_remote_code(), output_loading_info=True)
     except (OSError, ValueError) as err:
         raise BcpkdError(f"{arch}: no pretrained weights could be loaded ({str(err).splitlines()[0][:200]}); give "
-                         f"a folder with model.safetensors, or arch_kwargs {{pretrained: false}} for a fresh "
-                         f"network") from None
+                         f"a folder with model.safetensors, or for a fresh network {FRESH}") from None
     return net, loaded(arch, net, info)
 
 
@@ -168,7 +168,7 @@ def loaded(arch: str, net: nn.Module, info: dict) -> Pretrained:
     if not [k for k in read if not k.startswith(head + ".")]:
         raise BcpkdError(f"{arch}: none of its checkpoint's tensors fit {type(net).__name__} (its own: "
                          f"{_names(list(info['unexpected_keys']) or ['none'], 2)}); give the folder of a model "
-                         f"saved with save_pretrained, or arch_kwargs {{pretrained: false}} for a fresh network")
+                         f"saved with save_pretrained, or for a fresh network {FRESH}")
     note = f"{arch}: pretrained weights for {len(read)} of its {len(own)} tensors"
     if fresh:
         note += f"; new: {_names(list(fresh))}"

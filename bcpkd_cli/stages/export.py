@@ -176,7 +176,7 @@ def run(checkpoint: Path, out: str, formats: list[ExportFormat] | None, draws: i
         _replace(folder, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    _report(folder, manifest)
+    _report(folder, manifest, checkpoint)
     return folder
 
 
@@ -192,8 +192,8 @@ def _replace(folder: Path, staging: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _report(folder: Path, manifest: dict) -> None:
-    table = Table(title=f"export of {manifest['source']['checkpoint']}")
+def _report(folder: Path, manifest: dict, checkpoint: Path) -> None:
+    table = Table(title=f"export of {checkpoint}")  # as given, as the table's files are
     for column in ("file", "checked on", "max |Δprob|"):
         table.add_column(column)
     for fmt, name in manifest["files"].items():
