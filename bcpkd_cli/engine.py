@@ -107,7 +107,7 @@ def autocasts(device: torch.device, precision: Precision) -> bool:
     return precision == Precision.bf16 or (device.type == "cuda" and precision == Precision.auto)
 
 
-def training_device(device: torch.device, precision: Precision) -> str:
+def device_label(device: torch.device, precision: Precision) -> str:
     """The device as a stage's first line names it, with its arithmetic where that is not float32."""
     return f"{device} (bf16 autocast)" if autocasts(device, precision) else str(device)
 
@@ -119,10 +119,10 @@ def training_precision(device: torch.device, precision: Precision):
 
 
 def prepare_for_device(model: nn.Module, device: torch.device, precision: Precision) -> nn.Module:
-    """Move to the device; on CUDA in auto precision, convolution weights go channels_last (image inputs
-    follow in ImageInput), which bf16 convolutions run fastest in."""
+    """Move to the device; on CUDA under bf16 autocast, convolution weights go channels_last (image inputs follow
+    in ImageInput), which bf16 convolutions run fastest in."""
     model = model.to(device)
-    if device.type == "cuda" and precision != Precision.float32:
+    if device.type == "cuda" and autocasts(device, precision):
         model = model.to(memory_format=torch.channels_last)
     return model
 

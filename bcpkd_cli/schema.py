@@ -264,7 +264,8 @@ class Recipe:
                          "use (affinity, cgroup quota) per torchrun process, less the streaming loader workers")
     precision: Precision = _f(Precision.auto, "training arithmetic: auto (bf16 autocast and channels_last on CUDA, "
                                               "float32 on CPU), float32 everywhere, or bf16 autocast everywhere "
-                                              "(CPUs with bf16 units); inference and caches are always float32")
+                                              "(channels_last on CUDA; CPUs with bf16 units); inference and caches "
+                                              "are always float32")
     compile: bool = _f(False, "torch.compile the training forward pass (worth it for long GPU runs)")
     data: DataConfig = _f(DataConfig(), "data")
     teacher: TeacherConfig = _f(TeacherConfig(), "train-teacher")

@@ -279,14 +279,20 @@ def test_pretrained_weights_fill_the_body_and_the_log_says_which(text_data, tmp_
     assert not any(k.startswith("bert.encoder.layer.2.") for k in own)
     unused = len([k for k in saved if k.startswith(("cls.", "bert.encoder.layer.2."))])
     classes = ("food", "music", "sports", "weather")
-    assert settle_pretrained(model, classes) == (f"hf:{folder}: pretrained weights for {len(own)} of its {len(own) + 2} tensors; "
-                                      f"new: classifier.bias, classifier.weight; {unused} of the checkpoint's not used "
-                                      f"(bert.encoder.layer.2.attention.output.LayerNorm.bias and {unused - 1} more)")
+    assert settle_pretrained(model, classes) == (
+        f"hf:{folder}: pretrained weights for {len(own)} of its {len(own) + 2} tensors; new: classifier.bias, "
+        f"classifier.weight; {unused} of the checkpoint's not used (bert.encoder.layer.2.attention.output.LayerNorm."
+        f"bias and {unused - 1} more)")
     fresh = build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={"pretrained": False}))
     assert settle_pretrained(fresh, classes) is None
     save_file({f"encoder.{k}": v for k, v in saved.items()}, str(folder / "model.safetensors"), {"format": "pt"})
     with pytest.raises(BcpkdError, match=r"none of its checkpoint's tensors fit BertForSequenceClassification "
-                                         r"\(its own: encoder\.bert\.embeddings"):
+                                         r"beyond its head \(its own: encoder\.bert\.embeddings"):
+        build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={}))
+    classifier = {"classifier.weight": torch.zeros(4, 16), "classifier.bias": torch.zeros(4)}  # a head that fits
+    save_file({**{f"encoder.{k}": v for k, v in saved.items()}, **classifier}, str(folder / "model.safetensors"),
+              {"format": "pt"})
+    with pytest.raises(BcpkdError, match="beyond its head"):
         build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={}))
 
 
@@ -315,9 +321,15 @@ def test_a_fine_tuned_head_reads_its_classes_in_the_datas_order(text_data, tmp_p
         torch.testing.assert_close(model(batch), before[:, [1, 3, 0, 2]])
     assert note == (f"hf:{folder}: pretrained weights for 25 of its 25 tensors; its head's classes (Sports, food, "
                     f"weather, music) reordered to the data's (food, music, sports, weather)")
+    assert settle_pretrained(model, ("food", "music", "sports", "weather")) == note.split("; its head")[0]  # once
     numbered = build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={}))
     assert settle_pretrained(numbered, ("0", "1", "2", "3")).endswith(
         "; the data's labels are numbers: read as its head's classes (0: Sports, 1: food, 2: weather, 3: music)")
     with pytest.raises(BcpkdError, match=r"its head classifies Sports, food, weather, music \(config.json's "
                                          r"id2label\), the data's classes are a, b, c, d; give id2label"):
         settle_pretrained(build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={})), ("a", "b", "c", "d"))
+    config.id2label = {i: f"LABEL_{i}" for i in range(4)}  # as transformers names the classes of an unnamed head
+    config.save_pretrained(folder)
+    unnamed = build_model(model_spec(f"hf:{folder}", (), 4, (), arch_kwargs={}))
+    assert settle_pretrained(unnamed, ("a", "b", "c", "d")).endswith(
+        "; its head's classes are unnamed (LABEL_0 .. LABEL_3): read in the data's order (a, b, c, d)")

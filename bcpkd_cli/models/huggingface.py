@@ -13,8 +13,9 @@ layer replaced by an identity, checked to give head(features(x)) == the network'
 from __future__ import annotations
 
 import inspect
+import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -109,6 +110,20 @@ def require_length(arch: str, description: dict, max_length: int) -> None:
                          f"position embeddings); set --set data.max_length={limit} (or less)")
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def require_weights(arch: str, arch_kwargs: dict) -> None:
+    """Refuse, before any work, a local folder that pretrained weights are to come from and that holds none (a Hub
+    name is tried when the network is built)."""
+    folder = Path(arch[len(PREFIX):]).expanduser()
+    if arch_kwargs.get("pretrained", True) and folder.is_dir() and \
+            not any((folder / name).is_file() for name in WEIGHT_FILES):
+        raise BcpkdError(f"{arch}: no pretrained weights in {folder} (no model.safetensors or pytorch_model.bin); "
+                         f"give a folder with them, or for a fresh network {FRESH}")
+
+
 def tokenizer_of(description: dict):
     """The tokenizer a description holds."""
     transformers = _transformers()
@@ -140,19 +155,25 @@ def network(arch: str, description: dict, pretrained: bool) -> tuple[nn.Module, 
     transformers = _transformers()
     config = config_of(description)
     auto = transformers.AutoModelForSequenceClassification
-    if not pretrained:
-        return auto.from_config(config, trust_remote_code=_remote_code()), None
+    if not pretrained:  # float32 whatever dtype the config names: `precision` decides the training arithmetic
+        return auto.from_config(config, trust_remote_code=_remote_code(), dtype=torch.float32), None
     try:
         net, info = auto.from_pretrained(arch[len(PREFIX):], config=config, ignore_mismatched_sizes=True,
-                                         trust_remote_code=_remote_code(), output_loading_info=True)
+                                         trust_remote_code=_remote_code(), output_loading_info=True,
+                                         dtype=torch.float32)
     except (OSError, ValueError) as err:
         raise BcpkdError(f"{arch}: no pretrained weights could be loaded ({str(err).splitlines()[0][:200]}); give "
                          f"a folder with model.safetensors, or for a fresh network {FRESH}") from None
     return net, loaded(arch, net, info)
 
 
+def _natural(name: str) -> list:
+    """Sort key reading the numbers in a tensor name as numbers (layer.4 before layer.10)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 def _names(names: list[str], shown: int = 3) -> str:
-    ordered = sorted(names)
+    ordered = sorted(names, key=_natural)
     return ", ".join(ordered[:shown]) + (f" and {len(ordered) - shown} more" if len(ordered) > shown else "")
 
 
@@ -163,11 +184,12 @@ def loaded(arch: str, net: nn.Module, info: dict) -> Pretrained:
     names do not match, and training would silently start from scratch."""
     own = list(net.state_dict())
     fresh = set(info["missing_keys"]) | {key[0] if isinstance(key, tuple) else key for key in info["mismatched_keys"]}
-    head = [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1]  # as `split` finds it
+    head = head_name(net)
     read = [k for k in own if k not in fresh]  # the tensors the checkpoint gave
     if not [k for k in read if not k.startswith(head + ".")]:
-        raise BcpkdError(f"{arch}: none of its checkpoint's tensors fit {type(net).__name__} (its own: "
-                         f"{_names(list(info['unexpected_keys']) or ['none'], 2)}); give the folder of a model "
+        unused = list(info["unexpected_keys"])
+        raise BcpkdError(f"{arch}: none of its checkpoint's tensors fit {type(net).__name__} beyond its head"
+                         f"{f' (its own: {_names(unused, 2)})' if unused else ''}; give the folder of a model "
                          f"saved with save_pretrained, or for a fresh network {FRESH}")
     note = f"{arch}: pretrained weights for {len(read)} of its {len(own)} tensors"
     if fresh:
@@ -189,16 +211,16 @@ def align_head(model: "TextClassifier", classes: tuple[str, ...]) -> str | None:
     labels = model.pretrained.head_labels if model.pretrained is not None else None
     if labels is None:
         return None
+    folded = [label.casefold() for label in labels]
+    wanted = [name.casefold() for name in classes]
+    if folded == wanted:
+        return None
     if all(label == f"LABEL_{i}" for i, label in enumerate(labels)):
         return f"its head's classes are unnamed (LABEL_0 .. LABEL_{len(labels) - 1}): read in the data's order " \
                f"({', '.join(classes)})"
     if list(classes) == [str(i) for i in range(len(labels))]:  # integer labels: class k is the head's row k
         return f"the data's labels are numbers: read as its head's classes " \
                f"({', '.join(f'{i}: {label}' for i, label in enumerate(labels))})"
-    folded = [label.casefold() for label in labels]
-    wanted = [name.casefold() for name in classes]
-    if folded == wanted:
-        return None
     if sorted(folded) != sorted(wanted):
         raise BcpkdError(f"{model.pretrained.arch}: its head classifies {', '.join(labels)} (config.json's id2label), "
                          f"the data's classes are {', '.join(classes)}; give id2label the data's class names in the "
@@ -206,7 +228,12 @@ def align_head(model: "TextClassifier", classes: tuple[str, ...]) -> str | None:
     order = [folded.index(name) for name in wanted]  # data class k is the checkpoint's row order[k]
     with torch.no_grad():
         model.head.weight.copy_(model.head.weight[order])
-        model.head.bias.copy_(model.head.bias[order])
+        if model.head.bias is not None:  # GPT-2's score has none
+            model.head.bias.copy_(model.head.bias[order])
+    config = model.features.net.config
+    config.id2label = dict(enumerate(classes))
+    config.label2id = {name: i for i, name in enumerate(classes)}
+    model.pretrained = replace(model.pretrained, head_labels=None)  # in the data's order now: never permuted twice
     return f"its head's classes ({', '.join(labels)}) reordered to the data's ({', '.join(classes)})"
 
 
@@ -238,10 +265,15 @@ class TextClassifier(FeaturesHead):
         self.pretrained: Pretrained | None = None  # what pretrained weights gave it, for the stage to say
 
 
+def head_name(net: nn.Module) -> str:
+    """Where a classifier's head sits: its last nn.Linear."""
+    return [name for name, module in net.named_modules() if isinstance(module, nn.Linear)][-1]
+
+
 def split(net: nn.Module, tokenizer, arch: str) -> TextClassifier:
     """Take the network's last nn.Linear out as the head; checked on two short example texts."""
-    linears = [(name, module) for name, module in net.named_modules() if isinstance(module, nn.Linear)]
-    name, head = linears[-1]
+    name = head_name(net)
+    head = net.get_submodule(name)
     parent_name, _, leaf = name.rpartition(".")
     parent = net.get_submodule(parent_name) if parent_name else net
     was_training = net.training

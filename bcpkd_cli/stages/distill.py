@@ -19,8 +19,8 @@ from bcpkd_cli.config import STUDENT_RECORD, DistillConfig, Recipe, recipe_recor
 from bcpkd_cli.console import TrainingReport, header, line, training_summary
 from bcpkd_cli.data import (Dataset, Split, announce, brief, decoding_workers, few_shot_rows, load_dataset,
                             views)
-from bcpkd_cli.engine import (Member, TrainSpec, join_process_group, prepare_for_device, resolve_device,
-                              train_lockstep, training_device)
+from bcpkd_cli.engine import (Member, TrainSpec, device_label, join_process_group, prepare_for_device,
+                              resolve_device, train_lockstep)
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.grad_noise import grad_noise, sample_rows
 from bcpkd_cli.losses import kd_loss
@@ -74,6 +74,19 @@ def _teacher_named(teacher_path: Path | None) -> str:
         return "a teacher (none given)"
     payload = artifacts.load_checkpoint(teacher_path, artifacts.TEACHER_FORMAT, mmap=True)
     return f"{teacher_label(payload['bayes'])} {teacher_path}"
+
+
+def _student_spec(recipe: Recipe, data: Dataset) -> dict:
+    """A student's model spec; a Hugging Face network that cannot read the data (max_length beyond its positions)
+    or a local folder without the weights it is to start from is refused here."""
+    cfg = recipe.distill
+    spec = model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden, arch_kwargs=cfg.arch_kwargs,
+                      stats=data.stats, normalize=cfg.normalize)
+    if "hf" in spec:
+        huggingface.require_length(spec["arch"], spec["hf"], recipe.data.max_length)
+        if not cfg.init:
+            huggingface.require_weights(spec["arch"], spec["arch_kwargs"])
+    return spec
 
 
 def _header(recipes: list[Recipe], teacher: str, names: list[str]) -> str:
@@ -144,9 +157,10 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
     teacher_path = Path(teacher_path) if teacher_path else None
     teacher = _teacher_named(teacher_path) if first.distill.targets in (Targets.teacher, Targets.online) else ""
     if place.is_main:
-        header("distill", _header(recipes, teacher, names), brief(data), training_device(device, first.precision),
+        header("distill", _header(recipes, teacher, names), brief(data), device_label(device, first.precision),
                place.size, state_dir)
         announce(data)
+    specs = [_student_spec(recipe, data) for recipe in recipes]  # a network's mistakes: said before any cache
     online: dict[str, Teacher] = {}  # one teacher object per calibrated teacher file, shared by students
     sources = [student_targets(recipe, data, teacher_path, cache, device, online) for recipe in recipes]
     seed = data_seed(first.distill)
@@ -155,16 +169,12 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         example_index = few_shot_rows(data.train.labels, first.distill.few_shot, seed)
         data = replace(data, train=data.train.subset(example_index))
         sources = [source.subset(example_index) for source in sources]
-    group = []
-    for recipe, source in zip(recipes, sources):
+    group, said = [], set()
+    for recipe, source, spec in zip(recipes, sources, specs):
         provenance = dict(source.provenance)
         if first.distill.few_shot:
             provenance["few_shot_rows"] = example_index.tolist()
         cfg = recipe.distill
-        spec = model_spec(cfg.arch, data.input_shape, data.n_classes, cfg.hidden, arch_kwargs=cfg.arch_kwargs,
-                          stats=data.stats, normalize=cfg.normalize)
-        if "hf" in spec:
-            huggingface.require_length(spec["arch"], spec["hf"], recipe.data.max_length)
         inputs = describe_inputs(spec, "distill.normalize")  # said once for the students in lockstep that share it
         if place.is_main and inputs and inputs not in (describe_inputs(s.spec, "distill.normalize") for s in group):
             line(inputs)
@@ -174,7 +184,8 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         torch.manual_seed(cfg.seed)
         model = prepare_for_device(build_model(spec, init=init), device, recipe.precision)
         weights = settle_pretrained(model, data.classes)  # every process: a loaded head's rows in the data's order
-        if place.is_main and weights:
+        if weights and weights not in said:  # once for the students in lockstep that share it
+            said.add(weights)
             line(weights)
         group.append(_Student(recipe, model, spec, source, provenance, student_label(cfg, teacher)))
     held, shared = data.heldout, first.distill  # the students in lockstep share the training's shape and log

@@ -17,7 +17,7 @@ from bcpkd_cli.config import TEACHER_RECORD, Recipe, recipe_record, require_arch
 from bcpkd_cli.choices import Bayes, Normalize, teacher_label
 from bcpkd_cli.console import console, header, line, training_summary
 from bcpkd_cli.data import announce, brief, decoding_workers, load_dataset
-from bcpkd_cli.engine import join_process_group, resolve_device, training_device
+from bcpkd_cli.engine import device_label, join_process_group, resolve_device
 from bcpkd_cli.errors import BcpkdError
 from bcpkd_cli.models import build_model, describe_inputs, huggingface, model_spec, scaling_name
 from bcpkd_cli.resumption import (TEACHER_SECTIONS, claim_folder, finish, require_saved_state, resumable,
@@ -66,10 +66,12 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
                                                         kind.dropout(cfg), cfg.arch_kwargs, data.stats, cfg.normalize)
     if "hf" in spec:
         huggingface.require_length(spec["arch"], spec["hf"], recipe.data.max_length)
+        if not starts and init is None:  # a network that starts from NAME_OR_DIR's weights
+            huggingface.require_weights(spec["arch"], spec["arch_kwargs"])
     if init is not None:
         build_model(spec, init=init)  # weights that do not fit the network: refused before any line or work
     if place.is_main:
-        header("train-teacher", _header(recipe), brief(data), training_device(device, recipe.precision), place.size,
+        header("train-teacher", _header(recipe), brief(data), device_label(device, recipe.precision), place.size,
                out)
         announce(data)
         if describe_inputs(spec, "teacher.normalize"):
