@@ -218,3 +218,15 @@ def test_an_export_is_readable_by_others_as_the_umask_allows(text_run):
     for path in [folder, *folder.rglob("*")]:
         want = (0o777 if path.is_dir() else 0o666) & ~umask
         assert stat.S_IMODE(path.stat().st_mode) == want, path
+
+
+def test_init_takes_the_hf_folders_weights_back(text_run):
+    """--init with the export's hf/model.safetensors (transformers' names) rebuilds the student's network: a teacher
+    of 0 epochs from it gives the student's probabilities."""
+    work, student, folder = text_run
+    teacher = here("train-teacher", "--init", str(folder / "hf" / "model.safetensors"), "--epochs", "0",
+                   "--data-root", str(work), "--set", "data.max_length=64", "--arch", f"hf:{work}/student-bert",
+                   "--set", "teacher.arch_kwargs.pretrained=false", "--out", "from-hf", cwd=work).strip()
+    texts = _test_texts(work)[:5]
+    torch.testing.assert_close(bcpkd_cli.load(work / teacher)(texts), bcpkd_cli.load(student)(texts), atol=1e-6,
+                               rtol=0)
