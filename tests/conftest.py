@@ -54,3 +54,12 @@ def image_folder(tmp_path_factory):
                 image = (torch.rand(3, 16, 16, generator=gen) * 120 + 60 * c).to(torch.uint8)
                 write_png(image, str(root / split / name / f"{i:03d}.png"))
     return root
+
+
+@pytest.fixture
+def no_figures(monkeypatch):
+    """`bcpkd run` in this process without drawing its figures: seconds of matplotlib per run (6.7 s for the text
+    example's) that a test which does not look at them need not spend. tests/test_reports.py checks the figures."""
+    from bcpkd_cli.stages import plot
+
+    monkeypatch.setattr(plot, "draw", lambda *args, **kwargs: [])

@@ -224,7 +224,7 @@ def test_a_factory_that_cannot_be_imported_is_one_line(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_own_model_recipe_runs(single_thread, mixed_folder, tmp_path):
+def test_the_own_model_recipe_runs(single_thread, mixed_folder, tmp_path, no_figures):
     recipe = Path(__file__).parents[1] / "recipes" / "own-model-example.yaml"
     summary = here("run", str(recipe), "--data-root", str(mixed_folder), "--out", str(tmp_path / "run"),
                    "--set", "teacher.epochs=1", "--set", "distill.epochs=1", "--set", "data.n_heldout=6",

@@ -133,7 +133,7 @@ def test_plot_draws_figures_with_their_data_and_names_the_missing_extra(single_t
 
 
 @pytest.mark.slow
-def test_teacher_seeds_make_teacher_variance_visible_and_students_pair_by_seed(single_thread, tmp_path):
+def test_teacher_seeds_make_teacher_variance_visible_and_students_pair_by_seed(single_thread, tmp_path, no_figures):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("""
 device: cpu

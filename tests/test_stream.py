@@ -91,7 +91,7 @@ def test_stream_needs_an_image_size(image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_the_imagenet_miniature_recipe_runs(tmp_path):
+def test_the_imagenet_miniature_recipe_runs(tmp_path, no_figures):
     """recipes/imagenet-miniature.yaml on the generated 1,000-class folder (one JPEG per class and split), as a
     shell script runs it (the folder's script in its own process, `bcpkd run` in this one, which has its imports
     already: laplace alone takes 10 s of CPU to import): a Laplace resnet18 teacher, a top-5 cache of

@@ -38,7 +38,7 @@ def workdir(tmp_path_factory) -> Path:
     return folder
 
 
-def test_text_recipe_runs_end_to_end_and_students_share_the_teachers_cache(workdir):
+def test_text_recipe_runs_end_to_end_and_students_share_the_teachers_cache(workdir, no_figures):
     result = here_run("run", str(ROOT / "recipes/text-example.yaml"), "--out", "runs", "--set", "teacher.epochs=2",
                       "--set", "distill.epochs=2", "--set", "data.n_heldout=20", "--set", "experiment.seeds=[0]",
                       cwd=workdir)  # in this process, whose imports are paid (laplace's alone: 8 s of CPU)
@@ -136,7 +136,7 @@ def test_bf16_autocast_trains_a_text_teacher_and_says_so(workdir):
     assert 0 < distance("bf16", "float32") < 0.1 * distance("float32", "start")
 
 
-def test_the_glue_recipe_runs_as_written_on_offline_stand_ins(tmp_path):
+def test_the_glue_recipe_runs_as_written_on_offline_stand_ins(tmp_path, no_figures):
     """recipes/glue-sst2.yaml as a GPU node runs it, with its downloads replaced by local stand-ins (a 6-layer
     pretrained BERT folder named bert-base-uncased, GLUE SST-2's parquet layout under glue/sst2) and only its sizes
     overridden (and the students' gradient noise off): the 4-layer student takes the checkpoint's first 4 layers,
