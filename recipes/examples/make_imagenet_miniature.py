@@ -1,7 +1,8 @@
-"""Write an ImageNet-shaped miniature: 1,000 classes of a few JPEGs each, of random sizes (150 to 500 pixels a
-side, any aspect ratio), in ImageNet's folder layout.
+"""Write an ImageNet-shaped miniature: 1,000 classes of a few JPEGs each, of random sizes (by default 150 to 500
+pixels a side, any aspect ratio; `--sides`), in ImageNet's folder layout.
 
     python recipes/examples/make_imagenet_miniature.py DIR [--per-class N] [--test-per-class M] [--classes C]
+        [--sides MIN MAX]
 
 DIR/train/nXXXXXXXX/*.JPEG and DIR/test/nXXXXXXXX/*.JPEG. Each class has its own colour and stripe
 direction and spacing, so a network can tell some of them apart; the point is the shape of the data (many
@@ -17,8 +18,8 @@ import numpy as np
 from PIL import Image
 
 
-def write_image(path: Path, label: int, rng: np.random.Generator) -> None:
-    h, w = rng.integers(150, 501, size=2)
+def write_image(path: Path, label: int, rng: np.random.Generator, sides: tuple[int, int] = (150, 500)) -> None:
+    h, w = rng.integers(sides[0], sides[1] + 1, size=2)
     class_rng = np.random.default_rng(label)
     colour, period, angle = class_rng.uniform(40, 215, size=3), class_rng.integers(4, 24), class_rng.uniform(0, np.pi)
     step = 2 * np.pi / period  # float32 rows and columns broadcast: 3x faster than float64 grids
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=3, help="training images per class")
     parser.add_argument("--test-per-class", type=int, default=1, help="test images per class")
     parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--sides", type=int, nargs=2, default=(150, 500), metavar=("MIN", "MAX"),
+                        help="each side's pixels, drawn uniformly (default: 150 500, as ImageNet's photos vary)")
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     for split, count in (("train", args.per_class), ("test", args.test_per_class)):
@@ -42,7 +45,7 @@ def main() -> None:
             folder = args.folder / split / f"n{label:08d}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
-                write_image(folder / f"n{label:08d}_{i}.JPEG", label, rng)
+                write_image(folder / f"n{label:08d}_{i}.JPEG", label, rng, tuple(args.sides))
     print(args.folder)
 
 
