@@ -159,6 +159,11 @@ def test_the_glue_recipe_runs_as_written_on_offline_stand_ins(tmp_path, no_figur
     student = torch.load(tmp_path / "runs/students/from_laplace-seed0/student.pt", weights_only=True, mmap=True)
     assert student["data"]["classes"] == ["negative", "positive"]
     assert student["model"]["hf"]["config"]["num_hidden_layers"] == 4
+    loaded = "hf:bert-base-uncased: pretrained weights for 71 of its 73 tensors"  # recorded, not only logged
+    assert student["history"]["pretrained"].startswith(loaded)
+    assert f"# {loaded}" in (tmp_path / "runs/students/from_laplace-seed0/config.yaml").read_text()
+    teacher = torch.load(tmp_path / "runs/teachers/bert_base/teacher.pt", weights_only=True, mmap=True)
+    assert teacher["history"]["pretrained"][0].startswith("hf:bert-base-uncased: pretrained weights for 103 of its")
 
 
 def test_two_processes_distill_the_single_process_text_student(workdir, tmp_path):

@@ -109,6 +109,7 @@ class _Student:
     source: TargetSource
     provenance: dict
     label: str  # what logs call it (student_label)
+    pretrained: str | None  # what pretrained weights gave its network (`settle_pretrained`), None: none were read
 
 
 def run(recipe: Recipe, teacher_path: Path | None, cache: Path | None = None, resume: bool = False,
@@ -187,7 +188,7 @@ def run_lockstep(recipes: list[Recipe], teacher_path: Path | None, cache: Path |
         if weights and weights not in said:  # once for the students in lockstep that share it
             said.add(weights)
             line(weights)
-        group.append(_Student(recipe, model, spec, source, provenance, student_label(cfg, teacher)))
+        group.append(_Student(recipe, model, spec, source, provenance, student_label(cfg, teacher), weights))
     held, shared = data.heldout, first.distill  # the students in lockstep share the training's shape and log
     plan = log_plan(shared.log_every, shared.log_examples, len(data.train), len(held), shared.batch_size,
                     shared.epochs, shared.accumulate)
@@ -258,13 +259,14 @@ def _save(student: _Student, out: Path, data: Dataset, steps: int, seconds: floa
         "format": artifacts.STUDENT_FORMAT, "version": artifacts.VERSION, "model": student.spec,
         "state_dict": student.model.state_dict(), "config": record, "data": data.info(),
         "targets": {"kind": cfg.targets.value, **student.provenance}, "log": member.log,
-        "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, **noise, **chosen},
+        "history": {"steps": steps, "seconds": round(seconds, 2), "processes": processes, **noise, **chosen,
+                    **({"pretrained": student.pretrained} if student.pretrained else {})},
     }
     path = artifacts.save_checkpoint(out / "student.pt", payload)
     made_from = [f"{student.label}: {cfg.targets.value} targets"] + \
         [f"{name} {student.provenance[key]} (SHA-256 {student.provenance[key + '_sha256']})"
          for name, key in (("teacher", "teacher"), ("calibrated teacher", "calibrated_teacher"), ("cache", "cache"))
-         if student.provenance.get(key)]
+         if student.provenance.get(key)] + ([student.pretrained] if student.pretrained else [])
     artifacts.write_config(out, record, {"threads": chosen["threads"], "distill.log_every": chosen["log_every"],
                                          "distill.log_examples": chosen["log_examples"], **data.sizes(),
                                          "out": str(out)}, made_from)

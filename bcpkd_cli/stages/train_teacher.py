@@ -89,13 +89,15 @@ def run(recipe: Recipe, resume: bool = False, force: bool = False) -> Path | Non
     if not place.is_main:
         return None
     history["processes"] = place.size
+    if run.pretrained:  # what pretrained weights gave its networks
+        history["pretrained"] = sorted(run.pretrained)
     chosen = _chosen(threads, run, history)
     record = recipe_record(recipe, TEACHER_RECORD)
     log = _log(run.logs)  # the held-out curve, as a student's (metrics.jsonl and the checkpoint's `log`)
     artifacts.write_text(out / "metrics.jsonl", "".join(json.dumps(entry) + "\n" for entry in log))
     path = artifacts.save_checkpoint(out / "teacher.pt", {**teacher_payload(teacher, spec, record, data.info(),
                                                                             parent_sha, history), "log": log})
-    artifacts.write_config(out, record, {**chosen, **data.sizes(), "out": str(out)})
+    artifacts.write_config(out, record, {**chosen, **data.sizes(), "out": str(out)}, sorted(run.pretrained))
     finish(out)
     summary = ", ".join(f"{k} {v:.4f}" for k, v in history["heldout"].items()) or "none (data.n_heldout=0)"
     predictive = "the network's softmax" if cfg.bayes == Bayes.none else "its predictive"

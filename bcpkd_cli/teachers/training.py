@@ -71,7 +71,7 @@ class TrainingRun:
     init: tuple[str, dict, dict | None] | None = None  # teacher.init: (file name, state dict, bcpkd spec or None)
     logs: dict[str, list[dict]] = field(default_factory=dict)  # phase -> its log entries (filled by `fit`)
     log_plans: dict[str, LogPlan] = field(default_factory=dict)  # phase -> its held-out curve's plan (by `fit`)
-    said: set[str] = field(default_factory=set)  # the pretrained weights' notes already printed (once per run)
+    pretrained: set[str] = field(default_factory=set)  # what pretrained weights gave its networks (each said once)
 
     @property
     def base(self) -> dict | None:
@@ -85,8 +85,8 @@ class TrainingRun:
         state = self.base["state_dict"] if self.base is not None else None
         model = prepare_for_device(build_model(self.spec, state, self.init), self.device, self.recipe.precision)
         note = settle_pretrained(model, self.data.classes)
-        if note and note not in self.said:
-            self.said.add(note)
+        if note and note not in self.pretrained:
+            self.pretrained.add(note)
             line(note)
         return model
 
